@@ -1,0 +1,41 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.
+# Both create .venv, install llm-mcp into it, then run.
+#
+# CPU-only machines (no nvidia-smi): torch is pinned to the CPU build 2.13.0 through a pip
+# constraints file, so no dependency can pull the multi-GB CUDA wheels. Machines with an NVIDIA
+# GPU keep pip's normal (CUDA) torch. Override with e.g. `make test TORCH_SPEC=torch==2.13.0`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast serve clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	echo "$(TORCH_SPEC)" | grep -q '==' && echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt || : > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -c $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -e ".[test]" -c $(VENV)/constraints.txt
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/llm-mcp demo
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+serve: install
+	$(BIN)/llm-mcp serve
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

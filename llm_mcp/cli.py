@@ -1,0 +1,135 @@
+"""Command line: `llm-mcp [serve]`, `llm-mcp models`, `llm-mcp make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llm_mcp import __version__
+from llm_mcp.errors import LlmMcpError
+from llm_mcp.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    if getattr(args, "home", None):
+        settings.home = Path(args.home).expanduser()
+    if getattr(args, "models", None):
+        settings.models_path = Path(args.models).expanduser()
+    settings.allowed_roots += [Path(p).expanduser() for p in getattr(args, "allow_root", None) or []]
+    token_file = getattr(args, "auth_token_file", None)
+    if token_file:
+        settings.auth_token = Path(token_file).expanduser().read_text(encoding="utf-8").strip() or None
+    return settings
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", metavar="PATH", help="model support matrix (default: LLM_MCP_MODELS or bundled models.yaml)")
+    p.add_argument("--home", metavar="DIR", help="state directory (default: LLM_MCP_HOME or ~/.llm_mcp)")
+    p.add_argument("--allow-root", metavar="DIR", action="append",
+                   help="extra directory datasets / local models / exports may live under (repeatable)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llm_mcp.server import AppState, build_server
+
+    settings = _settings(args)
+    settings.ensure_home()
+    state = AppState.load(settings)
+    server = build_server(state, log_level=args.log_level)
+    if args.transport == "stdio":
+        server.run("stdio")
+        return 0
+    from llm_mcp.http import build_http_app, serve_http
+
+    app = build_http_app(server, args.transport, host=args.host, token=settings.auth_token,
+                         allowed_hosts=args.allowed_host)
+    path = "/sse" if args.transport == "sse" else "/mcp"
+    print(f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
+          f"{' (bearer token required)' if settings.auth_token else ''}", file=sys.stderr)
+    serve_http(app, args.host, args.port)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from llm_mcp.hardware import detect
+    from llm_mcp.listing import list_models, summarize
+    from llm_mcp.server import AppState
+
+    state = AppState.load(_settings(args))
+    if args.check:
+        print(f"{state.settings.models_path}: {len(state.matrix.models)} models, "
+              f"{len(state.matrix.architectures)} local architectures: valid")
+        return 0
+    result = list_models(state.matrix, detect(), state.defaults, method=args.method, fits=args.fits)
+    print(summarize(result, args.method))
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from llm_mcp.tiny import make_tiny_model
+
+    out = make_tiny_model(args.dir, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llm_mcp.demo import main as demo_main
+
+    return demo_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-mcp", description="MCP server for fine-tuning language models.")
+    parser.add_argument("--version", action="version", version=f"llm-mcp {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the MCP server (default command)")
+    _add_common(serve)
+    serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address for HTTP transports (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--auth-token-file", metavar="FILE", help="file holding the bearer token (or LLM_MCP_AUTH_TOKEN)")
+    serve.add_argument("--allowed-host", action="append", metavar="NAME",
+                       help="extra Host header value to accept on HTTP (repeatable)")
+    serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="server log level (logs always go to stderr)")
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="print the support matrix, or --check a matrix file")
+    _add_common(models)
+    models.add_argument("--check", action="store_true", help="validate the matrix and exit")
+    models.add_argument("--method", choices=["lora", "qlora", "dora", "sparse"])
+    models.add_argument("--fits", action="store_true", help="only models that fit this machine")
+    models.set_defaults(func=cmd_models)
+
+    tiny = sub.add_parser("make-tiny-model", help="build a tiny random-init Llama + tokenizer offline")
+    tiny.add_argument("dir")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except LlmMcpError as exc:
+        print(f"llm-mcp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

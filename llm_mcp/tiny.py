@@ -1,0 +1,109 @@
+"""Build a tiny random-init Llama checkpoint fully offline (tests, demo, benchmarks).
+
+The tokenizer is a byte-level BPE trained here on a generated corpus, wrapped in
+PreTrainedTokenizerFast with a ChatML chat template whose {% generation %} markers let
+training mask everything but assistant tokens. head_dim is 32 because the CPU build of
+vLLM rejects 16.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "an engineer", "the model", "a bird", "the river"]
+_VERBS = ["sees", "builds", "likes", "follows", "writes", "reads", "finds", "paints"]
+_OBJECTS = ["a red ball", "the blue sky", "a small house", "the long road", "a green tree", "an old book"]
+_COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+
+
+def training_corpus(n_lines: int = 600, seed: int = 0) -> list[str]:
+    """Deterministic English-like lines, arithmetic and chat turns to train the tokenizer on."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        kind = i % 4
+        if kind == 0:
+            lines.append(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}.")
+        elif kind == 1:
+            lines.append(f"What is {a} plus {b}? The answer is {a + b}.")
+        elif kind == 2:
+            lines.append(f"The color of item {i} is {rng.choice(_COLORS)}, not {rng.choice(_COLORS)}.")
+        else:
+            lines.append(f"Question: name a color. Answer: {rng.choice(_COLORS)}! Thanks, goodbye.")
+    return lines
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny LlamaForCausalLM + tokenizer (safetensors) to `out_dir` and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_corpus(seed=seed), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

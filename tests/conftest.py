@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny local model (built once), per-test state dirs, server subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_mcp.matrix import load_matrix
+from llm_mcp.methods import load_method_defaults
+from llm_mcp.settings import Settings, data_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def matrix():
+    return load_matrix(data_path("models.yaml"))
+
+
+@pytest.fixture(scope="session")
+def defaults():
+    return load_method_defaults()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_template(tmp_path_factory) -> Path:
+    from llm_mcp.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
+def settings(home) -> Settings:
+    return Settings(home=home, models_path=data_path("models.yaml"))
+
+
+@pytest.fixture
+def tiny_model(tiny_model_template, home) -> Path:
+    """The tiny model, symlink-free, inside this test's LLM_MCP_HOME."""
+    import shutil
+
+    dest = home / "models" / "tiny"
+    shutil.copytree(tiny_model_template, dest)
+    return dest
+
+
+def server_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_MCP_")}
+    env.update(LLM_MCP_HOME=str(home), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, args: list[str], env: dict[str, str], port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_mcp", "serve", *args, "--port", str(port)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not open its port within 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def http_server(home):
+    servers: list[RunningServer] = []
+
+    def start(*args: str, **env: str) -> RunningServer:
+        server = RunningServer(list(args), server_env(home, **env), free_port())
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()

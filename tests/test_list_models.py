@@ -1,0 +1,87 @@
+"""list_models logic: filters, memory estimates and hardware fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_mcp.errors import InvalidArgumentError
+from llm_mcp.estimates import GPU_CLASSES_GB, estimate_memory
+from llm_mcp.hardware import Hardware, detect
+from llm_mcp.listing import describe_model, list_models, summarize
+from llm_mcp.matrix import METHODS
+
+
+def test_whole_matrix_without_filters(matrix, defaults):
+    result = list_models(matrix, detect(), defaults)
+    assert result.count == result.total_in_matrix == len(matrix.models) >= 45
+    assert result.hardware.source == "detected"
+
+
+def test_method_filter_drops_unsupported(matrix, defaults):
+    ids = {m.id for m in list_models(matrix, detect(), defaults, method="sparse").models}
+    assert "mistralai/Mixtral-8x7B-v0.1" not in ids  # sparse: unsupported in seed 002
+    assert "meta-llama/Llama-2-7b-hf" in ids
+
+
+def test_type_and_family_filters(matrix, defaults):
+    vision = list_models(matrix, detect(), defaults, type="vision").models
+    assert vision and all(m.type == "vision" for m in vision)
+    gemma = list_models(matrix, detect(), defaults, family="GEMMA3").models
+    assert {m.family for m in gemma} == {"gemma3"} and len(gemma) == 6
+
+
+def test_unknown_family_names_the_allowed_ones(matrix, defaults):
+    with pytest.raises(InvalidArgumentError) as err:
+        list_models(matrix, detect(), defaults, family="gpt5")
+    assert "'gpt5'" in str(err.value) and "'qwen3'" in str(err.value) and "Omit family" in str(err.value)
+
+
+def test_a_gpu_of_the_listed_minimum_fits_and_the_next_smaller_does_not(matrix, defaults):
+    for entry in matrix.models:
+        for method in METHODS:
+            support = entry.methods[method]
+            if support.status == "unsupported" or support.min_gpu_memory_gb > 80:
+                continue
+            fits = describe_model(entry, Hardware.hypothetical(support.min_gpu_memory_gb), defaults)
+            assert method in fits.fits_methods, (entry.id, method)
+            smaller = [c for c in GPU_CLASSES_GB if c < support.min_gpu_memory_gb]
+            if smaller:
+                too_small = describe_model(entry, Hardware.hypothetical(smaller[-1]), defaults)
+                assert method not in too_small.fits_methods, (entry.id, method, smaller[-1])
+
+
+def test_several_gpus_add_up(matrix, defaults):
+    entry = matrix.get("meta-llama/Llama-3.1-70B")
+    assert "lora" not in describe_model(entry, Hardware.hypothetical(80), defaults).fits_methods
+    assert "lora" in describe_model(entry, Hardware.hypothetical(80, num_gpus=4), defaults).fits_methods
+
+
+def test_unsupported_never_fits(matrix, defaults):
+    entry = matrix.get("deepseek-ai/DeepSeek-V3.1")
+    assert describe_model(entry, Hardware.hypothetical(80, num_gpus=1000), defaults).fits_methods == []
+
+
+def test_qlora_needs_less_than_lora_and_cpu_estimates_use_fp32(matrix):
+    entry = matrix.get("Qwen/Qwen3-8B")
+    kw = dict(target_modules=entry.target_modules)
+    lora = estimate_memory(entry.dims, entry.params_b, "lora", **kw)
+    qlora = estimate_memory(entry.dims, entry.params_b, "qlora", **kw)
+    cpu = estimate_memory(entry.dims, entry.params_b, "lora", device="cpu", **kw)
+    # Linear weights drop to ~4.13 bits; the untied 152k-vocab embeddings (1.24B params) stay bf16.
+    assert qlora.weights_gb < 0.4 * lora.weights_gb
+    assert cpu.weights_gb == pytest.approx(2 * lora.weights_gb, rel=0.01)
+
+
+def test_fits_filter_on_this_cpu_machine(matrix, defaults):
+    hw = detect()
+    result = list_models(matrix, hw, defaults, fits=True)
+    assert all(m.fits_methods for m in result.models)
+    assert all(i.estimated_memory_gb <= hw.usable_gb() for m in result.models for i in m.methods if i.fits)
+    assert "moonshotai/Kimi-K2-Thinking" not in {m.id for m in result.models}
+
+
+def test_summary_is_one_line_per_model(matrix, defaults):
+    result = list_models(matrix, Hardware.hypothetical(24), defaults, family="llama")
+    text = summarize(result)
+    assert text.count("\n- ") == result.count
+    assert "meta-llama/Llama-2-7b-hf" in text and "24 GB" in text
