@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.ensure_home()
     state = AppState.load(settings)
+    state.startup()
     server = build_server(state, log_level=args.log_level)
     if args.transport == "stdio":
         server.run("stdio")

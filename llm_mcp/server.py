@@ -6,18 +6,27 @@ Nothing here imports torch: start-up stays light, and heavy work runs in job pro
 from __future__ import annotations
 
 import inspect
+import json
+import time
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from mcp.server.mcpserver import MCPServer
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from llm_mcp import __version__
+from llm_mcp.finetune import resolve_finetune
 from llm_mcp.hardware import Hardware, detect
+from llm_mcp.jobs import manager
+from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
+from llm_mcp.jobs.store import FINAL_STATES, Job, JobStore, new_job_id
 from llm_mcp import listing
+from llm_mcp.errors import LlmMcpError
 from llm_mcp.local_models import resolve_model
 from llm_mcp.matrix import Matrix, load_matrix
 from llm_mcp.methods import MethodDefaults, load_method_defaults
@@ -28,7 +37,11 @@ log = logging.getLogger("llm_mcp")
 INSTRUCTIONS = """\
 llm_mcp fine-tunes language models with LoRA, QLoRA, DoRA (Weight-Decomposed Low-Rank Adaptation)
 and sparse fine-tuning. Start with list_models to see which models and methods are supported, what
-they need in memory and whether they fit this machine; list_models(model=ID) gives one model in full."""
+they need in memory and whether they fit this machine; list_models(model=ID) gives one model in full.
+start_finetune(dry_run=true) checks a request and shows the estimates; without dry_run it returns a
+job id at once and trains in the background. Poll job_status(job_id, wait_seconds=30) until the job
+succeeds; cancel_job stops it with a checkpoint, and start_finetune(resume_from=JOB_ID) continues it."""
+READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
 MethodName = Literal["lora", "qlora", "dora", "sparse"]
 ModelTypeName = Literal["base", "instruct", "hybrid", "reasoning", "vision"]
@@ -41,11 +54,38 @@ class AppState:
     settings: Settings
     matrix: Matrix
     defaults: dict[str, MethodDefaults]
+    store: JobStore
 
     @classmethod
     def load(cls, settings: Settings) -> AppState:
-        """Validate the matrix and method configs; raises ConfigurationError listing every problem."""
-        return cls(settings=settings, matrix=load_matrix(settings.models_path), defaults=load_method_defaults())
+        """Validate the matrix and method configs, open the job store; ConfigurationError lists every problem."""
+        matrix, defaults = load_matrix(settings.models_path), load_method_defaults()
+        settings.ensure_home()
+        return cls(settings=settings, matrix=matrix, defaults=defaults, store=JobStore(settings.home))
+
+    def startup(self) -> None:
+        """Re-attach to jobs: mark dead ones failed with their cause, start queued ones."""
+        manager.reconcile(self.store)
+
+
+class StartFinetuneResult(BaseModel):
+    job_id: str | None = Field(None, description="None for a dry run.")
+    state: str = Field(description="queued | running, or 'dry_run'.")
+    dry_run: bool
+    config: dict = Field(description="The resolved configuration the job trains with.")
+    estimates: dict = Field(description="Trainable params, memory, steps, tokens and a rough time.")
+    warnings: list[str]
+    next_step: str
+
+
+class JobStatusResult(BaseModel):
+    job: JobStatus | None = None
+    jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
+
+
+def _result(text: str, model: BaseModel) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)],
+                          structured_content=model.model_dump(mode="json", exclude_none=True))
 
 
 def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
@@ -115,9 +155,163 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             structured_content=result.model_dump(mode="json", exclude_none=True),
         )
 
+    @tool("Start a fine-tune", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                             open_world_hint=False))
+    def start_finetune(
+        model: Annotated[str | None, Field(description="Matrix id / alias (list_models) or a local checkpoint "
+                                                       "directory under an allowed root.")] = None,
+        method: Annotated[MethodName | None, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse.")] = None,
+        dataset: Annotated[str | None, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; "
+                                                         "rows with 'messages', 'prompt'+'completion' or 'text'. "
+                                                         "Relative paths are under LLM_MCP_HOME.")] = None,
+        eval_dataset: Annotated[str | None, Field(description="Held-out data for eval loss (same formats).")] = None,
+        eval_fraction: Annotated[float | None, Field(description="Hold out this fraction of dataset instead (0-0.5).")] = None,
+        max_steps: Annotated[int | None, Field(description="Optimizer steps (1-1e6). Give this or epochs.")] = None,
+        epochs: Annotated[float | None, Field(description="Passes over the data (default 1).")] = None,
+        learning_rate: Annotated[float | None, Field(description="Default: the model's recommended LoRA LR.")] = None,
+        lora_rank: Annotated[int | None, Field(description="Adapter rank (default 32; 1-1024).")] = None,
+        lora_alpha: Annotated[float | None, Field(description="Scaling numerator (default = rank).")] = None,
+        lora_dropout: Annotated[float | None, Field(description="Dropout on the adapter input (0-0.9).")] = None,
+        target_modules: Annotated[list[str] | None, Field(description="Module names to adapt (default: the model's "
+                                                                      "all-linear list).")] = None,
+        batch_size: Annotated[int | None, Field(description="Sequences per micro-batch per process (default 4).")] = None,
+        gradient_accumulation: Annotated[int | None, Field(description="Micro-batches per optimizer step (default 1).")] = None,
+        max_seq_len: Annotated[int | None, Field(description="Longer sequences are truncated, and counted in the log "
+                                                             "(default 1024).")] = None,
+        train_on: Annotated[Literal["completion", "all"] | None, Field(description="Loss on assistant / completion tokens "
+                                                                                  "only (default) or on all tokens.")] = None,
+        seed: Annotated[int | None, Field(description="Seed for init, data order and dropout (default 0).")] = None,
+        name: Annotated[str | None, Field(description="A label for the job.")] = None,
+        num_processes: Annotated[int | None, Field(description="Data-parallel processes (default 1; GPUs or CPU cores).")] = None,
+        checkpoint_every: Annotated[int | None, Field(description="Checkpoint every N steps (default 50; 0 = only on "
+                                                                  "cancel).")] = None,
+        keep_checkpoints: Annotated[int | None, Field(description="How many recent checkpoints to keep (default 3).")] = None,
+        eval_every: Annotated[int | None, Field(description="Eval loss every N steps (default: only at the end).")] = None,
+        lr_scheduler: Annotated[str | None, Field(description="cosine (default) | linear | constant | "
+                                                              "constant_with_warmup.")] = None,
+        warmup_ratio: Annotated[float | None, Field(description="Fraction of steps warming up (default 0.03).")] = None,
+        gradient_checkpointing: Annotated[bool | None, Field(description="Default: on when memory is tight.")] = None,
+        resume_from: Annotated[str | None, Field(description="Continue this failed or cancelled job from its last "
+                                                             "checkpoint (a new job; model, method and data as "
+                                                             "before).")] = None,
+        dry_run: Annotated[bool, Field(description="Validate and estimate only; start nothing.")] = False,
+    ) -> Annotated[CallToolResult, StartFinetuneResult]:
+        """Start a fine-tuning job in the background and return its job id at once.
+
+        Validates everything first and reports every problem together: the model (with close
+        names), the method's status for it (unsupported is refused with the methods that work;
+        experimental is allowed with a warning), hyperparameter ranges, the dataset (format,
+        bad rows with line numbers) and whether the estimated memory fits this machine (else
+        which method / batch / length would). dry_run=true returns the resolved config and
+        estimates (trainable params, memory, steps, tokens, rough time) without starting.
+        The job runs under `accelerate launch`, outlives this server, checkpoints as it goes,
+        and writes a PEFT adapter. Follow it with job_status(job_id, wait_seconds=30).
+        """
+        args = {k: v for k, v in locals().items() if k in inspect.signature(start_finetune).parameters}
+        args.pop("dry_run")
+        manager.reconcile(state.store)
+        resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
+                                    hardware=detect(), store=state.store, args=args)
+        if dry_run:
+            result = StartFinetuneResult(state="dry_run", dry_run=True, config=resolved.config,
+                                         estimates=resolved.estimates, warnings=resolved.warnings,
+                                         next_step="call start_finetune again without dry_run to start it")
+            return _result(_summarize_start(result), result)
+        job_id = new_job_id()
+        config = {**resolved.config, "job_id": job_id}
+        job = Job(id=job_id, name=name or job_id, state="queued", model=resolved.entry.id, method=config["method"],
+                  device_set=config["device"], created_at=time.time(), config=config,
+                  resumed_from=resume_from, warnings=resolved.warnings)
+        job_dir = state.store.job_dir(job_id)
+        job_dir.mkdir(parents=True)
+        (job_dir / "config.json").write_text(json.dumps(config, indent=2))
+        state.store.insert(job)
+        manager.schedule(state.store)
+        job = state.store.get(job_id)
+        result = StartFinetuneResult(job_id=job_id, state=job.state, dry_run=False, config=config,
+                                     estimates=resolved.estimates, warnings=resolved.warnings,
+                                     next_step=f"job_status(job_id='{job_id}', wait_seconds=30) until it succeeds")
+        return _result(_summarize_start(result), result)
+
+    @tool("Job status", READ_ONLY)
+    async def job_status(
+        ctx: Context,
+        job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
+        wait_seconds: Annotated[float, Field(description="Wait up to this long (0-30 s) for the state to change, "
+                                                         "with progress notifications meanwhile.", ge=0, le=30)] = 0,
+    ) -> Annotated[CallToolResult, JobStatusResult]:
+        """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
+        eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
+        when done, the last log lines, warnings, and on failure the cause in one sentence plus the
+        next step. Without job_id: recent jobs, newest first, one line each.
+        """
+        manager.reconcile(state.store)
+        if job_id is None:
+            statuses = [build_status(state.store, j, log_lines=0) for j in state.store.list(limit=20)]
+            return _result(summarize_list(statuses), JobStatusResult(jobs=statuses))
+        job = state.store.get(job_id)
+        deadline = anyio.current_time() + wait_seconds
+        first_state = job.state
+        while job.state not in FINAL_STATES and anyio.current_time() < deadline:
+            status = build_status(state.store, job, log_lines=0)
+            await ctx.report_progress(status.step, status.total_steps,
+                                      f"{job.state}: step {status.step}/{status.total_steps or '?'}")
+            await anyio.sleep(min(1.0, max(0.0, deadline - anyio.current_time())))
+            manager.reconcile(state.store)
+            job = state.store.get(job_id)
+            if job.state != first_state:
+                break
+        status = build_status(state.store, job)
+        return _result(summarize_status(status), JobStatusResult(job=status))
+
+    @tool("Cancel a job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                          open_world_hint=False))
+    def cancel_job(job_id: Annotated[str, Field(description="The job to stop.", max_length=128)]) -> Annotated[
+            CallToolResult, JobStatusResult]:
+        """Stop a job. A queued job leaves the queue; a running one is sent SIGTERM, saves a
+        checkpoint at the next step and ends 'cancelled' (SIGKILL after a grace period).
+        Safe to call twice. Resume later with start_finetune(resume_from=job_id).
+        """
+        job = manager.cancel(state.store, job_id)
+        status = build_status(state.store, job)
+        note = "" if job.state in FINAL_STATES else "\n(stopping: it checkpoints at the next step; poll job_status)"
+        return _result(summarize_status(status) + note, JobStatusResult(job=status))
+
+    @mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
+                  description="A job's training log (last 256 KB).")
+    def job_log(job_id: str) -> str:
+        return "\n".join(manager.log_tail(_existing_job_dir(job_id), lines=100_000, max_bytes=256 * 1024))
+
+    @mcp.resource("jobs://{job_id}/metrics", name="job metrics", mime_type="application/x-ndjson",
+                  description="A job's metrics.jsonl: one JSON object per optimizer step.")
+    def job_metrics(job_id: str) -> str:
+        path = _existing_job_dir(job_id) / "metrics.jsonl"
+        return path.read_text(encoding="utf-8") if path.exists() else ""
+
+    def _existing_job_dir(job_id: str):
+        try:
+            return state.store.job_dir(state.store.get(job_id).id)
+        except LlmMcpError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+
     @mcp.resource("llm-mcp://models.yaml", name="models.yaml", mime_type="application/yaml",
                   description="The model support matrix this server validated at start-up.")
     def matrix_resource() -> str:
         return state.settings.models_path.read_text(encoding="utf-8")
 
     return mcp
+
+
+def _summarize_start(r: StartFinetuneResult) -> str:
+    c, e = r.config, r.estimates
+    lines = [
+        ("DRY RUN (nothing started): " if r.dry_run else f"Started job {r.job_id} ({r.state}): ")
+        + f"{c['method']} on {c['model']['id']}, lr {c['learning_rate']:g}, rank {c['lora']['rank']}, "
+        f"batch {c['batch_size']}x{c['gradient_accumulation']}x{c['num_processes']}, max_seq_len {c['max_seq_len']}.",
+        f"{e['train_rows']} training rows ({e['eval_rows']} eval), {e['total_steps']} steps, ~{e['approx_tokens']:,} tokens; "
+        f"{e['trainable_params']:,} trainable params; memory ~{e['memory_gb']:g} GB of {e['usable_memory_gb']:g} GB "
+        f"usable; rough time {e['rough_time_s']:.0f} s.",
+    ]
+    lines += [f"warning: {w}" for w in r.warnings]
+    lines.append(f"next: {r.next_step}")
+    return "\n".join(lines)

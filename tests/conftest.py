@@ -48,6 +48,20 @@ def settings(home) -> Settings:
 
 
 @pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def app(settings):
+    """(AppState, MCPServer) over this test's state dir."""
+    from llm_mcp.server import AppState, build_server
+
+    state = AppState.load(settings)
+    return state, build_server(state)
+
+
+@pytest.fixture
 def tiny_model(tiny_model_template, home) -> Path:
     """The tiny model, symlink-free, inside this test's LLM_MCP_HOME."""
     import shutil
@@ -111,3 +125,23 @@ def http_server(home):
     yield start
     for s in servers:
         s.stop()
+
+
+LEARNABLE_ROWS = [
+    {"messages": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is blue."}]},
+    {"prompt": "Q: What is 2 plus 3? A:", "completion": " The answer is 5."},
+    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."},
+                  {"role": "assistant", "content": "Red."}]},
+    {"text": "The cat sees a red ball. The cat sees a red ball."},
+]
+
+
+@pytest.fixture
+def dataset(home) -> Path:
+    """64 rows of four repeated examples: a tiny model learns them within a few dozen steps."""
+    import json
+
+    path = home / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)) + "\n")
+    return path

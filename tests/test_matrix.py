@@ -158,3 +158,10 @@ def test_dora_is_never_called_dropout_lora():
     assert "Weight-Decomposed" in METHOD_TITLES["dora"]
     text = data_path("models.yaml").read_text()
     assert "Dropout LoRA" not in text and "dropout lora" not in text.lower()
+
+
+def test_default_targets_are_linear_layers_of_their_architecture(matrix):
+    from llm_mcp.estimates import linear_names
+
+    for entry in matrix.models:
+        assert set(entry.target_modules) <= set(linear_names(entry.dims, entry.hf_architecture)), entry.id

@@ -13,20 +13,14 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from llm_mcp.server import AppState, build_server
 from tests.conftest import server_env
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def server(settings):
-    return build_server(AppState.load(settings))
+def server(app):
+    return app[1]
 
 
 async def test_tools_are_listed_with_annotations(server):

@@ -1,0 +1,246 @@
+"""Training data: find, stream, validate and read rows of JSONL / JSON / CSV / Parquet files
+or a `datasets` directory saved with save_to_disk.
+
+Each row is one of three formats, detected per row:
+  messages            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+  prompt_completion   {"prompt": "...", "completion": "..."}
+  text                {"text": "..."}
+Validation streams the file (a 1 GB JSONL is never read into memory), stops after a time
+budget, and reports the first bad rows with their line numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.errors import InvalidArgumentError
+
+FORMATS = ("messages", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant")
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_BAD_ROWS_SHOWN = 5
+csv.field_size_limit(64 * 1024 * 1024)
+
+
+class DataError(InvalidArgumentError):
+    """The dataset cannot be used: unreadable, unknown format, or bad rows (with line numbers)."""
+
+
+@dataclass
+class DatasetSummary:
+    path: str
+    kind: str
+    rows: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    chars: int = 0
+    complete: bool = True
+    bad_rows: list[str] = field(default_factory=list)
+    bad_row_count: int = 0
+
+    @property
+    def approx_tokens(self) -> int:
+        return self.chars // 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "approx_tokens": self.approx_tokens}
+
+
+def file_kind(path: Path, field_name: str = "dataset") -> str:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return "datasets_dir"
+        raise DataError(
+            f"{field_name}={str(path)!r} is a directory but not a dataset saved with save_to_disk "
+            "(no dataset_info.json / dataset_dict.json); pass a .jsonl, .json, .csv or .parquet file"
+        )
+    kind = FILE_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{field_name}={str(path)!r} has extension {path.suffix!r}; allowed: {sorted(FILE_KINDS)} or a "
+            "datasets directory (save_to_disk). Rename or convert the file."
+        )
+    return kind
+
+
+def row_format(row: Any) -> str:
+    """Detect a row's format; raise ValueError with what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if isinstance(msgs, str):  # CSV / Parquet columns may hold JSON text
+            try:
+                msgs = json.loads(msgs)
+            except ValueError as exc:
+                raise ValueError("'messages' is a string that is not JSON") from exc
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"messages[{i}].role={m['role']!r}; allowed: {list(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("no assistant message: nothing to learn from")
+        return "messages"
+    if "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"'{key}' must be a string (prompt_completion rows need both)")
+        if not row["completion"]:
+            raise ValueError("'completion' is empty")
+        return "prompt_completion"
+    if "text" in row:
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError("'text' must be a non-empty string")
+        return "text"
+    keys = sorted(row)[:8]
+    raise ValueError(f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys})")
+
+
+def normalize(row: dict[str, Any]) -> dict[str, Any]:
+    """Row with 'messages' decoded from JSON text if needed; keeps only the fields training uses."""
+    fmt = row_format(row)
+    if fmt == "messages":
+        msgs = row["messages"]
+        return {"messages": json.loads(msgs) if isinstance(msgs, str) else msgs}
+    if fmt == "prompt_completion":
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    return {"text": row["text"]}
+
+
+def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw row) — location is 'line N' or 'row N' — streaming where the format allows."""
+    kind = kind or file_kind(path)
+    if kind == "jsonl":
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"line {lineno}"
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield where, _Bad("not UTF-8 text (is this a binary file?)")
+                    continue
+                try:
+                    yield where, json.loads(text)
+                except ValueError as exc:
+                    yield where, _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})")
+    elif kind == "json":
+        try:
+            data = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"dataset={str(path)!r} is not valid JSON ({exc}); use a JSON list of rows or JSONL") from exc
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"dataset={str(path)!r}: a .json dataset must be a list of rows (or {{'data': [...]}})")
+        for i, row in enumerate(data, 1):
+            yield f"row {i}", row
+    elif kind == "csv":
+        with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+            try:
+                for i, row in enumerate(csv.DictReader(fh), 2):
+                    yield f"line {i}", row
+            except UnicodeDecodeError:
+                raise DataError(f"dataset={str(path)!r} is not UTF-8 text") from None
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"row {n}", row
+    elif kind == "datasets_dir":
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        for i, row in enumerate(ds, 1):
+            yield f"row {i}", row
+
+
+class _Bad:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: float = 3.0) -> DatasetSummary:
+    """Stream the dataset and check every row until the time budget runs out.
+
+    Raises:
+        DataError: unreadable / unknown kind / empty, or bad rows (first few, with line numbers).
+    """
+    if not path.exists():
+        raise DataError(f"{field_name}={str(path)!r} does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"{field_name}={str(path)!r} is not a regular file or a dataset directory")
+    kind = file_kind(path, field_name)
+    summary = DatasetSummary(path=str(path), kind=kind)
+    formats: Counter[str] = Counter()
+    deadline = time.monotonic() + time_budget_s
+    try:
+        for where, row in iter_rows(path, kind):
+            try:
+                if isinstance(row, _Bad):
+                    raise ValueError(row.reason)
+                fmt = row_format(row)
+            except ValueError as exc:
+                summary.bad_row_count += 1
+                if len(summary.bad_rows) < MAX_BAD_ROWS_SHOWN:
+                    summary.bad_rows.append(f"{where}: {exc}")
+            else:
+                formats[fmt] += 1
+                summary.rows += 1
+                summary.chars += _row_chars(row)
+            if summary.rows % 256 == 0 and time.monotonic() > deadline:
+                summary.complete = False
+                break
+    except OSError as exc:
+        raise DataError(f"{field_name}={str(path)!r} cannot be read: {exc.strerror}") from exc
+    summary.formats = dict(formats)
+    if summary.bad_row_count:
+        more = summary.bad_row_count - len(summary.bad_rows)
+        raise DataError(
+            [f"{field_name}: {summary.bad_row_count} bad row(s) in {path.name}"
+             + (f" (first {len(summary.bad_rows)} shown, {more} more)" if more > 0 else "")
+             + "; each row needs 'messages', 'prompt'+'completion' or 'text'"]
+            + [f"{field_name} {b}" for b in summary.bad_rows]
+        )
+    if summary.rows == 0:
+        raise DataError(f"{field_name}={str(path)!r} has no rows; add training examples (JSONL: one JSON object per line)")
+    return summary
+
+
+def _row_chars(row: dict[str, Any]) -> int:
+    if "messages" in row:
+        msgs = row["messages"]
+        return len(msgs) if isinstance(msgs, str) else sum(len(m.get("content", "")) for m in msgs)
+    if "prompt" in row:
+        return len(row["prompt"]) + len(row["completion"])
+    return len(row.get("text", ""))
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """All rows, normalized (the trainer's view). Raises DataError on the first bad row."""
+    rows = []
+    for where, row in iter_rows(path):
+        try:
+            if isinstance(row, _Bad):
+                raise ValueError(row.reason)
+            rows.append(normalize(row))
+        except ValueError as exc:
+            raise DataError(f"dataset {where}: {exc}") from None
+    return rows

@@ -1,0 +1,286 @@
+"""start_finetune's request: validate everything, collect every problem, resolve the config.
+
+Nothing here imports torch: the server validates in milliseconds, the job process trains.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.data import DatasetSummary, validate_dataset
+from llm_mcp.errors import InvalidArgumentError, LlmMcpError
+from llm_mcp.estimates import estimate_memory, linear_names
+from llm_mcp.hardware import Hardware
+from llm_mcp.jobs.store import JobStore
+from llm_mcp.local_models import resolve_model
+from llm_mcp.matrix import METHODS, ModelEntry
+
+IMPLEMENTED_METHODS = ("lora", "qlora", "dora")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
+DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
+                checkpoint_every=50, keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.03,
+                weight_decay=0.0, max_grad_norm=1.0)
+
+
+@dataclass
+class Resolved:
+    config: dict[str, Any]
+    entry: ModelEntry
+    dataset: DatasetSummary
+    estimates: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _in_range(problems: list[str], name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
+    if value is None:
+        return
+    bad_type = not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and not float(value).is_integer())
+    if bad_type or not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
+        problems.append(f"{name}={value!r} is out of range; allowed: {kind.__name__} from {lo:g} to {hi:g}")
+
+
+def _flops_per_second(hardware: Hardware) -> float:
+    """Rough sustained training FLOP/s, for the time estimate only."""
+    if not hardware.gpus:
+        return 1e10 * max(1, hardware.cpu_count)
+    peak = 989e12 if any(k in hardware.gpus[0].name for k in ("H100", "H200", "H800")) else (
+        312e12 if "A100" in hardware.gpus[0].name else 150e12)
+    return 0.3 * peak * len(hardware.gpus)
+
+
+def resolve_finetune(
+    *, matrix, settings, defaults, hardware: Hardware, store: JobStore, args: dict[str, Any]
+) -> Resolved:
+    """Validate a start_finetune request and resolve it into the trainer's config.
+
+    Raises:
+        InvalidArgumentError: every problem found, one per line, with allowed values and next steps.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    args = {k: v for k, v in args.items() if v is not None}
+    base_cfg: dict[str, Any] = {}
+
+    if "resume_from" in args:
+        try:
+            old = store.get(args["resume_from"])
+        except LlmMcpError as exc:
+            raise InvalidArgumentError(f"resume_from: {exc}") from None
+        if old.state not in ("failed", "cancelled"):
+            problems.append(f"resume_from={old.id!r} is {old.state}; only failed or cancelled jobs can be resumed"
+                            + (" (wait for it or cancel_job it first)" if old.state in ("queued", "running") else ""))
+        ckpts = sorted((store.job_dir(old.id) / "checkpoints").glob("step-[0-9]*[0-9]"))
+        if not ckpts:
+            problems.append(f"resume_from={old.id!r} has no checkpoint to resume from; start a new job instead")
+        base_cfg = dict(old.config)
+        for key in ("model", "method", "dataset", "eval_dataset", "learning_rate", "lora_rank", "lora_alpha",
+                    "lora_dropout", "target_modules", "batch_size", "gradient_accumulation", "max_seq_len",
+                    "train_on", "seed", "eval_fraction", "num_processes"):
+            old_value = _request_value(old.config, key)
+            if key in args and args[key] != old_value:
+                problems.append(f"{key}={args[key]!r} differs from the resumed job's {old_value!r}; when resuming only "
+                                f"{list(RESUME_OVERRIDABLE)} may change. Start a new job to change {key}")
+            if old_value is not None:
+                args.setdefault(key, old_value)
+        if "max_steps" not in args and "epochs" not in args:
+            for key in ("max_steps", "epochs"):
+                if old.config.get(key) is not None:
+                    args[key] = old.config[key]
+        base_cfg["resume_checkpoint"] = str(ckpts[-1]) if ckpts else None
+
+    for required in ("model", "method", "dataset"):
+        if required not in args:
+            problems.append(f"{required} is required")
+    if problems and not {"model", "method", "dataset"} <= set(args):
+        raise InvalidArgumentError(problems)
+
+    entry: ModelEntry | None = None
+    try:
+        entry = resolve_model(matrix, settings, args["model"])
+    except LlmMcpError as exc:
+        problems.append(str(exc))
+
+    method = args["method"]
+    if method not in METHODS:
+        problems.append(f"method={method!r}; allowed: {list(METHODS)}")
+    elif entry is not None:
+        support = entry.methods[method]
+        usable = [m for m in METHODS if entry.methods[m].status != "unsupported" and m in IMPLEMENTED_METHODS]
+        if support.status == "unsupported":
+            problems.append(f"method={method!r} is unsupported for {entry.id}: {support.note}. "
+                            f"Methods you can use for this model: {usable or 'none'}")
+        elif method not in IMPLEMENTED_METHODS:
+            problems.append(f"method={method!r} is not implemented in this server version yet; use one of {usable}")
+        elif support.status == "experimental":
+            warnings.append(f"{method} on {entry.id} is experimental: {support.note}")
+
+    # Hyperparameters: ranges first, then cross-field rules.
+    _in_range(problems, "max_steps", args.get("max_steps"), 1, 1_000_000)
+    _in_range(problems, "epochs", args.get("epochs"), 0.01, 100, float)
+    if "max_steps" in args and "epochs" in args and not base_cfg:
+        problems.append("give max_steps or epochs, not both")
+    _in_range(problems, "learning_rate", args.get("learning_rate"), 1e-8, 1.0, float)
+    _in_range(problems, "lora_rank", args.get("lora_rank"), 1, 1024)
+    _in_range(problems, "lora_alpha", args.get("lora_alpha"), 0.01, 16384, float)
+    _in_range(problems, "lora_dropout", args.get("lora_dropout"), 0.0, 0.9, float)
+    _in_range(problems, "batch_size", args.get("batch_size"), 1, 4096)
+    _in_range(problems, "gradient_accumulation", args.get("gradient_accumulation"), 1, 4096)
+    _in_range(problems, "seed", args.get("seed"), 0, 2**31 - 1)
+    _in_range(problems, "checkpoint_every", args.get("checkpoint_every"), 0, 1_000_000)
+    _in_range(problems, "keep_checkpoints", args.get("keep_checkpoints"), 1, 100)
+    _in_range(problems, "eval_every", args.get("eval_every"), 0, 1_000_000)
+    _in_range(problems, "eval_fraction", args.get("eval_fraction"), 0.0, 0.5, float)
+    _in_range(problems, "warmup_ratio", args.get("warmup_ratio"), 0.0, 0.5, float)
+    _in_range(problems, "weight_decay", args.get("weight_decay"), 0.0, 1.0, float)
+    max_procs = len(hardware.gpus) or hardware.cpu_count
+    _in_range(problems, "num_processes", args.get("num_processes"), 1, max(1, max_procs))
+    if args.get("lr_scheduler", "cosine") not in LR_SCHEDULERS:
+        problems.append(f"lr_scheduler={args['lr_scheduler']!r}; allowed: {list(LR_SCHEDULERS)}")
+    if args.get("train_on", "completion") not in ("completion", "all"):
+        problems.append(f"train_on={args['train_on']!r}; allowed: ['completion', 'all']")
+    name = args.get("name")
+    if name is not None and not re.fullmatch(r"[\w.-]{1,64}", str(name)):
+        problems.append(f"name={name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    if entry is not None:
+        _in_range(problems, "max_seq_len", args.get("max_seq_len"), 8, entry.context_length)
+
+    method_defaults = defaults.get(method) if method in METHODS else None
+    lora_defaults = method_defaults.lora if method_defaults and method_defaults.lora else defaults["lora"].lora
+    target_modules = args.get("target_modules") or (
+        entry.target_modules if entry is not None and lora_defaults.target_modules == "auto" else lora_defaults.target_modules)
+    if entry is not None and isinstance(target_modules, list):
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            problems.append(f"target_modules={target_modules!r}: give a non-empty list of module names")
+        else:
+            allowed = linear_names(entry.dims, entry.hf_architecture)
+            for module in target_modules:
+                if module not in allowed:
+                    problems.append(f"target_modules contains {module!r}, which {entry.id} does not have as a "
+                                    f"linear layer; allowed: {allowed}")
+
+    dataset = None
+    eval_path = None
+    for key in ("dataset", "eval_dataset"):
+        if key not in args:
+            continue
+        try:
+            path = settings.check_path(_under_home(settings, args[key]), key)
+            summary = validate_dataset(path, key)
+        except LlmMcpError as exc:
+            problems.extend(getattr(exc, "problems", None) or [str(exc)])
+            continue
+        if key == "dataset":
+            dataset = summary
+        else:
+            eval_path = str(path)
+    if "eval_dataset" in args and args.get("eval_fraction"):
+        problems.append("give eval_dataset or eval_fraction, not both")
+
+    if problems or entry is None or dataset is None:
+        raise InvalidArgumentError(problems)
+
+    num_processes = args.get("num_processes", 1)
+    cfg: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in base_cfg.items()}}
+    for key in DEFAULTS:
+        if key in args:
+            cfg[key] = args[key]
+    lr = args.get("learning_rate", entry.recommended_lr)
+    rank = args.get("lora_rank", lora_defaults.rank)
+    cfg.update(
+        model={"id": entry.id, "path": getattr(entry, "path", entry.id), "trust_remote_code": entry.trust_remote_code,
+               "hf_architecture": entry.hf_architecture, "local": entry.is_local},
+        method=method, dataset=dataset.path, eval_dataset=eval_path,
+        eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
+        max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
+        learning_rate=lr, num_processes=num_processes, eval_every=args.get("eval_every", cfg.get("eval_every", 0)),
+        lora={"rank": rank, "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
+              "dropout": args.get("lora_dropout", lora_defaults.dropout), "target_modules": target_modules,
+              "use_dora": method == "dora", "bias": lora_defaults.bias},
+        quantization=defaults["qlora"].quantization.model_dump() if method == "qlora" else None,
+        device="cuda" if hardware.gpus else "cpu",
+        request={k: v for k, v in args.items() if k != "resume_from"},
+        resume_from=args.get("resume_from"),
+    )
+    if not (0.01 * entry.recommended_lr <= lr <= 10 * entry.recommended_lr):
+        warnings.append(f"learning_rate={lr:g} is far from the recommended {entry.recommended_lr:g} for {entry.id}")
+
+    est = estimate_memory(entry.dims, entry.params_b, method, target_modules=target_modules, rank=rank,
+                          batch_size=cfg["batch_size"], seq_len=cfg["max_seq_len"],
+                          device="cuda" if hardware.gpus else "cpu")
+    usable = hardware.usable_gb()
+    cfg["gradient_checkpointing"] = bool(args.get("gradient_checkpointing", est.total_gb > 0.7 * usable))
+    if est.total_gb > usable:
+        raise InvalidArgumentError(
+            [f"estimated memory {est.total_gb:g} GB exceeds the {usable:g} GB usable on {hardware.describe()}"]
+            + _fitting_alternatives(entry, method, rank, cfg, hardware)
+        )
+
+    eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
+    train_rows = dataset.rows - eval_rows
+    per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * num_processes
+    if train_rows < per_step:
+        raise InvalidArgumentError(
+            f"dataset has {train_rows} training rows, but one step needs batch_size x gradient_accumulation x "
+            f"num_processes = {per_step}; lower batch_size or add data")
+    steps_per_epoch = train_rows // per_step
+    total_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
+    tokens_per_row = max(1, min(dataset.approx_tokens // max(1, dataset.rows), cfg["max_seq_len"]))
+    tokens = total_steps * per_step * tokens_per_row
+    seconds = 4 * entry.active_params_b * 1e9 * tokens / _flops_per_second(hardware)
+    if not dataset.complete:
+        warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
+    estimates = {
+        "trainable_params": est.trainable_params, "memory_gb": est.total_gb, "memory": est.to_dict(),
+        "usable_memory_gb": usable, "hardware": hardware.describe(), "train_rows": train_rows,
+        "eval_rows": eval_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "approx_tokens": tokens, "rough_time_s": round(seconds + 15, 1),
+        "dataset_formats": dataset.formats,
+    }
+    return Resolved(config=cfg, entry=entry, dataset=dataset, estimates=estimates, warnings=warnings)
+
+
+def _request_value(cfg: dict[str, Any], key: str) -> Any:
+    """The value a resumed job's request had for `key` (its resolved config as fallback)."""
+    req = cfg.get("request", {})
+    if key in req:
+        return req[key]
+    if key == "model":
+        return cfg["model"]["path"] if cfg["model"].get("local") else cfg["model"]["id"]
+    return None
+
+
+def _under_home(settings, value: str) -> Path:
+    raw = Path(str(value)).expanduser()
+    return raw if raw.is_absolute() else settings.home / raw
+
+
+def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[str, Any], hw: Hardware) -> list[str]:
+    """Suggest a method / rank / batch / sequence length that fits `hw`, if any does."""
+    device = "cuda" if hw.gpus else "cpu"
+    usable = hw.usable_gb()
+    out = []
+    candidates = [("method='qlora'", "qlora", rank, cfg["batch_size"], cfg["max_seq_len"]),
+                  (f"batch_size=1", method, rank, 1, cfg["max_seq_len"]),
+                  (f"max_seq_len={min(512, cfg['max_seq_len'])}, batch_size=1", method, rank, 1, min(512, cfg["max_seq_len"])),
+                  (f"method='qlora', batch_size=1, max_seq_len={min(512, cfg['max_seq_len'])}", "qlora", rank, 1,
+                   min(512, cfg["max_seq_len"])),
+                  ("method='qlora', lora_rank=8, batch_size=1, max_seq_len=256", "qlora", 8, 1, 256)]
+    for label, m, r, b, s in candidates:
+        if m == method and (r, b, s) == (rank, cfg["batch_size"], cfg["max_seq_len"]):
+            continue
+        if entry.methods[m].status == "unsupported":
+            continue
+        est = estimate_memory(entry.dims, entry.params_b, m, target_modules=cfg["lora"]["target_modules"]
+                              if "lora" in cfg else entry.target_modules, rank=r, batch_size=b, seq_len=s, device=device)
+        if est.total_gb <= usable:
+            out.append(f"would fit: {label} (estimated {est.total_gb:g} GB)")
+            break
+    if not out:
+        out.append(f"no smaller setting fits; {entry.id} needs about {entry.methods['qlora'].min_gpu_memory_gb:g} GB "
+                   "of GPU memory with QLoRA. Call list_models(fits=true) for models that fit this machine")
+    return out

@@ -1,0 +1,214 @@
+"""Start, watch and stop jobs: the scheduler shared by servers and supervisors.
+
+A job runs as `python -m llm_mcp.jobs.supervisor HOME JOB_ID` in a new session (its own process
+group), which runs `accelerate launch ... -m llm_mcp.train.run JOB_DIR`. Jobs therefore outlive
+the server that started them. Whoever notices free capacity (a server on start-up or on a tool
+call, or a supervisor whose job just ended) starts the oldest queued job; the claim happens in
+one BEGIN IMMEDIATE transaction, so no job is ever started twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from llm_mcp.jobs.store import FINAL_STATES, Job, JobStore
+from llm_mcp.settings import data_path
+
+START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
+
+
+def max_jobs() -> int:
+    """Concurrent jobs per device set (LLM_MCP_MAX_JOBS, default 1)."""
+    try:
+        return max(1, int(os.environ.get("LLM_MCP_MAX_JOBS", "1")))
+    except ValueError:
+        return 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(cfg: dict, job_dir: Path) -> list[str]:
+    """The `accelerate launch` command line for a job's resolved config."""
+    n = cfg["num_processes"]
+    config_file = cfg.get("accelerate_config") or str(
+        data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else f"{cfg.get('distributed', 'ddp')}.yaml")
+    )
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+            "--num_processes", str(n), "--main_process_port", str(free_port()),
+            "-m", "llm_mcp.train.run", str(job_dir)]
+
+
+def _process_alive(pid: int | None, started_at: float | None) -> bool:
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if started_at and abs(proc.create_time() - started_at) > 2:
+            return False  # the pid was reused by another process
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def schedule(store: JobStore) -> list[str]:
+    """Start queued jobs while their device set has capacity. Returns the ids started."""
+    limit = max_jobs()
+    claimed: list[str] = []
+    with store.transaction() as db:
+        running: dict[str, int] = {}
+        for row in db.execute("SELECT device_set, COUNT(*) AS n FROM jobs WHERE state = 'running' GROUP BY device_set"):
+            running[row["device_set"]] = row["n"]
+        for row in db.execute("SELECT id, device_set FROM jobs WHERE state = 'queued' ORDER BY created_at").fetchall():
+            if running.get(row["device_set"], 0) < limit:
+                db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
+                           (time.time(), row["id"]))
+                running[row["device_set"]] = running.get(row["device_set"], 0) + 1
+                claimed.append(row["id"])
+    for job_id in claimed:
+        _spawn_supervisor(store, job_id)
+    return claimed
+
+
+def _spawn_supervisor(store: JobStore, job_id: str) -> None:
+    job_dir = store.job_dir(job_id)
+    try:
+        with open(job_dir / "supervisor.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "llm_mcp.jobs.supervisor", str(store.home), job_id],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=job_dir, close_fds=True,
+            )
+    except OSError as exc:
+        store.update(job_id, expect=("running",), state="failed", finished_at=time.time(),
+                     error=f"could not start the job process: {exc}", next_step="check disk space and permissions")
+        return
+    store.update(job_id, pid=proc.pid, pid_started_at=psutil.Process(proc.pid).create_time())
+
+
+def read_result(job_dir: Path) -> dict | None:
+    try:
+        return json.loads((job_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def log_tail(job_dir: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    path = job_dir / "train.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - max_bytes))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    # Progress bars redraw with \r; keep what a terminal would show.
+    out = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines()]
+    return [ln for ln in out if ln.strip()][-lines:]
+
+
+def describe_exit(exit_code: int | None, tail: list[str]) -> str:
+    """One sentence on why the process ended, from its exit status and log."""
+    for line in reversed(tail):
+        m = re.search(r"Signals\.(SIG[A-Z]+)", line)
+        if m:
+            return f"the training process was killed by {m.group(1)}" + (
+                " (often the out-of-memory killer)" if m.group(1) == "SIGKILL" else "")
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
+        return f"the job process was killed by {name}"
+    errors = [ln for ln in tail if re.match(r"^\w*(Error|Exception)\b", ln.strip())]
+    if errors:
+        return f"the training process failed: {errors[-1].strip()}"
+    if exit_code is None:
+        return "the job's supervisor process disappeared (machine restart or kill -9) before recording an exit status"
+    return f"the training process exited with code {exit_code}"
+
+
+def kill_job_processes(job_dir: Path, sig: int = signal.SIGKILL) -> int:
+    """Signal any process still running this job's trainer (orphans of a dead supervisor)."""
+    needle, n = str(job_dir), 0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if "llm_mcp.train.run" in cmd and needle in cmd:
+            try:
+                proc.send_signal(sig)
+                n += 1
+            except psutil.Error:
+                pass
+    return n
+
+
+def finalize(store: JobStore, job: Job, exit_code: int | None) -> str:
+    """Record the final state of a job whose processes have ended. Returns the state."""
+    job_dir = store.job_dir(job.id)
+    result = read_result(job_dir)
+    tail = log_tail(job_dir)
+    fresh = store.get(job.id)
+    if result and result.get("state") in FINAL_STATES:
+        state, error, next_step = result["state"], result.get("error"), result.get("next_step")
+    elif fresh.cancel_requested:
+        state, error, next_step = "cancelled", None, None
+    else:
+        state, error = "failed", describe_exit(exit_code, tail)
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if _has_checkpoint(job_dir) else (
+            "fix the cause shown in the last log lines, then start the job again")
+    if state == "failed" and error and not next_step:
+        next_step = "fix the cause shown in the last log lines, then start again or resume"
+    if state == "cancelled":
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if _has_checkpoint(job_dir) else None
+    store.update(job.id, expect=("running",), state=state, finished_at=time.time(), exit_code=exit_code,
+                 error=error, next_step=next_step)
+    return state
+
+
+def _has_checkpoint(job_dir: Path) -> bool:
+    root = job_dir / "checkpoints"
+    return root.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in root.glob("step-*"))
+
+
+def reconcile(store: JobStore) -> None:
+    """Mark running jobs whose processes are gone as failed (with the cause); then start queued ones."""
+    now = time.time()
+    for job in store.list(limit=1000, states=("running",)):
+        if job.pid is None:
+            if job.started_at and now - job.started_at > START_TIMEOUT_S:
+                store.update(job.id, expect=("running",), state="failed", finished_at=now,
+                             error="the job was claimed but its process never started",
+                             next_step="start it again")
+            continue
+        if not _process_alive(job.pid, job.pid_started_at):
+            kill_job_processes(store.job_dir(job.id))
+            finalize(store, job, None)
+    schedule(store)
+
+
+def cancel(store: JobStore, job_id: str) -> Job:
+    """Cancel: a queued job leaves the queue; a running one gets SIGTERM (checkpoint, then exit).
+
+    Idempotent: cancelling a finished job changes nothing.
+    """
+    job = store.get(job_id)
+    if job.state == "queued" and store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time(),
+                                              cancel_requested=1):
+        return store.get(job_id)
+    if job.state == "running":
+        store.update(job_id, cancel_requested=1)
+        if job.pid and _process_alive(job.pid, job.pid_started_at):
+            try:
+                os.killpg(job.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    return store.get(job_id)

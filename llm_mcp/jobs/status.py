@@ -1,0 +1,162 @@
+"""job_status: one job's progress from its record, metrics.jsonl, checkpoints and log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from llm_mcp.jobs.manager import log_tail, read_result
+from llm_mcp.jobs.store import Job, JobStore
+
+METRICS_TAIL_BYTES = 256 * 1024
+
+
+class CheckpointInfo(BaseModel):
+    step: int
+    path: str
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    name: str
+    state: str = Field(description="queued | running | succeeded | failed | cancelled")
+    model: str
+    method: str
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = Field(None, description="Train loss at the latest step (mean over trainable tokens).")
+    smoothed_loss: float | None = Field(None, description="Exponential moving average of the train loss (0.9).")
+    first_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_s: float | None = Field(None, description="Real (non-padding) tokens per second, last 10 steps.")
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    checkpoints: list[CheckpointInfo] = []
+    adapter_path: str | None = None
+    log_tail: list[str] = []
+    warnings: list[str] = []
+    error: str | None = Field(None, description="On failure: the cause in one sentence.")
+    next_step: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    resumed_from: str | None = None
+    job_dir: str
+
+
+def read_metrics(job_dir: Path, max_bytes: int = METRICS_TAIL_BYTES) -> list[dict[str, Any]]:
+    """Parsed metrics lines (the tail of a long file), skipping any partially written last line."""
+    path = job_dir / "metrics.jsonl"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - max_bytes))
+            chunk = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = chunk.splitlines()
+    if size > max_bytes:
+        lines = lines[1:]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
+    job_dir = store.job_dir(job.id)
+    metrics = read_metrics(job_dir)
+    start = next((m for m in reversed(metrics) if m.get("event") == "start"), None)
+    steps = [m for m in metrics if "loss" in m and "step" in m]
+    evals = [m for m in metrics if "eval_loss" in m and m["eval_loss"] is not None]
+    status = JobStatus(
+        job_id=job.id, name=job.name, state=job.state, model=job.model, method=job.method,
+        warnings=job.warnings, error=job.error, next_step=job.next_step, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, resumed_from=job.resumed_from, job_dir=str(job_dir),
+        log_tail=log_tail(job_dir, log_lines) if job.state != "queued" else [],
+    )
+    if start:
+        status.total_steps = start["total_steps"]
+    if steps:
+        last = steps[-1]
+        status.step, status.epoch, status.loss = last["step"], last.get("epoch"), last["loss"]
+        status.learning_rate = last.get("lr")
+        status.first_loss = steps[0]["loss"]
+        ema = steps[0]["loss"]
+        for m in steps[1:]:
+            ema = 0.9 * ema + 0.1 * m["loss"]
+        status.smoothed_loss = round(ema, 6)
+        recent = steps[-10:]
+        tokens, seconds = sum(m.get("tokens", 0) for m in recent), sum(m.get("step_time_s", 0) for m in recent)
+        status.tokens_per_s = round(tokens / seconds, 1) if seconds else None
+        if job.state == "running" and status.total_steps and seconds:
+            status.eta_s = round((status.total_steps - status.step) * seconds / len(recent), 1)
+    if evals:
+        status.eval_loss = evals[-1]["eval_loss"]
+    if job.started_at:
+        status.elapsed_s = round((job.finished_at or time.time()) - job.started_at, 1)
+    root = job_dir / "checkpoints"
+    if root.is_dir():
+        status.checkpoints = [CheckpointInfo(step=int(p.name.split("-")[1]), path=str(p))
+                              for p in sorted(root.glob("step-[0-9]*[0-9]")) if p.is_dir()]
+    if job.state == "succeeded" and (job_dir / "adapter").is_dir():
+        status.adapter_path = str(job_dir / "adapter")
+    if job.state == "failed" and not status.error:
+        result = read_result(job_dir)
+        status.error = (result or {}).get("error")
+    return status
+
+
+def summarize_status(s: JobStatus) -> str:
+    """A few lines an LLM reads at a glance."""
+    head = f"Job {s.job_id} ({s.method} on {s.model}): {s.state.upper()}"
+    if s.total_steps:
+        head += f", step {s.step}/{s.total_steps}"
+    lines = [head]
+    if s.loss is not None:
+        part = f"loss {s.loss:.4f} (smoothed {s.smoothed_loss:.4f}, first {s.first_loss:.4f})"
+        if s.eval_loss is not None:
+            part += f", eval loss {s.eval_loss:.4f}"
+        if s.tokens_per_s:
+            part += f", {s.tokens_per_s:,.0f} tokens/s"
+        lines.append(part)
+    timing = []
+    if s.elapsed_s is not None:
+        timing.append(f"elapsed {s.elapsed_s:.0f} s")
+    if s.eta_s is not None:
+        timing.append(f"ETA {s.eta_s:.0f} s")
+    if timing:
+        lines.append(", ".join(timing))
+    if s.checkpoints:
+        lines.append(f"checkpoints: steps {', '.join(str(c.step) for c in s.checkpoints)}")
+    if s.adapter_path:
+        lines.append(f"adapter: {s.adapter_path}")
+    if s.error:
+        lines.append(f"cause: {s.error}")
+    if s.next_step:
+        lines.append(f"next: {s.next_step}")
+    for w in s.warnings:
+        lines.append(f"warning: {w}")
+    if s.state == "failed" and s.log_tail:
+        lines.append("last log lines:\n  " + "\n  ".join(s.log_tail[-6:]))
+    return "\n".join(lines)
+
+
+def summarize_list(statuses: list[JobStatus]) -> str:
+    if not statuses:
+        return "No jobs yet. Start one with start_finetune."
+    lines = []
+    for s in statuses:
+        progress = f"{s.step}/{s.total_steps}" if s.total_steps else "-"
+        loss = f"loss {s.loss:.4f}" if s.loss is not None else ""
+        lines.append(f"{s.job_id}  {s.state:<9} {s.method:<5} {s.model}  step {progress} {loss}".rstrip())
+    return "\n".join(lines)

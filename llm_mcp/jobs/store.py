@@ -1,0 +1,167 @@
+"""Durable job records: SQLite (WAL) in LLM_MCP_HOME/jobs.db plus one directory per job.
+
+Every state change is a conditional UPDATE (`... WHERE state = ?`), so two processes that race
+(two servers, a server and a supervisor) cannot both move the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llm_mcp.errors import ConfigurationError, LlmMcpError
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','cancelled')),
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    device_set TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    pid INTEGER,
+    pid_started_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    resumed_from TEXT,
+    exit_code INTEGER,
+    error TEXT,
+    next_step TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    config TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+"""
+
+
+class JobNotFoundError(LlmMcpError, LookupError):
+    """No job with that id."""
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    state: str
+    model: str
+    method: str
+    device_set: str
+    created_at: float
+    config: dict[str, Any]
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    pid_started_at: float | None = None
+    cancel_requested: bool = False
+    resumed_from: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    next_step: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["config"] = json.loads(d["config"])
+        d["warnings"] = json.loads(d["warnings"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return cls(**d)
+
+
+def new_job_id() -> str:
+    return time.strftime("ft-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+class JobStore:
+    """Thin access layer over jobs.db. Safe to use from several processes at once."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.jobs_dir = home / "jobs"
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigurationError(
+                f"cannot use the job store in {home} ({exc}); check that LLM_MCP_HOME is writable and not full"
+            ) from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.home / "jobs.db", timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: one writer at a time across processes, for read-then-write decisions."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def insert(self, job: Job) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.name, job.state, job.model, job.method, job.device_set, job.created_at,
+                 job.resumed_from, json.dumps(job.warnings), json.dumps(job.config)),
+            )
+
+    def get(self, job_id: str) -> Job:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            recent = [j.id for j in self.list(limit=5)]
+            raise JobNotFoundError(
+                f"job_id={job_id!r} does not exist. Recent jobs: {recent or 'none'}. "
+                "Call job_status without job_id to list jobs."
+            )
+        return Job.from_row(row)
+
+    def list(self, limit: int = 20, states: tuple[str, ...] | None = None) -> list[Job]:
+        query, args = "SELECT * FROM jobs", []
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        query += " ORDER BY created_at DESC LIMIT ?"
+        with self._connect() as db:
+            return [Job.from_row(r) for r in db.execute(query, (*args, limit)).fetchall()]
+
+    def update(self, job_id: str, *, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Set fields; with `expect`, only if the job is in one of those states. True if a row changed."""
+        if "warnings" in fields:
+            fields["warnings"] = json.dumps(fields["warnings"])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        query, args = f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id]
+        if expect:
+            query += f" AND state IN ({','.join('?' * len(expect))})"
+            args += list(expect)
+        with self._connect() as db:
+            return db.execute(query, args).rowcount == 1

@@ -1,0 +1,82 @@
+"""One job's supervisor: `python -m llm_mcp.jobs.supervisor HOME JOB_ID`.
+
+Runs in its own session (process group) so the job survives the server. It starts
+`accelerate launch`, becomes the child subreaper so it can wait for every descendant (the
+launcher may exit before its workers), records the outcome, then starts the next queued job.
+On SIGTERM (cancel_job) the trainer checkpoints and exits; after a grace period the
+supervisor SIGKILLs whatever is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from llm_mcp.jobs.manager import accelerate_command, finalize, schedule
+from llm_mcp.jobs.store import JobStore
+
+PR_SET_CHILD_SUBREAPER = 36
+CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
+
+
+def _become_subreaper() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: orphaned workers are then not awaited
+
+
+def _kill_descendants() -> None:
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def main(home: str, job_id: str) -> int:
+    _become_subreaper()
+    store = JobStore(Path(home))
+    job = store.get(job_id)
+    job_dir = store.job_dir(job_id)
+
+    def on_sigterm(signum, frame):
+        print(f"[supervisor] SIGTERM: cancel requested; SIGKILL after {CANCEL_GRACE_S:g} s", flush=True)
+        timer = threading.Timer(CANCEL_GRACE_S, _kill_descendants)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    cores = os.cpu_count() or 1
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(max(1, cores // job.config["num_processes"])),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    cmd = accelerate_command(job.config, job_dir)
+    with open(job_dir / "train.log", "ab") as log:
+        log.write(f"[supervisor] {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir, env=env)
+        exit_code = proc.wait()
+        while True:  # wait for every descendant, including workers orphaned by the launcher
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    state = finalize(store, store.get(job_id), exit_code)
+    print(f"[supervisor] {job_id} ended {state} (exit code {exit_code}) at {time.strftime('%H:%M:%S')}", flush=True)
+    schedule(store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,84 @@
+"""Checkpoints: adapter (PEFT format) + optimizer + scheduler + RNG (per rank) + step.
+
+Written into `step-NNNNNN.tmp` and renamed when complete, so a crash mid-write never leaves a
+half checkpoint that looks whole. Only the newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_GLOB = "step-[0-9]*"
+
+
+def checkpoint_dirs(job_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = job_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(CHECKPOINT_GLOB) if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, step: int, meta: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    final = job_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+                   tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(job_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> int:
+    """Restore adapter weights, optimizer, scheduler and this rank's RNG; returns the step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter" / "adapter_model.safetensors"
+    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(adapter))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])

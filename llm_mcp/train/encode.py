@@ -1,0 +1,98 @@
+"""Turn rows into (input_ids, labels): chat template for messages, loss masks, truncation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IGNORE = -100
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+    target_tokens: int = 0
+    tokens: int = 0
+    by_format: dict[str, int] = field(default_factory=dict)
+
+
+def _assistant_spans(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 mask of assistant tokens.
+
+    Templates with {% generation %} markers give the mask directly; otherwise each assistant
+    turn's span is found by rendering the conversation up to it with and without that turn.
+    """
+    if "{% generation %}" in (tok.chat_template or ""):
+        enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), list(enc["assistant_masks"])
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
+        end = len(_ids(tok.apply_chat_template(messages[: i + 1], tokenize=True)))
+        for j in range(start, min(end, len(ids))):
+            mask[j] = 1
+    return ids, mask
+
+
+def _ids(x: Any) -> list[int]:
+    return list(x["input_ids"] if isinstance(x, dict) else x)
+
+
+def encode_row(tok, row: dict[str, Any], train_on: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one normalized row; labels are IGNORE where no loss is taken."""
+    if "messages" in row:
+        ids, mask = _assistant_spans(tok, row["messages"])
+    elif "prompt" in row:
+        p = tok(row["prompt"], add_special_tokens=True)["input_ids"]
+        c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, mask = p + c, [0] * len(p) + [1] * len(c)
+    else:
+        ids = tok(row["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+        mask = [1] * len(ids)
+    if train_on == "all":
+        mask = [1] * len(ids)
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+def encode_rows(tok, rows: list[dict[str, Any]], max_seq_len: int, train_on: str) -> tuple[list[dict], EncodeStats]:
+    """Encode and truncate every row; rows left without a trainable token are dropped and counted."""
+    stats = EncodeStats()
+    out = []
+    for row in rows:
+        fmt = "messages" if "messages" in row else "prompt_completion" if "prompt" in row else "text"
+        stats.by_format[fmt] = stats.by_format.get(fmt, 0) + 1
+        ids, labels = encode_row(tok, row, train_on)
+        if len(ids) > max_seq_len:
+            stats.truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        n_targets = sum(1 for t in labels[1:] if t != IGNORE)
+        if n_targets == 0:
+            stats.dropped_empty += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.target_tokens += n_targets
+        out.append({"input_ids": ids, "labels": labels})
+    return out, stats
+
+
+def collate(examples: list[dict], pad_id: int):
+    """Pad to the longest in the batch; returns input_ids, attention_mask, labels tensors."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attn[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}

@@ -1,0 +1,104 @@
+"""start_finetune validation through the MCP tool: every problem at once, nothing started on error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mcp import Client
+
+
+pytestmark = pytest.mark.anyio
+
+
+async def call(server, **args):
+    async with Client(server) as client:
+        return await client.call_tool("start_finetune", args)
+
+
+def no_jobs(state) -> bool:
+    return state.store.list() == [] and not any(state.store.jobs_dir.iterdir())
+
+
+async def test_every_problem_is_reported_together_and_no_job_is_made(app, home, tiny_model):
+    state, server = app
+    bad = home / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"oops": 1}\n')
+    result = await call(server, model="models/tiny", method="lora", dataset=str(bad), learning_rate=5.0,
+                        lora_rank=0, batch_size=100000, max_steps=10, epochs=2, target_modules=["q_proj", "wq"])
+    assert result.is_error
+    text = result.content[0].text
+    for fragment in ["learning_rate=5.0 is out of range", "lora_rank=0 is out of range", "batch_size=100000",
+                     "give max_steps or epochs, not both", "'wq'", "allowed: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj'",
+                     "dataset line 2: no 'messages'", "found keys ['oops']"]:
+        assert fragment in text, (fragment, text)
+    assert no_jobs(state)
+
+
+async def test_unknown_model_suggests_and_unsupported_method_names_alternatives(app, dataset):
+    _, server = app
+    result = await call(server, model="Qwen/Qwen3-7B", method="lora", dataset=str(dataset))
+    assert result.is_error and "Did you mean" in result.content[0].text and "Qwen/Qwen3-8B" in result.content[0].text
+    result = await call(server, model="mistralai/Mixtral-8x7B", method="sparse", dataset=str(dataset))
+    text = result.content[0].text
+    assert "method='sparse' is unsupported for mistralai/Mixtral-8x7B-v0.1" in text
+    assert "Methods you can use for this model: ['lora', 'qlora', 'dora']" in text
+
+
+async def test_memory_that_does_not_fit_suggests_what_would(app, dataset):
+    _, server = app
+    result = await call(server, model="meta-llama/Llama-3.1-70B", method="lora", dataset=str(dataset))
+    assert result.is_error
+    text = result.content[0].text
+    assert "exceeds the" in text and "usable on" in text
+    assert "would fit" in text or "list_models(fits=true)" in text
+
+
+async def test_dataset_outside_allowed_roots_is_refused(app, tiny_model, tmp_path):
+    _, server = app
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"text": "x"}\n')
+    result = await call(server, model="models/tiny", method="lora", dataset=str(outside))
+    assert result.is_error and "outside the allowed roots" in result.content[0].text
+
+
+async def test_dry_run_returns_config_and_estimates_and_starts_nothing(app, tiny_model, dataset):
+    state, server = app
+    result = await call(server, model="models/tiny", method="dora", dataset="data/train.jsonl", max_steps=7,
+                        batch_size=2, dry_run=True)
+    assert not result.is_error, result.content[0].text
+    data = result.structured_content
+    assert data["dry_run"] and data.get("job_id") is None and data["state"] == "dry_run"
+    cfg, est = data["config"], data["estimates"]
+    assert cfg["lora"]["use_dora"] is True and cfg["lora"]["rank"] == 32 and cfg["max_steps"] == 7
+    from llm_mcp.local_models import resolve_model
+
+    assert cfg["learning_rate"] == resolve_model(state.matrix, state.settings, "models/tiny").recommended_lr
+    assert est["total_steps"] == 7 and est["trainable_params"] > 0 and est["memory_gb"] > 0
+    assert est["train_rows"] == 64 and est["dataset_formats"] == {"messages": 32, "prompt_completion": 16, "text": 16}
+    assert no_jobs(state)
+
+
+async def test_sparse_is_not_offered_before_it_exists(app, tiny_model, dataset):
+    _, server = app
+    result = await call(server, model="models/tiny", method="sparse", dataset=str(dataset))
+    assert result.is_error and "not implemented in this server version" in result.content[0].text
+
+
+async def test_experimental_method_is_allowed_with_a_warning(app, tmp_path, dataset, home):
+    # A local Mixtral-architecture checkpoint: its LoRA status is experimental in `architectures`.
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    MixtralForCausalLM(cfg).save_pretrained(home / "models" / "moe")
+    _, server = app
+    result = await call(server, model="models/moe", method="lora", dataset=str(dataset), dry_run=True)
+    assert not result.is_error, result.content[0].text
+    assert any("experimental" in w for w in result.structured_content["warnings"])
+
+
+async def test_resume_from_unknown_or_unfinished_job(app):
+    _, server = app
+    result = await call(server, resume_from="ft-nope")
+    assert result.is_error and "job_id='ft-nope' does not exist" in result.content[0].text
