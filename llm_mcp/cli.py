@@ -76,6 +76,52 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(step: int, total: int | None, width: int = 30) -> str:
+    if not total:
+        return "[" + "?" * width + "]"
+    done = int(width * min(step, total) / total)
+    return "[" + "#" * done + "-" * (width - done) + "]"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_mcp.jobs import manager
+    from llm_mcp.jobs.status import build_status, summarize_list, summarize_status
+    from llm_mcp.jobs.store import FINAL_STATES, JobStore
+
+    settings = _settings(args)
+    store = JobStore(settings.home)
+    manager.reconcile(store)
+    if not args.job_id:
+        print(summarize_list([build_status(store, j, log_lines=0) for j in store.list(limit=args.limit)]))
+        return 0
+    if args.cancel:
+        manager.cancel(store, args.job_id)
+    job = store.get(args.job_id)
+    if args.follow:
+        tty = sys.stderr.isatty()
+        last = None
+        while job.state not in FINAL_STATES:
+            s = build_status(store, job, log_lines=0)
+            line = (f"{job.id} {job.state:<9} {_bar(s.step, s.total_steps)} {s.step}/{s.total_steps or '?'}"
+                    + (f" loss {s.loss:.4f}" if s.loss is not None else "")
+                    + (f" {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else "")
+                    + (f" ETA {s.eta_s:.0f}s" if s.eta_s is not None else ""))
+            if tty:
+                print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+            elif line != last:
+                print(line, file=sys.stderr, flush=True)
+            last = line
+            time.sleep(1)
+            manager.reconcile(store)
+            job = store.get(args.job_id)
+        if tty:
+            print(file=sys.stderr)
+    print(summarize_status(build_status(store, job)))
+    return 0 if job.state != "failed" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llm_mcp.demo import main as demo_main
 
@@ -112,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    jobs = sub.add_parser("jobs", help="list jobs, or show / follow / cancel one (same data as job_status)")
+    _add_common(jobs)
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--follow", "-f", action="store_true", help="show a progress bar until the job ends")
+    jobs.add_argument("--cancel", action="store_true", help="cancel the job (checkpoint, then stop)")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(func=cmd_jobs)
 
     demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")
     demo.set_defaults(func=cmd_demo)

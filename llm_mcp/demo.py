@@ -24,7 +24,32 @@ def _show(name: str, args: dict[str, Any], result: Any, seconds: float) -> None:
     print("<<< " + "\n    ".join(lines[:14]) + (f"\n    ... ({len(lines) - 14} more lines)" if len(lines) > 14 else ""))
 
 
+def write_demo_dataset(path: Path) -> Path:
+    """A small chat + prompt/completion dataset the tiny model can visibly learn."""
+    rows = []
+    for i in range(96):
+        a, b = i % 7, (i * 3) % 5
+        if i % 2:
+            rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                      {"role": "assistant", "content": f"The answer is {a + b}."}]})
+        else:
+            rows.append({"prompt": f"Q: {a} plus {b}? A:", "completion": f" {a + b}"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+async def _until_done(client, job_id: str) -> Any:
+    while True:
+        t1 = time.perf_counter()
+        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
+        _show("job_status", {"job_id": job_id, "wait_seconds": 30}, result, time.perf_counter() - t1)
+        if result.structured_content["job"]["state"] in ("succeeded", "failed", "cancelled"):
+            return result
+
+
 async def run_demo(home: Path) -> None:
+    import anyio
     from mcp import Client, StdioServerParameters
 
     from llm_mcp.tiny import make_tiny_model
@@ -34,6 +59,7 @@ async def run_demo(home: Path) -> None:
         t0 = time.perf_counter()
         make_tiny_model(model_dir)
         print(f"built tiny model in {model_dir} ({time.perf_counter() - t0:.1f} s)")
+    write_demo_dataset(home / "data" / "demo.jsonl")
     env = {**os.environ, "LLM_MCP_HOME": str(home)}
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"], env=env)
     t0 = time.perf_counter()
@@ -41,17 +67,34 @@ async def run_demo(home: Path) -> None:
         tools = await client.list_tools()
         print(f"connected over stdio in {(time.perf_counter() - t0) * 1000:.0f} ms; "
               f"tools: {', '.join(t.name for t in tools.tools)}")
-        calls: list[tuple[str, dict[str, Any]]] = [
-            ("list_models", {"method": "qlora", "fits": True}),
-            ("list_models", {"model": "Qwen/Qwen3-8B", "gpu_memory_gb": 24}),
-            ("list_models", {"model": "models/tiny-llama"}),
-            ("list_models", {"model": "Qwen/Qwen3-7B"}),
-        ]
-        for name, args in calls:
+        async def call(name: str, args: dict[str, Any]) -> Any:
             t1 = time.perf_counter()
             result = await client.call_tool(name, args)
             _show(name, args, result, time.perf_counter() - t1)
-    print("\ndemo finished")
+            return result
+
+        await call("list_models", {"method": "qlora", "fits": True})
+        await call("list_models", {"model": "Qwen/Qwen3-8B", "gpu_memory_gb": 24})
+        await call("list_models", {"model": "models/tiny-llama"})
+        await call("list_models", {"model": "Qwen/Qwen3-7B"})
+        job = {"model": "models/tiny-llama", "method": "lora", "dataset": "data/demo.jsonl", "max_steps": 60,
+               "learning_rate": 5e-3, "max_seq_len": 64, "eval_fraction": 0.1, "eval_every": 20,
+               "checkpoint_every": 20}
+        await call("start_finetune", {**job, "method": "lora", "learning_rate": 50.0, "dataset": "data/missing.jsonl"})
+        await call("start_finetune", {**job, "dry_run": True})
+        started = await call("start_finetune", job)
+        job_id = started.structured_content["job_id"]
+        await _until_done(client, job_id)
+        qlora = await call("start_finetune", {**job, "method": "qlora", "max_steps": 400})
+        q_id = qlora.structured_content["job_id"]
+        await anyio.sleep(12)
+        await call("cancel_job", {"job_id": q_id})
+        await _until_done(client, q_id)
+        await call("start_finetune", {"resume_from": q_id, "max_steps": 10})  # refused: not past the checkpoint
+        resumed = await call("start_finetune", {"resume_from": q_id})
+        await _until_done(client, resumed.structured_content["job_id"])
+        await call("job_status", {})
+    print("\ndemo finished: adapters are under", home / "jobs")
 
 
 def main(argv: list[str] | None = None) -> int:

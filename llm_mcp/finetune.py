@@ -229,6 +229,12 @@ def resolve_finetune(
             f"num_processes = {per_step}; lower batch_size or add data")
     steps_per_epoch = train_rows // per_step
     total_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
+    if cfg.get("resume_checkpoint"):
+        done = int(Path(cfg["resume_checkpoint"]).name.split("-")[1])
+        if total_steps <= done:
+            raise InvalidArgumentError(
+                f"max_steps={total_steps} is not past the checkpoint at step {done} of {cfg['resume_from']!r}; "
+                f"give max_steps > {done} (or omit it to keep the original run's length)")
     tokens_per_row = max(1, min(dataset.approx_tokens // max(1, dataset.rows), cfg["max_seq_len"]))
     tokens = total_steps * per_step * tokens_per_row
     seconds = 4 * entry.active_params_b * 1e9 * tokens / _flops_per_second(hardware)

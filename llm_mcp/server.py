@@ -5,6 +5,7 @@ Nothing here imports torch: start-up stays light, and heavy work runs in job pro
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import time
@@ -16,7 +17,7 @@ from typing import Annotated, Literal
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from llm_mcp import __version__
@@ -239,6 +240,7 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
         wait_seconds: Annotated[float, Field(description="Wait up to this long (0-30 s) for the state to change, "
                                                          "with progress notifications meanwhile.", ge=0, le=30)] = 0,
+        plot: Annotated[bool, Field(description="Also return the loss curve as a PNG image.")] = False,
     ) -> Annotated[CallToolResult, JobStatusResult]:
         """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
         eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
@@ -262,7 +264,15 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             if job.state != first_state:
                 break
         status = build_status(state.store, job)
-        return _result(summarize_status(status), JobStatusResult(job=status))
+        result = _result(summarize_status(status), JobStatusResult(job=status))
+        if plot:
+            from llm_mcp.jobs.plot import loss_curve_png
+            from llm_mcp.jobs.status import read_metrics
+
+            png = await anyio.to_thread.run_sync(
+                loss_curve_png, read_metrics(state.store.job_dir(job_id)), f"{job_id}: {job.method} on {job.model}")
+            result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
+        return result
 
     @tool("Cancel a job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                           open_world_hint=False))

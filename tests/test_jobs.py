@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import sys
@@ -56,7 +57,11 @@ async def test_each_method_trains_and_the_loss_falls(app, tiny_model, dataset, m
         job_id = await start(client, model="models/tiny", method=method, dataset="data/train.jsonl",
                              max_steps=40, checkpoint_every=10, **FAST)
         job = await wait_final(client, job_id)
+        plotted = await client.call_tool("job_status", {"job_id": job_id, "plot": True})
     assert job["state"] == "succeeded", job
+    image = plotted.content[-1]
+    assert image.type == "image" and image.mime_type == "image/png"
+    assert base64.b64decode(image.data)[:8] == b"\x89PNG\r\n\x1a\n"
     curve = losses(state, job_id)
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
     # The random-init tiny model's frozen lm_head caps how low the loss can go (~3.8 nats); a drop

@@ -142,6 +142,8 @@ def train(run: Run) -> None:
     if cfg.get("resume_checkpoint"):
         start_step = load_checkpoint(acc, model, optimizer, scheduler, Path(cfg["resume_checkpoint"]))
         run.log(f"resumed from {cfg['resume_checkpoint']} at step {start_step}")
+        if start_step >= total_steps:
+            raise ValueError(f"the checkpoint is at step {start_step}, not before total_steps={total_steps}")
     run.metric({"event": "start", "total_steps": total_steps, "start_step": start_step,
                 "steps_per_epoch": steps_per_epoch, "examples": stats.examples, "eval_examples": len(eval_examples),
                 "truncated": stats.truncated, "dropped": stats.dropped_empty, "trainable_params": n_trainable,
