@@ -85,6 +85,11 @@ async def run_demo(home: Path) -> None:
         started = await call("start_finetune", job)
         job_id = started.structured_content["job_id"]
         await _until_done(client, job_id)
+        await call("sample", {"job_id": job_id, "prompt": "Q: 2 plus 3? A:", "max_tokens": 8, "compare_base": True})
+        await call("sample", {"job_id": job_id, "messages": [{"role": "user", "content": "What is 4 plus 1?"}],
+                              "max_tokens": 12})
+        await call("export_adapter", {"job_id": job_id, "format": "peft"})
+        await call("export_adapter", {"job_id": job_id, "format": "merged"})
         qlora = await call("start_finetune", {**job, "method": "qlora", "max_steps": 400})
         q_id = qlora.structured_content["job_id"]
         await anyio.sleep(12)

@@ -12,6 +12,7 @@ import time
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import anyio
@@ -21,7 +22,11 @@ from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from llm_mcp import __version__
+from llm_mcp.adapters import adapter_base, job_adapter, job_target
+from llm_mcp.errors import InvalidArgumentError
+from llm_mcp.export import ExportResult, export
 from llm_mcp.finetune import resolve_finetune
+from llm_mcp.sampling import MAX_N, MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT, Completion, SampleParams, Target
 from llm_mcp.hardware import Hardware, detect
 from llm_mcp.jobs import manager
 from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
@@ -64,6 +69,18 @@ class AppState:
         settings.ensure_home()
         return cls(settings=settings, matrix=matrix, defaults=defaults, store=JobStore(settings.home))
 
+    _sampler: object = None
+    _sampler_waiting: int = 0
+
+    @property
+    def sampler(self):
+        """The in-process sampler, created on first use (torch is imported then, not at start-up)."""
+        if self._sampler is None:
+            from llm_mcp.sampling import TransformersSampler
+
+            self._sampler = TransformersSampler()
+        return self._sampler
+
     def startup(self) -> None:
         """Re-attach to jobs: mark dead ones failed with their cause, start queued ones."""
         manager.reconcile(self.store)
@@ -82,6 +99,29 @@ class StartFinetuneResult(BaseModel):
 class JobStatusResult(BaseModel):
     job: JobStatus | None = None
     jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
+
+
+class SampleSource(BaseModel):
+    base_model: str
+    job_id: str | None = None
+    checkpoint: str | None = Field(None, description="'final' or 'step N'.")
+    adapter_path: str | None = None
+
+
+class SampleResult(BaseModel):
+    completions: list[Completion]
+    base_completions: list[Completion] | None = Field(None, description="compare_base: the base model's answers.")
+    source: SampleSource
+    backend: str = Field(description="Which backend generated: 'transformers' (in-process) or 'vllm'.")
+    prompt_tokens: int
+    load_s: float
+    base_loaded: bool
+    adapter_loaded: bool
+    generate_s: float
+    tokens_per_s: float
+
+
+MAX_SAMPLE_WAITING = 8
 
 
 def _result(text: str, model: BaseModel) -> CallToolResult:
@@ -287,6 +327,123 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         note = "" if job.state in FINAL_STATES else "\n(stopping: it checkpoints at the next step; poll job_status)"
         return _result(summarize_status(status) + note, JobStatusResult(job=status))
 
+    @tool("Sample", ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=False))
+    async def sample(
+        ctx: Context,
+        job_id: Annotated[str | None, Field(description="Sample from this job's adapter.", max_length=128)] = None,
+        adapter: Annotated[str | None, Field(description="Or: a PEFT adapter directory (under an allowed root).")] = None,
+        model: Annotated[str | None, Field(description="Or: a base model only (matrix id or local directory).")] = None,
+        prompt: Annotated[str | None, Field(description="Raw text prompt (no chat template).")] = None,
+        messages: Annotated[list[dict[str, str]] | None, Field(
+            description="Chat messages [{role, content}], rendered with the model's chat template.")] = None,
+        max_tokens: Annotated[int, Field(description=f"New tokens, 1-{MAX_TOKENS_LIMIT}.")] = 128,
+        temperature: Annotated[float, Field(description="0 = greedy (deterministic); up to 2.")] = 0.0,
+        top_p: Annotated[float, Field(description="Nucleus sampling, (0, 1].")] = 1.0,
+        top_k: Annotated[int, Field(description="0 = off.")] = 0,
+        stop: Annotated[list[str] | None, Field(description="Stop strings (up to 4).")] = None,
+        n: Annotated[int, Field(description=f"Completions, 1-{MAX_N} (n > 1 needs temperature > 0).")] = 1,
+        seed: Annotated[int | None, Field(description="Makes sampling with temperature > 0 repeatable.")] = None,
+        checkpoint: Annotated[str, Field(description="'final' (default), 'latest' (works while the job runs) or a "
+                                                     "step number.")] = "final",
+        compare_base: Annotated[bool, Field(description="Also generate with the base model (adapter off).")] = False,
+        logprobs: Annotated[bool, Field(description="Per-token log-probabilities.")] = False,
+    ) -> Annotated[CallToolResult, SampleResult]:
+        """Generate text from a fine-tuned adapter (a finished job, a running job's latest
+        checkpoint, or an adapter directory) or from a base model. Returns the completions with
+        finish reason and token counts, the adapter / checkpoint used, the backend, and timing.
+        The base model is loaded once and kept; switching adapters does not reload it.
+        """
+        problems = []
+        sources = [x for x in (job_id, adapter, model) if x is not None]
+        if len(sources) != 1:
+            problems.append("give exactly one of job_id, adapter or model")
+        if (prompt is None) == (messages is None):
+            problems.append("give exactly one of prompt or messages")
+        if prompt is not None and not (0 < len(prompt) <= MAX_PROMPT_CHARS):
+            problems.append(f"prompt must have 1-{MAX_PROMPT_CHARS} characters (got {len(prompt)})")
+        if messages is not None:
+            from llm_mcp.data import ROLES
+
+            if not messages or any(set(m) != {"role", "content"} or m["role"] not in ROLES for m in messages):
+                problems.append(f"messages must be a non-empty list of {{role, content}} with role in {list(ROLES)}")
+            elif sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+                problems.append(f"messages exceed {MAX_PROMPT_CHARS} characters")
+        checks = [("max_tokens", max_tokens, 1, MAX_TOKENS_LIMIT), ("temperature", temperature, 0, 2),
+                  ("top_p", top_p, 1e-6, 1), ("top_k", top_k, 0, 100_000), ("n", n, 1, MAX_N)]
+        for name, value, lo, hi in checks:
+            if value != value or not lo <= value <= hi:
+                problems.append(f"{name}={value!r} is out of range; allowed: {lo:g} to {hi:g}")
+        if n > 1 and temperature == 0:
+            problems.append("n > 1 needs temperature > 0 (greedy decoding gives n identical answers)")
+        if stop and (len(stop) > 4 or any(not s or len(s) > 200 for s in stop)):
+            problems.append("stop: up to 4 non-empty strings of at most 200 characters")
+        if problems:
+            raise InvalidArgumentError(problems)
+
+        source, target = _sample_target(job_id, adapter, model, checkpoint)
+        params = SampleParams(prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, stop=list(stop or []), n=n, seed=seed, logprobs=logprobs)
+        if state._sampler_waiting >= MAX_SAMPLE_WAITING:
+            raise InvalidArgumentError(f"the sampler is busy ({state._sampler_waiting} requests waiting); "
+                                       "try again in a few seconds")
+        state._sampler_waiting += 1
+        try:
+            gen = await _with_progress(ctx, state.sampler.generate, target, params,
+                                       message=f"generating with {target.base_id}")
+            base_gen = None
+            if compare_base and target.adapter_path:
+                base_gen = await _with_progress(ctx, state.sampler.generate,
+                                                Target(**{**target.__dict__, "adapter_path": None}), params,
+                                                message="generating with the base model")
+        finally:
+            state._sampler_waiting -= 1
+        result = SampleResult(
+            completions=gen.completions, base_completions=base_gen.completions if base_gen else None, source=source,
+            backend=gen.backend, prompt_tokens=gen.prompt_tokens, load_s=gen.load_s, base_loaded=gen.base_loaded,
+            adapter_loaded=gen.adapter_loaded, generate_s=gen.generate_s, tokens_per_s=gen.tokens_per_s,
+        )
+        return _result(_summarize_sample(result), result)
+
+    def _sample_target(job_id, adapter, model, checkpoint) -> tuple[SampleSource, Target]:
+        if job_id is not None:
+            job = state.store.get(job_id)
+            path, label = job_adapter(state.store, job, checkpoint)
+            return (SampleSource(base_model=job.model, job_id=job.id, checkpoint=label, adapter_path=str(path)),
+                    job_target(job, path))
+        if adapter is not None:
+            path = state.settings.check_path(Path(adapter).expanduser() if Path(adapter).expanduser().is_absolute()
+                                             else state.settings.home / adapter, "adapter")
+            entry = resolve_model(state.matrix, state.settings, adapter_base(path))
+        else:
+            path, entry = None, resolve_model(state.matrix, state.settings, model)
+        target = Target(base_path=getattr(entry, "path", entry.id), base_id=entry.id,
+                        adapter_path=str(path) if path else None, trust_remote_code=entry.trust_remote_code)
+        return SampleSource(base_model=entry.id, adapter_path=target.adapter_path), target
+
+    @tool("Export an adapter", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                                               open_world_hint=False))
+    def export_adapter(
+        job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
+        format: Annotated[Literal["peft", "archive", "merged"], Field(
+            description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
+                        "merged: a full model AutoModelForCausalLM.from_pretrained loads.")] = "peft",
+        checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
+        destination: Annotated[str | None, Field(description="Where to write: relative to LLM_MCP_HOME/exports, or "
+                                                             "an absolute path under an allowed root.")] = None,
+    ) -> Annotated[CallToolResult, ExportResult]:
+        """Write a job's adapter in the format people use: a PEFT directory (adapter_config.json,
+        adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, or a merged
+        full model in safetensors (QLoRA: merged into the de-quantized base). Returns paths,
+        sizes, sha256 of every file and ready-to-run snippets (PEFT, vLLM). Calling it again
+        returns the same export; a destination holding something else is never overwritten.
+        """
+        job = state.store.get(job_id)
+        path, label = job_adapter(state.store, job, checkpoint)
+        entry = state.matrix.find(job.model)
+        servable = entry.methods[job.method].vllm_adapter if entry else job.method in ("lora", "qlora")
+        result = export(state.settings, job, state.store.job_dir(job.id), path, label, format, destination, servable)
+        return _result(_summarize_export(result), result)
+
     @mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
                   description="A job's training log (last 256 KB).")
     def job_log(job_id: str) -> str:
@@ -310,6 +467,53 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         return state.settings.models_path.read_text(encoding="utf-8")
 
     return mcp
+
+
+async def _with_progress(ctx: Context, fn, *args, message: str):
+    """Run a blocking call in a worker thread, sending a progress notification every second."""
+    done = anyio.Event()
+    box: dict = {}
+
+    async def worker():
+        try:
+            box["value"] = await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker)
+        seconds = 0
+        while not done.is_set():
+            with anyio.move_on_after(1):
+                await done.wait()
+            if not done.is_set():
+                seconds += 1
+                await ctx.report_progress(seconds, None, f"{message} ({seconds} s)")
+    return box["value"]
+
+
+def _summarize_sample(r: SampleResult) -> str:
+    src = r.source
+    head = (f"{r.backend}: {src.base_model}" + (f" + job {src.job_id} ({src.checkpoint})" if src.job_id else "")
+            + (f" + adapter {src.adapter_path}" if src.adapter_path and not src.job_id else "")
+            + f" | {r.prompt_tokens} prompt tokens, {r.tokens_per_s:g} tokens/s, load {r.load_s:g} s")
+    lines = [head]
+    for i, c in enumerate(r.completions):
+        lines.append(f"[{i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    for i, c in enumerate(r.base_completions or []):
+        lines.append(f"[base {i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    return "\n".join(lines)
+
+
+def _summarize_export(r: ExportResult) -> str:
+    if r.state == "running":
+        return f"Merging {r.job_id} ({r.checkpoint}) into {r.destination}: still running. " + " ".join(r.notes)
+    lines = [f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: "
+             f"{r.destination}"]
+    lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
+    lines += [f"{k}: {v}" for k, v in r.snippets.items()]
+    lines += r.notes
+    return "\n".join(lines)
 
 
 def _summarize_start(r: StartFinetuneResult) -> str:

@@ -27,21 +27,25 @@ def _assistant_spans(tok, messages: list[dict[str, str]]) -> tuple[list[int], li
     if "{% generation %}" in (tok.chat_template or ""):
         enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return list(enc["input_ids"]), list(enc["assistant_masks"])
-    ids = tok.apply_chat_template(messages, tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = chat_ids(tok, messages)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
-        end = len(_ids(tok.apply_chat_template(messages[: i + 1], tokenize=True)))
-        for j in range(start, min(end, len(ids))):
+        start = len(chat_ids(tok, messages[:i], add_generation_prompt=True))
+        end = min(len(chat_ids(tok, messages[: i + 1])), len(ids))
+        span = ids[start:end]
+        if tok.eos_token_id in span:  # stop after the end-of-turn token, not the template's trailing newline
+            end = start + len(span) - span[::-1].index(tok.eos_token_id)
+        for j in range(start, end):
             mask[j] = 1
     return ids, mask
 
 
-def _ids(x: Any) -> list[int]:
-    return list(x["input_ids"] if isinstance(x, dict) else x)
+def chat_ids(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` rendered with the chat template."""
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt)
+    return list(enc["input_ids"])
 
 
 def encode_row(tok, row: dict[str, Any], train_on: str) -> tuple[list[int], list[int]]:

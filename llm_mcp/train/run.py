@@ -203,10 +203,22 @@ def train(run: Run) -> None:
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
+        save_probe(acc.unwrap_model(model), examples[0]["input_ids"][:16], run.job_dir / "probe.safetensors")
     acc.wait_for_everyone()
     run.log(f"done: {total_steps} steps, final loss {step_loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=total_steps, total_steps=total_steps, loss=step_loss, eval_loss=eval_loss,
                adapter=str(adapter_dir))
+
+
+@torch.no_grad()
+def save_probe(model, input_ids: list[int], path: Path) -> None:
+    """The trained model's logits on a short fixed input: exports are checked against them."""
+    from safetensors.torch import save_file
+
+    model.eval()
+    ids = torch.tensor([input_ids], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits[0].float().cpu()
+    save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
 
 
 class _nullcontext:

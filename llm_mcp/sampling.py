@@ -1,0 +1,232 @@
+"""Sampling from a base model with or without an adapter, behind a small backend interface.
+
+The in-process backend (transformers + peft) keeps each base model loaded once and hot-swaps
+adapters on it (load / set / least-recently-used eviction), so a second adapter on the same base
+costs an adapter load, not a model load. torch is imported on first use, never at server start.
+The vLLM backend (a later addition) implements the same `Sampler` protocol.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+MAX_TOKENS_LIMIT = 4096
+MAX_N = 16
+MAX_PROMPT_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to sample from: a base model, optionally with an adapter directory."""
+
+    base_path: str
+    base_id: str
+    adapter_path: str | None = None
+    quantized: bool = False  # QLoRA adapters are sampled on the 4-bit base they were trained on
+    trust_remote_code: bool = False
+
+
+@dataclass
+class SampleParams:
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class Completion(BaseModel):
+    text: str
+    finish_reason: str = Field(description="'stop' (end token or stop string) or 'length' (max_tokens).")
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Generation(BaseModel):
+    completions: list[Completion]
+    prompt_tokens: int
+    backend: str
+    load_s: float = Field(description="Time spent loading the base model and/or adapter for this call.")
+    base_loaded: bool = Field(description="True if this call had to load the base model.")
+    adapter_loaded: bool = Field(description="True if this call had to load the adapter.")
+    generate_s: float
+    tokens_per_s: float
+
+
+class Sampler(Protocol):
+    backend: str
+
+    def generate(self, target: Target, params: SampleParams) -> Generation: ...
+
+
+class TransformersSampler:
+    """In-process generation with transformers + peft. Thread-safe: one generation at a time."""
+
+    backend = "transformers"
+
+    def __init__(self, max_bases: int = 1, max_adapters: int = 8):
+        self.max_bases, self.max_adapters = max_bases, max_adapters
+        self._bases: OrderedDict[tuple[str, bool], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.base_loads = 0
+        self.adapter_loads = 0
+
+    def _base(self, target: Target) -> tuple[dict[str, Any], bool]:
+        key = (target.base_path, target.quantized)
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key], False
+        while len(self._bases) >= self.max_bases:
+            _, old = self._bases.popitem(last=False)
+            del old
+            _free_memory()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=target.trust_remote_code, use_safetensors=True)
+        if target.quantized:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+            kwargs["device_map"] = {"": "cpu" if device == "cpu" else 0}
+        model = AutoModelForCausalLM.from_pretrained(target.base_path, **kwargs)
+        if not target.quantized:
+            model.to(device)
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(target.base_path, trust_remote_code=target.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device}
+        self._bases[key] = entry
+        self.base_loads += 1
+        return entry, True
+
+    def _select_adapter(self, base: dict[str, Any], adapter_path: str | None) -> bool:
+        """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
+        from peft import PeftModel
+
+        model = base["model"]
+        if adapter_path is None:
+            return False
+        path = Path(adapter_path)
+        key = f"{path.resolve()}@{(path / 'adapter_model.safetensors').stat().st_mtime_ns}"
+        adapters: OrderedDict[str, str] = base["adapters"]
+        if key in adapters:
+            adapters.move_to_end(key)
+            model.set_adapter(adapters[key])
+            return False
+        name = f"a{self.adapter_loads}"
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:
+            model = base["model"] = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+        model.set_adapter(name)
+        model.eval()
+        adapters[key] = name
+        self.adapter_loads += 1
+        while len(adapters) > self.max_adapters:
+            _, old = adapters.popitem(last=False)
+            model.delete_adapter(old)
+        return True
+
+    def generate(self, target: Target, params: SampleParams) -> Generation:
+        import contextlib
+
+        import torch
+
+        with self._lock:
+            t0 = time.perf_counter()
+            base, base_loaded = self._base(target)
+            adapter_loaded = self._select_adapter(base, target.adapter_path)
+            load_s = time.perf_counter() - t0
+            model, tok = base["model"], base["tokenizer"]
+            if params.messages is not None:
+                from llm_mcp.train.encode import chat_ids
+
+                ids = chat_ids(tok, params.messages, add_generation_prompt=True)
+            else:
+                ids = tok(params.prompt, add_special_tokens=True)["input_ids"]
+            input_ids = torch.tensor([ids], device=base["device"])
+            sample = params.temperature > 0
+            gen_kwargs: dict[str, Any] = dict(
+                max_new_tokens=params.max_tokens, do_sample=sample, num_return_sequences=params.n,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                output_scores=params.logprobs, return_dict_in_generate=True,
+            )
+            if sample:
+                gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            if params.stop:
+                gen_kwargs.update(stop_strings=params.stop, tokenizer=tok)
+            no_adapter = (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
+                          else contextlib.nullcontext())
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            t1 = time.perf_counter()
+            with torch.inference_mode(), no_adapter:
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
+            generate_s = time.perf_counter() - t1
+            new = out.sequences[:, input_ids.shape[1]:]
+            scores = None
+            if params.logprobs:
+                scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+            completions, total = [], 0
+            for i, row in enumerate(new.tolist()):
+                completions.append(self._completion(tok, row, params, scores[i].tolist() if scores is not None else None))
+                total += completions[-1].completion_tokens
+            return Generation(
+                completions=completions, prompt_tokens=len(ids), backend=self.backend, load_s=round(load_s, 4),
+                base_loaded=base_loaded, adapter_loaded=adapter_loaded, generate_s=round(generate_s, 4),
+                tokens_per_s=round(total / generate_s, 1) if generate_s > 0 else 0.0,
+            )
+
+    @staticmethod
+    def _completion(tok, row: list[int], params: SampleParams, scores: list[float] | None) -> Completion:
+        finish = "length"
+        if tok.eos_token_id in row:
+            row, finish = row[: row.index(tok.eos_token_id)], "stop"
+        while row and row[-1] == tok.pad_token_id:
+            row = row[:-1]
+        text = tok.decode(row, skip_special_tokens=True)
+        for s in params.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        logprobs = None
+        if scores is not None:
+            logprobs = [TokenLogprob(token=tok.decode([t]), logprob=round(lp, 5)) for t, lp in zip(row, scores)]
+        return Completion(text=text, finish_reason=finish, completion_tokens=len(row), logprobs=logprobs)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
