@@ -10,6 +10,21 @@ from llm_mcp.jobs.store import Job, JobStore
 from llm_mcp.sampling import Target
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "sparse_adapter.safetensors")
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").exists() or (path / "sparse_config.json").exists()
+
+
+def weights_file(path: Path) -> Path:
+    """The adapter's weights: PEFT's adapter_model.safetensors or the sparse layout's file."""
+    for name in ADAPTER_FILES:
+        if (path / name).exists():
+            return path / name
+    raise InvalidArgumentError(f"{path} holds no adapter weights ({' or '.join(ADAPTER_FILES)})")
+
+
 def _steps(job_dir: Path) -> list[int]:
     root = job_dir / "checkpoints"
     if not root.is_dir():
@@ -28,12 +43,12 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
     steps = _steps(job_dir)
     value = str(checkpoint).strip().lower()
     if value == "final":
-        if (final / "adapter_config.json").exists():
+        if is_adapter_dir(final):
             return final, "final"
         hint = f"use checkpoint='latest' (checkpoints at steps {steps})" if steps else "wait for its first checkpoint"
         raise InvalidArgumentError(f"job {job.id} is {job.state} and has no final adapter yet; {hint}")
     if value == "latest":
-        if (final / "adapter_config.json").exists():
+        if is_adapter_dir(final):
             return final, "final"
         if steps:
             return job_dir / "checkpoints" / f"step-{steps[-1]:06d}" / "adapter", f"step {steps[-1]}"
@@ -48,17 +63,21 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
 
 def job_target(job: Job, adapter: Path | None) -> Target:
     model = job.config["model"]
+    sparse = job.config.get("sparse") or {}
     return Target(base_path=model["path"], base_id=model["id"], adapter_path=str(adapter) if adapter else None,
-                  quantized=job.method == "qlora", trust_remote_code=model.get("trust_remote_code", False))
+                  quantized=job.method == "qlora" or bool(sparse.get("quantize_base")), sparse=job.method == "sparse",
+                  trust_remote_code=model.get("trust_remote_code", False))
 
 
 def adapter_base(adapter: Path) -> str:
-    """base_model_name_or_path from a PEFT adapter directory."""
+    """base_model_name_or_path from a PEFT (adapter_config.json) or sparse (sparse_config.json) adapter."""
     try:
-        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        name = "adapter_config.json" if (adapter / "adapter_config.json").exists() else "sparse_config.json"
+        cfg = json.loads((adapter / name).read_text())
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(
-            f"adapter={str(adapter)!r} is not a PEFT adapter directory (no readable adapter_config.json)") from exc
+            f"adapter={str(adapter)!r} is not an adapter directory (no readable adapter_config.json or "
+            "sparse_config.json)") from exc
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise InvalidArgumentError(f"adapter={str(adapter)!r}: adapter_config.json names no base_model_name_or_path")

@@ -108,6 +108,16 @@ def lora_param_count(dims: Dims, target_modules: list[str], rank: int) -> int:
     return total
 
 
+def sparse_param_count(dims: Dims, target_modules: list[str], density: float | str, rank: int) -> int:
+    """Sparse-delta entries: per matrix rank*(in+out) for density 'auto' (LoRA's count), else density*in*out."""
+    total = 0
+    for module in target_modules:
+        for n_in, n_out, count in module_shapes(dims, module):
+            per = min(n_in * n_out, rank * (n_in + n_out)) if density == "auto" else round(float(density) * n_in * n_out)
+            total += max(1, per) * count
+    return total
+
+
 def dora_magnitude_count(dims: Dims, target_modules: list[str]) -> int:
     """DoRA's extra trainable magnitude vector: one value per output row of each adapted matrix."""
     return sum(n_out * count for m in target_modules for _, n_out, count in module_shapes(dims, m))
@@ -141,17 +151,26 @@ def estimate_memory(
     batch_size: int = DEFAULT_BATCH,
     seq_len: int = DEFAULT_SEQ_LEN,
     device: Device = "cuda",
+    quantized: bool = False,
+    density: float | str = "auto",
 ) -> MemoryEstimate:
-    """Estimate peak training memory (GB = 2**30 bytes) for one process holding the whole model."""
+    """Estimate peak training memory (GB = 2**30 bytes) for one process holding the whole model.
+
+    `quantized` puts a 4-bit base under any method (sparse over NF4); `density` is the sparse
+    method's trained fraction per matrix ('auto' = LoRA rank's count).
+    """
     elem = 2 if device == "cuda" else 4  # bf16 on GPU; fp32 on CPU where bf16 matmuls are slow
     total_params = params_b * 1e9
     embed = embedding_param_count(dims)
-    if method == "qlora":
+    if method == "qlora" or quantized:
         weights = max(total_params - embed, 0) * NF4_BYTES_PER_PARAM + embed * elem
     else:
         weights = total_params * elem
 
-    lora = lora_param_count(dims, target_modules, rank)
+    if method == "sparse":
+        lora = sparse_param_count(dims, target_modules, density, rank)
+    else:
+        lora = lora_param_count(dims, target_modules, rank)
     trainable_params = lora + (dora_magnitude_count(dims, target_modules) if method == "dora" else 0)
     # Sparse deltas: the same trainable count as LoRA at this rank, plus int32 indices.
     per_param = 20 if method == "sparse" else 16

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.adapters import weights_file
 from llm_mcp.errors import InvalidArgumentError, PathNotAllowedError
 from llm_mcp.jobs.status import read_metrics
 from llm_mcp.jobs.store import Job
@@ -72,8 +73,7 @@ def resolve_destination(settings: Settings, value: str | None, default_name: str
 
 
 def _manifest(job: Job, label: str, fmt: str, adapter: Path) -> dict[str, Any]:
-    return {"job_id": job.id, "checkpoint": label, "format": fmt,
-            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors")}
+    return {"job_id": job.id, "checkpoint": label, "format": fmt, "adapter_sha256": sha256_file(weights_file(adapter))}
 
 
 def _existing_manifest(dest: Path, fmt: str) -> dict[str, Any] | None:
@@ -98,9 +98,9 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     metrics = read_metrics(job_dir)
     steps = [m for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    lora = cfg["lora"]
-    title = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)"}.get(
-        job.method, job.method)
+    lora, sparse = cfg["lora"], cfg.get("sparse")
+    title = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
+             "sparse": "Sparse (dynamic sparse delta)"}.get(job.method, job.method)
     lines = [
         f"# {job.name}", "",
         f"{title} fine-tune of `{base}` made with llm_mcp (job `{job.id}`, {label}).", "",
@@ -110,8 +110,13 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
         f"- learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler']}, warmup {cfg['warmup_ratio']:g}), "
         f"batch {cfg['batch_size']} x {cfg['gradient_accumulation']} x {cfg['num_processes']} process(es), "
         f"max_seq_len {cfg['max_seq_len']}, loss on {cfg['train_on']} tokens, seed {cfg['seed']}",
-        f"- adapter: rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
-        f"targets {', '.join(lora['target_modules'])}" + (", use_dora" if lora.get("use_dora") else ""),
+        (f"- sparse delta on {', '.join(lora['target_modules'])}: density {sparse['density']} ('auto' = LoRA rank "
+         f"{lora['rank']}'s parameter count), RigL mask updates every {sparse['mask_update_interval']} steps "
+         f"(fraction {sparse['mask_update_fraction']:g}, cosine-decayed)" if sparse and sparse["use_rigl"] else
+         f"- sparse delta on {', '.join(lora['target_modules'])}: density {sparse['density']}, fixed random mask"
+         if sparse else
+         f"- adapter: rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
+         f"targets {', '.join(lora['target_modules'])}" + (", use_dora" if lora.get("use_dora") else "")),
     ]
     if steps:
         lines.append(f"- train loss: {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
@@ -123,6 +128,17 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     if fmt == "merged":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"]
+    elif sparse:
+        lines += ["# sparse_adapter.safetensors: '<module>.indices' (int64, sorted flat indices into the",
+                  "# [out_features, in_features] weight) and '<module>.values' (float32); merged W = W + delta.",
+                  "import torch",
+                  "from safetensors.torch import load_file",
+                  "from transformers import AutoModelForCausalLM",
+                  f"model = AutoModelForCausalLM.from_pretrained({base!r})",
+                  "delta = load_file('sparse_adapter.safetensors')",
+                  "for name in {k.rsplit('.', 1)[0] for k in delta}:",
+                  "    w = model.get_submodule(name).weight",
+                  "    w.data.view(-1).index_add_(0, delta[name + '.indices'], delta[name + '.values'].to(w.dtype))"]
     else:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"base = AutoModelForCausalLM.from_pretrained({base!r})", "model = PeftModel.from_pretrained(base, '.')",
@@ -132,11 +148,13 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
 
 
 def _write_peft(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path) -> None:
+    """The adapter directory: PEFT files (or the sparse layout), tokenizer and a model card."""
     out.mkdir(parents=True)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    config_name = "sparse_config.json" if job.method == "sparse" else "adapter_config.json"
+    cfg = json.loads((adapter / config_name).read_text())
     cfg["base_model_name_or_path"] = base
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.copy2(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    (out / config_name).write_text(json.dumps(cfg, indent=2))
+    shutil.copy2(weights_file(adapter), out / weights_file(adapter).name)
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(job.config["model"]["path"])
     for name in TOKENIZER_FILES:
         if (tok_src / name).exists():
@@ -149,6 +167,10 @@ def snippets(job: Job, fmt: str, dest: Path, base: str, vllm_adapter: bool) -> d
         return {"transformers": f"AutoModelForCausalLM.from_pretrained({str(dest)!r})",
                 "vllm": f"vllm serve {dest}"}
     path = str(dest) if fmt == "peft" else f"<extracted {dest.name}>"
+    if job.method == "sparse":
+        return {"llm_mcp": f"sample(adapter={path!r}, prompt=...)  # README.md shows how to apply it by hand",
+                "vllm": f"sparse deltas are not LoRA adapters: export_adapter(job_id={job.id!r}, format='merged') "
+                        "and run `vllm serve <merged dir>`"}
     out = {"peft": (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
                     f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {path!r})")}
     rank = job.config["lora"]["rank"]
@@ -174,7 +196,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     manifest = _manifest(job, label, fmt, adapter)
     result = ExportResult(state="done", format=fmt, destination=str(dest), job_id=job.id, checkpoint=label,
                           snippets=snippets(job, fmt, dest, base, vllm_adapter))
-    if job.method == "qlora" and fmt == "merged":
+    if (job.method == "qlora" or (job.config.get("sparse") or {}).get("quantize_base")) and fmt == "merged":
         result.notes.append("QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
                             "precision; it differs slightly from the original unquantized base (4-bit rounding).")
     if dest.exists():
@@ -256,7 +278,7 @@ def merge_main(lock_path: str) -> int:
         cfg = spec["job"]["config"]
         base_path = cfg["model"]["path"]
         trc = cfg["model"].get("trust_remote_code", False)
-        if spec["job"]["method"] == "qlora":
+        if spec["job"]["method"] == "qlora" or (cfg.get("sparse") or {}).get("quantize_base"):
             q = cfg["quantization"]
             model = AutoModelForCausalLM.from_pretrained(
                 base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32,
@@ -266,7 +288,13 @@ def merge_main(lock_path: str) -> int:
             model = model.dequantize()
         else:
             model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto")
-        merged = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload()
+        if spec["job"]["method"] == "sparse":
+            from llm_mcp.train.sparse import merge_sparse_into_weights
+
+            merge_sparse_into_weights(model, Path(spec["adapter"]))
+            merged = model
+        else:
+            merged = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         tok_src = Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trc).save_pretrained(tmp)

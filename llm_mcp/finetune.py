@@ -19,7 +19,9 @@ from llm_mcp.jobs.store import JobStore
 from llm_mcp.local_models import resolve_model
 from llm_mcp.matrix import METHODS, ModelEntry
 
-IMPLEMENTED_METHODS = ("lora", "qlora", "dora")
+IMPLEMENTED_METHODS = ("lora", "qlora", "dora", "sparse")
+SPARSE_ARGS = ("density", "sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction",
+               "use_rigl", "quantize_base")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
 DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
@@ -80,7 +82,8 @@ def resolve_finetune(
         base_cfg = dict(old.config)
         for key in ("model", "method", "dataset", "eval_dataset", "learning_rate", "lora_rank", "lora_alpha",
                     "lora_dropout", "target_modules", "batch_size", "gradient_accumulation", "max_seq_len",
-                    "train_on", "seed", "eval_fraction", "num_processes"):
+                    "train_on", "seed", "eval_fraction", "num_processes", "lr_scheduler", "warmup_ratio",
+                    "weight_decay", "gradient_checkpointing", *SPARSE_ARGS):
             old_value = _request_value(old.config, key)
             if key in args and args[key] != old_value:
                 problems.append(f"{key}={args[key]!r} differs from the resumed job's {old_value!r}; when resuming only "
@@ -139,6 +142,23 @@ def resolve_finetune(
     _in_range(problems, "weight_decay", args.get("weight_decay"), 0.0, 1.0, float)
     max_procs = len(hardware.gpus) or hardware.cpu_count
     _in_range(problems, "num_processes", args.get("num_processes"), 1, max(1, max_procs))
+    if method != "sparse":
+        given = [k for k in SPARSE_ARGS if k in args and not base_cfg]
+        if given:
+            problems.append(f"{given} only apply to method='sparse' (got method={method!r})")
+    else:
+        _in_range(problems, "density", args.get("density"), 1e-6, 1.0, float)
+        _in_range(problems, "sparsity_ratio", args.get("sparsity_ratio"), 0.0, 0.999999, float)
+        _in_range(problems, "mask_update_interval", args.get("mask_update_interval"), 1, 1_000_000)
+        _in_range(problems, "mask_update_fraction", args.get("mask_update_fraction"), 0.0, 1.0, float)
+        if "density" in args and "sparsity_ratio" in args:
+            problems.append("give density or sparsity_ratio (= 1 - density), not both")
+        if args.get("sparsity_type", "unstructured") != "unstructured":
+            problems.append(f"sparsity_type={args['sparsity_type']!r}; allowed: ['unstructured'] (structured "
+                            "sparsity is not implemented)")
+        if args.get("quantize_base") and entry is not None and entry.methods["qlora"].status == "unsupported":
+            problems.append(f"quantize_base=true needs a 4-bit base, which {entry.id} does not support "
+                            f"(qlora: {entry.methods['qlora'].note})")
     if args.get("lr_scheduler", "cosine") not in LR_SCHEDULERS:
         problems.append(f"lr_scheduler={args['lr_scheduler']!r}; allowed: {list(LR_SCHEDULERS)}")
     if args.get("train_on", "completion") not in ("completion", "all"):
@@ -201,7 +221,9 @@ def resolve_finetune(
         lora={"rank": rank, "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
               "dropout": args.get("lora_dropout", lora_defaults.dropout), "target_modules": target_modules,
               "use_dora": method == "dora", "bias": lora_defaults.bias},
-        quantization=defaults["qlora"].quantization.model_dump() if method == "qlora" else None,
+        quantization=defaults["qlora"].quantization.model_dump() if method == "qlora" or (
+            method == "sparse" and args.get("quantize_base")) else None,
+        sparse=_sparse_config(defaults["sparse"].sparse, args) if method == "sparse" else None,
         device="cuda" if hardware.gpus else "cpu",
         request={k: v for k, v in args.items() if k != "resume_from"},
         resume_from=args.get("resume_from"),
@@ -211,7 +233,9 @@ def resolve_finetune(
 
     est = estimate_memory(entry.dims, entry.params_b, method, target_modules=target_modules, rank=rank,
                           batch_size=cfg["batch_size"], seq_len=cfg["max_seq_len"],
-                          device="cuda" if hardware.gpus else "cpu")
+                          device="cuda" if hardware.gpus else "cpu",
+                          quantized=bool(cfg["sparse"] and cfg["sparse"]["quantize_base"]),
+                          density=cfg["sparse"]["density"] if cfg["sparse"] else "auto")
     usable = hardware.usable_gb()
     cfg["gradient_checkpointing"] = bool(args.get("gradient_checkpointing", est.total_gb > 0.7 * usable))
     if est.total_gb > usable:
@@ -248,6 +272,19 @@ def resolve_finetune(
         "dataset_formats": dataset.formats,
     }
     return Resolved(config=cfg, entry=entry, dataset=dataset, estimates=estimates, warnings=warnings)
+
+
+def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
+    """density: explicit, or 1 - sparsity_ratio (seed 002's knob), or 'auto' (LoRA rank 32's count)."""
+    density = args.get("density")
+    if density is None and args.get("sparsity_ratio") is not None:
+        density = round(1.0 - args["sparsity_ratio"], 6)
+    if density is None:
+        density = defaults.density if defaults.sparsity_ratio is None else round(1 - defaults.sparsity_ratio, 6)
+    return {"density": density, "sparsity_type": "unstructured",
+            "mask_update_interval": args.get("mask_update_interval", defaults.mask_update_interval),
+            "mask_update_fraction": args.get("mask_update_fraction", defaults.mask_update_fraction),
+            "use_rigl": args.get("use_rigl", defaults.use_rigl), "quantize_base": bool(args.get("quantize_base"))}
 
 
 def _request_value(cfg: dict[str, Any], key: str) -> Any:

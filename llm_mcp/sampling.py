@@ -8,6 +8,7 @@ The vLLM backend (a later addition) implements the same `Sampler` protocol.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ class Target:
     base_id: str
     adapter_path: str | None = None
     quantized: bool = False  # QLoRA adapters are sampled on the 4-bit base they were trained on
+    sparse: bool = False  # a sparse-delta adapter (llm_mcp.train.sparse layout), not PEFT
     trust_remote_code: bool = False
 
 
@@ -89,7 +91,8 @@ class TransformersSampler:
         self.adapter_loads = 0
 
     def _base(self, target: Target) -> tuple[dict[str, Any], bool]:
-        key = (target.base_path, target.quantized)
+        # Sparse deltas wrap the base's linear layers, so they get their own copy of the base.
+        key = (target.base_path, target.quantized, target.sparse)
         if key in self._bases:
             self._bases.move_to_end(key)
             return self._bases[key], False
@@ -117,20 +120,46 @@ class TransformersSampler:
         tok = AutoTokenizer.from_pretrained(target.base_path, trust_remote_code=target.trust_remote_code)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device}
+        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device, "sparse": None}
         self._bases[key] = entry
         self.base_loads += 1
         return entry, True
+
+    def _select_sparse(self, base: dict[str, Any], adapter_path: str | None) -> bool:
+        """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off."""
+        from llm_mcp.adapters import weights_file
+        from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_into, sparse_modules
+
+        model = base["model"]
+        if adapter_path is None:
+            for m in sparse_modules(model).values():
+                m.enabled = False
+            return False
+        path = Path(adapter_path)
+        key = f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
+        loaded = key != base["sparse"]
+        if loaded:
+            config = json.loads((path / "sparse_config.json").read_text())
+            if not sparse_modules(model):
+                attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0)
+            load_sparse_into(model, path)
+            base["sparse"] = key
+            self.adapter_loads += 1
+        for m in sparse_modules(model).values():
+            m.enabled = True
+        return loaded
 
     def _select_adapter(self, base: dict[str, Any], adapter_path: str | None) -> bool:
         """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
         from peft import PeftModel
 
+        from llm_mcp.adapters import weights_file
+
         model = base["model"]
         if adapter_path is None:
             return False
         path = Path(adapter_path)
-        key = f"{path.resolve()}@{(path / 'adapter_model.safetensors').stat().st_mtime_ns}"
+        key = f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
         adapters: OrderedDict[str, str] = base["adapters"]
         if key in adapters:
             adapters.move_to_end(key)
@@ -158,7 +187,8 @@ class TransformersSampler:
         with self._lock:
             t0 = time.perf_counter()
             base, base_loaded = self._base(target)
-            adapter_loaded = self._select_adapter(base, target.adapter_path)
+            select = self._select_sparse if target.sparse else self._select_adapter
+            adapter_loaded = select(base, target.adapter_path)
             load_s = time.perf_counter() - t0
             model, tok = base["model"], base["tokenizer"]
             if params.messages is not None:

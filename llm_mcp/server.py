@@ -201,7 +201,8 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
     def start_finetune(
         model: Annotated[str | None, Field(description="Matrix id / alias (list_models) or a local checkpoint "
                                                        "directory under an allowed root.")] = None,
-        method: Annotated[MethodName | None, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse.")] = None,
+        method: Annotated[MethodName | None, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse "
+                                                               "(sparse delta, RigL mask updates).")] = None,
         dataset: Annotated[str | None, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; "
                                                          "rows with 'messages', 'prompt'+'completion' or 'text'. "
                                                          "Relative paths are under LLM_MCP_HOME.")] = None,
@@ -232,6 +233,18 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                                                               "constant_with_warmup.")] = None,
         warmup_ratio: Annotated[float | None, Field(description="Fraction of steps warming up (default 0.03).")] = None,
         gradient_checkpointing: Annotated[bool | None, Field(description="Default: on when memory is tight.")] = None,
+        density: Annotated[float | None, Field(description="sparse: fraction of each target matrix trained (default: "
+                                                           "LoRA rank 32's parameter count).")] = None,
+        sparsity_ratio: Annotated[float | None, Field(description="sparse: fraction NOT trained (= 1 - density), as "
+                                                                  "in the 'Supported LLM Models' config.")] = None,
+        sparsity_type: Annotated[str | None, Field(description="sparse: only 'unstructured'.")] = None,
+        mask_update_interval: Annotated[int | None, Field(description="sparse: steps between RigL mask updates "
+                                                                      "(default 100).")] = None,
+        mask_update_fraction: Annotated[float | None, Field(description="sparse: fraction of entries dropped and "
+                                                                        "regrown per update, cosine-decayed (0.3).")] = None,
+        use_rigl: Annotated[bool | None, Field(description="sparse: dynamic mask (default true); false = fixed random "
+                                                           "mask (SHiRA).")] = None,
+        quantize_base: Annotated[bool | None, Field(description="sparse: train the delta over a 4-bit NF4 base.")] = None,
         resume_from: Annotated[str | None, Field(description="Continue this failed or cancelled job from its last "
                                                              "checkpoint (a new job; model, method and data as "
                                                              "before).")] = None,
@@ -417,7 +430,8 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         else:
             path, entry = None, resolve_model(state.matrix, state.settings, model)
         target = Target(base_path=getattr(entry, "path", entry.id), base_id=entry.id,
-                        adapter_path=str(path) if path else None, trust_remote_code=entry.trust_remote_code)
+                        adapter_path=str(path) if path else None, trust_remote_code=entry.trust_remote_code,
+                        sparse=bool(path and (path / "sparse_config.json").exists()))
         return SampleSource(base_model=entry.id, adapter_path=target.adapter_path), target
 
     @tool("Export an adapter", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,

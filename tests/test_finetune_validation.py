@@ -79,12 +79,6 @@ async def test_dry_run_returns_config_and_estimates_and_starts_nothing(app, tiny
     assert no_jobs(state)
 
 
-async def test_sparse_is_not_offered_before_it_exists(app, tiny_model, dataset):
-    _, server = app
-    result = await call(server, model="models/tiny", method="sparse", dataset=str(dataset))
-    assert result.is_error and "not implemented in this server version" in result.content[0].text
-
-
 async def test_experimental_method_is_allowed_with_a_warning(app, tmp_path, dataset, home):
     # A local Mixtral-architecture checkpoint: its LoRA status is experimental in `architectures`.
     from transformers import MixtralConfig, MixtralForCausalLM

@@ -37,6 +37,8 @@ class JobStatus(BaseModel):
     tokens_per_s: float | None = Field(None, description="Real (non-padding) tokens per second, last 10 steps.")
     elapsed_s: float | None = None
     eta_s: float | None = None
+    density: float | None = Field(None, description="sparse: fraction of target-matrix entries trained.")
+    mask_update: dict[str, int] | None = Field(None, description="sparse: {step, changed} of the last RigL update.")
     checkpoints: list[CheckpointInfo] = []
     adapter_path: str | None = None
     log_tail: list[str] = []
@@ -102,6 +104,11 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
             status.eta_s = round((status.total_steps - status.step) * seconds / len(recent), 1)
     if evals:
         status.eval_loss = evals[-1]["eval_loss"]
+    if steps and "density" in steps[-1]:
+        status.density = steps[-1]["density"]
+        updates = [m for m in steps if m.get("mask_changed")]
+        if updates:
+            status.mask_update = {"step": updates[-1]["step"], "changed": updates[-1]["mask_changed"]}
     if job.started_at:
         status.elapsed_s = round((job.finished_at or time.time()) - job.started_at, 1)
     root = job_dir / "checkpoints"
@@ -136,6 +143,10 @@ def summarize_status(s: JobStatus) -> str:
         timing.append(f"ETA {s.eta_s:.0f} s")
     if timing:
         lines.append(", ".join(timing))
+    if s.density is not None:
+        lines.append(f"sparse density {s.density:.4g}" + (
+            f"; last mask update at step {s.mask_update['step']} changed {s.mask_update['changed']:,} entries"
+            if s.mask_update else "; no mask update yet"))
     if s.checkpoints:
         lines.append(f"checkpoints: steps {', '.join(str(c.step) for c in s.checkpoints)}")
     if s.adapter_path:

@@ -44,6 +44,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_adapter(model, out_dir: Path, meta: dict) -> None:
+    """PEFT save_pretrained for LoRA / QLoRA / DoRA; the documented sparse layout for sparse deltas."""
+    from llm_mcp.train.sparse import save_sparse, sparse_modules
+
+    if sparse_modules(model):
+        save_sparse(model, out_dir, {k: meta[k] for k in ("base_model_name_or_path", "target_modules") if k in meta})
+    else:
+        model.save_pretrained(out_dir)
+
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, step: int, meta: dict, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     final = job_dir / "checkpoints" / f"step-{step:06d}"
@@ -54,7 +64,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, ste
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
+        save_adapter(accelerator.unwrap_model(model), tmp / "adapter", meta)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
                    tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
@@ -73,8 +83,13 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> int
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    adapter = ckpt / "adapter" / "adapter_model.safetensors"
-    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(adapter))
+    from llm_mcp.train.sparse import SPARSE_CONFIG, load_sparse_into
+
+    if (ckpt / "adapter" / SPARSE_CONFIG).exists():
+        load_sparse_into(accelerator.unwrap_model(model), ckpt / "adapter")
+    else:
+        adapter = ckpt / "adapter" / "adapter_model.safetensors"
+        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(adapter))
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

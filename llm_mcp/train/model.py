@@ -34,7 +34,7 @@ def load_tokenizer(cfg: dict[str, Any]):
 
 
 def load_model(cfg: dict[str, Any], device: str, device_index: int | None = None):
-    """The base model with LoRA / QLoRA / DoRA adapters attached; only adapter params train."""
+    """The base model with LoRA / QLoRA / DoRA adapters or sparse deltas attached; only those train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -43,7 +43,8 @@ def load_model(cfg: dict[str, Any], device: str, device_index: int | None = None
     kwargs: dict[str, Any] = dict(
         dtype=dtype, trust_remote_code=model_cfg["trust_remote_code"], use_safetensors=True
     )
-    if method == "qlora":
+    quantized = method == "qlora" or bool((cfg.get("sparse") or {}).get("quantize_base"))
+    if quantized:
         q = cfg["quantization"]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -53,6 +54,16 @@ def load_model(cfg: dict[str, Any], device: str, device_index: int | None = None
         )
         kwargs["device_map"] = {"": "cpu" if device == "cpu" else device_index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_cfg["path"], **kwargs)
+    if method == "sparse":
+        from llm_mcp.train.sparse import attach_sparse_deltas
+
+        sp = cfg["sparse"]
+        if cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        attach_sparse_deltas(model, cfg["lora"]["target_modules"], sp["density"], cfg["lora"]["rank"], cfg["seed"])
+        model.config.use_cache = False
+        return model
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg["gradient_checkpointing"])
     elif cfg["gradient_checkpointing"]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llm_mcp.train.checkpoint import load_checkpoint, save_checkpoint
+from llm_mcp.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from llm_mcp.train.encode import IGNORE, collate, encode_rows
 
 
@@ -154,10 +154,20 @@ def train(run: Run) -> None:
     model.train()
     pad_id = tok.pad_token_id
     eval_every = cfg.get("eval_every") or 0
-    meta = {"job_id": cfg["job_id"], "method": cfg["method"], "model": cfg["model"]["id"]}
+    meta = {"job_id": cfg["job_id"], "method": cfg["method"], "model": cfg["model"]["id"],
+            "base_model_name_or_path": cfg["model"]["id"], "target_modules": cfg["lora"]["target_modules"]}
+    from llm_mcp.train.sparse import cosine_fraction, sparse_modules
+
+    sparse = sparse_modules(acc.unwrap_model(model))
+    sp = cfg.get("sparse") or {}
+    rigl_every = sp.get("mask_update_interval", 0) if sparse and sp.get("use_rigl") else 0
+    changed = 0
     step_loss = float("nan")
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
+        update_mask = bool(rigl_every) and (step + 1) % rigl_every == 0 and step + 1 < total_steps
+        for m in sparse.values():
+            m.collect_dense_grad = update_mask
         micro = [collate([examples[i] for i in idx], pad_id) for idx in
                  step_batches(len(examples), step, steps_per_epoch, cfg, rank, world)]
         counts = torch.tensor([float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)),
@@ -176,6 +186,9 @@ def train(run: Run) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if update_mask:
+            changed = update_sparse_masks(acc, sparse, optimizer, cosine_fraction(
+                sp["mask_update_fraction"], step + 1, total_steps))
         step_loss = (acc.reduce(loss_sum, "sum") / global_counts[0]).item()
         done = step + 1
         elapsed = time.perf_counter() - t_step
@@ -183,6 +196,10 @@ def train(run: Run) -> None:
                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
                   "tokens": int(global_counts[1]), "tokens_per_s": round(float(global_counts[1]) / elapsed, 1),
                   "step_time_s": round(elapsed, 4), "elapsed_s": round(time.time() - run.t0, 2)}
+        if sparse:
+            record["density"] = round(sum(m.k for m in sparse.values()) /
+                                      sum(m.shape[0] * m.shape[1] for m in sparse.values()), 6)
+            record["mask_changed"] = changed if update_mask else 0
         if eval_every and done % eval_every == 0 and done < total_steps:
             record["eval_loss"] = evaluate(run, model, eval_examples, pad_id)
         run.metric(record)
@@ -201,13 +218,25 @@ def train(run: Run) -> None:
     acc.wait_for_everyone()
     adapter_dir = run.job_dir / "adapter"
     if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(adapter_dir)
+        save_adapter(acc.unwrap_model(model), adapter_dir, meta)
         tok.save_pretrained(adapter_dir)
         save_probe(acc.unwrap_model(model), examples[0]["input_ids"][:16], run.job_dir / "probe.safetensors")
     acc.wait_for_everyone()
     run.log(f"done: {total_steps} steps, final loss {step_loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=total_steps, total_steps=total_steps, loss=step_loss, eval_loss=eval_loss,
                adapter=str(adapter_dir))
+
+
+@torch.no_grad()
+def update_sparse_masks(acc, sparse: dict, optimizer, fraction: float) -> int:
+    """RigL step on every sparse layer; dense gradients are summed over processes first."""
+    changed = 0
+    for module in sparse.values():
+        if acc.num_processes > 1:
+            module.dense_grad = acc.reduce(module.dense_grad, "sum")
+        changed += module.update_mask(int(round(fraction * module.k)), optimizer)
+        module.collect_dense_grad = False
+    return changed
 
 
 @torch.no_grad()
