@@ -122,6 +122,29 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0 if job.state != "failed" else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import anyio
+
+    from llm_mcp.bench.common import stamp
+
+    out = Path(args.out or f"bench-results/{args.which}-{stamp()}")
+    if args.which in ("train", "methods"):
+        from llm_mcp.bench import train
+
+        fn = train.bench_train if args.which == "train" else train.bench_methods
+        steps = args.steps or (3 if args.tiny else 12)
+        anyio.run(fn, out, args.reps, steps, args.batch_size, args.tiny)
+    elif args.which == "server":
+        from llm_mcp.bench.server import bench_server
+
+        anyio.run(bench_server, out, args.reps, 20 if args.tiny else 100)
+    else:
+        from llm_mcp.bench.sample import bench_sample
+
+        anyio.run(bench_sample, out, 4 if args.tiny else 32, 8 if args.tiny else 32, args.tiny)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llm_mcp.demo import main as demo_main
 
@@ -166,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--cancel", action="store_true", help="cancel the job (checkpoint, then stop)")
     jobs.add_argument("--limit", type=int, default=20)
     jobs.set_defaults(func=cmd_jobs)
+
+    bench = sub.add_parser("bench", help="benchmarks: our path and its baseline side by side")
+    bench.add_argument("which", choices=["train", "methods", "server", "sample"])
+    bench.add_argument("--out", metavar="DIR", help="results directory (default bench-results/<which>-<time>)")
+    bench.add_argument("--reps", type=int, default=3, help="repetitions of each side (alternating)")
+    bench.add_argument("--steps", type=int, help="training steps per run (default 12; 3 with --tiny)")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--tiny", action="store_true", help="the test model and short runs (a smoke test)")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")
     demo.set_defaults(func=cmd_demo)

@@ -26,7 +26,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
 DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
                 checkpoint_every=50, keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.03,
-                weight_decay=0.0, max_grad_norm=1.0)
+                weight_decay=0.0, max_grad_norm=1.0, group_by_length=True)
 
 
 @dataclass
@@ -83,7 +83,7 @@ def resolve_finetune(
         for key in ("model", "method", "dataset", "eval_dataset", "learning_rate", "lora_rank", "lora_alpha",
                     "lora_dropout", "target_modules", "batch_size", "gradient_accumulation", "max_seq_len",
                     "train_on", "seed", "eval_fraction", "num_processes", "lr_scheduler", "warmup_ratio",
-                    "weight_decay", "gradient_checkpointing", *SPARSE_ARGS):
+                    "weight_decay", "gradient_checkpointing", "group_by_length", *SPARSE_ARGS):
             old_value = _request_value(old.config, key)
             if key in args and args[key] != old_value:
                 problems.append(f"{key}={args[key]!r} differs from the resumed job's {old_value!r}; when resuming only "

@@ -233,6 +233,8 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                                                               "constant_with_warmup.")] = None,
         warmup_ratio: Annotated[float | None, Field(description="Fraction of steps warming up (default 0.03).")] = None,
         gradient_checkpointing: Annotated[bool | None, Field(description="Default: on when memory is tight.")] = None,
+        group_by_length: Annotated[bool | None, Field(description="Batch sequences of similar length together (less "
+                                                                  "padding; default true).")] = None,
         density: Annotated[float | None, Field(description="sparse: fraction of each target matrix trained (default: "
                                                            "LoRA rank 32's parameter count).")] = None,
         sparsity_ratio: Annotated[float | None, Field(description="sparse: fraction NOT trained (= 1 - density), as "

@@ -54,9 +54,14 @@ def make_tiny_model(
     num_heads: int = 4,
     intermediate_size: int = 256,
     vocab_size: int = 512,
+    model_vocab_size: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a tiny LlamaForCausalLM + tokenizer (safetensors) to `out_dir` and return it."""
+    """Write a tiny LlamaForCausalLM + tokenizer (safetensors) to `out_dir` and return it.
+
+    `model_vocab_size` pads the embedding / LM head beyond the tokenizer's vocabulary, so a
+    benchmark model pays a realistic vocabulary projection (the extra rows are never produced).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -87,7 +92,7 @@ def make_tiny_model(
     )
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,

@@ -64,21 +64,74 @@ def _split(rows: list, cfg: dict[str, Any]) -> tuple[list, list]:
     return [rows[i] for i in perm[n_eval:]], [rows[i] for i in perm[:n_eval]]
 
 
-def step_batches(n: int, step: int, steps_per_epoch: int, cfg: dict[str, Any], rank: int, world: int) -> list[list[int]]:
-    """Example indices of each micro-batch this rank runs at `step`: a pure function of (seed, step)."""
-    bs, accum = cfg["batch_size"], cfg["gradient_accumulation"]
-    epoch, idx = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)).tolist()
-    chunk = perm[idx * bs * accum * world:(idx + 1) * bs * accum * world]
-    return [chunk[(m * world + rank) * bs:(m * world + rank + 1) * bs] for m in range(accum)]
+class BatchOrder:
+    """Which examples each step trains on: a pure function of (seed, step), so resume is exact.
+
+    Each epoch shuffles the examples; with group_by_length, examples are then sorted by length
+    inside mega-chunks of 32 steps and those steps are shuffled, so a batch holds sequences of
+    similar length and little compute goes to padding.
+    """
+
+    def __init__(self, lengths: list[int], cfg: dict[str, Any], world: int):
+        self.lengths, self.cfg, self.world = lengths, cfg, world
+        self.per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * world
+        self.steps_per_epoch = len(lengths) // self.per_step
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _steps_of(self, epoch: int) -> list[list[int]]:
+        if self._epoch and self._epoch[0] == epoch:
+            return self._epoch[1]
+        g = torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.cfg.get("group_by_length", True):
+            mega = self.per_step * 32
+            steps = []
+            for start in range(0, len(perm), mega):
+                chunk = sorted(perm[start:start + mega], key=lambda i: -self.lengths[i])
+                steps += [chunk[k:k + self.per_step] for k in range(0, len(chunk) - self.per_step + 1, self.per_step)]
+            steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+        else:
+            steps = [perm[k * self.per_step:(k + 1) * self.per_step] for k in range(self.steps_per_epoch)]
+        self._epoch = (epoch, steps)
+        return steps
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of each micro-batch this rank runs at `step`."""
+        epoch, idx = divmod(step, self.steps_per_epoch)
+        chunk = self._steps_of(epoch)[idx]
+        bs, world = self.cfg["batch_size"], self.world
+        return [chunk[(m * world + rank) * bs:(m * world + rank + 1) * bs] for m in range(self.cfg["gradient_accumulation"])]
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions (fp32)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = batch["labels"][:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+class CausalLMLoss(torch.nn.Module):
+    """Sum of next-token cross-entropy over label positions, computing logits only there.
+
+    Runs the decoder, gathers the positions whose next token is trained on, and applies the LM
+    head and the (fp32) cross-entropy to those alone: prompt and padding positions never pay for
+    the vocabulary projection. Falls back to full logits for models without the usual layout.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder, head = getattr(causal_lm, "base_model", None), causal_lm.get_output_embeddings()
+        self.split = decoder is not None and decoder is not causal_lm and head is not None
+        self.decoder, self.head = (decoder, head) if self.split else (None, None)
+
+    def forward(self, input_ids, attention_mask, labels):
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        if self.split:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+            logits = self.head(hidden[mask])
+            return torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+
+
+def token_loss_sum(loss_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loss_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 @torch.no_grad()
@@ -121,13 +174,14 @@ def train(run: Run) -> None:
         run.log(f"truncated {stats.truncated} of {len(train_rows)} training sequences to max_seq_len={cfg['max_seq_len']}")
     if stats.dropped_empty:
         run.log(f"dropped {stats.dropped_empty} sequences with no trainable token left after truncation")
-    per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * world
+    order = BatchOrder([len(e["input_ids"]) for e in examples], cfg, world)
+    per_step = order.per_step
     if len(examples) < per_step:
         raise ValueError(
             f"only {len(examples)} usable training examples, but one step needs batch_size x gradient_accumulation "
             f"x processes = {per_step}; add data or lower batch_size / gradient_accumulation / num_processes"
         )
-    steps_per_epoch = len(examples) // per_step
+    steps_per_epoch = order.steps_per_epoch
     total_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
 
     model = load_model(cfg, device, acc.local_process_index)
@@ -136,7 +190,7 @@ def train(run: Run) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     warmup = int(cfg["warmup_ratio"] * total_steps)
     scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    loss_model, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
 
     start_step = 0
     if cfg.get("resume_checkpoint"):
@@ -168,17 +222,16 @@ def train(run: Run) -> None:
         update_mask = bool(rigl_every) and (step + 1) % rigl_every == 0 and step + 1 < total_steps
         for m in sparse.values():
             m.collect_dense_grad = update_mask
-        micro = [collate([examples[i] for i in idx], pad_id) for idx in
-                 step_batches(len(examples), step, steps_per_epoch, cfg, rank, world)]
+        micro = [collate([examples[i] for i in idx], pad_id) for idx in order.micro_batches(step, rank)]
         counts = torch.tensor([float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)),
                                float(sum(b["attention_mask"].sum() for b in micro))], device=acc.device)
         global_counts = acc.reduce(counts.clone(), "sum")
         loss_sum = torch.zeros((), device=acc.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            ctx = acc.no_sync(model) if m < len(micro) - 1 else _nullcontext()
+            ctx = acc.no_sync(loss_model) if m < len(micro) - 1 else _nullcontext()
             with ctx:
-                loss = token_loss_sum(model, batch)
+                loss = token_loss_sum(loss_model, batch)
                 # DDP averages gradients over ranks; scale so the result is the global token mean.
                 acc.backward(loss * world / global_counts[0])
             loss_sum += loss.detach()
@@ -201,7 +254,7 @@ def train(run: Run) -> None:
                                       sum(m.shape[0] * m.shape[1] for m in sparse.values()), 6)
             record["mask_changed"] = changed if update_mask else 0
         if eval_every and done % eval_every == 0 and done < total_steps:
-            record["eval_loss"] = evaluate(run, model, eval_examples, pad_id)
+            record["eval_loss"] = evaluate(run, loss_model, eval_examples, pad_id)
         run.metric(record)
         stop = acc.reduce(torch.tensor(float(run.stop_requested), device=acc.device), "max").item() > 0
         if stop or (cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 and done < total_steps):
@@ -212,7 +265,8 @@ def train(run: Run) -> None:
             run.result("cancelled", step=done, total_steps=total_steps, loss=step_loss)
             return
 
-    eval_loss = evaluate(run, model, eval_examples, pad_id)
+    eval_loss = evaluate(run, loss_model, eval_examples, pad_id)
+    run.metric({"event": "end", "peak_memory_mb": peak_memory_mb(device)})
     if eval_loss is not None:
         run.metric({"step": total_steps, "eval_loss": eval_loss})
     acc.wait_for_everyone()
@@ -225,6 +279,15 @@ def train(run: Run) -> None:
     run.log(f"done: {total_steps} steps, final loss {step_loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=total_steps, total_steps=total_steps, loss=step_loss, eval_loss=eval_loss,
                adapter=str(adapter_dir))
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @torch.no_grad()

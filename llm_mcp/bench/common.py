@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmarks: the model, mixed-length data, running jobs, reports."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+WORDS = ("the cat sees a red ball and the robot builds a small house while my friend reads an old book near "
+         "the long road under the blue sky where a green tree grows and the teacher writes what is seven plus "
+         "three the answer is ten").split()
+
+BENCH_MODEL = dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024, model_vocab_size=16384)
+TINY_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
+
+
+def build_model(home: Path, tiny: bool) -> Path:
+    """A Llama built from a config (random init) in home/models/bench, in a subprocess (keeps torch out)."""
+    import subprocess
+    import sys
+
+    out = home / "models" / "bench"
+    if not (out / "config.json").exists():
+        dims = TINY_MODEL if tiny else BENCH_MODEL
+        code = ("import sys, json; from llm_mcp.tiny import make_tiny_model; "
+                "make_tiny_model(sys.argv[1], **json.loads(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", code, str(out), json.dumps(dims)], check=True, capture_output=True)
+    return out
+
+
+def mixed_length_data(path: Path, rows: int, min_tokens: int = 16, max_tokens: int = 512, seed: int = 0) -> Path:
+    """prompt + completion rows whose lengths spread evenly over [min_tokens, max_tokens] (about a word a token)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(rows):
+        total = rng.randint(min_tokens, max_tokens)
+        completion = max(4, int(total * rng.uniform(0.2, 0.6)))
+        prompt = max(2, total - completion)
+        lines.append(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(prompt)),
+                                 "completion": " " + " ".join(rng.choice(WORDS) for _ in range(completion))}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def run_job(client, args: dict[str, Any]) -> str:
+    """Start a job through the MCP tools and wait for it; returns the job id."""
+    result = await client.call_tool("start_finetune", args)
+    if result.is_error:
+        raise RuntimeError(result.content[0].text)
+    job_id = result.structured_content["job_id"]
+    while True:
+        status = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
+        state = status.structured_content["job"]["state"]
+        if state not in ("queued", "running"):
+            if state != "succeeded":
+                raise RuntimeError(status.content[0].text)
+            return job_id
+
+
+def job_numbers(job_dir: Path) -> dict[str, Any]:
+    """Tokens/s over the training loop, median step time, peak memory, final loss, trainable params."""
+    from llm_mcp.jobs.status import read_metrics
+
+    metrics = read_metrics(job_dir, max_bytes=1 << 30)
+    steps = [m for m in metrics if "loss" in m and "step" in m]
+    start = next(m for m in metrics if m.get("event") == "start")
+    end = next((m for m in metrics if m.get("event") == "end"), {})
+    loop_s = steps[-1]["time"] - (steps[0]["time"] - steps[0]["step_time_s"])
+    tokens = sum(m["tokens"] for m in steps)
+    return {"tokens": tokens, "train_s": round(loop_s, 3), "tokens_per_s": round(tokens / loop_s, 1),
+            "step_s_median": round(statistics.median(m["step_time_s"] for m in steps), 4),
+            "peak_memory_mb": end.get("peak_memory_mb"), "final_loss": steps[-1]["loss"],
+            "trainable_params": start["trainable_params"]}
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 4)
+
+
+def write_report(out: Path, name: str, results: dict[str, Any], table: list[list[Any]], headers: list[str],
+                 chart: tuple[list[str], list[float], str] | None) -> None:
+    """results.json, results.md (a table) and chart.png (bars) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = [f"# bench {name}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    if chart:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels, values, ylabel = chart
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        ax.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(labels)])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"llm-mcp bench {name}", fontsize=10)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:g}", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "chart.png")
+        plt.close(fig)
+    print("\n".join(md))
+    print(f"\nwritten to {out}")
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,99 @@
+"""bench server: cold start, tool latency over stdio and streamable HTTP with a job running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mcp import Client, StdioServerParameters
+
+from llm_mcp.bench.common import build_model, mixed_length_data, write_report
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
+
+
+async def _latencies(client, job_id: str, calls: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for tool, args in (("list_models", {}), ("job_status", {"job_id": job_id})):
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            result = await client.call_tool(tool, args)
+            times.append(time.perf_counter() - t0)
+            assert not result.is_error, result.content[0].text
+        out[tool] = {"p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95)}
+    return out
+
+
+async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
+    env = {**os.environ, "LLM_MCP_HOME": str(home)}
+    stdio = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp"], env=env)
+    http = None
+    try:
+        cold = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            async with Client(stdio) as client:
+                await client.list_tools()
+                cold.append(time.perf_counter() - t0)
+        build_model(home, tiny=True)
+        mixed_length_data(home / "data" / "mixed.jsonl", 256, max_tokens=64)
+        job = {"model": "models/bench", "method": "lora", "dataset": "data/mixed.jsonl", "max_steps": 100_000,
+               "max_seq_len": 64, "checkpoint_every": 0}
+        async with Client(stdio) as client:
+            starts = []
+            running = await client.call_tool("start_finetune", job)
+            job_id = running.structured_content["job_id"]
+            for _ in range(reps * 3):  # queued behind the running job: validation + insert
+                t0 = time.perf_counter()
+                queued = await client.call_tool("start_finetune", {**job, "max_steps": 10})
+                starts.append(time.perf_counter() - t0)
+                await client.call_tool("cancel_job", {"job_id": queued.structured_content["job_id"]})
+            while (await client.call_tool("job_status", {"job_id": job_id})).structured_content["job"]["step"] < 1:
+                time.sleep(0.2)
+            over_stdio = await _latencies(client, job_id, calls)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        http = subprocess.Popen([sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http",
+                                 "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            over_http = await _latencies(client, job_id, calls)
+            await client.call_tool("cancel_job", {"job_id": job_id})
+    finally:
+        if http:
+            http.terminate()
+            http.wait(10)
+        shutil.rmtree(home, ignore_errors=True)
+    results = {"benchmark": "server", "cold_start_s": {"median": round(statistics.median(cold), 3),
+                                                      "min": round(min(cold), 3), "max": round(max(cold), 3)},
+               "start_finetune_ms": {"p50": _pct(starts, 0.5), "max": round(max(starts) * 1000, 2)},
+               "stdio": over_stdio, "streamable_http": over_http, "calls": calls, "reps": reps}
+    table = [["cold start to first tools/list (stdio)", f"{results['cold_start_s']['median']} s (median)", ""],
+             ["start_finetune return (queued job)", f"{results['start_finetune_ms']['p50']} ms", ""]]
+    for transport, lat in (("stdio", over_stdio), ("streamable HTTP", over_http)):
+        for tool, v in lat.items():
+            table.append([f"{tool} over {transport}, a job training", f"{v['p50_ms']} ms", f"{v['p95_ms']} ms"])
+    write_report(out, "server", results, table, ["what", "p50 / median", "p95"],
+                 ([f"{t}\n{tr}" for tr, lat in (("stdio", over_stdio), ("http", over_http)) for t in lat],
+                  [v["p95_ms"] for lat in (over_stdio, over_http) for v in lat.values()], "p95 ms"))
+    return results

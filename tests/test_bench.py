@@ -1,0 +1,34 @@
+"""Smoke test: every benchmark command runs on a tiny setting and writes its report.
+
+Benchmarks are never timed unit tests; this only checks they run and report what they promise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("which,keys", [
+    ("train", ["speedup", "memory_ratio", "ours", "hf_trainer"]),
+    ("methods", ["methods"]),
+    ("server", ["cold_start_s", "stdio", "streamable_http", "start_finetune_ms"]),
+    ("sample", ["transformers", "adapter_switch_ms"]),
+])
+def test_benchmark_runs_on_a_tiny_setting(tmp_path, which, keys):
+    out = tmp_path / which
+    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "bench", which, "--tiny", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert all(k in results for k in keys)
+    assert (out / "results.md").read_text().count("|") > 10
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    if which == "methods":
+        assert set(results["methods"]) == {"lora", "qlora", "dora", "sparse"}
+        assert results["methods"]["lora"]["time_ratio"] == 1.0
