@@ -308,7 +308,7 @@ def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[s
     usable = hw.usable_gb()
     out = []
     candidates = [("method='qlora'", "qlora", rank, cfg["batch_size"], cfg["max_seq_len"]),
-                  (f"batch_size=1", method, rank, 1, cfg["max_seq_len"]),
+                  ("batch_size=1", method, rank, 1, cfg["max_seq_len"]),
                   (f"max_seq_len={min(512, cfg['max_seq_len'])}, batch_size=1", method, rank, 1, min(512, cfg["max_seq_len"])),
                   (f"method='qlora', batch_size=1, max_seq_len={min(512, cfg['max_seq_len'])}", "qlora", rank, 1,
                    min(512, cfg["max_seq_len"])),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import anyio
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
