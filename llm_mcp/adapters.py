@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.jobs.store import Job, JobStore
+from llm_mcp.jobs.store import Job, JobStore, checkpoints
 from llm_mcp.sampling import Target
 
 
@@ -25,13 +25,6 @@ def weights_file(path: Path) -> Path:
     raise InvalidArgumentError(f"{path} holds no adapter weights ({' or '.join(ADAPTER_FILES)})")
 
 
-def _steps(job_dir: Path) -> list[int]:
-    root = job_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-[0-9]*[0-9]") if (p / "adapter").is_dir())
-
-
 def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> tuple[Path, str]:
     """(adapter directory, label) for `checkpoint`: 'final', 'latest' or a step number.
 
@@ -40,7 +33,7 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
     """
     job_dir = store.job_dir(job.id)
     final = job_dir / "adapter"
-    steps = _steps(job_dir)
+    steps = [step for step, p in checkpoints(job_dir) if (p / "adapter").is_dir()]
     value = str(checkpoint).strip().lower()
     if value == "final":
         if is_adapter_dir(final):

@@ -15,7 +15,7 @@ from llm_mcp.data import DatasetSummary, validate_dataset
 from llm_mcp.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.estimates import estimate_memory, linear_names
 from llm_mcp.hardware import Hardware
-from llm_mcp.jobs.store import JobStore
+from llm_mcp.jobs.store import JobStore, checkpoints
 from llm_mcp.local_models import resolve_model
 from llm_mcp.matrix import METHODS, ModelEntry
 
@@ -76,7 +76,7 @@ def resolve_finetune(
         if old.state not in ("failed", "cancelled"):
             problems.append(f"resume_from={old.id!r} is {old.state}; only failed or cancelled jobs can be resumed"
                             + (" (wait for it or cancel_job it first)" if old.state in ("queued", "running") else ""))
-        ckpts = sorted((store.job_dir(old.id) / "checkpoints").glob("step-[0-9]*[0-9]"))
+        ckpts = checkpoints(store.job_dir(old.id))
         if not ckpts:
             problems.append(f"resume_from={old.id!r} has no checkpoint to resume from; start a new job instead")
         base_cfg = dict(old.config)
@@ -94,7 +94,8 @@ def resolve_finetune(
             for key in ("max_steps", "epochs"):
                 if old.config.get(key) is not None:
                     args[key] = old.config[key]
-        base_cfg["resume_checkpoint"] = str(ckpts[-1]) if ckpts else None
+        base_cfg["resume_checkpoint"] = str(ckpts[-1][1]) if ckpts else None
+        base_cfg["resume_step"] = ckpts[-1][0] if ckpts else None
 
     for required in ("model", "method", "dataset"):
         if required not in args:
@@ -254,7 +255,7 @@ def resolve_finetune(
     steps_per_epoch = train_rows // per_step
     total_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
     if cfg.get("resume_checkpoint"):
-        done = int(Path(cfg["resume_checkpoint"]).name.split("-")[1])
+        done = cfg["resume_step"]
         if total_steps <= done:
             raise InvalidArgumentError(
                 f"max_steps={total_steps} is not past the checkpoint at step {done} of {cfg['resume_from']!r}; "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from llm_mcp.jobs.store import FINAL_STATES, Job, JobStore
+from llm_mcp.jobs.store import FINAL_STATES, Job, JobStore, checkpoints
 from llm_mcp.settings import data_path
 
 START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
@@ -163,20 +163,15 @@ def finalize(store: JobStore, job: Job, exit_code: int | None) -> str:
         state, error, next_step = "cancelled", None, None
     else:
         state, error = "failed", describe_exit(exit_code, tail)
-        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if _has_checkpoint(job_dir) else (
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else (
             "fix the cause shown in the last log lines, then start the job again")
     if state == "failed" and error and not next_step:
         next_step = "fix the cause shown in the last log lines, then start again or resume"
     if state == "cancelled":
-        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if _has_checkpoint(job_dir) else None
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else None
     store.update(job.id, expect=("running",), state=state, finished_at=time.time(), exit_code=exit_code,
                  error=error, next_step=next_step)
     return state
-
-
-def _has_checkpoint(job_dir: Path) -> bool:
-    root = job_dir / "checkpoints"
-    return root.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in root.glob("step-*"))
 
 
 def reconcile(store: JobStore) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from llm_mcp.jobs.manager import log_tail, read_result
-from llm_mcp.jobs.store import Job, JobStore
+from llm_mcp.jobs.store import Job, JobStore, checkpoints
 
 METRICS_TAIL_BYTES = 256 * 1024
 
@@ -111,10 +111,7 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
             status.mask_update = {"step": updates[-1]["step"], "changed": updates[-1]["mask_changed"]}
     if job.started_at:
         status.elapsed_s = round((job.finished_at or time.time()) - job.started_at, 1)
-    root = job_dir / "checkpoints"
-    if root.is_dir():
-        status.checkpoints = [CheckpointInfo(step=int(p.name.split("-")[1]), path=str(p))
-                              for p in sorted(root.glob("step-[0-9]*[0-9]")) if p.is_dir()]
+    status.checkpoints = [CheckpointInfo(step=step, path=str(p)) for step, p in checkpoints(job_dir)]
     if job.state == "succeeded" and (job_dir / "adapter").is_dir():
         status.adapter_path = str(job_dir / "adapter")
     if job.state == "failed" and not status.error:

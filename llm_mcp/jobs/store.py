@@ -7,6 +7,7 @@ Every state change is a conditional UPDATE (`... WHERE state = ?`), so two proce
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 import time
@@ -77,6 +78,18 @@ class Job:
         d["warnings"] = json.loads(d["warnings"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         return cls(**d)
+
+
+def checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
+    """A job's complete checkpoints as (step, directory), oldest first.
+
+    A checkpoint is written as step-NNNNNN.tmp and renamed when whole, so only step-<digits> counts.
+    """
+    root = job_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
+    return sorted(found)
 
 
 def new_job_id() -> str:

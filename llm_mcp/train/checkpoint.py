@@ -14,16 +14,7 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_GLOB = "step-[0-9]*"
-
-
-def checkpoint_dirs(job_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = job_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob(CHECKPOINT_GLOB) if p.is_dir() and not p.name.endswith(".tmp"))
-
+from llm_mcp.jobs.store import checkpoints
 
 def _rng_state() -> dict[str, Any]:
     import numpy as np
@@ -72,7 +63,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, ste
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(job_dir)[:-keep]:
+        for _, old in checkpoints(job_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
