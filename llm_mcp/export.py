@@ -30,7 +30,7 @@ from llm_mcp.settings import Settings
 FORMATS = ("peft", "archive", "merged")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-MERGE_WAIT_S = 40
+MERGE_WAIT_S = 25  # tool calls must answer within 30 s; a longer merge returns state "running"
 
 
 class ExportedFile(BaseModel):

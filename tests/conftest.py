@@ -44,7 +44,8 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def settings(home) -> Settings:
-    return Settings(home=home, models_path=data_path("models.yaml"))
+    # In-process sampling unless a test asks for vLLM (tests/test_vllm.py).
+    return Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers")
 
 
 @pytest.fixture
@@ -58,7 +59,8 @@ def app(settings):
     from llm_mcp.server import AppState, build_server
 
     state = AppState.load(settings)
-    return state, build_server(state)
+    yield state, build_server(state)
+    state.shutdown()
 
 
 @pytest.fixture
@@ -73,7 +75,8 @@ def tiny_model(tiny_model_template, home) -> Path:
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_MCP_")}
-    env.update(LLM_MCP_HOME=str(home), PYTHONUNBUFFERED="1", **extra)
+    env.update(LLM_MCP_HOME=str(home), PYTHONUNBUFFERED="1", LLM_MCP_SAMPLER="transformers")
+    env.update(extra)
     return env
 
 

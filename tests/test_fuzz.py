@@ -38,7 +38,7 @@ def fuzz_server(tmp_path_factory):
     from llm_mcp.settings import Settings, data_path
 
     home = tmp_path_factory.mktemp("fuzz")
-    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml")))
+    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
     return state, build_server(state)
 
 

@@ -25,7 +25,7 @@ QUESTION = [{"role": "user", "content": "What color is the sky?"}]
 
 
 async def _train_all(home):
-    server = build_server(AppState.load(Settings(home=home, models_path=data_path("models.yaml"))))
+    server = build_server(AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers")))
     ids = {}
     async with Client(server) as client:
         for method in ("lora", "qlora", "dora"):
@@ -52,7 +52,7 @@ def trained(tmp_path_factory, tiny_model_template):
 
 @pytest.fixture
 def state(trained):
-    return AppState.load(Settings(home=trained[0], models_path=data_path("models.yaml")))
+    return AppState.load(Settings(home=trained[0], models_path=data_path("models.yaml"), sampler="transformers"))
 
 
 def probe(state, job_id):

@@ -23,7 +23,7 @@ def _setup(tiny: bool, rows: int) -> tuple[Path, AppState]:
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     build_model(home, tiny)
     mixed_length_data(home / "data" / "mixed.jsonl", rows, max_tokens=64 if tiny else 512)
-    return home, AppState.load(Settings(home=home, models_path=data_path("models.yaml")))
+    return home, AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
 
 
 def _job_args(steps: int, batch: int, tiny: bool, **extra: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ supervisor SIGKILLs whatever is left.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,39 +17,21 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from llm_mcp.jobs.manager import accelerate_command, finalize, schedule
 from llm_mcp.jobs.store import JobStore
-
-PR_SET_CHILD_SUBREAPER = 36
+from llm_mcp.procs import become_subreaper, signal_descendants
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
 
 
-def _become_subreaper() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: orphaned workers are then not awaited
-
-
-def _kill_descendants() -> None:
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-
-
 def main(home: str, job_id: str) -> int:
-    _become_subreaper()
+    become_subreaper()
     store = JobStore(Path(home))
     job = store.get(job_id)
     job_dir = store.job_dir(job_id)
 
     def on_sigterm(signum, frame):
         print(f"[supervisor] SIGTERM: cancel requested; SIGKILL after {CANCEL_GRACE_S:g} s", flush=True)
-        timer = threading.Timer(CANCEL_GRACE_S, _kill_descendants)
+        timer = threading.Timer(CANCEL_GRACE_S, signal_descendants)
         timer.daemon = True
         timer.start()
 
