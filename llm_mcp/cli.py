@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llm_mcp.server import AppState, build_server
 
     settings = _settings(args)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit makes writes fail (a clear tool error), not kill the server
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     settings.ensure_home()
     state = AppState.load(settings)
     state.startup()

@@ -26,6 +26,8 @@ FORMATS = ("messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_BAD_ROWS_SHOWN = 5
+MAX_LINE_BYTES = 16 << 20  # one JSONL row; longer lines are reported, never held in memory
+MAX_JSON_BYTES = 256 << 20  # .json is parsed whole; bigger files must be JSONL
 csv.field_size_limit(64 * 1024 * 1024)
 
 
@@ -123,8 +125,16 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
     kind = kind or file_kind(path)
     if kind == "jsonl":
         with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
+            lineno = 0
+            while raw := fh.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
                 where = f"line {lineno}"
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    while (chunk := fh.readline(1 << 20)) and not chunk.endswith(b"\n"):
+                        pass  # skip the rest of the line without holding it in memory
+                    yield where, _Bad(f"line longer than {MAX_LINE_BYTES >> 20} MB (is this a binary file, or "
+                                      "JSON without newlines?); one row per line")
+                    continue
                 if not raw.strip():
                     continue
                 try:
@@ -137,6 +147,10 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
                 except ValueError as exc:
                     yield where, _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})")
     elif kind == "json":
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise DataError(f"dataset={str(path)!r} is a {path.stat().st_size >> 20} MB .json file; .json is read whole, "
+                            f"so the limit is {MAX_JSON_BYTES >> 20} MB. Convert it to JSONL (one row per line), "
+                            "which is streamed")
         try:
             data = json.loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -148,12 +162,16 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(data, 1):
             yield f"row {i}", row
     elif kind == "csv":
+        csv.field_size_limit(MAX_LINE_BYTES)  # a row's fields are bounded like a JSONL line
         with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+            i = 1
             try:
                 for i, row in enumerate(csv.DictReader(fh), 2):
                     yield f"line {i}", row
             except UnicodeDecodeError:
                 raise DataError(f"dataset={str(path)!r} is not UTF-8 text") from None
+            except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+                raise DataError(f"dataset={str(path)!r} line {i + 1}: malformed CSV ({exc})") from None
     elif kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -9,8 +9,10 @@ import base64
 import functools
 import inspect
 import json
-import time
 import logging
+import shutil
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +179,8 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         """Register a tool; its dedented docstring is the description the model reads."""
 
         def register(fn: Callable) -> Callable:
-            mcp.add_tool(fn, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)
+            mcp.add_tool(_state_errors(fn, state.settings.home), title=title,
+                         description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)
             return fn
 
         return register
@@ -319,9 +322,13 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                   device_set=config["device"], created_at=time.time(), config=config,
                   resumed_from=resume_from, warnings=resolved.warnings)
         job_dir = state.store.job_dir(job_id)
-        job_dir.mkdir(parents=True)
-        (job_dir / "config.json").write_text(json.dumps(config, indent=2))
-        state.store.insert(job)
+        try:
+            job_dir.mkdir(parents=True)
+            (job_dir / "config.json").write_text(json.dumps(config, indent=2))
+            state.store.insert(job)
+        except (OSError, sqlite3.Error):
+            shutil.rmtree(job_dir, ignore_errors=True)  # no half-created job: no row, no directory
+            raise
         manager.schedule(state.store)
         job = state.store.get(job_id)
         result = StartFinetuneResult(job_id=job_id, state=job.state, dry_run=False, config=config,
@@ -584,6 +591,36 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         return state.settings.models_path.read_text(encoding="utf-8")
 
     return mcp
+
+
+def _state_errors(fn: Callable, home: Path) -> Callable:
+    """Turn a failing disk or database (full, read-only, gone) into a clear tool error, not a masked crash."""
+
+    def explain(exc: BaseException) -> LlmMcpError:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return LlmMcpError(f"{fn.__name__} could not read or write the state directory {str(home)!r}: {cause}. "
+                           "Free disk space or point LLM_MCP_HOME at a writable directory, then call again; "
+                           "existing jobs and adapters are untouched.")
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except LlmMcpError:
+                raise
+            except (OSError, sqlite3.Error) as exc:
+                raise explain(exc) from exc
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except LlmMcpError:
+                raise
+            except (OSError, sqlite3.Error) as exc:
+                raise explain(exc) from exc
+    return wrapper
 
 
 async def _with_progress(ctx: Context, fn, *args, message: Callable[[], str]):

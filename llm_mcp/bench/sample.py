@@ -79,13 +79,13 @@ def _bench_vllm(state: AppState, job_id: str, prompts: list[str], max_tokens: in
 
     from llm_mcp.adapters import job_adapter, job_target
     from llm_mcp.sampling import SampleParams
-    from llm_mcp.serving.sampler import VllmSampler
+    from llm_mcp.serving.sampler import VllmSampler, adapter_config
 
     sampler = VllmSampler(state.pool, wait_s=600)
     target = job_target(state.store.get(job_id), job_adapter(state.store, state.store.get(job_id))[0])
     try:
         t0 = time.perf_counter()
-        server, _ = sampler.server(target)
+        sampler.server(target, int(adapter_config(target.adapter_path)["r"]))  # sized for the adapter's rank
         start_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         sampler.register(target, label=job_id)
