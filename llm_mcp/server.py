@@ -164,6 +164,7 @@ class SampleResult(BaseModel):
 
 
 MAX_SAMPLE_WAITING = 8
+LISTING_TTL_S = 5.0  # list_models answers are reused this long (free memory, local dirs change slowly)
 
 
 def _result(text: str, model: BaseModel) -> CallToolResult:
@@ -184,6 +185,8 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             return fn
 
         return register
+
+    listing_cache: dict[tuple, tuple[float, CallToolResult]] = {}  # identical calls within LISTING_TTL_S
 
     @tool("List models", ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     def list_models(
@@ -219,6 +222,10 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
         and whether vLLM can serve the result as an adapter. Also: recommended LoRA learning
         rate and rank, and the LoRA parameter count at that rank.
         """
+        key = (model, method, type, family, fits, gpu_memory_gb, num_gpus)
+        cached = listing_cache.get(key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
         hardware = Hardware.hypothetical(gpu_memory_gb, num_gpus) if gpu_memory_gb else detect()
         if model is not None:
             entry = resolve_model(state.matrix, state.settings, model)
@@ -234,10 +241,12 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                 state.matrix, hardware, state.defaults, method=method, type=type, family=family, fits=fits
             )
             text = listing.summarize(result, method)
-        return CallToolResult(
-            content=[TextContent(type="text", text=text)],
-            structured_content=result.model_dump(mode="json", exclude_none=True),
-        )
+        answer = CallToolResult(content=[TextContent(type="text", text=text)],
+                                structured_content=result.model_dump(mode="json", exclude_none=True))
+        if len(listing_cache) >= 64:
+            listing_cache.clear()
+        listing_cache[key] = (time.monotonic() + LISTING_TTL_S, answer)
+        return answer
 
     @tool("Start a fine-tune", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                                              open_world_hint=False))

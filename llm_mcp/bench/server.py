@@ -1,4 +1,10 @@
-"""bench server: cold start, tool latency over stdio and streamable HTTP with a job running."""
+"""bench server: cold start, tool latency over stdio and streamable HTTP with a job running, and
+50 concurrent HTTP clients.
+
+The concurrent phase uses a lean protocol client (httpx: initialize, then tools/call in the
+session) rather than the SDK's `Client`, which validates every result against the tool's JSON
+schema: 50 of those in one process on 2 cores measure the load generator, not the server.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,75 @@ async def _latencies(client, job_id: str, calls: int) -> dict[str, dict[str, flo
             assert not result.is_error, result.content[0].text
         out[tool] = {"p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95)}
     return out
+
+
+async def lean_session(url: str):
+    """An MCP session over streamable HTTP; returns call(tool, args) -> (seconds, structured result)."""
+    import json
+
+    import httpx
+    from mcp_types import LATEST_PROTOCOL_VERSION
+
+    http = httpx.AsyncClient(timeout=60)
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    ids = iter(range(1, 1 << 30))
+
+    async def rpc(method: str, params: dict, notify: bool = False) -> dict:
+        body = {"jsonrpc": "2.0", "method": method, "params": params} | ({} if notify else {"id": next(ids)})
+        r = await http.post(url, json=body, headers=headers)
+        r.raise_for_status()
+        headers.setdefault("mcp-session-id", r.headers.get("mcp-session-id", ""))
+        if notify:
+            return {}
+        text = r.text
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            text = [ln[5:] for ln in text.splitlines() if ln.startswith("data:")][-1]
+        answer = json.loads(text)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["result"]
+
+    init = await rpc("initialize", {"protocolVersion": LATEST_PROTOCOL_VERSION, "capabilities": {},
+                                    "clientInfo": {"name": "llm-mcp-bench", "version": "0"}})
+    assert init["serverInfo"]["name"] == "llm-mcp"
+    await rpc("notifications/initialized", {}, notify=True)
+    return http, rpc
+
+
+async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, think_s: float) -> dict[str, Any]:
+    """`clients` sessions, each alternating list_models / job_status `calls` times with think time between."""
+    import random
+
+    import anyio
+
+    lat: dict[str, list[float]] = {"list_models": [], "job_status": []}
+    errors: list[str] = []
+
+    async def user(n: int) -> None:
+        rnd = random.Random(n)
+        http, rpc = await lean_session(url)
+        try:
+            await anyio.sleep(rnd.uniform(0, think_s))
+            for i in range(calls):
+                tool, args = ("list_models", {}) if (n + i) % 2 else ("job_status", {"job_id": job_id})
+                t0 = time.perf_counter()
+                result = await rpc("tools/call", {"name": tool, "arguments": args})
+                lat[tool].append(time.perf_counter() - t0)
+                if result.get("isError"):
+                    errors.append(result["content"][0]["text"])
+                await anyio.sleep(rnd.uniform(0.5 * think_s, 1.5 * think_s))
+        finally:
+            await http.aclose()
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for n in range(clients):
+            tg.start_soon(user, n)
+    every = lat["list_models"] + lat["job_status"]
+    return {"clients": clients, "calls_each": calls, "think_s": think_s, "errors": len(errors),
+            "wall_s": round(time.perf_counter() - t0, 2),
+            **{f"{k}_p95_ms": _pct(v, 0.95) for k, v in lat.items()},
+            "all_p50_ms": _pct(every, 0.5), "all_p95_ms": _pct(every, 0.95)}
 
 
 async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
@@ -78,6 +153,8 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
                 time.sleep(0.1)
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
             over_http = await _latencies(client, job_id, calls)
+            load = {f"think_{t:g}s": await concurrent_clients(f"http://127.0.0.1:{port}/mcp", job_id, 50, 10, t)
+                    for t in (1.0, 0.0)}
             await client.call_tool("cancel_job", {"job_id": job_id})
     finally:
         if http:
@@ -87,12 +164,16 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
     results = {"benchmark": "server", "cold_start_s": {"median": round(statistics.median(cold), 3),
                                                       "min": round(min(cold), 3), "max": round(max(cold), 3)},
                "start_finetune_ms": {"p50": _pct(starts, 0.5), "max": round(max(starts) * 1000, 2)},
-               "stdio": over_stdio, "streamable_http": over_http, "calls": calls, "reps": reps}
+               "stdio": over_stdio, "streamable_http": over_http, "calls": calls, "reps": reps,
+               "concurrent_http_clients": load}
     table = [["cold start to first tools/list (stdio)", f"{results['cold_start_s']['median']} s (median)", ""],
              ["start_finetune return (queued job)", f"{results['start_finetune_ms']['p50']} ms", ""]]
     for transport, lat in (("stdio", over_stdio), ("streamable HTTP", over_http)):
         for tool, v in lat.items():
             table.append([f"{tool} over {transport}, a job training", f"{v['p50_ms']} ms", f"{v['p95_ms']} ms"])
+    for name, v in load.items():
+        table.append([f"50 HTTP clients x 10 calls, {name.replace('_', ' ')} between calls, a job training "
+                      f"({v['errors']} errors)", f"{v['all_p50_ms']} ms", f"{v['all_p95_ms']} ms"])
     write_report(out, "server", results, table, ["what", "p50 / median", "p95"],
                  ([f"{t}\n{tr}" for tr, lat in (("stdio", over_stdio), ("http", over_http)) for t in lat],
                   [v["p95_ms"] for lat in (over_stdio, over_http) for v in lat.values()], "p95 ms"))

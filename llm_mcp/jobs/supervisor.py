@@ -21,10 +21,15 @@ from llm_mcp.jobs.manager import accelerate_command, finalize, schedule
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.procs import become_subreaper, signal_descendants
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
+# Training yields the CPU to the MCP server (and the agent's other work): tool calls stay fast while
+# a job trains, and an otherwise idle machine still gives the job every cycle.
+JOB_NICE = int(os.environ.get("LLM_MCP_JOB_NICE", "10"))
 
 
 def main(home: str, job_id: str) -> int:
     become_subreaper()
+    if JOB_NICE:
+        os.nice(JOB_NICE)  # inherited by accelerate and the trainers
     store = JobStore(Path(home))
     job = store.get(job_id)
     job_dir = store.job_dir(job_id)
