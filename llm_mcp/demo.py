@@ -6,6 +6,7 @@ call and a short view of its result is printed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -39,6 +40,14 @@ def write_demo_dataset(path: Path) -> Path:
     return path
 
 
+def _pending(name: str, result: Any) -> bool:
+    """vLLM still starting, or a merge still running: the call should be repeated."""
+    text = result.content[0].text if result.content else ""
+    state = (result.structured_content or {}).get("state")
+    return ("still starting" in text or (name == "serve_adapter" and state in ("starting", "merging"))
+            or (name == "export_adapter" and state == "running"))
+
+
 async def _until_done(client, job_id: str) -> Any:
     while True:
         t1 = time.perf_counter()
@@ -68,10 +77,13 @@ async def run_demo(home: Path) -> None:
         print(f"connected over stdio in {(time.perf_counter() - t0) * 1000:.0f} ms; "
               f"tools: {', '.join(t.name for t in tools.tools)}")
         async def call(name: str, args: dict[str, Any]) -> Any:
-            t1 = time.perf_counter()
-            result = await client.call_tool(name, args)
-            _show(name, args, result, time.perf_counter() - t1)
-            return result
+            while True:
+                t1 = time.perf_counter()
+                result = await client.call_tool(name, args)
+                _show(name, args, result, time.perf_counter() - t1)
+                if not _pending(name, result):
+                    return result
+                await anyio.sleep(2)  # vLLM is starting / a merge is running: call again, as an agent would
 
         await call("list_models", {"method": "qlora", "fits": True})
         await call("list_models", {"model": "Qwen/Qwen3-8B", "gpu_memory_gb": 24})
@@ -90,6 +102,8 @@ async def run_demo(home: Path) -> None:
                               "max_tokens": 12})
         await call("export_adapter", {"job_id": job_id, "format": "peft"})
         await call("export_adapter", {"job_id": job_id, "format": "merged"})
+        if importlib.util.find_spec("vllm"):
+            await call("serve_adapter", {"job_id": job_id})
         qlora = await call("start_finetune", {**job, "method": "qlora", "max_steps": 400})
         q_id = qlora.structured_content["job_id"]
         await anyio.sleep(12)

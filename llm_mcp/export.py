@@ -281,13 +281,14 @@ def merge_main(lock_path: str) -> int:
         if spec["job"]["method"] == "qlora" or (cfg.get("sparse") or {}).get("quantize_base"):
             q = cfg["quantization"]
             model = AutoModelForCausalLM.from_pretrained(
-                base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32,
+                base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32, use_safetensors=True,
                 quantization_config=BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
                     bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"], bnb_4bit_compute_dtype=torch.float32))
             model = model.dequantize()
         else:
-            model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto",
+                                                         use_safetensors=True)
         if spec["job"]["method"] == "sparse":
             from llm_mcp.train.sparse import merge_sparse_into_weights
 

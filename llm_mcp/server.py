@@ -570,10 +570,10 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             except VllmStarting as exc:
                 result.notes.append(str(exc))
             else:
-                result.state, result.model, result.url = "ready", model, server.url
+                result.state, result.model, result.url = "ready", model, server.url + "/v1"
                 result.api_key = None if server.external else server.api_key
                 result.verification = sampler.checks.get(model, {})
-                result.example_curl, result.example_python = examples(server.url, model, server.api_key)
+                result.example_curl, result.example_python = examples(result.url, model, server.api_key)
         result.servers = state.pool.describe()
         return _result(_summarize_serve(result), result)
 
@@ -686,7 +686,7 @@ def _summarize_export(r: ExportResult) -> str:
 def _summarize_serve(r: ServeResult) -> str:
     if r.state != "ready":
         return f"{r.job_id} ({r.checkpoint}): {r.state}. " + " ".join(r.notes)
-    lines = [f"Serving {r.job_id} ({r.checkpoint}) as {r.served_as} model {r.model!r} at {r.url}/v1"]
+    lines = [f"Serving {r.job_id} ({r.checkpoint}) as {r.served_as} model {r.model!r} at {r.url}"]
     lines += [f"check: {k} = {v}" for k, v in r.verification.items()]
     lines += r.notes + [f"curl: {r.example_curl}"]
     return "\n".join(lines)

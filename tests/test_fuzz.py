@@ -29,6 +29,7 @@ TOOLS = {
     "sample": ["job_id", "adapter", "model", "prompt", "max_tokens", "temperature", "n", "checkpoint", "messages",
                "stop", "top_p"],
     "export_adapter": ["job_id", "format", "destination", "checkpoint"],
+    "serve_adapter": ["job_id", "checkpoint"],
 }
 
 

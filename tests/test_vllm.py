@@ -140,10 +140,10 @@ async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(
         assert s["state"] == "ready" and s["served_as"] == "adapter" and s["model"] == ids["lora"]
         assert s["verification"]["max_abs_logprob_diff_vs_training"] < 2e-3
         assert s["verification"]["max_abs_logprob_diff_vs_base"] > 1e-3
-        out = httpx.post(f"{s['url']}/v1/completions", headers={"Authorization": f"Bearer {s['api_key']}"},
+        out = httpx.post(f"{s['url']}/completions", headers={"Authorization": f"Bearer {s['api_key']}"},
                          json={"model": s["model"], "prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()
         assert out["choices"][0]["text"] == expected
-        assert httpx.post(f"{s['url']}/v1/completions", json={"model": s["model"], "prompt": "x"}).status_code == 401
+        assert httpx.post(f"{s['url']}/completions", json={"model": s["model"], "prompt": "x"}).status_code == 401
 
         # DoRA is not servable as an adapter: it is merged, then served as its own model.
         served = await _until_ready(client, "serve_adapter", {"job_id": ids["dora"]})

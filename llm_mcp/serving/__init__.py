@@ -58,10 +58,11 @@ def job_serving_target(settings: Settings, job: Job, job_dir: Path, adapter: Pat
 
 
 def examples(url: str, model: str, api_key: str | None) -> tuple[str, str]:
+    """curl and openai-client examples for the OpenAI-compatible API at `url` (ending in /v1)."""
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    curl = (f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+    curl = (f"curl {url}/completions -H 'Content-Type: application/json'{auth} "
             f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32, \"temperature\": 0}}'")
     python = ("from openai import OpenAI\n"
-              f"client = OpenAI(base_url={url + '/v1'!r}, api_key={api_key or 'EMPTY'!r})\n"
+              f"client = OpenAI(base_url={url!r}, api_key={api_key or 'EMPTY'!r})\n"
               f"print(client.completions.create(model={model!r}, prompt='Hello', max_tokens=32).choices[0].text)")
     return curl, python

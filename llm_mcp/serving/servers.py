@@ -161,7 +161,8 @@ class VllmPool:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", server.model_path,
                "--served-model-name", server.name, "--host", "127.0.0.1", "--port", str(port),
                "--enable-lora", "--max-lora-rank", str(server.max_lora_rank), "--max-loras", str(MAX_LORAS),
-               "--max-cpu-loras", str(MAX_LORAS * 4), "--uvicorn-log-level", "warning"]
+               "--max-cpu-loras", str(MAX_LORAS * 4), "--uvicorn-log-level", "warning",
+               "--load-format", "safetensors"]  # never unpickle a .bin checkpoint
         if self.gpu:
             cmd += ["--gpu-memory-utilization", "0.5"]
         else:  # REFERENCE §5: on CPU this flag is the RAM fraction; float32 matches the in-process sampler
