@@ -574,7 +574,7 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                 result.api_key = None if server.external else server.api_key
                 result.verification = sampler.checks.get(model, {})
                 result.example_curl, result.example_python = examples(result.url, model, server.api_key)
-        result.servers = state.pool.describe()
+        result.servers = await anyio.to_thread.run_sync(state.pool.describe)  # may poll /health
         return _result(_summarize_serve(result), result)
 
     @mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
