@@ -607,7 +607,12 @@ def _state_errors(fn: Callable, home: Path) -> Callable:
 
     def explain(exc: BaseException) -> LlmMcpError:
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return LlmMcpError(f"{fn.__name__} could not read or write the state directory {str(home)!r}: {cause}. "
+        path = getattr(exc, "filename", None)
+        if path and not Path(path).resolve().is_relative_to(home.resolve()):
+            return LlmMcpError(f"{fn.__name__} could not read or write {str(path)!r}: {cause}. Check that it exists "
+                               "and is readable, then call again.")
+        where = f" ({path})" if path else ""
+        return LlmMcpError(f"{fn.__name__} could not read or write the state directory {str(home)!r}{where}: {cause}. "
                            "Free disk space or point LLM_MCP_HOME at a writable directory, then call again; "
                            "existing jobs and adapters are untouched.")
 

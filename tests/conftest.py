@@ -148,3 +148,37 @@ def dataset(home) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)) + "\n")
     return path
+
+
+def trained_home(root: Path, template: Path, train: dict, methods: tuple[str, ...]) -> tuple[Path, dict[str, str]]:
+    """A state dir under `root` with the tiny model (models/tiny), LEARNABLE_ROWS (data/train.jsonl) and one
+    finished job per method, trained through the MCP tools in-process. Returns (home, {method: job_id})."""
+    import json
+    import shutil
+
+    import anyio
+    from mcp import Client
+
+    from llm_mcp.server import AppState, build_server
+
+    home = root / "home"
+    shutil.copytree(template, home / "models" / "tiny")
+    (home / "data").mkdir()
+    (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
+
+    async def run() -> dict[str, str]:
+        state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
+        ids = {}
+        async with Client(build_server(state)) as client:
+            for method in methods:
+                r = await client.call_tool("start_finetune", {**train, "method": method})
+                assert not r.is_error, r.content[0].text
+                ids[method] = r.structured_content["job_id"]
+            for job_id in ids.values():
+                while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
+                       ).structured_content["job"]["state"] not in ("succeeded", "failed", "cancelled"):
+                    pass
+                assert state.store.get(job_id).state == "succeeded", job_id
+        return ids
+
+    return home, anyio.run(run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 import time
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 from llm_mcp.server import AppState, build_server
 from llm_mcp.settings import Settings, data_path
-from tests.conftest import LEARNABLE_ROWS
+from tests.conftest import trained_home
 
 pytestmark = pytest.mark.anyio
 TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=25, learning_rate=5e-3, lora_dropout=0.0,
@@ -24,30 +23,9 @@ TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=25, lear
 QUESTION = [{"role": "user", "content": "What color is the sky?"}]
 
 
-async def _train_all(home):
-    server = build_server(AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers")))
-    ids = {}
-    async with Client(server) as client:
-        for method in ("lora", "qlora", "dora"):
-            result = await client.call_tool("start_finetune", {**TRAIN, "method": method})
-            assert not result.is_error, result.content[0].text
-            ids[method] = result.structured_content["job_id"]
-        for job_id in ids.values():
-            while True:
-                r = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
-                if r.structured_content["job"]["state"] in ("succeeded", "failed", "cancelled"):
-                    assert r.structured_content["job"]["state"] == "succeeded", r.content[0].text
-                    break
-    return ids
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_template):
-    home = tmp_path_factory.mktemp("sample") / "home"
-    shutil.copytree(tiny_model_template, home / "models" / "tiny")
-    (home / "data").mkdir()
-    (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
-    return home, anyio.run(_train_all, home)
+    return trained_home(tmp_path_factory.mktemp("sample"), tiny_model_template, TRAIN, ("lora", "qlora", "dora"))
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from llm_mcp.sampling import SampleParams, Target, TransformersSampler
-from llm_mcp.server import AppState, build_server
+from llm_mcp.server import AppState
 from llm_mcp.serving.sampler import adapter_config, needs_merge
 from llm_mcp.serving.servers import VllmError, VllmPool, VllmStarting, lora_rank_slot
 from llm_mcp.settings import Settings, data_path
-from tests.conftest import LEARNABLE_ROWS, server_env
+from tests.conftest import server_env, trained_home
 
 pytestmark = [pytest.mark.anyio]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -59,29 +59,9 @@ def test_unknown_sampler_is_a_configuration_error(home):
         AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="tgi"))
 
 
-async def _train(home: Path) -> dict[str, str]:
-    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
-    ids = {}
-    async with Client(build_server(state)) as client:
-        for method in ("lora", "dora"):
-            r = await client.call_tool("start_finetune", {**TRAIN, "method": method})
-            assert not r.is_error, r.content[0].text
-            ids[method] = r.structured_content["job_id"]
-        for job_id in ids.values():
-            while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})).structured_content[
-                    "job"]["state"] not in ("succeeded", "failed", "cancelled"):
-                pass
-            assert state.store.get(job_id).state == "succeeded"
-    return ids
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_template):
-    home = tmp_path_factory.mktemp("vllm") / "home"
-    shutil.copytree(tiny_model_template, home / "models" / "tiny")
-    (home / "data").mkdir()
-    (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
-    return home, anyio.run(_train, home)
+    return trained_home(tmp_path_factory.mktemp("vllm"), tiny_model_template, TRAIN, ("lora", "dora"))
 
 
 async def _until_ready(client, tool: str, args: dict, timeout: float = 240):
