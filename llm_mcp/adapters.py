@@ -25,6 +25,11 @@ def weights_file(path: Path) -> Path:
     raise InvalidArgumentError(f"{path} holds no adapter weights ({' or '.join(ADAPTER_FILES)})")
 
 
+def adapter_key(path: Path) -> str:
+    """Identifies an adapter's current weights (path + mtime): a cache key that changes when they are rewritten."""
+    return f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
+
+
 def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> tuple[Path, str]:
     """(adapter directory, label) for `checkpoint`: 'final', 'latest' or a step number.
 

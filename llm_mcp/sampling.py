@@ -127,7 +127,7 @@ class TransformersSampler:
 
     def _select_sparse(self, base: dict[str, Any], adapter_path: str | None) -> bool:
         """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off."""
-        from llm_mcp.adapters import weights_file
+        from llm_mcp.adapters import adapter_key
         from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_into, sparse_modules
 
         model = base["model"]
@@ -136,7 +136,7 @@ class TransformersSampler:
                 m.enabled = False
             return False
         path = Path(adapter_path)
-        key = f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
+        key = adapter_key(path)
         loaded = key != base["sparse"]
         if loaded:
             config = json.loads((path / "sparse_config.json").read_text())
@@ -153,13 +153,13 @@ class TransformersSampler:
         """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
         from peft import PeftModel
 
-        from llm_mcp.adapters import weights_file
+        from llm_mcp.adapters import adapter_key
 
         model = base["model"]
         if adapter_path is None:
             return False
         path = Path(adapter_path)
-        key = f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
+        key = adapter_key(path)
         adapters: OrderedDict[str, str] = base["adapters"]
         if key in adapters:
             adapters.move_to_end(key)

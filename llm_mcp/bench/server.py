@@ -22,6 +22,7 @@ from typing import Any
 from mcp import Client, StdioServerParameters
 
 from llm_mcp.bench.common import build_model, mixed_length_data, write_report
+from llm_mcp.jobs.manager import free_port
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -139,9 +140,7 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
             while (await client.call_tool("job_status", {"job_id": job_id})).structured_content["job"]["step"] < 1:
                 time.sleep(0.2)
             over_stdio = await _latencies(client, job_id, calls)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         http = subprocess.Popen([sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http",
                                  "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.adapters import weights_file
+from llm_mcp.adapters import adapter_key
 from llm_mcp.errors import InvalidArgumentError
 from llm_mcp.sampling import Completion, Generation, SampleParams, Target, TokenLogprob
 from llm_mcp.serving.servers import START_WAIT_S, VllmError, VllmPool, VllmServer
@@ -101,7 +101,7 @@ class VllmSampler:
         if not target.adapter_path:
             return server, server.name, started, False
         name = adapter_name(target.adapter_path, label)
-        key = f"{Path(target.adapter_path).resolve()}@{weights_file(Path(target.adapter_path)).stat().st_mtime_ns}"
+        key = adapter_key(Path(target.adapter_path))
         if server.adapters.get(name) == key:
             return server, name, started, False
         if name in server.adapters:  # same name, new weights: replace

@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.errors import LlmMcpError
+from llm_mcp.jobs.manager import free_port
 
 # vLLM's LoRAConfig.max_lora_rank accepts only these values.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -58,12 +58,6 @@ def vllm_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_model_len(model_path: str, cap: int) -> int | None:
@@ -174,7 +168,7 @@ class VllmPool:
         return watch + cmd + self.extra_args
 
     def _spawn(self, server: VllmServer, trust_remote_code: bool) -> None:
-        port = _free_port()
+        port = free_port()
         server.url, server.state, server.error = f"http://127.0.0.1:{port}", "starting", None
         server.started_at, server.ready_s, server.adapters = time.monotonic(), None, {}
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": server.api_key or "",
