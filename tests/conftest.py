@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llm_mcp.jobs.manager import free_port  # noqa: F401 - tests import it from here
+from llm_mcp.jobs.store import FINAL_STATES
 from llm_mcp.matrix import load_matrix
 from llm_mcp.methods import load_method_defaults
 from llm_mcp.settings import Settings, data_path
@@ -80,12 +82,6 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RunningServer:
     def __init__(self, args: list[str], env: dict[str, str], port: int):
         self.port = port
@@ -150,6 +146,25 @@ def dataset(home) -> Path:
     return path
 
 
+async def wait_final(client, job_id: str, timeout: float = 600) -> dict:
+    """Poll job_status (long-polling) until the job ends; returns its status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
+        job = result.structured_content["job"]
+        if job["state"] in FINAL_STATES:
+            return job
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def processes_mentioning(*parts: str) -> list:
+    """Running processes whose command line contains every one of `parts`."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if all(part in " ".join(p.info.get("cmdline") or []) for part in parts)]
+
+
 def trained_home(root: Path, template: Path, train: dict, methods: tuple[str, ...]) -> tuple[Path, dict[str, str]]:
     """A state dir under `root` with the tiny model (models/tiny), LEARNABLE_ROWS (data/train.jsonl) and one
     finished job per method, trained through the MCP tools in-process. Returns (home, {method: job_id})."""
@@ -175,10 +190,7 @@ def trained_home(root: Path, template: Path, train: dict, methods: tuple[str, ..
                 assert not r.is_error, r.content[0].text
                 ids[method] = r.structured_content["job_id"]
             for job_id in ids.values():
-                while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
-                       ).structured_content["job"]["state"] not in ("succeeded", "failed", "cancelled"):
-                    pass
-                assert state.store.get(job_id).state == "succeeded", job_id
+                assert (await wait_final(client, job_id))["state"] == "succeeded", job_id
         return ids
 
     return home, anyio.run(run)

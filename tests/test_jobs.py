@@ -13,10 +13,10 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from llm_mcp.jobs.status import read_metrics
-from tests.conftest import server_env
+from llm_mcp.jobs.store import FINAL_STATES
+from tests.conftest import server_env, wait_final
 
 pytestmark = pytest.mark.anyio
-FINAL = ("succeeded", "failed", "cancelled")
 FAST = dict(learning_rate=5e-3, lora_dropout=0.0, batch_size=4, max_seq_len=64)
 
 
@@ -24,16 +24,6 @@ async def start(client, **args) -> str:
     result = await client.call_tool("start_finetune", args)
     assert not result.is_error, result.content[0].text
     return result.structured_content["job_id"]
-
-
-async def wait_final(client, job_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
-        job = result.structured_content["job"]
-        if job["state"] in FINAL:
-            return job
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
 async def wait_step(state, job_id: str, step: int, timeout: float = 120) -> None:
@@ -163,7 +153,7 @@ async def test_queue_cancel_and_the_queue_drains_without_a_server(app, tiny_mode
         await client.call_tool("cancel_job", {"job_id": first})
     # No server from here on: the first job's supervisor starts the third when the first ends.
     deadline = time.monotonic() + 120
-    while state.store.get(third).state not in FINAL and time.monotonic() < deadline:
+    while state.store.get(third).state not in FINAL_STATES and time.monotonic() < deadline:
         time.sleep(0.5)
     assert state.store.get(first).state == "cancelled"
     assert state.store.get(third).state == "succeeded"

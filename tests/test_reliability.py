@@ -19,21 +19,15 @@ import tracemalloc
 from pathlib import Path
 
 import anyio
-import psutil
 import pytest
 from mcp import Client
 
 from llm_mcp.data import DataError, validate_dataset
-from tests.conftest import RunningServer, free_port, server_env
+from tests.conftest import RunningServer, free_port, processes_mentioning, server_env, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.reliability]
-FINAL = ("succeeded", "failed", "cancelled")
 JOB = {"model": "models/tiny", "method": "lora", "dataset": "data/train.jsonl", "learning_rate": 5e-3,
        "max_seq_len": 64, "lora_dropout": 0.0}
-
-
-def _job_processes(job_dir: Path) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if str(job_dir) in " ".join(p.info.get("cmdline") or [])]
 
 
 # --- bad datasets ----------------------------------------------------------------------------------
@@ -105,9 +99,7 @@ async def test_a_full_disk_is_a_clear_error_and_leaves_the_store_intact(home, ti
     try:
         async with Client(f"{server.url}/mcp") as client:
             first = (await client.call_tool("start_finetune", {**JOB, "max_steps": 3})).structured_content["job_id"]
-            while (await client.call_tool("job_status", {"job_id": first, "wait_seconds": 20})).structured_content[
-                    "job"]["state"] not in FINAL:
-                pass
+            await wait_final(client, first)
         jobs_before = sorted(p.name for p in (home / "jobs").iterdir())
         resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))  # disk "full"
         async with Client(f"{server.url}/mcp") as client:
@@ -151,16 +143,13 @@ async def test_killing_the_server_20_times_loses_nothing(home, tiny_model, datas
     try:
         async with Client(f"{server.url}/mcp") as client:
             for job_id in started:
-                deadline = time.monotonic() + 300
-                while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 20})
-                       ).structured_content["job"]["state"] not in FINAL:
-                    assert time.monotonic() < deadline
+                await wait_final(client, job_id, timeout=300)
             for job_id in started:
                 job = (await client.call_tool("job_status", {"job_id": job_id})).structured_content["job"]
                 assert job["state"] == "succeeded" and job["step"] == 60, job
                 assert (home / "jobs" / job_id / "adapter" / "adapter_model.safetensors").exists()
                 assert len(list((home / "jobs" / job_id / "checkpoints").glob("step-*"))) >= 1
-                assert _job_processes(home / "jobs" / job_id) == []
+                assert processes_mentioning(str(home / "jobs" / job_id)) == []
     finally:
         server.stop()
 
@@ -172,23 +161,20 @@ async def test_cancelled_and_finished_jobs_leave_no_processes(app, tiny_model, d
     state, server = app
     async with Client(server) as client:
         done = (await client.call_tool("start_finetune", {**JOB, "max_steps": 3})).structured_content["job_id"]
-        while (await client.call_tool("job_status", {"job_id": done, "wait_seconds": 20})).structured_content[
-                "job"]["state"] not in FINAL:
-            pass
+        await wait_final(client, done)
         running = (await client.call_tool("start_finetune", {**JOB, "max_steps": 5000})).structured_content["job_id"]
         while (await client.call_tool("job_status", {"job_id": running, "wait_seconds": 5})).structured_content[
                 "job"]["step"] < 2:
             pass
-        assert _job_processes(state.store.job_dir(running))  # it is running now
+        assert processes_mentioning(str(state.store.job_dir(running)))  # it is running now
         await client.call_tool("cancel_job", {"job_id": running})
-        while (await client.call_tool("job_status", {"job_id": running, "wait_seconds": 20})).structured_content[
-                "job"]["state"] not in FINAL:
-            pass
+        await wait_final(client, running)
     assert state.store.get(done).state == "succeeded" and state.store.get(running).state == "cancelled"
+    job_dirs = [str(state.store.job_dir(j)) for j in (done, running)]
     deadline = time.monotonic() + 10
-    while any(_job_processes(state.store.job_dir(j)) for j in (done, running)) and time.monotonic() < deadline:
+    while any(processes_mentioning(d) for d in job_dirs) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _job_processes(state.store.job_dir(done)) == [] and _job_processes(state.store.job_dir(running)) == []
+    assert [processes_mentioning(d) for d in job_dirs] == [[], []]
 
 
 async def test_sample_requests_beyond_capacity_are_refused_cleanly(app, tiny_model):

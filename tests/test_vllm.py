@@ -26,7 +26,7 @@ from llm_mcp.server import AppState
 from llm_mcp.serving.sampler import adapter_config, needs_merge
 from llm_mcp.serving.servers import VllmError, VllmPool, VllmStarting, lora_rank_slot
 from llm_mcp.settings import Settings, data_path
-from tests.conftest import server_env, trained_home
+from tests.conftest import processes_mentioning, server_env, trained_home
 
 pytestmark = [pytest.mark.anyio]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -78,15 +78,6 @@ async def _until_ready(client, tool: str, args: dict, timeout: float = 240):
             return r
         assert time.monotonic() < deadline, text
         await anyio.sleep(1)
-
-
-def _vllm_processes(model_dir: Path) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if "vllm" in cmd and str(model_dir) in cmd:
-            out.append(p)
-    return out
 
 
 def _in_process(home: Path, job_id: str, params: SampleParams, adapter: str = "adapter") -> str:
@@ -144,12 +135,12 @@ async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(
         assert r.is_error and "vLLM refused" in r.content[0].text, r.content[0].text
         r = await client.call_tool("sample", {"job_id": ids["lora"], "prompt": PROMPT, "max_tokens": 12})
         assert r.structured_content["completions"][0]["text"] == expected
-        assert len(_vllm_processes(home / "models" / "tiny")) >= 1
+        assert len(processes_mentioning("vllm", str(home / "models" / "tiny"))) >= 1
     # The MCP server has exited: its vLLM servers (and their engine processes) are gone too.
     deadline = time.monotonic() + 30
-    while _vllm_processes(home / "models" / "tiny") and time.monotonic() < deadline:
+    while processes_mentioning("vllm", str(home / "models" / "tiny")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _vllm_processes(home / "models" / "tiny") == []
+    assert processes_mentioning("vllm", str(home / "models" / "tiny")) == []
 
 
 @needs_vllm
@@ -179,7 +170,7 @@ def test_a_crashed_vllm_is_restarted_and_an_idle_one_stopped(trained):
         while pool.servers and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not pool.servers and server.proc.poll() is not None
-        assert _vllm_processes(home / "models" / "tiny") == []
+        assert processes_mentioning("vllm", str(home / "models" / "tiny")) == []
         with pytest.raises(VllmStarting):
             VllmSampler(pool, wait_s=0.5).generate(target, sampler_params)
     finally:
