@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 from llm_mcp import __version__
-from llm_mcp.errors import LlmMcpError
-from llm_mcp.settings import Settings
+from llm_mcp.core.errors import LlmMcpError
+from llm_mcp.core.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     if getattr(args, "home", None):
-        settings.home = Path(args.home).expanduser()
+        settings.home = Path(args.home).expanduser().absolute()
     if getattr(args, "models", None):
         settings.models_path = Path(args.models).expanduser()
     settings.allowed_roots += [Path(p).expanduser() for p in getattr(args, "allow_root", None) or []]
@@ -64,8 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from llm_mcp.hardware import detect
-    from llm_mcp.listing import list_models, summarize
+    from llm_mcp.core.hardware import detect
+    from llm_mcp.core.listing import list_models, summarize
     from llm_mcp.server import AppState
 
     state = AppState.load(_settings(args))
@@ -96,18 +96,19 @@ def _bar(step: int, total: int | None, width: int = 30) -> str:
 def cmd_jobs(args: argparse.Namespace) -> int:
     import time
 
-    from llm_mcp.jobs import manager
+    from llm_mcp.core.store import FINAL_STATES, JobStore
+    from llm_mcp.jobs.executor import make_executor
     from llm_mcp.jobs.status import build_status, summarize_list, summarize_status
-    from llm_mcp.jobs.store import FINAL_STATES, JobStore
 
     settings = _settings(args)
     store = JobStore(settings.home)
-    manager.reconcile(store)
+    executor = make_executor("local", store)
+    executor.poll()
     if not args.job_id:
         print(summarize_list([build_status(store, j, log_lines=0) for j in store.list(limit=args.limit)]))
         return 0
     if args.cancel:
-        manager.cancel(store, args.job_id)
+        executor.cancel(args.job_id)
     job = store.get(args.job_id)
     if args.follow:
         tty = sys.stderr.isatty()
@@ -124,7 +125,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr, flush=True)
             last = line
             time.sleep(1)
-            manager.reconcile(store)
+            executor.poll()
             job = store.get(args.job_id)
         if tty:
             print(file=sys.stderr)

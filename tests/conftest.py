@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_mcp.jobs.manager import free_port  # noqa: F401 - tests import it from here
-from llm_mcp.jobs.store import FINAL_STATES
-from llm_mcp.matrix import load_matrix
-from llm_mcp.methods import load_method_defaults
-from llm_mcp.settings import Settings, data_path
+from llm_mcp.core.procs import free_port  # noqa: F401 - tests import it from here
+from llm_mcp.core.store import FINAL_STATES
+from llm_mcp.core.matrix import load_matrix
+from llm_mcp.core.methods import load_method_defaults
+from llm_mcp.core.settings import Settings, data_path
 
 REPO = Path(__file__).resolve().parent.parent
 

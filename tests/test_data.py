@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llm_mcp.data import DataError, load_rows, validate_dataset
+from llm_mcp.core.data import DataError, load_rows, validate_dataset
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello!"}]}

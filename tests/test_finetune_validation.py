@@ -70,7 +70,7 @@ async def test_dry_run_returns_config_and_estimates_and_starts_nothing(app, tiny
     assert data["dry_run"] and data.get("job_id") is None and data["state"] == "dry_run"
     cfg, est = data["config"], data["estimates"]
     assert cfg["lora"]["use_dora"] is True and cfg["lora"]["rank"] == 32 and cfg["max_steps"] == 7
-    from llm_mcp.local_models import resolve_model
+    from llm_mcp.core.local_models import resolve_model
 
     assert cfg["learning_rate"] == resolve_model(state.matrix, state.settings, "models/tiny").recommended_lr
     assert est["total_steps"] == 7 and est["trainable_params"] > 0 and est["memory_gb"] > 0
@@ -100,11 +100,12 @@ async def test_resume_from_unknown_or_unfinished_job(app):
 async def test_resume_must_go_past_the_checkpoint(app, tiny_model, dataset):
     import time
 
-    from llm_mcp.jobs.store import Job
+    from llm_mcp.core.jobconfig import JobConfig
+    from llm_mcp.core.store import Job
 
     state, server = app
     ok = await call(server, model="models/tiny", method="lora", dataset=str(dataset), max_steps=50, dry_run=True)
-    config = {**ok.structured_content["config"], "job_id": "ft-old"}
+    config = JobConfig.parse({**ok.structured_content["config"], "job_id": "ft-old"})
     state.store.insert(Job(id="ft-old", name="old", state="cancelled", model="tiny", method="lora", device_set="cpu",
                            created_at=time.time(), config=config))
     (state.store.job_dir("ft-old") / "checkpoints" / "step-000030").mkdir(parents=True)

@@ -36,7 +36,7 @@ TOOLS = {
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     from llm_mcp.server import AppState, build_server
-    from llm_mcp.settings import Settings, data_path
+    from llm_mcp.core.settings import Settings, data_path
 
     home = tmp_path_factory.mktemp("fuzz")
     state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))

@@ -12,8 +12,8 @@ import psutil
 import pytest
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.jobs.status import read_metrics
-from llm_mcp.jobs.store import FINAL_STATES
+from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.core.store import FINAL_STATES
 from tests.conftest import server_env, wait_final
 
 pytestmark = pytest.mark.anyio
@@ -74,13 +74,15 @@ def test_qlora_base_is_4bit(tiny_model):
     import bitsandbytes as bnb
     import torch
 
+    from llm_mcp.core.jobconfig import JobConfig
     from llm_mcp.train.model import load_model
 
-    cfg = {"model": {"path": str(tiny_model), "trust_remote_code": False}, "method": "qlora",
-           "gradient_checkpointing": False,
-           "quantization": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-           "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_dora": False,
-                    "bias": "none"}}
+    cfg = JobConfig.parse({
+        "model": {"id": "tiny", "path": str(tiny_model)}, "method": "qlora", "dataset": "unused.jsonl",
+        "learning_rate": 1e-3, "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 0,
+        "keep_checkpoints": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "quantization": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
     model = load_model(cfg, "cpu")
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # 2 layers x 7 linear layers, all quantized

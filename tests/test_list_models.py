@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.estimates import GPU_CLASSES_GB, estimate_memory
-from llm_mcp.hardware import Hardware, detect
-from llm_mcp.listing import describe_model, list_models, summarize
-from llm_mcp.matrix import METHODS
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.estimates import GPU_CLASSES_GB, estimate_memory
+from llm_mcp.core.hardware import Hardware, detect
+from llm_mcp.core.listing import describe_model, list_models, summarize
+from llm_mcp.core.matrix import METHODS
 
 
 def test_whole_matrix_without_filters(matrix, defaults):

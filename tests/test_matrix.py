@@ -7,10 +7,10 @@ import copy
 import pytest
 import yaml
 
-from llm_mcp.errors import ConfigurationError, UnknownModelError
-from llm_mcp.estimates import estimate_memory, lora_param_count
-from llm_mcp.matrix import METHODS, load_matrix, parse_matrix
-from llm_mcp.settings import data_path
+from llm_mcp.core.errors import ConfigurationError, UnknownModelError
+from llm_mcp.core.estimates import estimate_memory, lora_param_count
+from llm_mcp.core.matrix import METHODS, load_matrix, parse_matrix
+from llm_mcp.core.settings import data_path
 
 SEED_MODELS = [
     # seed 000, Tinker lineup
@@ -153,7 +153,7 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
 
 
 def test_dora_is_never_called_dropout_lora():
-    from llm_mcp.matrix import METHOD_TITLES
+    from llm_mcp.core.matrix import METHOD_TITLES
 
     assert "Weight-Decomposed" in METHOD_TITLES["dora"]
     text = data_path("models.yaml").read_text()
@@ -161,7 +161,7 @@ def test_dora_is_never_called_dropout_lora():
 
 
 def test_default_targets_are_linear_layers_of_their_architecture(matrix):
-    from llm_mcp.estimates import linear_names
+    from llm_mcp.core.estimates import linear_names
 
     for entry in matrix.models:
         assert set(entry.target_modules) <= set(linear_names(entry.dims, entry.hf_architecture)), entry.id

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from llm_mcp.errors import PathNotAllowedError, UnknownModelError
-from llm_mcp.estimates import lora_param_count
-from llm_mcp.local_models import resolve_model
+from llm_mcp.core.errors import PathNotAllowedError, UnknownModelError
+from llm_mcp.core.estimates import lora_param_count
+from llm_mcp.core.local_models import resolve_model
 
 
 def test_tiny_model_loads_with_transformers_and_generates(tiny_model):

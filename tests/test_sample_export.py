@@ -14,7 +14,7 @@ from mcp import Client
 from safetensors.torch import load_file
 
 from llm_mcp.server import AppState, build_server
-from llm_mcp.settings import Settings, data_path
+from llm_mcp.core.settings import Settings, data_path
 from tests.conftest import trained_home
 
 pytestmark = pytest.mark.anyio

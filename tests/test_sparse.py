@@ -11,7 +11,7 @@ from mcp import Client
 from safetensors.torch import load_file
 from torch import nn
 
-from llm_mcp.jobs.status import read_metrics
+from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state
 
 pytestmark = pytest.mark.anyio

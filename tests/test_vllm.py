@@ -21,11 +21,12 @@ import psutil
 import pytest
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.sampling import SampleParams, Target, TransformersSampler
+from llm_mcp.inference.sampling import SampleParams, TransformersSampler
+from llm_mcp.inference.targets import Target
 from llm_mcp.server import AppState
-from llm_mcp.serving.sampler import adapter_config, needs_merge
-from llm_mcp.serving.servers import VllmError, VllmPool, VllmStarting, lora_rank_slot
-from llm_mcp.settings import Settings, data_path
+from llm_mcp.inference.serving.sampler import adapter_config, needs_merge
+from llm_mcp.inference.serving.servers import VllmError, VllmPool, VllmStarting, lora_rank_slot
+from llm_mcp.core.settings import Settings, data_path
 from tests.conftest import processes_mentioning, server_env, trained_home
 
 pytestmark = [pytest.mark.anyio]
@@ -53,7 +54,7 @@ def test_dora_sparse_and_modules_to_save_need_a_merge(tmp_path):
 
 
 def test_unknown_sampler_is_a_configuration_error(home):
-    from llm_mcp.errors import ConfigurationError
+    from llm_mcp.core.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="allowed"):
         AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="tgi"))
@@ -149,7 +150,7 @@ def test_a_crashed_vllm_is_restarted_and_an_idle_one_stopped(trained):
     home, ids = trained
     pool = VllmPool(home, idle_s=4)
     sampler_params = SampleParams(prompt=PROMPT, max_tokens=6)
-    from llm_mcp.serving.sampler import VllmSampler
+    from llm_mcp.inference.serving.sampler import VllmSampler
 
     sampler = VllmSampler(pool, wait_s=180)
     target = Target(base_path=str(home / "models" / "tiny"), base_id="tiny",

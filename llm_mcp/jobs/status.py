@@ -9,11 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.jobs.manager import log_tail, read_result
-from llm_mcp.jobs.store import Job, JobStore, checkpoints
-
-METRICS_TAIL_BYTES = 256 * 1024
-
+from llm_mcp.core.jobdir import checkpoints, log_tail, read_metrics, read_result
+from llm_mcp.core.store import Job, JobStore
 
 class CheckpointInfo(BaseModel):
     step: int
@@ -50,28 +47,6 @@ class JobStatus(BaseModel):
     finished_at: float | None = None
     resumed_from: str | None = None
     job_dir: str
-
-
-def read_metrics(job_dir: Path, max_bytes: int = METRICS_TAIL_BYTES) -> list[dict[str, Any]]:
-    """Parsed metrics lines (the tail of a long file), skipping any partially written last line."""
-    path = job_dir / "metrics.jsonl"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            fh.seek(max(0, size - max_bytes))
-            chunk = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    lines = chunk.splitlines()
-    if size > max_bytes:
-        lines = lines[1:]
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:

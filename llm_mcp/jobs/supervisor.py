@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from llm_mcp.jobs.manager import accelerate_command, finalize, schedule
-from llm_mcp.jobs.store import JobStore
-from llm_mcp.procs import become_subreaper, signal_descendants
+from llm_mcp.jobs.local import accelerate_command, finalize, schedule
+from llm_mcp.core.store import JobStore
+from llm_mcp.core.procs import become_subreaper, signal_descendants
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
 # Training yields the CPU to the MCP server (and the agent's other work): tool calls stay fast while
 # a job trains, and an otherwise idle machine still gives the job every cycle.
@@ -43,7 +43,7 @@ def main(home: str, job_id: str) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     cores = os.cpu_count() or 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, cores // job.config["num_processes"])),
+           "OMP_NUM_THREADS": str(max(1, cores // job.config.num_processes)),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     cmd = accelerate_command(job.config, job_dir)
     with open(job_dir / "train.log", "ab") as log:

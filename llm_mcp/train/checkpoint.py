@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llm_mcp.jobs.store import checkpoints
+from llm_mcp.core.jobdir import checkpoints
 
 def _rng_state() -> dict[str, Any]:
     import numpy as np

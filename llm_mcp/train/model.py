@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from llm_mcp.core.jobconfig import JobConfig
+
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
@@ -14,18 +16,17 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def compute_dtype(device: str, cfg: dict[str, Any]) -> torch.dtype:
+def compute_dtype(device: str) -> torch.dtype:
     """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
     if device == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_tokenizer(cfg: dict[str, Any]):
+def load_tokenizer(cfg: JobConfig):
     from transformers import AutoTokenizer
 
-    model = cfg["model"]
-    tok = AutoTokenizer.from_pretrained(model["path"], trust_remote_code=model["trust_remote_code"])
+    tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
@@ -33,46 +34,42 @@ def load_tokenizer(cfg: dict[str, Any]):
     return tok
 
 
-def load_model(cfg: dict[str, Any], device: str, device_index: int | None = None):
+def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     """The base model with LoRA / QLoRA / DoRA adapters or sparse deltas attached; only those train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model_cfg, method = cfg["model"], cfg["method"]
-    dtype = compute_dtype(device, cfg)
-    kwargs: dict[str, Any] = dict(
-        dtype=dtype, trust_remote_code=model_cfg["trust_remote_code"], use_safetensors=True
-    )
-    quantized = method == "qlora" or bool((cfg.get("sparse") or {}).get("quantize_base"))
-    if quantized:
-        q = cfg["quantization"]
+    method = cfg.method
+    dtype = compute_dtype(device)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
+    if cfg.quantized:
+        q = cfg.quantization
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"],
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": "cpu" if device == "cpu" else device_index or 0}
-    model = AutoModelForCausalLM.from_pretrained(model_cfg["path"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
     if method == "sparse":
         from llm_mcp.train.sparse import attach_sparse_deltas
 
-        sp = cfg["sparse"]
-        if cfg["gradient_checkpointing"]:
+        if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        attach_sparse_deltas(model, cfg["lora"]["target_modules"], sp["density"], cfg["lora"]["rank"], cfg["seed"])
+        attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed)
         model.config.use_cache = False
         return model
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg["gradient_checkpointing"])
-    elif cfg["gradient_checkpointing"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = cfg["lora"]
+    lora = cfg.lora
     peft_config = LoraConfig(
-        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"], use_dora=lora["use_dora"], bias=lora["bias"], task_type="CAUSAL_LM",
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, use_dora=lora.use_dora, bias=lora.bias, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
     model.config.use_cache = False

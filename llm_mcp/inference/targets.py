@@ -1,13 +1,26 @@
-"""Find a job's adapter (final, latest or a checkpoint step) and what base it belongs to."""
+"""What to sample from: a base model and optionally an adapter, found from a job (final, latest, a step)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.jobs.store import Job, JobStore, checkpoints
-from llm_mcp.sampling import Target
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.jobdir import checkpoints
+from llm_mcp.core.store import Job, JobStore
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to sample from: a base model, optionally with an adapter directory."""
+
+    base_path: str
+    base_id: str
+    adapter_path: str | None = None
+    quantized: bool = False  # QLoRA adapters are sampled on the 4-bit base they were trained on
+    sparse: bool = False  # a sparse-delta adapter (llm_mcp.train.sparse layout), not PEFT
+    trust_remote_code: bool = False
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "sparse_adapter.safetensors")
@@ -52,7 +65,7 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
             return job_dir / "checkpoints" / f"step-{steps[-1]:06d}" / "adapter", f"step {steps[-1]}"
         raise InvalidArgumentError(
             f"job {job.id} ({job.state}) has no checkpoint yet; checkpoints are written every "
-            f"{job.config.get('checkpoint_every')} steps. Try again after the first one.")
+            f"{job.config.checkpoint_every} steps. Try again after the first one.")
     if value.isdigit() and int(value) in steps:
         return job_dir / "checkpoints" / f"step-{int(value):06d}" / "adapter", f"step {int(value)}"
     raise InvalidArgumentError(
@@ -60,11 +73,10 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
 
 
 def job_target(job: Job, adapter: Path | None) -> Target:
-    model = job.config["model"]
-    sparse = job.config.get("sparse") or {}
-    return Target(base_path=model["path"], base_id=model["id"], adapter_path=str(adapter) if adapter else None,
-                  quantized=job.method == "qlora" or bool(sparse.get("quantize_base")), sparse=job.method == "sparse",
-                  trust_remote_code=model.get("trust_remote_code", False))
+    model = job.config.model
+    return Target(base_path=model.path, base_id=model.id, adapter_path=str(adapter) if adapter else None,
+                  quantized=job.config.quantized, sparse=job.method == "sparse",
+                  trust_remote_code=model.trust_remote_code)
 
 
 def adapter_base(adapter: Path) -> str:

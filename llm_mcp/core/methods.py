@@ -8,9 +8,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llm_mcp.errors import ConfigurationError
-from llm_mcp.matrix import METHODS, Method
-from llm_mcp.settings import data_path
+from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.matrix import METHODS, Method
+from llm_mcp.core.settings import data_path
 
 
 class _Strict(BaseModel):

@@ -11,6 +11,7 @@ Environment variables (CLI flags override them):
   LLM_MCP_VLLM_API_KEY   its API key
   LLM_MCP_VLLM_IDLE_S    stop a managed vLLM server after this many idle seconds (default 900; 0 = never)
   LLM_MCP_VLLM_ARGS      extra `vllm serve` arguments for managed servers
+  LLM_MCP_EXECUTOR       where jobs run: local (default; llm_mcp.jobs.executor lists the engines)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_mcp.errors import ConfigurationError, PathNotAllowedError
+from llm_mcp.core.errors import ConfigurationError, PathNotAllowedError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # llm_mcp/
 
 
 def data_path(name: str) -> Path:
@@ -60,6 +61,11 @@ class Settings:
     vllm_api_key: str | None = None
     vllm_idle_s: float = 900.0
     vllm_args: str = ""
+    executor: str = "local"
+
+    def __post_init__(self) -> None:
+        # Job processes run with their job directory as cwd: a relative home must not follow them there.
+        self.home = Path(self.home).expanduser().absolute()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -77,6 +83,7 @@ class Settings:
             vllm_api_key=env.get("LLM_MCP_VLLM_API_KEY") or None,
             vllm_idle_s=_float_env(env, "LLM_MCP_VLLM_IDLE_S", 900.0),
             vllm_args=env.get("LLM_MCP_VLLM_ARGS", ""),
+            executor=env.get("LLM_MCP_EXECUTOR") or "local",
         )
 
     def sample_backend(self) -> str:

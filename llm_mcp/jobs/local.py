@@ -1,4 +1,4 @@
-"""Start, watch and stop jobs: the scheduler shared by servers and supervisors.
+"""The local executor: jobs run on this machine, one supervisor process each.
 
 A job runs as `python -m llm_mcp.jobs.supervisor HOME JOB_ID` in a new session (its own process
 group), which runs `accelerate launch ... -m llm_mcp.train.run JOB_DIR`. Jobs therefore outlive
@@ -9,11 +9,9 @@ one BEGIN IMMEDIATE transaction, so no job is ever started twice.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +19,11 @@ from pathlib import Path
 
 import psutil
 
-from llm_mcp.jobs.store import FINAL_STATES, Job, JobStore, checkpoints
-from llm_mcp.settings import data_path
+from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
+from llm_mcp.core.procs import free_port
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.core.settings import data_path
 
 START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
 
@@ -35,18 +36,10 @@ def max_jobs() -> int:
         return 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_command(cfg: dict, job_dir: Path) -> list[str]:
+def accelerate_command(cfg: JobConfig, job_dir: Path) -> list[str]:
     """The `accelerate launch` command line for a job's resolved config."""
-    n = cfg["num_processes"]
-    config_file = cfg.get("accelerate_config") or str(
-        data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else f"{cfg.get('distributed', 'ddp')}.yaml")
-    )
+    n = cfg.num_processes
+    config_file = str(data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else "ddp.yaml"))
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
             "--num_processes", str(n), "--main_process_port", str(free_port()),
             "-m", "llm_mcp.train.run", str(job_dir)]
@@ -97,26 +90,6 @@ def _spawn_supervisor(store: JobStore, job_id: str) -> None:
                      error=f"could not start the job process: {exc}", next_step="check disk space and permissions")
         return
     store.update(job_id, pid=proc.pid, pid_started_at=psutil.Process(proc.pid).create_time())
-
-
-def read_result(job_dir: Path) -> dict | None:
-    try:
-        return json.loads((job_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def log_tail(job_dir: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
-    path = job_dir / "train.log"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - max_bytes))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    # Progress bars redraw with \r; keep what a terminal would show.
-    out = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines()]
-    return [ln for ln in out if ln.strip()][-lines:]
 
 
 def describe_exit(exit_code: int | None, tail: list[str]) -> str:
@@ -207,3 +180,30 @@ def cancel(store: JobStore, job_id: str) -> Job:
             except ProcessLookupError:
                 pass
     return store.get(job_id)
+
+
+class LocalExecutor:
+    """Jobs as local processes (`python -m llm_mcp.jobs.supervisor`), LLM_MCP_MAX_JOBS at a time per device set."""
+
+    name = "local"
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def submit(self, job_id: str) -> Job:
+        schedule(self.store)
+        return self.store.get(job_id)
+
+    def poll(self) -> None:
+        reconcile(self.store)
+
+    def cancel(self, job_id: str) -> Job:
+        return cancel(self.store, job_id)
+
+    def logs(self, job_id: str, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+        return log_tail(self.store.job_dir(job_id), lines=lines, max_bytes=max_bytes)
+
+    def reattach(self) -> None:
+        # Supervisors outlive servers and record their own outcome: re-attaching is reconciling
+        # the jobs whose supervisor died with them, then starting what is queued.
+        reconcile(self.store)

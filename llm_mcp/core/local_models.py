@@ -15,10 +15,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.errors import InvalidArgumentError, UnknownModelError
-from llm_mcp.estimates import estimate_memory, gpu_class_gb
-from llm_mcp.matrix import Dims, Matrix, MethodSupport, ModelEntry
-from llm_mcp.settings import Settings
+from llm_mcp.core.errors import InvalidArgumentError, UnknownModelError
+from llm_mcp.core.estimates import estimate_memory, gpu_class_gb
+from llm_mcp.core.matrix import Dims, Matrix, MethodSupport, ModelEntry
+from llm_mcp.core.settings import Settings
 
 _MAX_HEADER = 100 * 1024 * 1024
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.errors import InvalidArgumentError
+from llm_mcp.core.errors import InvalidArgumentError
 
 FORMATS = ("messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")

@@ -1,9 +1,10 @@
-"""Process helpers shared by the job supervisor and the vLLM watcher (Linux-first, psutil elsewhere)."""
+"""Process and port helpers shared by the job supervisor and the vLLM servers (Linux-first, psutil elsewhere)."""
 
 from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 
 import psutil
 
@@ -28,3 +29,9 @@ def signal_descendants(sig: int = signal.SIGKILL) -> int:
         except psutil.Error:
             pass
     return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

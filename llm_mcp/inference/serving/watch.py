@@ -1,4 +1,4 @@
-"""`python -m llm_mcp.serving.watch PARENT_PID -- CMD...`: run one managed vLLM server, never orphaned.
+"""`python -m llm_mcp.inference.serving.watch PARENT_PID -- CMD...`: run one managed vLLM server, never orphaned.
 
 vLLM spawns an engine process and workers. This watcher becomes their subreaper and ends all of
 them when (a) it gets SIGTERM (the MCP server stops the model), (b) the MCP server that started
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from llm_mcp.procs import become_subreaper, signal_descendants
+from llm_mcp.core.procs import become_subreaper, signal_descendants
 
 STOP_GRACE_S = 5.0
 

@@ -3,7 +3,7 @@
 The in-process backend (transformers + peft) keeps each base model loaded once and hot-swaps
 adapters on it (load / set / least-recently-used eviction), so a second adapter on the same base
 costs an adapter load, not a model load. torch is imported on first use, never at server start.
-The vLLM backend (a later addition) implements the same `Sampler` protocol.
+The vLLM backend (`llm_mcp.inference.serving.sampler`) implements the same `Sampler` protocol.
 """
 
 from __future__ import annotations
@@ -18,21 +18,11 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.inference.targets import Target, adapter_key
+
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16
 MAX_PROMPT_CHARS = 200_000
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to sample from: a base model, optionally with an adapter directory."""
-
-    base_path: str
-    base_id: str
-    adapter_path: str | None = None
-    quantized: bool = False  # QLoRA adapters are sampled on the 4-bit base they were trained on
-    sparse: bool = False  # a sparse-delta adapter (llm_mcp.train.sparse layout), not PEFT
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -127,7 +117,6 @@ class TransformersSampler:
 
     def _select_sparse(self, base: dict[str, Any], adapter_path: str | None) -> bool:
         """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off."""
-        from llm_mcp.adapters import adapter_key
         from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_into, sparse_modules
 
         model = base["model"]
@@ -153,7 +142,6 @@ class TransformersSampler:
         """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
         from peft import PeftModel
 
-        from llm_mcp.adapters import adapter_key
 
         model = base["model"]
         if adapter_path is None:

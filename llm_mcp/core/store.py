@@ -7,7 +7,6 @@ Every state change is a conditional UPDATE (`... WHERE state = ?`), so two proce
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import sqlite3
 import time
@@ -16,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llm_mcp.errors import ConfigurationError, LlmMcpError
+from llm_mcp.core.errors import ConfigurationError, LlmMcpError
+from llm_mcp.core.jobconfig import JobConfig
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -59,7 +59,7 @@ class Job:
     method: str
     device_set: str
     created_at: float
-    config: dict[str, Any]
+    config: JobConfig
     started_at: float | None = None
     finished_at: float | None = None
     pid: int | None = None
@@ -74,22 +74,10 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
-        d["config"] = json.loads(d["config"])
+        d["config"] = JobConfig.parse(json.loads(d["config"]), f"job {d['id']}'s config")
         d["warnings"] = json.loads(d["warnings"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         return cls(**d)
-
-
-def checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
-    """A job's complete checkpoints as (step, directory), oldest first.
-
-    A checkpoint is written as step-NNNNNN.tmp and renamed when whole, so only step-<digits> counts.
-    """
-    root = job_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
-    return sorted(found)
 
 
 def new_job_id() -> str:
@@ -144,7 +132,7 @@ class JobStore:
                 "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.name, job.state, job.model, job.method, job.device_set, job.created_at,
-                 job.resumed_from, json.dumps(job.warnings), json.dumps(job.config)),
+                 job.resumed_from, json.dumps(job.warnings), job.config.model_dump_json()),
             )
 
     def get(self, job_id: str) -> Job:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.export import export
-from llm_mcp.jobs.store import Job
-from llm_mcp.sampling import Target
-from llm_mcp.serving.sampler import needs_merge
-from llm_mcp.settings import Settings
+from llm_mcp.inference.export import export
+from llm_mcp.core.store import Job
+from llm_mcp.inference.targets import Target
+from llm_mcp.inference.serving.sampler import needs_merge
+from llm_mcp.core.settings import Settings
 
 
 class ServeResult(BaseModel):

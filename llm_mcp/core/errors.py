@@ -1,9 +1,10 @@
 """One error root for the project.
 
-Every anticipated failure is an `LlmMcpError`. It derives from the MCP SDK's
-`ToolError` because in mcp 2.x only that class reaches the model with its message;
-anything else is masked as "Error executing tool NAME". Each subclass also inherits
-the stdlib error it stands in for, so plain Python callers can catch either.
+Every anticipated failure is an `LlmMcpError`. It does not depend on the MCP SDK: the
+training process, export and the CLI raise it without importing `mcp`. The tool boundary
+(`llm_mcp.tools.common.tool_errors`) converts it into the SDK's `ToolError`, the only
+exception whose message reaches the model in mcp 2.x. Each subclass also inherits the
+stdlib error it stands in for, so plain Python callers can catch either.
 
 Messages are the agent's UI: name the field, the bad value (with !r), the allowed
 values, and what to do next.
@@ -11,10 +12,8 @@ values, and what to do next.
 
 from __future__ import annotations
 
-from mcp.server.mcpserver.exceptions import ToolError
 
-
-class LlmMcpError(ToolError):
+class LlmMcpError(Exception):
     """Root of every error llm_mcp raises on purpose."""
 
 

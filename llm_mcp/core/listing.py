@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.estimates import estimate_memory
-from llm_mcp.hardware import Hardware
-from llm_mcp.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
-from llm_mcp.methods import MethodDefaults
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.estimates import estimate_memory
+from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
+from llm_mcp.core.methods import MethodDefaults
 
 
 class HardwareInfo(BaseModel):

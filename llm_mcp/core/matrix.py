@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llm_mcp.errors import ConfigurationError, UnknownModelError
+from llm_mcp.core.errors import ConfigurationError, UnknownModelError
 
 METHODS: tuple[str, ...] = ("lora", "qlora", "dora", "sparse")
 Method = Literal["lora", "qlora", "dora", "sparse"]

@@ -11,19 +11,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.data import DatasetSummary, validate_dataset
-from llm_mcp.errors import InvalidArgumentError, LlmMcpError
-from llm_mcp.estimates import estimate_memory, linear_names
-from llm_mcp.hardware import Hardware
-from llm_mcp.jobs.store import JobStore, checkpoints
-from llm_mcp.local_models import resolve_model
-from llm_mcp.matrix import METHODS, ModelEntry
+from llm_mcp.core.data import DatasetSummary, validate_dataset
+from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
+from llm_mcp.core.estimates import estimate_memory, linear_names
+from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobdir import checkpoints
+from llm_mcp.core.store import JobStore
+from llm_mcp.core.local_models import resolve_model
+from llm_mcp.core.matrix import METHODS, ModelEntry
 
 IMPLEMENTED_METHODS = ("lora", "qlora", "dora", "sparse")
 SPARSE_ARGS = ("density", "sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction",
                "use_rigl", "quantize_base")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
+# (argument, low, high, type) for every plain range check
+RANGES = [("max_steps", 1, 1_000_000, int), ("epochs", 0.01, 100, float), ("learning_rate", 1e-8, 1.0, float),
+          ("lora_rank", 1, 1024, int), ("lora_alpha", 0.01, 16384, float), ("lora_dropout", 0.0, 0.9, float),
+          ("batch_size", 1, 4096, int), ("gradient_accumulation", 1, 4096, int), ("seed", 0, 2**31 - 1, int),
+          ("checkpoint_every", 0, 1_000_000, int), ("keep_checkpoints", 1, 100, int), ("eval_every", 0, 1_000_000, int),
+          ("eval_fraction", 0.0, 0.5, float), ("warmup_ratio", 0.0, 0.5, float), ("weight_decay", 0.0, 1.0, float)]
 DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
                 checkpoint_every=50, keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.03,
                 weight_decay=0.0, max_grad_norm=1.0, group_by_length=True)
@@ -31,7 +39,7 @@ DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_o
 
 @dataclass
 class Resolved:
-    config: dict[str, Any]
+    config: JobConfig
     entry: ModelEntry
     dataset: DatasetSummary
     estimates: dict[str, Any]
@@ -58,7 +66,7 @@ def _flops_per_second(hardware: Hardware) -> float:
 def resolve_finetune(
     *, matrix, settings, defaults, hardware: Hardware, store: JobStore, args: dict[str, Any]
 ) -> Resolved:
-    """Validate a start_finetune request and resolve it into the trainer's config.
+    """Validate a start_finetune request and resolve it into the job config the trainer reads.
 
     Raises:
         InvalidArgumentError: every problem found, one per line, with allowed values and next steps.
@@ -66,37 +74,7 @@ def resolve_finetune(
     problems: list[str] = []
     warnings: list[str] = []
     args = {k: v for k, v in args.items() if v is not None}
-    base_cfg: dict[str, Any] = {}
-
-    if "resume_from" in args:
-        try:
-            old = store.get(args["resume_from"])
-        except LlmMcpError as exc:
-            raise InvalidArgumentError(f"resume_from: {exc}") from None
-        if old.state not in ("failed", "cancelled"):
-            problems.append(f"resume_from={old.id!r} is {old.state}; only failed or cancelled jobs can be resumed"
-                            + (" (wait for it or cancel_job it first)" if old.state in ("queued", "running") else ""))
-        ckpts = checkpoints(store.job_dir(old.id))
-        if not ckpts:
-            problems.append(f"resume_from={old.id!r} has no checkpoint to resume from; start a new job instead")
-        base_cfg = dict(old.config)
-        for key in ("model", "method", "dataset", "eval_dataset", "learning_rate", "lora_rank", "lora_alpha",
-                    "lora_dropout", "target_modules", "batch_size", "gradient_accumulation", "max_seq_len",
-                    "train_on", "seed", "eval_fraction", "num_processes", "lr_scheduler", "warmup_ratio",
-                    "weight_decay", "gradient_checkpointing", "group_by_length", *SPARSE_ARGS):
-            old_value = _request_value(old.config, key)
-            if key in args and args[key] != old_value:
-                problems.append(f"{key}={args[key]!r} differs from the resumed job's {old_value!r}; when resuming only "
-                                f"{list(RESUME_OVERRIDABLE)} may change. Start a new job to change {key}")
-            if old_value is not None:
-                args.setdefault(key, old_value)
-        if "max_steps" not in args and "epochs" not in args:
-            for key in ("max_steps", "epochs"):
-                if old.config.get(key) is not None:
-                    args[key] = old.config[key]
-        base_cfg["resume_checkpoint"] = str(ckpts[-1][1]) if ckpts else None
-        base_cfg["resume_step"] = ckpts[-1][0] if ckpts else None
-
+    base_cfg = _resume(store, args, problems) if "resume_from" in args else {}
     for required in ("model", "method", "dataset"):
         if required not in args:
             problems.append(f"{required} is required")
@@ -108,58 +86,87 @@ def resolve_finetune(
         entry = resolve_model(matrix, settings, args["model"])
     except LlmMcpError as exc:
         problems.append(str(exc))
-
     method = args["method"]
+    _check_method(entry, method, problems, warnings)
+    _check_ranges(args, entry, hardware, resuming=bool(base_cfg), problems=problems)
+    lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
+    dataset, eval_path = _datasets(settings, args, problems)
+    if problems or entry is None or dataset is None:
+        raise InvalidArgumentError(problems)
+
+    cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset, eval_path, hardware)
+    lr = cfg["learning_rate"]
+    if not (0.01 * entry.recommended_lr <= lr <= 10 * entry.recommended_lr):
+        warnings.append(f"learning_rate={lr:g} is far from the recommended {entry.recommended_lr:g} for {entry.id}")
+    estimates = _estimates(cfg, args, entry, dataset, hardware, warnings)
+    config = JobConfig.parse({**cfg, "job_id": None}, "the resolved request")
+    return Resolved(config=config, entry=entry, dataset=dataset, estimates=estimates, warnings=warnings)
+
+
+def _resume(store: JobStore, args: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """A resume: the old job's config as the base, its request as defaults; only RESUME_OVERRIDABLE may change."""
+    try:
+        old = store.get(args["resume_from"])
+    except LlmMcpError as exc:
+        raise InvalidArgumentError(f"resume_from: {exc}") from None
+    if old.state not in ("failed", "cancelled"):
+        problems.append(f"resume_from={old.id!r} is {old.state}; only failed or cancelled jobs can be resumed"
+                        + (" (wait for it or cancel_job it first)" if old.state in ("queued", "running") else ""))
+    ckpts = checkpoints(store.job_dir(old.id))
+    if not ckpts:
+        problems.append(f"resume_from={old.id!r} has no checkpoint to resume from; start a new job instead")
+    old_request = _request_of(old.config)
+    for key in sorted(set(args) - set(RESUME_OVERRIDABLE) - {"resume_from"}):
+        if key not in old_request or args[key] != old_request[key]:
+            was = repr(old_request[key]) if key in old_request else "default"
+            problems.append(f"{key}={args[key]!r} differs from the resumed job's {was}; when resuming only "
+                            f"{list(RESUME_OVERRIDABLE)} may change. Start a new job to change {key}")
+    for key, old_value in old_request.items():
+        if key not in RESUME_OVERRIDABLE:
+            args.setdefault(key, old_value)
+    if "max_steps" not in args and "epochs" not in args:
+        for key in ("max_steps", "epochs"):
+            if getattr(old.config, key) is not None:
+                args[key] = getattr(old.config, key)
+    base_cfg = old.config.model_dump()
+    base_cfg["resume_checkpoint"] = str(ckpts[-1][1]) if ckpts else None
+    base_cfg["resume_step"] = ckpts[-1][0] if ckpts else None
+    return base_cfg
+
+
+def _check_method(entry: ModelEntry | None, method: str, problems: list[str], warnings: list[str]) -> None:
     if method not in METHODS:
         problems.append(f"method={method!r}; allowed: {list(METHODS)}")
-    elif entry is not None:
-        support = entry.methods[method]
-        usable = [m for m in METHODS if entry.methods[m].status != "unsupported" and m in IMPLEMENTED_METHODS]
-        if support.status == "unsupported":
-            problems.append(f"method={method!r} is unsupported for {entry.id}: {support.note}. "
-                            f"Methods you can use for this model: {usable or 'none'}")
-        elif method not in IMPLEMENTED_METHODS:
-            problems.append(f"method={method!r} is not implemented in this server version yet; use one of {usable}")
-        elif support.status == "experimental":
-            warnings.append(f"{method} on {entry.id} is experimental: {support.note}")
+        return
+    if entry is None:
+        return
+    support = entry.methods[method]
+    usable = [m for m in METHODS if entry.methods[m].status != "unsupported" and m in IMPLEMENTED_METHODS]
+    if support.status == "unsupported":
+        problems.append(f"method={method!r} is unsupported for {entry.id}: {support.note}. "
+                        f"Methods you can use for this model: {usable or 'none'}")
+    elif method not in IMPLEMENTED_METHODS:
+        problems.append(f"method={method!r} is not implemented in this server version yet; use one of {usable}")
+    elif support.status == "experimental":
+        warnings.append(f"{method} on {entry.id} is experimental: {support.note}")
 
-    # Hyperparameters: ranges first, then cross-field rules.
-    _in_range(problems, "max_steps", args.get("max_steps"), 1, 1_000_000)
-    _in_range(problems, "epochs", args.get("epochs"), 0.01, 100, float)
-    if "max_steps" in args and "epochs" in args and not base_cfg:
+
+def _check_ranges(args: dict[str, Any], entry: ModelEntry | None, hardware: Hardware, *, resuming: bool,
+                  problems: list[str]) -> None:
+    """Hyperparameters: ranges first, then cross-field rules."""
+    method = args["method"]
+    for name, lo, hi, kind in RANGES:
+        _in_range(problems, name, args.get(name), lo, hi, kind)
+    if "max_steps" in args and "epochs" in args and not resuming:
         problems.append("give max_steps or epochs, not both")
-    _in_range(problems, "learning_rate", args.get("learning_rate"), 1e-8, 1.0, float)
-    _in_range(problems, "lora_rank", args.get("lora_rank"), 1, 1024)
-    _in_range(problems, "lora_alpha", args.get("lora_alpha"), 0.01, 16384, float)
-    _in_range(problems, "lora_dropout", args.get("lora_dropout"), 0.0, 0.9, float)
-    _in_range(problems, "batch_size", args.get("batch_size"), 1, 4096)
-    _in_range(problems, "gradient_accumulation", args.get("gradient_accumulation"), 1, 4096)
-    _in_range(problems, "seed", args.get("seed"), 0, 2**31 - 1)
-    _in_range(problems, "checkpoint_every", args.get("checkpoint_every"), 0, 1_000_000)
-    _in_range(problems, "keep_checkpoints", args.get("keep_checkpoints"), 1, 100)
-    _in_range(problems, "eval_every", args.get("eval_every"), 0, 1_000_000)
-    _in_range(problems, "eval_fraction", args.get("eval_fraction"), 0.0, 0.5, float)
-    _in_range(problems, "warmup_ratio", args.get("warmup_ratio"), 0.0, 0.5, float)
-    _in_range(problems, "weight_decay", args.get("weight_decay"), 0.0, 1.0, float)
     max_procs = len(hardware.gpus) or hardware.cpu_count
     _in_range(problems, "num_processes", args.get("num_processes"), 1, max(1, max_procs))
     if method != "sparse":
-        given = [k for k in SPARSE_ARGS if k in args and not base_cfg]
+        given = [k for k in SPARSE_ARGS if k in args and not resuming]
         if given:
             problems.append(f"{given} only apply to method='sparse' (got method={method!r})")
     else:
-        _in_range(problems, "density", args.get("density"), 1e-6, 1.0, float)
-        _in_range(problems, "sparsity_ratio", args.get("sparsity_ratio"), 0.0, 0.999999, float)
-        _in_range(problems, "mask_update_interval", args.get("mask_update_interval"), 1, 1_000_000)
-        _in_range(problems, "mask_update_fraction", args.get("mask_update_fraction"), 0.0, 1.0, float)
-        if "density" in args and "sparsity_ratio" in args:
-            problems.append("give density or sparsity_ratio (= 1 - density), not both")
-        if args.get("sparsity_type", "unstructured") != "unstructured":
-            problems.append(f"sparsity_type={args['sparsity_type']!r}; allowed: ['unstructured'] (structured "
-                            "sparsity is not implemented)")
-        if args.get("quantize_base") and entry is not None and entry.methods["qlora"].status == "unsupported":
-            problems.append(f"quantize_base=true needs a 4-bit base, which {entry.id} does not support "
-                            f"(qlora: {entry.methods['qlora'].note})")
+        _check_sparse(args, entry, problems)
     if args.get("lr_scheduler", "cosine") not in LR_SCHEDULERS:
         problems.append(f"lr_scheduler={args['lr_scheduler']!r}; allowed: {list(LR_SCHEDULERS)}")
     if args.get("train_on", "completion") not in ("completion", "all"):
@@ -170,10 +177,29 @@ def resolve_finetune(
     if entry is not None:
         _in_range(problems, "max_seq_len", args.get("max_seq_len"), 8, entry.context_length)
 
+
+def _check_sparse(args: dict[str, Any], entry: ModelEntry | None, problems: list[str]) -> None:
+    _in_range(problems, "density", args.get("density"), 1e-6, 1.0, float)
+    _in_range(problems, "sparsity_ratio", args.get("sparsity_ratio"), 0.0, 0.999999, float)
+    _in_range(problems, "mask_update_interval", args.get("mask_update_interval"), 1, 1_000_000)
+    _in_range(problems, "mask_update_fraction", args.get("mask_update_fraction"), 0.0, 1.0, float)
+    if "density" in args and "sparsity_ratio" in args:
+        problems.append("give density or sparsity_ratio (= 1 - density), not both")
+    if args.get("sparsity_type", "unstructured") != "unstructured":
+        problems.append(f"sparsity_type={args['sparsity_type']!r}; allowed: ['unstructured'] (structured "
+                        "sparsity is not implemented)")
+    if args.get("quantize_base") and entry is not None and entry.methods["qlora"].status == "unsupported":
+        problems.append(f"quantize_base=true needs a 4-bit base, which {entry.id} does not support "
+                        f"(qlora: {entry.methods['qlora'].note})")
+
+
+def _targets(args: dict[str, Any], entry: ModelEntry | None, defaults, method: str, problems: list[str]):
+    """(the method's LoRA defaults, the module names to adapt), checked against the model's linear layers."""
     method_defaults = defaults.get(method) if method in METHODS else None
     lora_defaults = method_defaults.lora if method_defaults and method_defaults.lora else defaults["lora"].lora
     target_modules = args.get("target_modules") or (
-        entry.target_modules if entry is not None and lora_defaults.target_modules == "auto" else lora_defaults.target_modules)
+        entry.target_modules if entry is not None and lora_defaults.target_modules == "auto"
+        else lora_defaults.target_modules)
     if entry is not None and isinstance(target_modules, list):
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             problems.append(f"target_modules={target_modules!r}: give a non-empty list of module names")
@@ -183,7 +209,11 @@ def resolve_finetune(
                 if module not in allowed:
                     problems.append(f"target_modules contains {module!r}, which {entry.id} does not have as a "
                                     f"linear layer; allowed: {allowed}")
+    return lora_defaults, target_modules
 
+
+def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[DatasetSummary | None, str | None]:
+    """(the training set's summary, the eval set's resolved path), each validated under the allowed roots."""
     dataset = None
     eval_path = None
     for key in ("dataset", "eval_dataset"):
@@ -201,16 +231,17 @@ def resolve_finetune(
             eval_path = str(path)
     if "eval_dataset" in args and args.get("eval_fraction"):
         problems.append("give eval_dataset or eval_fraction, not both")
+    return dataset, eval_path
 
-    if problems or entry is None or dataset is None:
-        raise InvalidArgumentError(problems)
 
-    num_processes = args.get("num_processes", 1)
-    cfg: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in base_cfg.items()}}
+def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, target_modules, dataset, eval_path,
+                 hardware: Hardware) -> dict[str, Any]:
+    """The job config's fields: request over the resumed config over the defaults."""
+    cfg: dict[str, Any] = {**DEFAULTS, **base_cfg}
     for key in DEFAULTS:
         if key in args:
             cfg[key] = args[key]
-    lr = args.get("learning_rate", entry.recommended_lr)
+    method = args["method"]
     rank = args.get("lora_rank", lora_defaults.rank)
     cfg.update(
         model={"id": entry.id, "path": getattr(entry, "path", entry.id), "trust_remote_code": entry.trust_remote_code,
@@ -218,7 +249,8 @@ def resolve_finetune(
         method=method, dataset=dataset.path, eval_dataset=eval_path,
         eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
         max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
-        learning_rate=lr, num_processes=num_processes, eval_every=args.get("eval_every", cfg.get("eval_every", 0)),
+        learning_rate=args.get("learning_rate", entry.recommended_lr), num_processes=args.get("num_processes", 1),
+        eval_every=args.get("eval_every", cfg.get("eval_every", 0)),
         lora={"rank": rank, "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
               "dropout": args.get("lora_dropout", lora_defaults.dropout), "target_modules": target_modules,
               "use_dora": method == "dora", "bias": lora_defaults.bias},
@@ -229,10 +261,14 @@ def resolve_finetune(
         request={k: v for k, v in args.items() if k != "resume_from"},
         resume_from=args.get("resume_from"),
     )
-    if not (0.01 * entry.recommended_lr <= lr <= 10 * entry.recommended_lr):
-        warnings.append(f"learning_rate={lr:g} is far from the recommended {entry.recommended_lr:g} for {entry.id}")
+    return cfg
 
-    est = estimate_memory(entry.dims, entry.params_b, method, target_modules=target_modules, rank=rank,
+
+def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dataset: DatasetSummary,
+               hardware: Hardware, warnings: list[str]) -> dict[str, Any]:
+    """Memory (refused with what would fit if it does not), steps, tokens and time; sets gradient_checkpointing."""
+    method, rank = cfg["method"], cfg["lora"]["rank"]
+    est = estimate_memory(entry.dims, entry.params_b, method, target_modules=cfg["lora"]["target_modules"], rank=rank,
                           batch_size=cfg["batch_size"], seq_len=cfg["max_seq_len"],
                           device="cuda" if hardware.gpus else "cpu",
                           quantized=bool(cfg["sparse"] and cfg["sparse"]["quantize_base"]),
@@ -244,10 +280,9 @@ def resolve_finetune(
             [f"estimated memory {est.total_gb:g} GB exceeds the {usable:g} GB usable on {hardware.describe()}"]
             + _fitting_alternatives(entry, method, rank, cfg, hardware)
         )
-
     eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
     train_rows = dataset.rows - eval_rows
-    per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * num_processes
+    per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * cfg["num_processes"]
     if train_rows < per_step:
         raise InvalidArgumentError(
             f"dataset has {train_rows} training rows, but one step needs batch_size x gradient_accumulation x "
@@ -265,14 +300,13 @@ def resolve_finetune(
     seconds = 4 * entry.active_params_b * 1e9 * tokens / _flops_per_second(hardware)
     if not dataset.complete:
         warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
-    estimates = {
+    return {
         "trainable_params": est.trainable_params, "memory_gb": est.total_gb, "memory": est.to_dict(),
         "usable_memory_gb": usable, "hardware": hardware.describe(), "train_rows": train_rows,
         "eval_rows": eval_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "approx_tokens": tokens, "rough_time_s": round(seconds + 15, 1),
         "dataset_formats": dataset.formats,
     }
-    return Resolved(config=cfg, entry=entry, dataset=dataset, estimates=estimates, warnings=warnings)
 
 
 def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
@@ -288,14 +322,11 @@ def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
             "use_rigl": args.get("use_rigl", defaults.use_rigl), "quantize_base": bool(args.get("quantize_base"))}
 
 
-def _request_value(cfg: dict[str, Any], key: str) -> Any:
-    """The value a resumed job's request had for `key` (its resolved config as fallback)."""
-    req = cfg.get("request", {})
-    if key in req:
-        return req[key]
-    if key == "model":
-        return cfg["model"]["path"] if cfg["model"].get("local") else cfg["model"]["id"]
-    return None
+def _request_of(cfg: JobConfig) -> dict[str, Any]:
+    """The arguments a job was started with (its model as the caller named it)."""
+    req = dict(cfg.request)
+    req.setdefault("model", cfg.model.path if cfg.model.local else cfg.model.id)
+    return req
 
 
 def _under_home(settings, value: str) -> Path:

@@ -20,8 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.matrix import Dims
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.matrix import Dims
 
 GiB = 1024**3
 Device = Literal["cuda", "cpu"]

@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from llm_mcp.estimates import GPU_USABLE_FRACTION, RAM_USABLE_FRACTION, GiB
+from llm_mcp.core.estimates import GPU_USABLE_FRACTION, RAM_USABLE_FRACTION, GiB
 
 
 @dataclass(frozen=True)

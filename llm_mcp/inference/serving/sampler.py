@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.adapters import adapter_key
-from llm_mcp.errors import InvalidArgumentError
-from llm_mcp.sampling import Completion, Generation, SampleParams, Target, TokenLogprob
-from llm_mcp.serving.servers import START_WAIT_S, VllmError, VllmPool, VllmServer
+from llm_mcp.inference.targets import adapter_key
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.inference.sampling import Completion, Generation, SampleParams, TokenLogprob
+from llm_mcp.inference.targets import Target
+from llm_mcp.inference.serving.servers import START_WAIT_S, VllmError, VllmPool, VllmServer
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 SAME_AS_BASE = 1e-6

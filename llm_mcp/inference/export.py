@@ -3,7 +3,7 @@
 Writes go to a temporary path renamed into place, with a manifest (export.json) naming the
 source (job, checkpoint, adapter sha256). Exporting the same thing again returns the existing
 export; a destination holding anything else is never overwritten. Merged exports run in a
-detached `python -m llm_mcp.export` process, so a long merge survives the server that asked.
+detached `python -m llm_mcp.inference.export` process, so a long merge survives the server that asked.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.adapters import weights_file
-from llm_mcp.errors import InvalidArgumentError, PathNotAllowedError
-from llm_mcp.jobs.status import read_metrics
-from llm_mcp.jobs.store import Job
-from llm_mcp.settings import Settings
+from llm_mcp.inference.targets import weights_file
+from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
+from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.store import Job
+from llm_mcp.core.settings import Settings
 
 FORMATS = ("peft", "archive", "merged")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -98,25 +99,25 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     metrics = read_metrics(job_dir)
     steps = [m for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    lora, sparse = cfg["lora"], cfg.get("sparse")
+    lora, sparse = cfg.lora, cfg.sparse
     title = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
              "sparse": "Sparse (dynamic sparse delta)"}.get(job.method, job.method)
     lines = [
         f"# {job.name}", "",
         f"{title} fine-tune of `{base}` made with llm_mcp (job `{job.id}`, {label}).", "",
         "## Training", "",
-        f"- data: `{cfg['dataset']}`" + (f", eval: `{cfg['eval_dataset']}`" if cfg.get("eval_dataset") else ""),
-        f"- steps: {steps[-1]['step'] if steps else 0} of {cfg.get('max_steps') or str(cfg.get('epochs')) + ' epoch(s)'}",
-        f"- learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler']}, warmup {cfg['warmup_ratio']:g}), "
-        f"batch {cfg['batch_size']} x {cfg['gradient_accumulation']} x {cfg['num_processes']} process(es), "
-        f"max_seq_len {cfg['max_seq_len']}, loss on {cfg['train_on']} tokens, seed {cfg['seed']}",
-        (f"- sparse delta on {', '.join(lora['target_modules'])}: density {sparse['density']} ('auto' = LoRA rank "
-         f"{lora['rank']}'s parameter count), RigL mask updates every {sparse['mask_update_interval']} steps "
-         f"(fraction {sparse['mask_update_fraction']:g}, cosine-decayed)" if sparse and sparse["use_rigl"] else
-         f"- sparse delta on {', '.join(lora['target_modules'])}: density {sparse['density']}, fixed random mask"
+        f"- data: `{cfg.dataset}`" + (f", eval: `{cfg.eval_dataset}`" if cfg.eval_dataset else ""),
+        f"- steps: {steps[-1]['step'] if steps else 0} of {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'}",
+        f"- learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), "
+        f"batch {cfg.batch_size} x {cfg.gradient_accumulation} x {cfg.num_processes} process(es), "
+        f"max_seq_len {cfg.max_seq_len}, loss on {cfg.train_on} tokens, seed {cfg.seed}",
+        (f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density} ('auto' = LoRA rank "
+         f"{lora.rank}'s parameter count), RigL mask updates every {sparse.mask_update_interval} steps "
+         f"(fraction {sparse.mask_update_fraction:g}, cosine-decayed)" if sparse and sparse.use_rigl else
+         f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density}, fixed random mask"
          if sparse else
-         f"- adapter: rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
-         f"targets {', '.join(lora['target_modules'])}" + (", use_dora" if lora.get("use_dora") else "")),
+         f"- adapter: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, "
+         f"targets {', '.join(lora.target_modules)}" + (", use_dora" if lora.use_dora else "")),
     ]
     if steps:
         lines.append(f"- train loss: {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
@@ -155,7 +156,7 @@ def _write_peft(job: Job, label: str, adapter: Path, base: str, out: Path, job_d
     cfg["base_model_name_or_path"] = base
     (out / config_name).write_text(json.dumps(cfg, indent=2))
     shutil.copy2(weights_file(adapter), out / weights_file(adapter).name)
-    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(job.config["model"]["path"])
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(job.config.model.path)
     for name in TOKENIZER_FILES:
         if (tok_src / name).exists():
             shutil.copy2(tok_src / name, out / name)
@@ -173,7 +174,7 @@ def snippets(job: Job, fmt: str, dest: Path, base: str, vllm_adapter: bool) -> d
                         "and run `vllm serve <merged dir>`"}
     out = {"peft": (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
                     f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {path!r})")}
-    rank = job.config["lora"]["rank"]
+    rank = job.config.lora.rank
     max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
     if vllm_adapter:
         out["vllm"] = (f"vllm serve {base} --enable-lora --lora-modules {job.name}={path} --max-lora-rank {max_rank}")
@@ -188,7 +189,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     """Export (or find the identical existing export). Merged exports may return state 'running'."""
     if fmt not in FORMATS:
         raise InvalidArgumentError(f"format={fmt!r}; allowed: {list(FORMATS)}")
-    base = job.config["model"]["id"]
+    base = job.config.model.id
     slug = label.replace(" ", "-")
     dest = resolve_destination(settings, destination, f"{job.id}-{slug}-{fmt}" + (".tar.gz" if fmt == "archive" else ""))
     if fmt == "archive" and not dest.name.endswith(".tar.gz"):
@@ -196,7 +197,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     manifest = _manifest(job, label, fmt, adapter)
     result = ExportResult(state="done", format=fmt, destination=str(dest), job_id=job.id, checkpoint=label,
                           snippets=snippets(job, fmt, dest, base, vllm_adapter))
-    if (job.method == "qlora" or (job.config.get("sparse") or {}).get("quantize_base")) and fmt == "merged":
+    if job.config.quantized and fmt == "merged":
         result.notes.append("QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
                             "precision; it differs slightly from the original unquantized base (4-bit rounding).")
     if dest.exists():
@@ -238,14 +239,14 @@ def _run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, ma
                result: ExportResult) -> ExportResult:
     """Start (or wait for) the detached merge process; up to MERGE_WAIT_S in this call."""
     lock = dest.with_name(f".{dest.name}.lock")
-    spec = {"job": {"id": job.id, "name": job.name, "method": job.method, "config": job.config,
+    spec = {"job": {"id": job.id, "name": job.name, "method": job.method, "config": job.config.model_dump(mode="json"),
                     "state": job.state, "created_at": job.created_at},
             "adapter": str(adapter), "base": base, "dest": str(dest), "manifest": manifest, "job_dir": str(job_dir),
             "checkpoint": result.checkpoint}
     if not lock.exists():
         lock.write_text(json.dumps(spec))
         log = open(dest.with_name(f".{dest.name}.log"), "ab")
-        subprocess.Popen([sys.executable, "-m", "llm_mcp.export", str(lock)], stdin=subprocess.DEVNULL, stdout=log,
+        subprocess.Popen([sys.executable, "-m", "llm_mcp.inference.export", str(lock)], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         log.close()
     deadline = time.monotonic() + MERGE_WAIT_S
@@ -275,16 +276,16 @@ def merge_main(lock_path: str) -> int:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-        cfg = spec["job"]["config"]
-        base_path = cfg["model"]["path"]
-        trc = cfg["model"].get("trust_remote_code", False)
-        if spec["job"]["method"] == "qlora" or (cfg.get("sparse") or {}).get("quantize_base"):
-            q = cfg["quantization"]
+        cfg = JobConfig.parse(spec["job"]["config"])
+        base_path = cfg.model.path
+        trc = cfg.model.trust_remote_code
+        if cfg.quantized:
+            q = cfg.quantization
             model = AutoModelForCausalLM.from_pretrained(
                 base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32, use_safetensors=True,
                 quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
-                    bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"], bnb_4bit_compute_dtype=torch.float32))
+                    load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+                    bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=torch.float32))
             model = model.dequantize()
         else:
             model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto",

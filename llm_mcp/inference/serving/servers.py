@@ -2,7 +2,7 @@
 
 Managed mode starts one OpenAI-compatible vLLM server per served model (a base model, or a merged
 DoRA / sparse result) with LoRA enabled and runtime adapter loading on. Each runs under
-`llm_mcp.serving.watch`, so it dies with the MCP server even after a SIGKILL. A crashed server
+`llm_mcp.inference.serving.watch`, so it dies with the MCP server even after a SIGKILL. A crashed server
 is restarted on the next request (at most MAX_RESTARTS times); an idle one is stopped after
 `LLM_MCP_VLLM_IDLE_S`. vLLM takes tens of seconds to start: callers wait at most START_WAIT_S and
 get `VllmStarting` (a retryable error) while it is still coming up.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.errors import LlmMcpError
-from llm_mcp.jobs.manager import free_port
+from llm_mcp.core.errors import LlmMcpError
+from llm_mcp.core.procs import free_port
 
 # vLLM's LoRAConfig.max_lora_rank accepts only these values.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -164,7 +164,7 @@ class VllmPool:
             cmd += ["--max-model-len", str(_max_model_len(server.model_path, 8192))]
         if trust_remote_code:
             cmd.append("--trust-remote-code")
-        watch = [sys.executable, "-m", "llm_mcp.serving.watch", str(os.getpid()), "--"]
+        watch = [sys.executable, "-m", "llm_mcp.inference.serving.watch", str(os.getpid()), "--"]
         return watch + cmd + self.extra_args
 
     def _spawn(self, server: VllmServer, trust_remote_code: bool) -> None:

@@ -1,0 +1,170 @@
+"""The job config: the one contract between the server and everything that reads a job.
+
+Validation (`llm_mcp.core.validate`) produces a `JobConfig`; the server writes it as
+`jobs/<id>/config.json` and stores it with the job record; the trainer, export, sampling and
+the executors read it back as attributes. Unknown keys are rejected, so a typo or a key that
+no reader uses fails loudly. `version` says which layout a file has: files written before the
+version field existed (version 0) load through `_upgrade`.
+
+Imports neither torch nor the MCP SDK: the training process and the server both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.methods import QuantizationDefaults
+
+CONFIG_VERSION = 1
+CONFIG_FILE = "config.json"
+# Keys a version-0 config.json could carry that no reader ever used.
+_DEAD_V0_KEYS = ("accelerate_config", "distributed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    """The base model: its matrix id (or local directory name) and where to load it from."""
+
+    id: str
+    path: str = Field(description="Hub id or absolute local directory passed to from_pretrained.")
+    trust_remote_code: bool = False
+    hf_architecture: str | None = None
+    local: bool = False
+
+
+class LoraSettings(_Strict):
+    """Adapter shape. Sparse jobs use `target_modules` (and `rank` for density 'auto') too."""
+
+    rank: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str]
+    use_dora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantizationSettings(QuantizationDefaults):
+    """The 4-bit NF4 base of QLoRA (and of sparse jobs with quantize_base)."""
+
+
+class SparseSettings(_Strict):
+    """Sparse deltas with RigL-style mask updates (llm_mcp.train.sparse)."""
+
+    density: float | Literal["auto"]
+    sparsity_type: Literal["unstructured"] = "unstructured"
+    mask_update_interval: int = Field(ge=1)
+    mask_update_fraction: float = Field(ge=0, le=1)
+    use_rigl: bool = True
+    quantize_base: bool = False
+
+
+class JobConfig(_Strict):
+    """Everything a job trains with, resolved: no defaults are left for a reader to guess."""
+
+    version: int = CONFIG_VERSION
+    job_id: str | None = Field(None, description="None in a dry run.")
+    model: ModelRef
+    method: Literal["lora", "qlora", "dora", "sparse"]
+    objective: Literal["causal_lm"] = Field(
+        "causal_lm", description="What the loss is (llm_mcp.train.objectives): next-token cross-entropy.")
+    dataset: str
+    eval_dataset: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, le=0.5)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation: int = Field(ge=1)
+    max_seq_len: int = Field(ge=1)
+    train_on: Literal["completion", "all"] = "completion"
+    seed: int = 0
+    checkpoint_every: int = Field(ge=0)
+    keep_checkpoints: int = Field(ge=1)
+    eval_every: int = Field(0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    lora: LoraSettings
+    quantization: QuantizationSettings | None = None
+    sparse: SparseSettings | None = None
+    request: dict[str, Any] = Field(default_factory=dict,
+                                    description="The start_finetune arguments as given (a resume compares them).")
+    resume_from: str | None = None
+    resume_checkpoint: str | None = None
+    resume_step: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base is loaded in 4-bit (QLoRA, or sparse over a 4-bit base)."""
+        return self.method == "qlora" or bool(self.sparse and self.sparse.quantize_base)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps: max_steps, or epochs x steps_per_epoch (at least one)."""
+        if self.max_steps:
+            return self.max_steps
+        return max(1, math.ceil((self.epochs or 1.0) * steps_per_epoch))
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def write(self, job_dir: Path) -> Path:
+        """Write `job_dir/config.json` atomically (a crash never leaves half a config)."""
+        path = job_dir / CONFIG_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], where: str = "job config") -> JobConfig:
+        """Validate a config dict of any known version.
+
+        Raises:
+            ConfigurationError: unknown keys, missing keys or bad values, each listed.
+        """
+        data = _upgrade(dict(data))
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']} (got {e.get('input')!r:.80})"
+                        for e in exc.errors()]
+            raise ConfigurationError(f"{where} is not a valid job config (version {data.get('version')}):",
+                                     problems) from None
+
+    @classmethod
+    def read(cls, job_dir: Path) -> JobConfig:
+        """Load `job_dir/config.json`."""
+        path = job_dir / CONFIG_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+        return cls.parse(data, str(path))
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older config.json to the current version (version 0 = written before versions existed)."""
+    version = data.get("version", 0)
+    if version > CONFIG_VERSION:
+        raise ConfigurationError(f"job config version {version} is newer than this server understands "
+                                 f"({CONFIG_VERSION}); upgrade llm-mcp")
+    if version == 0:
+        for key in _DEAD_V0_KEYS:
+            data.pop(key, None)
+        data["version"] = 1
+    return data

@@ -1,0 +1,72 @@
+"""A job directory's files, read by the server, the trainer, export and sampling alike.
+
+    jobs/<id>/config.json        the typed job config (llm_mcp.core.jobconfig)
+    jobs/<id>/train.log          the trainer's output (job_status shows its tail)
+    jobs/<id>/metrics.jsonl      one JSON object per optimizer step, plus start / checkpoint / end events
+    jobs/<id>/checkpoints/step-NNNNNN/   complete checkpoints (written as .tmp, then renamed)
+    jobs/<id>/adapter/           the final adapter
+    jobs/<id>/result.json        how the trainer ended (state, error, next step)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+METRICS_TAIL_BYTES = 256 * 1024
+
+
+def checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
+    """A job's complete checkpoints as (step, directory), oldest first.
+
+    A checkpoint is written as step-NNNNNN.tmp and renamed when whole, so only step-<digits> counts.
+    """
+    root = job_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def read_result(job_dir: Path) -> dict | None:
+    try:
+        return json.loads((job_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def log_tail(job_dir: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    path = job_dir / "train.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - max_bytes))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    # Progress bars redraw with \r; keep what a terminal would show.
+    out = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines()]
+    return [ln for ln in out if ln.strip()][-lines:]
+
+
+def read_metrics(job_dir: Path, max_bytes: int = METRICS_TAIL_BYTES) -> list[dict[str, Any]]:
+    """Parsed metrics lines (the tail of a long file), skipping any partially written last line."""
+    path = job_dir / "metrics.jsonl"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - max_bytes))
+            chunk = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = chunk.splitlines()
+    if size > max_bytes:
+        lines = lines[1:]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

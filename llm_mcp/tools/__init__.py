@@ -1,0 +1,16 @@
+"""The MCP tools, one module per concern; each module's `register(mcp)` adds its tools.
+
+    models     list_models
+    finetune   start_finetune
+    jobs       job_status, cancel_job (+ the jobs://{id}/log and /metrics resources)
+    sampling   sample
+    serving    export_adapter, serve_adapter
+
+Tools are plain functions that take the request `Context` and read the shared services
+(`services.AppState`) from the server's lifespan context; `common` holds the error boundary,
+result helpers and text summaries they share.
+"""
+
+from llm_mcp.tools import finetune, jobs, models, sampling, serving
+
+MODULES = (models, finetune, jobs, sampling, serving)

@@ -1,0 +1,165 @@
+"""What every tool module shares: services from the lifespan context, the error boundary,
+structured results with a text summary, progress while blocking work runs, and the summaries.
+
+The error boundary is the one place project errors become the SDK's `ToolError` (the only
+exception whose message reaches the model in mcp 2.x); a failing disk or database becomes a
+clear message instead of the SDK's masked "Error executing tool NAME".
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel
+
+from llm_mcp.core.errors import LlmMcpError
+
+if TYPE_CHECKING:
+    from llm_mcp.inference.export import ExportResult
+    from llm_mcp.inference.serving import ServeResult
+    from llm_mcp.tools.finetune import StartFinetuneResult
+    from llm_mcp.tools.sampling import SampleResult
+    from llm_mcp.tools.services import AppState
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+
+
+def state_of(ctx: Context) -> AppState:
+    """The process-wide services the server's lifespan yielded."""
+    return ctx.request_context.lifespan_context
+
+
+def add_tool(mcp: MCPServer, fn: Callable, title: str, annotations: ToolAnnotations) -> None:
+    """Register `fn` behind the error boundary; its dedented docstring is the description the model reads."""
+    mcp.add_tool(tool_errors(fn), title=title, description=inspect.cleandoc(fn.__doc__ or ""),
+                 annotations=annotations)
+
+
+def result(text: str, model: BaseModel) -> CallToolResult:
+    """A tool result: a text summary for the model plus the structured content."""
+    return CallToolResult(content=[TextContent(type="text", text=text)],
+                          structured_content=model.model_dump(mode="json", exclude_none=True))
+
+
+def _explain(name: str, exc: BaseException, home: Path | None) -> str:
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    path = getattr(exc, "filename", None)
+    if path and home is not None and not Path(path).resolve().is_relative_to(home.resolve()):
+        return (f"{name} could not read or write {str(path)!r}: {cause}. Check that it exists and is readable, "
+                "then call again.")
+    where = f" ({path})" if path else ""
+    return (f"{name} could not read or write the state directory {str(home)!r}{where}: {cause}. Free disk space or "
+            "point LLM_MCP_HOME at a writable directory, then call again; existing jobs and adapters are untouched.")
+
+
+def _convert(name: str, exc: BaseException, kwargs: dict) -> ToolError:
+    if isinstance(exc, LlmMcpError):
+        return ToolError(str(exc))
+    ctx = next((v for v in kwargs.values() if isinstance(v, Context)), None)
+    home = state_of(ctx).settings.home if ctx is not None else None
+    return ToolError(_explain(name, exc, home))
+
+
+def tool_errors(fn: Callable) -> Callable:
+    """The error boundary: project errors and disk / database failures become clear ToolErrors."""
+    caught = (LlmMcpError, OSError, sqlite3.Error)
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except caught as exc:
+                raise _convert(fn.__name__, exc, kwargs) from exc
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except caught as exc:
+                raise _convert(fn.__name__, exc, kwargs) from exc
+    return wrapper
+
+
+async def with_progress(ctx: Context, fn, *args, message: Callable[[], str]):
+    """Run a blocking call in a worker thread, sending a progress notification every second."""
+    done = anyio.Event()
+    box: dict = {}
+
+    async def worker():
+        try:
+            box["value"] = await anyio.to_thread.run_sync(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's ExceptionGroup
+            box["error"] = exc
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker)
+        seconds = 0
+        while not done.is_set():
+            with anyio.move_on_after(1):
+                await done.wait()
+            if not done.is_set():
+                seconds += 1
+                await ctx.report_progress(seconds, None, f"{message()} ({seconds} s)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def summarize_start(r: StartFinetuneResult) -> str:
+    c, e = r.config, r.estimates
+    lines = [
+        ("DRY RUN (nothing started): " if r.dry_run else f"Started job {r.job_id} ({r.state}): ")
+        + f"{c['method']} on {c['model']['id']}, lr {c['learning_rate']:g}, rank {c['lora']['rank']}, "
+        f"batch {c['batch_size']}x{c['gradient_accumulation']}x{c['num_processes']}, max_seq_len {c['max_seq_len']}.",
+        f"{e['train_rows']} training rows ({e['eval_rows']} eval), {e['total_steps']} steps, ~{e['approx_tokens']:,} "
+        f"tokens; {e['trainable_params']:,} trainable params; memory ~{e['memory_gb']:g} GB of "
+        f"{e['usable_memory_gb']:g} GB usable; rough time {e['rough_time_s']:.0f} s.",
+    ]
+    lines += [f"warning: {w}" for w in r.warnings]
+    lines.append(f"next: {r.next_step}")
+    return "\n".join(lines)
+
+
+def summarize_sample(r: SampleResult) -> str:
+    src = r.source
+    head = (f"{r.backend}: {src.base_model}" + (f" + job {src.job_id} ({src.checkpoint})" if src.job_id else "")
+            + (f" + adapter {src.adapter_path}" if src.adapter_path and not src.job_id else "")
+            + f" | {r.prompt_tokens} prompt tokens, {r.tokens_per_s:g} tokens/s, load {r.load_s:g} s")
+    lines = [head]
+    for i, c in enumerate(r.completions):
+        lines.append(f"[{i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    for i, c in enumerate(r.base_completions or []):
+        lines.append(f"[base {i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    return "\n".join(lines)
+
+
+def summarize_export(r: ExportResult) -> str:
+    if r.state == "running":
+        return f"Merging {r.job_id} ({r.checkpoint}) into {r.destination}: still running. " + " ".join(r.notes)
+    lines = [f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: "
+             f"{r.destination}"]
+    lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
+    lines += [f"{k}: {v}" for k, v in r.snippets.items()]
+    lines += r.notes
+    return "\n".join(lines)
+
+
+def summarize_serve(r: ServeResult) -> str:
+    if r.state != "ready":
+        return f"{r.job_id} ({r.checkpoint}): {r.state}. " + " ".join(r.notes)
+    lines = [f"Serving {r.job_id} ({r.checkpoint}) as {r.served_as} model {r.model!r} at {r.url}"]
+    lines += [f"check: {k} = {v}" for k, v in r.verification.items()]
+    lines += r.notes + [f"curl: {r.example_curl}"]
+    return "\n".join(lines)

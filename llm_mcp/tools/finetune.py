@@ -1,0 +1,141 @@
+"""start_finetune: validate a request into a job config, record the job, hand it to the executor."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from llm_mcp.core.hardware import detect
+from llm_mcp.core.store import Job, new_job_id
+from llm_mcp.core.validate import Resolved, resolve_finetune
+from llm_mcp.tools.common import add_tool, result, state_of, summarize_start
+from llm_mcp.tools.models import MethodName
+
+if TYPE_CHECKING:
+    from llm_mcp.tools.services import AppState
+
+
+class StartFinetuneResult(BaseModel):
+    job_id: str | None = Field(None, description="None for a dry run.")
+    state: str = Field(description="queued | running, or 'dry_run'.")
+    dry_run: bool
+    config: dict = Field(description="The resolved configuration the job trains with.")
+    estimates: dict = Field(description="Trainable params, memory, steps, tokens and a rough time.")
+    warnings: list[str]
+    next_step: str
+
+
+def start_finetune(
+    ctx: Context,
+    model: Annotated[str | None, Field(description="Matrix id / alias (list_models) or a local checkpoint "
+                                                   "directory under an allowed root.")] = None,
+    method: Annotated[MethodName | None, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse "
+                                                           "(sparse delta, RigL mask updates).")] = None,
+    dataset: Annotated[str | None, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; "
+                                                     "rows with 'messages', 'prompt'+'completion' or 'text'. "
+                                                     "Relative paths are under LLM_MCP_HOME.")] = None,
+    eval_dataset: Annotated[str | None, Field(description="Held-out data for eval loss (same formats).")] = None,
+    eval_fraction: Annotated[float | None, Field(description="Hold out this fraction of dataset instead (0-0.5).")] = None,
+    max_steps: Annotated[int | None, Field(description="Optimizer steps (1-1e6). Give this or epochs.")] = None,
+    epochs: Annotated[float | None, Field(description="Passes over the data (default 1).")] = None,
+    learning_rate: Annotated[float | None, Field(description="Default: the model's recommended LoRA LR.")] = None,
+    lora_rank: Annotated[int | None, Field(description="Adapter rank (default 32; 1-1024).")] = None,
+    lora_alpha: Annotated[float | None, Field(description="Scaling numerator (default = rank).")] = None,
+    lora_dropout: Annotated[float | None, Field(description="Dropout on the adapter input (0-0.9).")] = None,
+    target_modules: Annotated[list[str] | None, Field(description="Module names to adapt (default: the model's "
+                                                                  "all-linear list).")] = None,
+    batch_size: Annotated[int | None, Field(description="Sequences per micro-batch per process (default 4).")] = None,
+    gradient_accumulation: Annotated[int | None, Field(description="Micro-batches per optimizer step (default 1).")] = None,
+    max_seq_len: Annotated[int | None, Field(description="Longer sequences are truncated, and counted in the log "
+                                                         "(default 1024).")] = None,
+    train_on: Annotated[Literal["completion", "all"] | None, Field(description="Loss on assistant / completion tokens "
+                                                                              "only (default) or on all tokens.")] = None,
+    seed: Annotated[int | None, Field(description="Seed for init, data order and dropout (default 0).")] = None,
+    name: Annotated[str | None, Field(description="A label for the job.")] = None,
+    num_processes: Annotated[int | None, Field(description="Data-parallel processes (default 1; GPUs or CPU cores).")] = None,
+    checkpoint_every: Annotated[int | None, Field(description="Checkpoint every N steps (default 50; 0 = only on "
+                                                              "cancel).")] = None,
+    keep_checkpoints: Annotated[int | None, Field(description="How many recent checkpoints to keep (default 3).")] = None,
+    eval_every: Annotated[int | None, Field(description="Eval loss every N steps (default: only at the end).")] = None,
+    lr_scheduler: Annotated[str | None, Field(description="cosine (default) | linear | constant | "
+                                                          "constant_with_warmup.")] = None,
+    warmup_ratio: Annotated[float | None, Field(description="Fraction of steps warming up (default 0.03).")] = None,
+    gradient_checkpointing: Annotated[bool | None, Field(description="Default: on when memory is tight.")] = None,
+    group_by_length: Annotated[bool | None, Field(description="Batch sequences of similar length together (less "
+                                                              "padding; default true).")] = None,
+    density: Annotated[float | None, Field(description="sparse: fraction of each target matrix trained (default: "
+                                                       "LoRA rank 32's parameter count).")] = None,
+    sparsity_ratio: Annotated[float | None, Field(description="sparse: fraction NOT trained (= 1 - density), as "
+                                                              "in the 'Supported LLM Models' config.")] = None,
+    sparsity_type: Annotated[str | None, Field(description="sparse: only 'unstructured'.")] = None,
+    mask_update_interval: Annotated[int | None, Field(description="sparse: steps between RigL mask updates "
+                                                                  "(default 100).")] = None,
+    mask_update_fraction: Annotated[float | None, Field(description="sparse: fraction of entries dropped and "
+                                                                    "regrown per update, cosine-decayed (0.3).")] = None,
+    use_rigl: Annotated[bool | None, Field(description="sparse: dynamic mask (default true); false = fixed random "
+                                                       "mask (SHiRA).")] = None,
+    quantize_base: Annotated[bool | None, Field(description="sparse: train the delta over a 4-bit NF4 base.")] = None,
+    resume_from: Annotated[str | None, Field(description="Continue this failed or cancelled job from its last "
+                                                         "checkpoint (a new job; model, method and data as "
+                                                         "before).")] = None,
+    dry_run: Annotated[bool, Field(description="Validate and estimate only; start nothing.")] = False,
+) -> Annotated[CallToolResult, StartFinetuneResult]:
+    """Start a fine-tuning job in the background and return its job id at once.
+
+    Validates everything first and reports every problem together: the model (with close
+    names), the method's status for it (unsupported is refused with the methods that work;
+    experimental is allowed with a warning), hyperparameter ranges, the dataset (format,
+    bad rows with line numbers) and whether the estimated memory fits this machine (else
+    which method / batch / length would). dry_run=true returns the resolved config and
+    estimates (trainable params, memory, steps, tokens, rough time) without starting.
+    The job runs under `accelerate launch`, outlives this server, checkpoints as it goes,
+    and writes a PEFT adapter. Follow it with job_status(job_id, wait_seconds=30).
+    """
+    state = state_of(ctx)
+    args = {k: v for k, v in locals().items() if k in inspect.signature(start_finetune).parameters
+            and k not in ("ctx", "dry_run")}
+    state.executor.poll()
+    resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
+                                hardware=detect(), store=state.store, args=args)
+    if dry_run:
+        answer = StartFinetuneResult(state="dry_run", dry_run=True, config=resolved.config.model_dump(mode="json"),
+                                     estimates=resolved.estimates, warnings=resolved.warnings,
+                                     next_step="call start_finetune again without dry_run to start it")
+        return result(summarize_start(answer), answer)
+    job = _record_job(state, resolved, name, resume_from)
+    job = state.executor.submit(job.id)
+    answer = StartFinetuneResult(job_id=job.id, state=job.state, dry_run=False,
+                                 config=job.config.model_dump(mode="json"), estimates=resolved.estimates,
+                                 warnings=resolved.warnings,
+                                 next_step=f"job_status(job_id='{job.id}', wait_seconds=30) until it succeeds")
+    return result(summarize_start(answer), answer)
+
+
+def _record_job(state: AppState, resolved: Resolved, name: str | None, resume_from: str | None) -> Job:
+    """Write the job's directory and config.json, then its queued record: all of it, or nothing."""
+    job_id = new_job_id()
+    config = resolved.config.model_copy(update={"job_id": job_id})
+    job = Job(id=job_id, name=name or job_id, state="queued", model=resolved.entry.id, method=config.method,
+              device_set=config.device, created_at=time.time(), config=config, resumed_from=resume_from,
+              warnings=resolved.warnings)
+    job_dir = state.store.job_dir(job_id)
+    try:
+        job_dir.mkdir(parents=True)
+        config.write(job_dir)
+        state.store.insert(job)
+    except (OSError, sqlite3.Error):
+        shutil.rmtree(job_dir, ignore_errors=True)  # no half-created job: no row, no directory
+        raise
+    return job
+
+
+def register(mcp: MCPServer) -> None:
+    add_tool(mcp, start_finetune, "Start a fine-tune",
+             ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))

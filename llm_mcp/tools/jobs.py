@@ -1,0 +1,108 @@
+"""job_status and cancel_job, and the jobs://{id}/log and /metrics resources."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp_types import CallToolResult, ImageContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from llm_mcp.core.errors import LlmMcpError
+from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.core.store import FINAL_STATES
+from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
+from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
+
+
+class JobStatusResult(BaseModel):
+    job: JobStatus | None = None
+    jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
+
+
+async def job_status(
+    ctx: Context,
+    job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
+    wait_seconds: Annotated[float, Field(description="Wait up to this long (0-30 s) for the state to change, "
+                                                     "with progress notifications meanwhile.", ge=0, le=30)] = 0,
+    plot: Annotated[bool, Field(description="Also return the loss curve as a PNG image.")] = False,
+) -> Annotated[CallToolResult, JobStatusResult]:
+    """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
+    eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
+    when done, the last log lines, warnings, and on failure the cause in one sentence plus the
+    next step. Without job_id: recent jobs, newest first, one line each.
+    """
+    state = state_of(ctx)
+    store = state.store
+    state.executor.poll()
+    if job_id is None:
+        statuses = [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
+        return result(summarize_list(statuses), JobStatusResult(jobs=statuses))
+    job = store.get(job_id)
+    deadline = anyio.current_time() + wait_seconds
+    first_state = job.state
+    while job.state not in FINAL_STATES and anyio.current_time() < deadline:
+        status = build_status(store, job, log_lines=0)
+        await ctx.report_progress(status.step, status.total_steps,
+                                  f"{job.state}: step {status.step}/{status.total_steps or '?'}")
+        await anyio.sleep(min(1.0, max(0.0, deadline - anyio.current_time())))
+        state.executor.poll()
+        job = store.get(job_id)
+        if job.state != first_state:
+            break
+    status = build_status(store, job)
+    answer = result(summarize_status(status), JobStatusResult(job=status))
+    if plot:
+        from llm_mcp.jobs.plot import loss_curve_png
+
+        png = await anyio.to_thread.run_sync(
+            loss_curve_png, read_metrics(store.job_dir(job_id)), f"{job_id}: {job.method} on {job.model}")
+        answer.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
+    return answer
+
+
+def cancel_job(
+    ctx: Context,
+    job_id: Annotated[str, Field(description="The job to stop.", max_length=128)],
+) -> Annotated[CallToolResult, JobStatusResult]:
+    """Stop a job. A queued job leaves the queue; a running one is sent SIGTERM, saves a
+    checkpoint at the next step and ends 'cancelled' (SIGKILL after a grace period).
+    Safe to call twice. Resume later with start_finetune(resume_from=job_id).
+    """
+    state = state_of(ctx)
+    job = state.executor.cancel(job_id)
+    status = build_status(state.store, job)
+    note = "" if job.state in FINAL_STATES else "\n(stopping: it checkpoints at the next step; poll job_status)"
+    return result(summarize_status(status) + note, JobStatusResult(job=status))
+
+
+def _existing_job_dir(ctx: Context, job_id: str):
+    store = state_of(ctx).store
+    try:
+        return store.job_dir(store.get(job_id).id)
+    except LlmMcpError as exc:
+        raise ResourceNotFoundError(str(exc)) from None
+
+
+def job_log(job_id: str, ctx: Context) -> str:
+    state = state_of(ctx)
+    _existing_job_dir(ctx, job_id)
+    return "\n".join(state.executor.logs(job_id, lines=100_000, max_bytes=256 * 1024))
+
+
+def job_metrics(job_id: str, ctx: Context) -> str:
+    path = _existing_job_dir(ctx, job_id) / "metrics.jsonl"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def register(mcp: MCPServer) -> None:
+    add_tool(mcp, job_status, "Job status", READ_ONLY)
+    add_tool(mcp, cancel_job, "Cancel a job",
+             ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
+                 description="A job's training log (last 256 KB).")(job_log)
+    mcp.resource("jobs://{job_id}/metrics", name="job metrics", mime_type="application/x-ndjson",
+                 description="A job's metrics.jsonl: one JSON object per optimizer step.")(job_metrics)

@@ -1,0 +1,77 @@
+"""list_models: the support matrix, local checkpoints, and what fits the hardware."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult
+from pydantic import Field
+
+from llm_mcp.core import listing
+from llm_mcp.core.hardware import Hardware, detect
+from llm_mcp.core.local_models import resolve_model
+from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
+
+MethodName = Literal["lora", "qlora", "dora", "sparse"]
+ModelTypeName = Literal["base", "instruct", "hybrid", "reasoning", "vision"]
+
+
+def list_models(
+    ctx: Context,
+    model: Annotated[
+        str | None,
+        Field(description="One model in full: a matrix id or alias, or a local checkpoint directory."),
+    ] = None,
+    method: Annotated[
+        MethodName | None,
+        Field(description="Only models where this method is supported or experimental."),
+    ] = None,
+    type: Annotated[ModelTypeName | None, Field(description="Only models of this type.")] = None,
+    family: Annotated[
+        str | None, Field(description="Only this family, e.g. 'qwen3', 'llama', 'gemma3'.", max_length=64)
+    ] = None,
+    fits: Annotated[
+        bool, Field(description="Only models that fit the hardware (this machine, or the hypothetical one).")
+    ] = False,
+    gpu_memory_gb: Annotated[
+        float | None,
+        Field(description="Plan for hypothetical GPUs of this size (GB) instead of this machine.", gt=0, le=4096),
+    ] = None,
+    num_gpus: Annotated[int, Field(description="Number of hypothetical GPUs.", ge=1, le=1024)] = 1,
+) -> Annotated[CallToolResult, listing.ListModelsResult]:
+    """List the model support matrix: which models can be fine-tuned with which method.
+
+    Methods: lora (low-rank adapters), qlora (LoRA over a 4-bit NF4 base), dora (DoRA,
+    Weight-Decomposed Low-Rank Adaptation: LoRA on the weight direction plus a trained
+    magnitude vector), sparse (dynamic sparse deltas with RigL-style mask updates; density
+    defaults to LoRA rank 32's trainable count, and seed-style `sparsity_ratio` means the
+    fraction NOT trained). Each method per model has a status (supported / experimental /
+    unsupported) with a note, the minimum GPU memory, a memory estimate for this machine
+    and whether vLLM can serve the result as an adapter. Also: recommended LoRA learning
+    rate and rank, and the LoRA parameter count at that rank.
+    """
+    state = state_of(ctx)
+    key = (model, method, type, family, fits, gpu_memory_gb, num_gpus)
+    cached = state.listing_cache.get(key)
+    if cached is not None:
+        return cached
+    hardware = Hardware.hypothetical(gpu_memory_gb, num_gpus) if gpu_memory_gb else detect()
+    if model is not None:
+        entry = resolve_model(state.matrix, state.settings, model)
+        info = listing.describe_model(entry, hardware, state.defaults, full=True)
+        hw = listing.hardware_info(hardware)
+        found = listing.ListModelsResult(hardware=hw, filters={"model": model}, count=1,
+                                         total_in_matrix=len(state.matrix.models), models=[info])
+        text = listing.summarize_one(info, hw)
+    else:
+        found = listing.list_models(state.matrix, hardware, state.defaults, method=method, type=type, family=family,
+                                    fits=fits)
+        text = listing.summarize(found, method)
+    answer = result(text, found)
+    state.listing_cache.put(key, answer)
+    return answer
+
+
+def register(mcp: MCPServer) -> None:
+    add_tool(mcp, list_models, "List models", READ_ONLY)

