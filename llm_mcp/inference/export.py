@@ -199,7 +199,9 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
                           snippets=snippets(job, fmt, dest, base, vllm_adapter))
     if job.config.quantized and fmt == "merged":
         result.notes.append("QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
-                            "precision; it differs slightly from the original unquantized base (4-bit rounding).")
+                            "precision; it differs slightly from the original unquantized base (4-bit rounding). "
+                            "Its logits also differ slightly from the 4-bit model's: bitsandbytes' 4-bit kernels "
+                            "compute in bf16 on some CPUs and GPUs (up to ~1% of the logit scale was measured).")
     if dest.exists():
         existing = _existing_manifest(dest, fmt)
         if existing == manifest:
