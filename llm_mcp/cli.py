@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from llm_mcp import __version__
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.settings import Settings
+from llm_mcp.core.store import FINAL_STATES, Job
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -93,42 +95,108 @@ def _bar(step: int, total: int | None, width: int = 30) -> str:
     return "[" + "#" * done + "-" * (width - done) + "]"
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
+def redraw(line: str, width: int) -> str:
+    """What to write to a terminal `width` columns wide to replace the current line with `line`.
+
+    Carriage return, the line cut to fit (a line that wraps cannot be redrawn in place), then
+    erase-to-end-of-line, so nothing of a longer previous line is left behind.
+    """
+    return "\r" + line[:max(1, width - 1)] + "\033[K"
+
+
+def _terminal_width(default: int = 100) -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return default
+
+
+def _home_source(args: argparse.Namespace) -> str:
+    if getattr(args, "home", None):
+        return "from --home"
+    if os.environ.get("LLM_MCP_HOME"):
+        return "from LLM_MCP_HOME"
+    return "the default; set LLM_MCP_HOME or pass --home to read another"
+
+
+def no_jobs_message(home: Path) -> str:
+    return (f"No jobs in {home}. Jobs live in the state directory of the server that started them (the demo "
+            "uses ./.demo unless LLM_MCP_HOME is set): pass --home DIR or set LLM_MCP_HOME to read that one.")
+
+
+def cancel_message(before: Job, after: Job) -> str:
+    """One sentence on what `jobs ID --cancel` did, from the job before and after the cancel."""
+    if before.state in FINAL_STATES:
+        return f"{after.id} already ended {before.state}; nothing to do"
+    if before.state == "queued" and after.state == "cancelled":
+        return f"{after.id} was queued: removed from the queue (now cancelled)"
+    if after.state == "running" and after.cancel_requested:
+        again = " (again)" if before.cancel_requested else ""
+        return (f"cancel requested{again} for {after.id}: it checkpoints at the next step boundary, then ends "
+                f"'cancelled' (resume_from='{after.id}' continues it)")
+    if after.state in FINAL_STATES:
+        return f"{after.id} ended {after.state} meanwhile; nothing to do"
+    return f"{after.id} is {after.state} and the cancel did not take; run the command again"
+
+
+def _progress_line(job: Job, s) -> str:
+    return (f"{job.id} {job.state:<9} {_bar(s.step, s.total_steps)} {s.step}/{s.total_steps or '?'}"
+            + (f" loss {s.loss:.4f}" if s.loss is not None else "")
+            + (f" {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else "")
+            + (f" ETA {s.eta_s:.0f}s" if s.eta_s is not None else ""))
+
+
+def _follow(store, executor, job: Job) -> Job:
+    """Show progress on stderr until the job ends: redrawn in place on a terminal, a line per change otherwise."""
     import time
 
-    from llm_mcp.core.store import FINAL_STATES, JobStore
+    from llm_mcp.jobs.status import build_status
+
+    tty = sys.stderr.isatty()
+    last = None
+    while job.state not in FINAL_STATES:
+        line = _progress_line(job, build_status(store, job, log_lines=0))
+        if tty:
+            print(redraw(line, _terminal_width()), end="", file=sys.stderr, flush=True)
+        elif line != last:
+            print(line, file=sys.stderr, flush=True)
+        last = line
+        time.sleep(1)
+        executor.poll()
+        job = store.get(job.id)
+    if tty and last is not None:
+        print(file=sys.stderr)
+    return job
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from llm_mcp.core.store import JobNotFoundError, JobStore
     from llm_mcp.jobs.executor import make_executor
     from llm_mcp.jobs.status import build_status, summarize_list, summarize_status
 
     settings = _settings(args)
-    store = JobStore(settings.home)
+    home = settings.home
+    print(f"jobs in {home} ({_home_source(args)})", file=sys.stderr)
+    if not (home / "jobs.db").exists():  # nothing was ever run here: say so, and do not create the directory
+        if not args.job_id:
+            print(no_jobs_message(home))
+            return 0
+        raise JobNotFoundError(f"no job {args.job_id!r} in {home}: no job was ever started there; "
+                               "pass --home DIR or set LLM_MCP_HOME to the server's state directory")
+    store = JobStore(home)
     executor = make_executor("local", store)
     executor.poll()
     if not args.job_id:
-        print(summarize_list([build_status(store, j, log_lines=0) for j in store.list(limit=args.limit)]))
+        jobs = store.list(limit=args.limit)
+        print(summarize_list([build_status(store, j, log_lines=0) for j in jobs]) if jobs else no_jobs_message(home))
         return 0
-    if args.cancel:
-        executor.cancel(args.job_id)
     job = store.get(args.job_id)
+    if args.cancel:
+        job_after = executor.cancel(args.job_id)
+        print(cancel_message(job, job_after))
+        job = job_after
     if args.follow:
-        tty = sys.stderr.isatty()
-        last = None
-        while job.state not in FINAL_STATES:
-            s = build_status(store, job, log_lines=0)
-            line = (f"{job.id} {job.state:<9} {_bar(s.step, s.total_steps)} {s.step}/{s.total_steps or '?'}"
-                    + (f" loss {s.loss:.4f}" if s.loss is not None else "")
-                    + (f" {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else "")
-                    + (f" ETA {s.eta_s:.0f}s" if s.eta_s is not None else ""))
-            if tty:
-                print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
-            elif line != last:
-                print(line, file=sys.stderr, flush=True)
-            last = line
-            time.sleep(1)
-            executor.poll()
-            job = store.get(args.job_id)
-        if tty:
-            print(file=sys.stderr)
+        job = _follow(store, executor, job)
     print(summarize_status(build_status(store, job)))
     return 0 if job.state != "failed" else 1
 
@@ -226,7 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`llm-mcp models | head -1`): stop quietly, as SIGPIPE would. Point stdout
+        # at /dev/null so the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, the status a shell reports for a process that SIGPIPE ended
     except LlmMcpError as exc:
         print(f"llm-mcp: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from llm_mcp.inference.targets import weights_file
 from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
 from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.core.store import Job
 from llm_mcp.core.settings import Settings
 
@@ -269,6 +270,7 @@ def _run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, ma
 
 def merge_main(lock_path: str) -> int:
     """Worker: load base (+ de-quantize for QLoRA), apply adapter, merge, save; then remove the lock."""
+    quiet_bitsandbytes()  # first: before peft / transformers import bitsandbytes
     lock = Path(lock_path)
     spec = json.loads(lock.read_text())
     dest = Path(spec["dest"])

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from llm_mcp.inference.targets import Target, adapter_key
+from llm_mcp.core.quiet import quiet_bitsandbytes
 
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16
@@ -74,6 +75,7 @@ class TransformersSampler:
     backend = "transformers"
 
     def __init__(self, max_bases: int = 1, max_adapters: int = 8):
+        quiet_bitsandbytes()  # before transformers / peft import bitsandbytes in this process
         self.max_bases, self.max_adapters = max_bases, max_adapters
         self._bases: OrderedDict[tuple[str, bool], dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()

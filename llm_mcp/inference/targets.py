@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.jobdir import checkpoints
-from llm_mcp.core.store import Job, JobStore
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
     if value == "final":
         if is_adapter_dir(final):
             return final, "final"
+        if job.state in FINAL_STATES:
+            raise InvalidArgumentError(_ended_without_adapter(job, steps))
         hint = f"use checkpoint='latest' (checkpoints at steps {steps})" if steps else "wait for its first checkpoint"
         raise InvalidArgumentError(f"job {job.id} is {job.state} and has no final adapter yet; {hint}")
     if value == "latest":
@@ -63,6 +65,8 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
             return final, "final"
         if steps:
             return job_dir / "checkpoints" / f"step-{steps[-1]:06d}" / "adapter", f"step {steps[-1]}"
+        if job.state in FINAL_STATES:
+            raise InvalidArgumentError(_ended_without_adapter(job, steps))
         raise InvalidArgumentError(
             f"job {job.id} ({job.state}) has no checkpoint yet; checkpoints are written every "
             f"{job.config.checkpoint_every} steps. Try again after the first one.")
@@ -70,6 +74,19 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
         return job_dir / "checkpoints" / f"step-{int(value):06d}" / "adapter", f"step {int(value)}"
     raise InvalidArgumentError(
         f"checkpoint={checkpoint!r} for job {job.id}; allowed: 'final', 'latest' or a step in {steps}")
+
+
+def _ended_without_adapter(job: Job, steps: list[int]) -> str:
+    """The error for a job that has ended (it will write nothing more) and has no final adapter."""
+    if job.state == "succeeded":  # only if its adapter directory was removed since
+        head = f"job {job.id} succeeded but its final adapter directory has been removed"
+    else:
+        head = f"job {job.id} {'failed' if job.state == 'failed' else 'was cancelled'} before writing a final adapter"
+    if steps:
+        return (f"{head}; its checkpoints hold adapters: use checkpoint='latest' or a step in {steps}, "
+                f"or start_finetune with resume_from='{job.id}' to finish training")
+    cause = " (job_status shows the cause)" if job.state == "failed" else ""
+    return f"{head} and has no checkpoint either, so there is nothing to use; start_finetune again{cause}"
 
 
 def job_target(job: Job, adapter: Path | None) -> Target:

@@ -27,10 +27,13 @@ from typing import Any
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.encode import EncodeStats
 from llm_mcp.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from llm_mcp.train.objectives import Objective, objective_for
+
+quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
 
 
 STOP = threading.Event()  # set by SIGTERM (cancel_job): checkpoint and stop after the current step
