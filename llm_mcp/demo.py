@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _show(name: str, args: dict[str, Any], result: Any, seconds: float) -> None:
-    print(f"\n>>> {name}({json.dumps(args)})  [{seconds * 1000:.0f} ms]")
+def _show(name: str, args: dict[str, Any], result: Any, seconds: float, expect_error: bool = False) -> None:
+    shown = {k: (f"[{len(v)} rows]" if k == "rows" else v) for k, v in args.items()}
+    print(f"\n>>> {name}({json.dumps(shown)})  [{seconds * 1000:.0f} ms]")
     if result.is_error:
-        print(f"<<< ERROR: {result.content[0].text}")
+        label = "refused, as this call meant to show" if expect_error else "ERROR"
+        print(f"<<< {label}: " + "\n    ".join(result.content[0].text.splitlines()))
         return
     text = result.content[0].text if result.content else ""
     lines = text.splitlines()
     print("<<< " + "\n    ".join(lines[:14]) + (f"\n    ... ({len(lines) - 14} more lines)" if len(lines) > 14 else ""))
 
 
-def write_demo_dataset(path: Path) -> Path:
+def demo_rows() -> list[dict[str, Any]]:
     """A small chat + prompt/completion dataset the tiny model can visibly learn."""
     rows = []
     for i in range(96):
@@ -35,17 +37,14 @@ def write_demo_dataset(path: Path) -> Path:
                                       {"role": "assistant", "content": f"The answer is {a + b}."}]})
         else:
             rows.append({"prompt": f"Q: {a} plus {b}? A:", "completion": f" {a + b}"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return rows
 
 
 def _pending(name: str, result: Any) -> bool:
-    """vLLM still starting, or a merge still running: the call should be repeated."""
-    text = result.content[0].text if result.content else ""
+    """vLLM still starting, or a merge still running: the result says so in `state`; call again."""
     state = (result.structured_content or {}).get("state")
-    return ("still starting" in text or (name == "serve_adapter" and state in ("starting", "merging"))
-            or (name == "export_adapter" and state == "running"))
+    return (not result.is_error and name in ("sample", "serve_adapter", "export_adapter")
+            and state in ("starting", "merging", "running"))
 
 
 async def _until_done(client, job_id: str) -> Any:
@@ -68,7 +67,6 @@ async def run_demo(home: Path) -> None:
         t0 = time.perf_counter()
         make_tiny_model(model_dir)
         print(f"built tiny model in {model_dir} ({time.perf_counter() - t0:.1f} s)")
-    write_demo_dataset(home / "data" / "demo.jsonl")
     env = {**os.environ, "LLM_MCP_HOME": str(home)}
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"], env=env)
     t0 = time.perf_counter()
@@ -76,11 +74,11 @@ async def run_demo(home: Path) -> None:
         tools = await client.list_tools()
         print(f"connected over stdio in {(time.perf_counter() - t0) * 1000:.0f} ms; "
               f"tools: {', '.join(t.name for t in tools.tools)}")
-        async def call(name: str, args: dict[str, Any]) -> Any:
+        async def call(name: str, args: dict[str, Any], expect_error: bool = False) -> Any:
             while True:
                 t1 = time.perf_counter()
                 result = await client.call_tool(name, args)
-                _show(name, args, result, time.perf_counter() - t1)
+                _show(name, args, result, time.perf_counter() - t1, expect_error)
                 if not _pending(name, result):
                     return result
                 await anyio.sleep(2)  # vLLM is starting / a merge is running: call again, as an agent would
@@ -88,11 +86,14 @@ async def run_demo(home: Path) -> None:
         await call("list_models", {"method": "qlora", "fits": True})
         await call("list_models", {"model": "Qwen/Qwen3-8B", "gpu_memory_gb": 24})
         await call("list_models", {"model": "models/tiny-llama"})
-        await call("list_models", {"model": "Qwen/Qwen3-7B"})
+        await call("list_models", {"model": "Qwen/Qwen3-7B"}, expect_error=True)
+        await call("save_dataset", {"name": "demo", "rows": demo_rows(), "mode": "overwrite"})
+        await call("datasets", {"path": "data/demo.jsonl", "model": "models/tiny-llama", "max_seq_len": 64})
         job = {"model": "models/tiny-llama", "method": "lora", "dataset": "data/demo.jsonl", "max_steps": 60,
                "learning_rate": 5e-3, "max_seq_len": 64, "eval_fraction": 0.1, "eval_every": 20,
                "checkpoint_every": 20}
-        await call("start_finetune", {**job, "method": "lora", "learning_rate": 50.0, "dataset": "data/missing.jsonl"})
+        await call("start_finetune", {**job, "method": "lora", "learning_rate": 50.0, "dataset": "data/missing.jsonl"},
+                   expect_error=True)
         await call("start_finetune", {**job, "dry_run": True})
         started = await call("start_finetune", job)
         job_id = started.structured_content["job_id"]
@@ -109,8 +110,9 @@ async def run_demo(home: Path) -> None:
         await anyio.sleep(12)
         await call("cancel_job", {"job_id": q_id})
         await _until_done(client, q_id)
-        await call("start_finetune", {"resume_from": q_id, "max_steps": 10})  # refused: not past the checkpoint
-        resumed = await call("start_finetune", {"resume_from": q_id})
+        resume = {**job, "method": "qlora", "resume_from": q_id}
+        await call("start_finetune", {**resume, "max_steps": 10}, expect_error=True)  # not past the checkpoint
+        resumed = await call("start_finetune", {**resume, "max_steps": 400})
         await _until_done(client, resumed.structured_content["job_id"])
         await call("job_status", {})
     print("\ndemo finished: adapters are under", home / "jobs")

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import ValidationError
 
 from llm_mcp import __version__
 from llm_mcp.tools import MODULES
+from llm_mcp.tools.common import explain_arguments
 from llm_mcp.tools.services import AppState
 
 __all__ = ["AppState", "INSTRUCTIONS", "build_server"]
@@ -26,6 +29,30 @@ job id at once and trains in the background. Poll job_status(job_id, wait_second
 succeeds; cancel_job stops it with a checkpoint, and start_finetune(resume_from=JOB_ID) continues it."""
 
 
+def where(state: AppState) -> str:
+    """The state directory and what goes in it, for the instructions."""
+    s = state.settings
+    roots = [str(r) for r in s.roots[1:]]
+    return (f"\n\nState directory (LLM_MCP_HOME): {s.home}. Relative paths in every tool are under it: datasets in "
+            f"{s.home / 'data'} (datasets lists and inspects them; save_dataset writes rows you compose), local "
+            f"checkpoints in {s.home / 'models'} (list_models shows them), exports in {s.home / 'exports'}."
+            + (f" Also allowed: {roots}." if roots else ""))
+
+
+class LlmMcpServer(MCPServer):
+    """MCPServer whose argument-validation errors read like every other error of ours."""
+
+    async def call_tool(self, name: str, arguments: dict, context: Context | None = None):
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            tool = self._tool_manager.get_tool(name)
+            schema = tool.parameters if tool is not None else {}
+            raise ToolError(explain_arguments(name, schema, exc.__cause__)) from exc.__cause__
+
+
 def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
     """The MCP server with every tool registered over `state`. Logs go to stderr only.
 
@@ -37,10 +64,16 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
     async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
         yield state
 
-    mcp = MCPServer(name="llm-mcp", version=__version__, instructions=INSTRUCTIONS, log_level=log_level,
-                    lifespan=lifespan)
+    home = state.settings.home
+    mcp = LlmMcpServer(name="llm-mcp", version=__version__, instructions=INSTRUCTIONS + where(state), log_level=log_level,
+                       lifespan=lifespan)
     for module in MODULES:
         module.register(mcp)
+    for tool in mcp._tool_manager.list_tools():  # relative paths: say where they resolve, at run time
+        tool.description = tool.description.replace("LLM_MCP_HOME", f"LLM_MCP_HOME ({home})")
+        for prop in tool.parameters.get("properties", {}).values():
+            if "LLM_MCP_HOME" in prop.get("description", ""):
+                prop["description"] = prop["description"].replace("LLM_MCP_HOME", f"LLM_MCP_HOME ({home})")
 
     @mcp.resource("llm-mcp://models.yaml", name="models.yaml", mime_type="application/yaml",
                   description="The model support matrix this server validated at start-up.")

@@ -93,7 +93,7 @@ async def test_experimental_method_is_allowed_with_a_warning(app, tmp_path, data
 
 async def test_resume_from_unknown_or_unfinished_job(app):
     _, server = app
-    result = await call(server, resume_from="ft-nope")
+    result = await call(server, model="models/tiny", method="lora", dataset="data/train.jsonl", resume_from="ft-nope")
     assert result.is_error and "job_id='ft-nope' does not exist" in result.content[0].text
 
 
@@ -109,11 +109,12 @@ async def test_resume_must_go_past_the_checkpoint(app, tiny_model, dataset):
     state.store.insert(Job(id="ft-old", name="old", state="cancelled", model="tiny", method="lora", device_set="cpu",
                            created_at=time.time(), config=config))
     (state.store.job_dir("ft-old") / "checkpoints" / "step-000030").mkdir(parents=True)
-    result = await call(server, resume_from="ft-old", max_steps=20)
+    same = dict(model="models/tiny", method="lora", dataset=str(dataset))
+    result = await call(server, **same, resume_from="ft-old", max_steps=20)
     assert result.is_error and "not past the checkpoint at step 30" in result.content[0].text
-    result = await call(server, resume_from="ft-old", learning_rate=0.5)
+    result = await call(server, **same, resume_from="ft-old", learning_rate=0.5)
     assert result.is_error and "learning_rate=0.5 differs from the resumed job's" in result.content[0].text
-    result = await call(server, resume_from="ft-old", dry_run=True)
+    result = await call(server, **same, resume_from="ft-old", dry_run=True)
     assert not result.is_error, result.content[0].text
     assert result.structured_content["estimates"]["total_steps"] == 50
     assert result.structured_content["config"]["resume_checkpoint"].endswith("step-000030")

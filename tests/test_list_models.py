@@ -37,17 +37,45 @@ def test_unknown_family_names_the_allowed_ones(matrix, defaults):
 
 
 def test_a_gpu_of_the_listed_minimum_fits_and_the_next_smaller_does_not(matrix, defaults):
+    """The matrix minimum is defined at batch 1 x 2048 tokens (the seed's convention)."""
     for entry in matrix.models:
         for method in METHODS:
             support = entry.methods[method]
             if support.status == "unsupported" or support.min_gpu_memory_gb > 80:
                 continue
-            fits = describe_model(entry, Hardware.hypothetical(support.min_gpu_memory_gb), defaults)
-            assert method in fits.fits_methods, (entry.id, method)
+            est = estimate_memory(entry.dims, entry.params_b, method, target_modules=entry.target_modules,
+                                  batch_size=1, seq_len=2048, device="cuda").total_gb
+            assert est <= Hardware.hypothetical(support.min_gpu_memory_gb).usable_gb(), (entry.id, method)
             smaller = [c for c in GPU_CLASSES_GB if c < support.min_gpu_memory_gb]
             if smaller:
-                too_small = describe_model(entry, Hardware.hypothetical(smaller[-1]), defaults)
-                assert method not in too_small.fits_methods, (entry.id, method, smaller[-1])
+                assert est > Hardware.hypothetical(smaller[-1]).usable_gb(), (entry.id, method, smaller[-1])
+
+
+@pytest.mark.parametrize("gpu_gb", [16, 24, 40, 80])
+def test_fits_in_list_models_is_what_start_finetune_accepts_at_its_defaults(matrix, defaults, gpu_gb, tmp_path):
+    """list_models(fits=true) and start_finetune's memory check use the same estimate at the same defaults."""
+    from llm_mcp.core.settings import Settings, data_path
+    from llm_mcp.core.store import JobStore
+    from llm_mcp.core.validate import resolve_finetune
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    settings = Settings(home=tmp_path, models_path=data_path("models.yaml"))
+    hw = Hardware.hypothetical(gpu_gb)
+    checked = 0
+    for entry in matrix.models[:20]:
+        fits = describe_model(entry, hw, defaults).fits_methods
+        for method in ("lora", "qlora"):
+            if entry.methods[method].status == "unsupported":
+                continue
+            with pytest.raises(InvalidArgumentError) as err:  # no hub here: refused either way, for memory or access
+                resolve_finetune(matrix=matrix, settings=settings, defaults=defaults, hardware=hw,
+                                 store=JobStore(tmp_path), args={"model": entry.id, "method": method,
+                                                                 "dataset": str(data)})
+            refused_for_memory = "estimated memory" in str(err.value)
+            assert refused_for_memory is (method not in fits), (entry.id, method, str(err.value)[:200])
+            checked += 1
+    assert checked > 20
 
 
 def test_several_gpus_add_up(matrix, defaults):

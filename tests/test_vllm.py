@@ -73,8 +73,11 @@ async def _until_ready(client, tool: str, args: dict, timeout: float = 240):
         r = await client.call_tool(tool, args)
         assert time.monotonic() - t0 < 45, f"{tool} blocked {time.monotonic() - t0:.0f} s"
         text = r.content[0].text
-        pending = ("still starting" in text or "still running" in text
-                   or (not r.is_error and r.structured_content.get("state") in ("starting", "merging")))
+        assert not (r.is_error and ("still starting" in text or "still running" in text)), \
+            f"waiting must be a result with a state, not an error: {text}"
+        pending = not r.is_error and r.structured_content.get("state") in ("starting", "merging")
+        if pending:
+            assert r.structured_content.get("retry_after_s") or tool == "serve_adapter", r.structured_content
         if not pending:
             return r
         assert time.monotonic() < deadline, text

@@ -12,6 +12,7 @@ budget, and reports the first bad rows with their line numbers.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import time
 from collections import Counter
@@ -28,6 +29,8 @@ FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "c
 MAX_BAD_ROWS_SHOWN = 5
 MAX_LINE_BYTES = 16 << 20  # one JSONL row; longer lines are reported, never held in memory
 MAX_JSON_BYTES = 256 << 20  # .json is parsed whole; bigger files must be JSONL
+LONG_ROW_CHARS = 100_000  # ~25k tokens: longer than any context a job here trains on; it will be truncated
+FIELDS = ("messages", "prompt", "completion", "text")
 csv.field_size_limit(64 * 1024 * 1024)
 
 
@@ -45,13 +48,28 @@ class DatasetSummary:
     complete: bool = True
     bad_rows: list[str] = field(default_factory=list)
     bad_row_count: int = 0
+    suspicious: dict[str, list[str]] = field(default_factory=dict)  # reason -> locations (all counted, 3 kept)
+    suspicious_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Rows that train, but perhaps not as meant: one line per reason, with a count and example locations."""
+        return [f"{self.suspicious_counts[reason]} row(s) {reason} ({', '.join(where)}"
+                + (", ..." if self.suspicious_counts[reason] > len(where) else "") + ")"
+                for reason, where in self.suspicious.items()]
+
+    def flag(self, reason: str, where: str) -> None:
+        self.suspicious_counts[reason] = self.suspicious_counts.get(reason, 0) + 1
+        kept = self.suspicious.setdefault(reason, [])
+        if len(kept) < 3:
+            kept.append(where)
 
     @property
     def approx_tokens(self) -> int:
         return self.chars // 4
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "approx_tokens": self.approx_tokens}
+        return {**asdict(self), "approx_tokens": self.approx_tokens, "warnings": self.warnings}
 
 
 def file_kind(path: Path, field_name: str = "dataset") -> str:
@@ -91,13 +109,18 @@ def row_format(row: Any) -> str:
                 raise ValueError(f"messages[{i}].role={m['role']!r}; allowed: {list(ROLES)}")
             if not isinstance(m["content"], str):
                 raise ValueError(f"messages[{i}].content must be a string")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise ValueError(f"messages[{i}] is an empty assistant message: nothing to learn from it; "
+                                 "write the answer or drop the turn")
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError("no assistant message: nothing to learn from")
         return "messages"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
-            if not isinstance(row.get(key), str):
-                raise ValueError(f"'{key}' must be a string (prompt_completion rows need both)")
+            if key not in row:
+                raise ValueError(f"missing {key!r}{_found_instead(row, key)} (prompt_completion rows need both)")
+            if not isinstance(row[key], str):
+                raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
         if not row["completion"]:
             raise ValueError("'completion' is empty")
         return "prompt_completion"
@@ -106,7 +129,24 @@ def row_format(row: Any) -> str:
             raise ValueError("'text' must be a non-empty string")
         return "text"
     keys = sorted(row)[:8]
-    raise ValueError(f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys})")
+    hints = [f"{k!r} for {close[0]!r}" for k in keys if (close := difflib.get_close_matches(k, FIELDS, 1, 0.75))]
+    raise ValueError(f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys}"
+                     + (f"; did you mean {', '.join(hints)}?" if hints else "") + ")")
+
+
+def _found_instead(row: dict[str, Any], key: str) -> str:
+    close = difflib.get_close_matches(key, [k for k in row if k not in FIELDS], 1, 0.75)
+    return f" (found {close[0]!r})" if close else ""
+
+
+def row_warnings(row: dict[str, Any]) -> list[str]:
+    """Reasons a valid row may not train as meant (reported as warnings, never refused)."""
+    out = []
+    if _row_chars(row) > LONG_ROW_CHARS:
+        out.append(f"are over {LONG_ROW_CHARS:,} characters (they will be truncated to max_seq_len)")
+    if "messages" in row and isinstance(row["messages"], list) and row["messages"][-1]["role"] != "assistant":
+        out.append("end on a user or system turn (that last turn is context only, not trained on)")
+    return out
 
 
 def normalize(row: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +255,8 @@ def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: flo
                 if isinstance(row, _Bad):
                     raise ValueError(row.reason)
                 fmt = row_format(row)
+                for reason in row_warnings(row):
+                    summary.flag(reason, where)
             except ValueError as exc:
                 summary.bad_row_count += 1
                 if len(summary.bad_rows) < MAX_BAD_ROWS_SHOWN:

@@ -9,6 +9,7 @@ from llm_mcp.core.estimates import estimate_memory
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
 from llm_mcp.core.methods import MethodDefaults
+from llm_mcp.core.validate import DEFAULTS
 
 
 class HardwareInfo(BaseModel):
@@ -32,8 +33,10 @@ class MethodInfo(BaseModel):
     note: str
     min_gpu_memory_gb: float = Field(description="From the matrix: smallest GPU memory for batch 1 x 2048 tokens.")
     vllm_adapter: bool = Field(description="vLLM can serve the result as a LoRA adapter; else serve a merged model.")
-    estimated_memory_gb: float = Field(description="Estimate on the hardware above (batch 1 x 2048 tokens).")
-    fits: bool = Field(description="estimated_memory_gb <= usable memory, and the method is not unsupported.")
+    estimated_memory_gb: float = Field(description="Estimate on the hardware above at start_finetune's defaults "
+                                                   "(batch 4 x 1024 tokens, or the context length if shorter).")
+    fits: bool = Field(description="estimated_memory_gb <= usable memory and the method is not unsupported: "
+                                   "start_finetune at its defaults accepts it.")
     trainable_params: int
     memory: MemoryBreakdown | None = Field(None, description="Parts of the estimate (single-model view only).")
 
@@ -65,12 +68,21 @@ class ModelInfo(BaseModel):
     local_path: str | None = None
 
 
+class LocalCheckpoint(BaseModel):
+    path: str = Field(description="Pass this as model=...: relative to LLM_MCP_HOME when under it.")
+    hf_architecture: str | None = None
+    model: ModelInfo | None = Field(None, description="What the matrix says for this architecture, as for hub models.")
+    problem: str | None = Field(None, description="Why it cannot be trained (then model is empty).")
+
+
 class ListModelsResult(BaseModel):
     hardware: HardwareInfo
     filters: dict[str, str | bool | float | int]
     count: int
     total_in_matrix: int
     models: list[ModelInfo]
+    local: list[LocalCheckpoint] = Field(default_factory=list, description="Checkpoint directories in "
+                                         "LLM_MCP_HOME/models and the allowed roots.")
 
 
 def describe_model(
@@ -80,13 +92,13 @@ def describe_model(
     device = "cuda" if hardware.gpus else "cpu"
     usable = hardware.usable_gb()
     rank = defaults["lora"].lora.rank if defaults["lora"].lora else 32
+    batch, seq_len = DEFAULTS["batch_size"], min(DEFAULTS["max_seq_len"], entry.context_length)
     methods = []
     lora_params = 0
     for name in METHODS:
         support = entry.methods[name]
-        est = estimate_memory(
-            entry.dims, entry.params_b, name, target_modules=entry.target_modules, rank=rank, device=device
-        )
+        est = estimate_memory(entry.dims, entry.params_b, name, target_modules=entry.target_modules, rank=rank,
+                              batch_size=batch, seq_len=seq_len, device=device)
         if name == "lora":
             lora_params = est.trainable_params
         methods.append(
@@ -115,7 +127,7 @@ def describe_model(
         info.lr_source = entry.lr_source
         info.sources = entry.sources
         info.dims = entry.dims.model_dump()
-        info.local_path = getattr(entry, "path", None)
+    info.local_path = getattr(entry, "path", None)
     return info
 
 
@@ -197,6 +209,14 @@ def summarize(result: ListModelsResult, method: str | None = None) -> str:
     if not result.models:
         lines.append("No model matches. Drop a filter (fits, family, type) or ask for hypothetical hardware "
                      "with gpu_memory_gb / num_gpus.")
+    if result.local:
+        lines.append(f"Local checkpoints ({len(result.local)}; pass the path as model=...):")
+    for c in result.local:
+        if c.model is None:
+            lines.append(f"- {c.path} ({c.hf_architecture or '?'}): cannot train: {c.problem}")
+            continue
+        cells = " | ".join(f"{i.method} {_MARK[i.status]}{' fits' if i.fits else ''}" for i in c.model.methods)
+        lines.append(f"- {c.path} ({c.hf_architecture}, {format_params(c.model.params_b)}): {cells}")
     return "\n".join(lines)
 
 

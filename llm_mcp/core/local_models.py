@@ -124,7 +124,7 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
             min_gpu_memory_gb=gpu_class_gb(est.total_gb), vllm_adapter=support.vllm_adapter,
         )
     text_cfg = cfg.get("text_config") or cfg
-    has_template = (path / "chat_template.jinja").exists() or "chat_template" in _read_json(path / "tokenizer_config.json")
+    has_template = (path / "chat_template.jinja").exists() or "chat_template" in read_json(path / "tokenizer_config.json")
     return LocalModelEntry.model_construct(
         id=str(path), path=str(path), aliases=[], family=profile.family,
         type="instruct" if has_template else "base",
@@ -139,7 +139,7 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -171,3 +171,17 @@ def resolve_model(matrix: Matrix, settings: Settings, value: str) -> ModelEntry:
     if _looks_like_path(value) or candidate.exists():
         return load_local_model(matrix, settings, value)
     return matrix.get(value)  # raises UnknownModelError with suggestions
+
+
+def local_checkpoints(settings: Settings, limit: int = 50) -> list[Path]:
+    """Directories with a config.json in LLM_MCP_HOME/models (two levels deep) and the allowed roots' top level."""
+    found: list[Path] = []
+    for root, depth in [(settings.home / "models", 2), *[(r, 1) for r in settings.roots[1:]]]:
+        level = [root] if root.is_dir() else []
+        for _ in range(depth):
+            level = sorted(d for parent in level for d in parent.iterdir()
+                           if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))[:200]
+            found += [d for d in level if (d / "config.json").is_file() and d not in found]
+            if len(found) >= limit:
+                return found[:limit]
+    return found

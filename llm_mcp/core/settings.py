@@ -131,6 +131,7 @@ class Settings:
         allowed = ", ".join(str(r) for r in self.roots)
         raise PathNotAllowedError(
             f"{field_name}={str(value)!r} resolves to {str(resolved)!r}, which is outside the allowed roots "
-            f"({allowed}). Move or copy it under one of them, or start the server with "
-            f"--allow-root DIR / LLM_MCP_ALLOWED_ROOTS."
+            f"({allowed}). Next: for training data, write the rows with save_dataset (they land in "
+            f"{self.home / 'data'}); otherwise ask the user to copy it under one of those directories or to restart "
+            f"the server with --allow-root DIR (LLM_MCP_ALLOWED_ROOTS)."
         )

@@ -15,6 +15,7 @@ from llm_mcp.core.data import DatasetSummary, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import estimate_memory, linear_names
 from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import checkpoints
 from llm_mcp.core.store import JobStore
@@ -90,17 +91,32 @@ def resolve_finetune(
     _check_method(entry, method, problems, warnings)
     _check_ranges(args, entry, hardware, resuming=bool(base_cfg), problems=problems)
     lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
-    dataset, eval_path = _datasets(settings, args, problems)
+    dataset, eval_set = _datasets(settings, args, problems)
     if problems or entry is None or dataset is None:
         raise InvalidArgumentError(problems)
 
-    cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset, eval_path, hardware)
+    cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset,
+                       eval_set.path if eval_set else None, hardware)
     lr = cfg["learning_rate"]
     if not (0.01 * entry.recommended_lr <= lr <= 10 * entry.recommended_lr):
         warnings.append(f"learning_rate={lr:g} is far from the recommended {entry.recommended_lr:g} for {entry.id}")
     estimates = _estimates(cfg, args, entry, dataset, hardware, warnings)
+    if eval_set is not None:
+        estimates["eval_rows"] = eval_set.rows
+    estimates["model_source"] = _model_source(entry)
+    warnings += dataset.warnings + [f"eval_dataset: {w}" for w in (eval_set.warnings if eval_set else [])]
     config = JobConfig.parse({**cfg, "job_id": None}, "the resolved request")
     return Resolved(config=config, entry=entry, dataset=dataset, estimates=estimates, warnings=warnings)
+
+
+def _model_source(entry: ModelEntry) -> str:
+    """Where the base model loads from; a hub model that cannot be fetched is refused with the next step."""
+    if entry.is_local:
+        return f"local directory {entry.path}"
+    available = hub_availability(entry.id)
+    if not available.available:
+        raise InvalidArgumentError(unavailable_message(entry.id, available.where))
+    return available.where
 
 
 def _resume(store: JobStore, args: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -212,10 +228,11 @@ def _targets(args: dict[str, Any], entry: ModelEntry | None, defaults, method: s
     return lora_defaults, target_modules
 
 
-def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[DatasetSummary | None, str | None]:
-    """(the training set's summary, the eval set's resolved path), each validated under the allowed roots."""
+def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[DatasetSummary | None,
+                                                                         DatasetSummary | None]:
+    """(the training set's summary, the eval set's), each validated under the allowed roots."""
     dataset = None
-    eval_path = None
+    eval_set = None
     for key in ("dataset", "eval_dataset"):
         if key not in args:
             continue
@@ -228,10 +245,10 @@ def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[Data
         if key == "dataset":
             dataset = summary
         else:
-            eval_path = str(path)
+            eval_set = summary
     if "eval_dataset" in args and args.get("eval_fraction"):
         problems.append("give eval_dataset or eval_fraction, not both")
-    return dataset, eval_path
+    return dataset, eval_set
 
 
 def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, target_modules, dataset, eval_path,

@@ -63,6 +63,11 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
     )
     if start:
         status.total_steps = start["total_steps"]
+        seen = start.get("examples", 0) + start.get("dropped", 0)
+        if start.get("truncated") or start.get("dropped"):
+            status.warnings = [*status.warnings, f"the trainer truncated {start.get('truncated', 0)} of {seen} "
+                               f"training sequences to max_seq_len and dropped {start.get('dropped', 0)} left with "
+                               "no trained token"]
     if steps:
         last = steps[-1]
         status.step, status.epoch, status.loss = last["step"], last.get("epoch"), last["loss"]

@@ -1,6 +1,7 @@
 """The MCP tools, one module per concern; each module's `register(mcp)` adds its tools.
 
     models     list_models
+    datasets   datasets (list / inspect), save_dataset
     finetune   start_finetune
     jobs       job_status, cancel_job (+ the jobs://{id}/log and /metrics resources)
     sampling   sample
@@ -11,6 +12,6 @@ Tools are plain functions that take the request `Context` and read the shared se
 result helpers and text summaries they share.
 """
 
-from llm_mcp.tools import finetune, jobs, models, sampling, serving
+from llm_mcp.tools import datasets, finetune, jobs, models, sampling, serving
 
-MODULES = (models, finetune, jobs, sampling, serving)
+MODULES = (models, datasets, finetune, jobs, sampling, serving)

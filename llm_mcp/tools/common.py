@@ -13,13 +13,13 @@ import inspect
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from llm_mcp.core.errors import LlmMcpError
 
@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+
+
+def lower_case(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def choice(*values: str) -> Any:
+    """An enum argument that also accepts other letter cases ('LoRA' for 'lora'): the schema lists `values`."""
+    return Annotated[Literal[values], BeforeValidator(lower_case)]
 
 
 def state_of(ctx: Context) -> AppState:
@@ -88,6 +97,41 @@ def tool_errors(fn: Callable) -> Callable:
             except caught as exc:
                 raise _convert(fn.__name__, exc, kwargs) from exc
     return wrapper
+
+
+def _allowed(prop: dict[str, Any]) -> str:
+    """What a JSON-schema property accepts, in words."""
+    options = [prop, *prop.get("anyOf", [])]
+    enums = [v for o in options for v in o.get("enum", [])]
+    if enums:
+        return f"one of {enums}"
+    for o in options:
+        lo = o.get("minimum", o.get("exclusiveMinimum"))
+        hi = o.get("maximum", o.get("exclusiveMaximum"))
+        if lo is not None or hi is not None:
+            return f"a {o.get('type', 'number')} from {lo if lo is not None else '-inf'} to {hi if hi is not None else 'inf'}"
+        if "maxLength" in o:
+            return f"a string of at most {o['maxLength']} characters"
+    types = [o["type"] for o in options if "type" in o and o["type"] != "null"]
+    return " or ".join(types) or "see the tool's schema"
+
+
+def explain_arguments(tool: str, schema: dict[str, Any], exc: ValidationError) -> str:
+    """The SDK's argument validation error in the project's style: field, bad value, allowed values, next step."""
+    props = schema.get("properties", {})
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "(arguments)"
+        allowed = _allowed(props.get(loc[0], {})) if loc else "an object"
+        if err["type"] == "missing":
+            desc = props.get(loc[0], {}).get("description", "") if loc else ""
+            problems.append(f"{field} is required ({allowed}){': ' + desc if desc else ''}")
+        else:
+            problems.append(f"{field}={err.get('input')!r:.200} is not allowed: {err['msg'].lower()}; allowed: {allowed}")
+    head = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the arguments:\n" + "\n".join(
+        f"  - {p}" for p in problems)
+    return f"{head}\nFix the argument{'s' if len(problems) > 1 else ''} and call {tool} again."
 
 
 async def with_progress(ctx: Context, fn, *args, message: Callable[[], str]):

@@ -6,7 +6,7 @@ import inspect
 import shutil
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ToolAnnotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from llm_mcp.core.hardware import detect
 from llm_mcp.core.store import Job, new_job_id
 from llm_mcp.core.validate import Resolved, resolve_finetune
-from llm_mcp.tools.common import add_tool, result, state_of, summarize_start
+from llm_mcp.tools.common import add_tool, choice, result, state_of, summarize_start
 from llm_mcp.tools.models import MethodName
 
 if TYPE_CHECKING:
@@ -34,13 +34,14 @@ class StartFinetuneResult(BaseModel):
 
 def start_finetune(
     ctx: Context,
-    model: Annotated[str | None, Field(description="Matrix id / alias (list_models) or a local checkpoint "
-                                                   "directory under an allowed root.")] = None,
-    method: Annotated[MethodName | None, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse "
-                                                           "(sparse delta, RigL mask updates).")] = None,
-    dataset: Annotated[str | None, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; "
-                                                     "rows with 'messages', 'prompt'+'completion' or 'text'. "
-                                                     "Relative paths are under LLM_MCP_HOME.")] = None,
+    model: Annotated[str, Field(description="Matrix id / alias, or a local checkpoint directory (list_models shows "
+                                            "both; relative paths are under LLM_MCP_HOME).", max_length=4096)],
+    method: Annotated[MethodName, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse "
+                                                    "(sparse delta, RigL mask updates).")],
+    dataset: Annotated[str, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; rows "
+                                              "with 'messages', 'prompt'+'completion' or 'text'. Relative paths are "
+                                              "under LLM_MCP_HOME (datasets lists them; save_dataset writes one).",
+                                  max_length=4096)],
     eval_dataset: Annotated[str | None, Field(description="Held-out data for eval loss (same formats).")] = None,
     eval_fraction: Annotated[float | None, Field(description="Hold out this fraction of dataset instead (0-0.5).")] = None,
     max_steps: Annotated[int | None, Field(description="Optimizer steps (1-1e6). Give this or epochs.")] = None,
@@ -55,7 +56,7 @@ def start_finetune(
     gradient_accumulation: Annotated[int | None, Field(description="Micro-batches per optimizer step (default 1).")] = None,
     max_seq_len: Annotated[int | None, Field(description="Longer sequences are truncated, and counted in the log "
                                                          "(default 1024).")] = None,
-    train_on: Annotated[Literal["completion", "all"] | None, Field(description="Loss on assistant / completion tokens "
+    train_on: Annotated[choice("completion", "all") | None, Field(description="Loss on assistant / completion tokens "
                                                                               "only (default) or on all tokens.")] = None,
     seed: Annotated[int | None, Field(description="Seed for init, data order and dropout (default 0).")] = None,
     name: Annotated[str | None, Field(description="A label for the job.")] = None,
@@ -64,7 +65,7 @@ def start_finetune(
                                                               "cancel).")] = None,
     keep_checkpoints: Annotated[int | None, Field(description="How many recent checkpoints to keep (default 3).")] = None,
     eval_every: Annotated[int | None, Field(description="Eval loss every N steps (default: only at the end).")] = None,
-    lr_scheduler: Annotated[str | None, Field(description="cosine (default) | linear | constant | "
+    lr_scheduler: Annotated[choice("cosine", "linear", "constant", "constant_with_warmup") | None, Field(description="cosine (default) | linear | constant | "
                                                           "constant_with_warmup.")] = None,
     warmup_ratio: Annotated[float | None, Field(description="Fraction of steps warming up (default 0.03).")] = None,
     gradient_checkpointing: Annotated[bool | None, Field(description="Default: on when memory is tight.")] = None,
@@ -104,6 +105,7 @@ def start_finetune(
     state.executor.poll()
     resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
                                 hardware=detect(), store=state.store, args=args)
+    _check_tokens(resolved)
     if dry_run:
         answer = StartFinetuneResult(state="dry_run", dry_run=True, config=resolved.config.model_dump(mode="json"),
                                      estimates=resolved.estimates, warnings=resolved.warnings,
@@ -116,6 +118,21 @@ def start_finetune(
                                  warnings=resolved.warnings,
                                  next_step=f"job_status(job_id='{job.id}', wait_seconds=30) until it succeeds")
     return result(summarize_start(answer), answer)
+
+
+def _check_tokens(resolved: Resolved) -> None:
+    """Encode the rows as the trainer will: truncations and drops become warnings, token counts estimates."""
+    from llm_mcp.train.preview import job_token_report
+
+    report = job_token_report(resolved.config)
+    if report is None:
+        resolved.estimates["tokens"] = "not counted: the tokenizer is not available locally"
+        return
+    resolved.warnings += report.warnings()
+    resolved.estimates["tokens"] = {"rows_examined": report.rows_examined, "complete": report.complete,
+                                    "total": report.tokens, "trained": report.trained_tokens,
+                                    "longest": report.longest, "truncated": report.truncated,
+                                    "dropped": report.dropped}
 
 
 def _record_job(state: AppState, resolved: Resolved, name: str | None, resume_from: str | None) -> Job:

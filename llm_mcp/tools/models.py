@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult
@@ -10,11 +10,12 @@ from pydantic import Field
 
 from llm_mcp.core import listing
 from llm_mcp.core.hardware import Hardware, detect
-from llm_mcp.core.local_models import resolve_model
-from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
+from llm_mcp.core.errors import LlmMcpError
+from llm_mcp.core.local_models import read_json, local_checkpoints, resolve_model
+from llm_mcp.tools.common import READ_ONLY, add_tool, choice, result, state_of
 
-MethodName = Literal["lora", "qlora", "dora", "sparse"]
-ModelTypeName = Literal["base", "instruct", "hybrid", "reasoning", "vision"]
+MethodName = choice("lora", "qlora", "dora", "sparse")
+ModelTypeName = choice("base", "instruct", "hybrid", "reasoning", "vision")
 
 
 def list_models(
@@ -49,7 +50,9 @@ def list_models(
     fraction NOT trained). Each method per model has a status (supported / experimental /
     unsupported) with a note, the minimum GPU memory, a memory estimate for this machine
     and whether vLLM can serve the result as an adapter. Also: recommended LoRA learning
-    rate and rank, and the LoRA parameter count at that rank.
+    rate and rank, and the LoRA parameter count at that rank. Estimates and `fits` use
+    start_finetune's defaults (batch 4 x 1024 tokens). The full listing also shows the local
+    checkpoints in LLM_MCP_HOME/models and the allowed roots (pass their path as model=...).
     """
     state = state_of(ctx)
     key = (model, method, type, family, fits, gpu_memory_gb, num_gpus)
@@ -67,10 +70,28 @@ def list_models(
     else:
         found = listing.list_models(state.matrix, hardware, state.defaults, method=method, type=type, family=family,
                                     fits=fits)
+        found.local = _local(state, hardware)
         text = listing.summarize(found, method)
     answer = result(text, found)
     state.listing_cache.put(key, answer)
     return answer
+
+
+def _local(state, hardware: Hardware) -> list[listing.LocalCheckpoint]:
+    """Every checkpoint directory here, described like a matrix row, or with the reason it cannot train."""
+    home = state.settings.home.resolve()
+    out = []
+    for path in local_checkpoints(state.settings):
+        shown = str(path.resolve().relative_to(home)) if path.resolve().is_relative_to(home) else str(path)
+        try:
+            entry = resolve_model(state.matrix, state.settings, str(path))
+        except LlmMcpError as exc:
+            arch = (read_json(path / "config.json").get("architectures") or [None])[0]
+            out.append(listing.LocalCheckpoint(path=shown, hf_architecture=arch, problem=str(exc)))
+            continue
+        out.append(listing.LocalCheckpoint(path=shown, hf_architecture=entry.hf_architecture,
+                                           model=listing.describe_model(entry, hardware, state.defaults)))
+    return out
 
 
 def register(mcp: MCPServer) -> None:

@@ -31,16 +31,19 @@ class SampleSource(BaseModel):
 
 
 class SampleResult(BaseModel):
-    completions: list[Completion]
+    state: str = Field("done", description="'done'; or 'starting' (vLLM is loading) / 'merging' (the merged model "
+                                           "is being written): no completions yet, call again after retry_after_s.")
+    retry_after_s: float | None = None
+    completions: list[Completion] = []
     base_completions: list[Completion] | None = Field(None, description="compare_base: the base model's answers.")
     source: SampleSource
     backend: str = Field(description="Which backend generated: 'transformers' (in-process) or 'vllm'.")
-    prompt_tokens: int
-    load_s: float
-    base_loaded: bool
-    adapter_loaded: bool
-    generate_s: float
-    tokens_per_s: float
+    prompt_tokens: int = 0
+    load_s: float = 0.0
+    base_loaded: bool = False
+    adapter_loaded: bool = False
+    generate_s: float = 0.0
+    tokens_per_s: float = 0.0
     notes: list[str] = []
 
 
@@ -80,13 +83,17 @@ async def sample(
             served, label, notes = await anyio.to_thread.run_sync(job_serving, state, source.job_id,
                                                                   source.checkpoint, target)
             if served is None:
-                raise VllmStarting(f"{notes[-1]}: the merge is still running; call sample again in ~20 s")
+                return _waiting("merging", source, notes + ["the merged model is still being written; call sample "
+                                                            "again in ~20 s"], 20)
             target, label = served, label if served.adapter_path else None
         generate = functools.partial(state.sampler.generate, label=label)
     params = SampleParams(prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, stop=list(stop or []), n=n, seed=seed, logprobs=logprobs)
     with state.sample_slots:
-        gen = await with_progress(ctx, generate, target, params, message=lambda: activity(state, target.base_id))
+        try:
+            gen = await with_progress(ctx, generate, target, params, message=lambda: activity(state, target.base_id))
+        except VllmStarting as exc:
+            return _waiting("starting", source, notes + [str(exc)], 15)
         base_gen = None
         if compare_base and target.adapter_path:
             base_gen = await with_progress(ctx, generate, Target(**{**target.__dict__, "adapter_path": None}),
@@ -99,6 +106,12 @@ async def sample(
         adapter_loaded=gen.adapter_loaded, generate_s=gen.generate_s, tokens_per_s=gen.tokens_per_s, notes=notes,
     )
     return result(summarize_sample(answer), answer)
+
+
+def _waiting(what: str, source: SampleSource, notes: list[str], retry_after_s: float) -> CallToolResult:
+    """Not an error: the backend is getting ready. The result says so, with when to call again."""
+    answer = SampleResult(state=what, retry_after_s=retry_after_s, source=source, backend="vllm", notes=notes)
+    return result(f"{what}: no completions yet; call sample again in ~{retry_after_s:g} s. " + " ".join(notes), answer)
 
 
 def _check_request(job_id, adapter, model, prompt, messages, max_tokens, temperature, top_p, top_k, stop, n) -> None:

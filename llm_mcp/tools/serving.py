@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Literal
+from typing import Annotated
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -15,7 +15,7 @@ from llm_mcp.inference.export import ExportResult, export
 from llm_mcp.inference.serving import ServeResult, examples
 from llm_mcp.inference.serving.servers import VllmStarting, vllm_installed
 from llm_mcp.inference.targets import job_adapter, job_target
-from llm_mcp.tools.common import (WRITES, add_tool, result, state_of, summarize_export, summarize_serve,
+from llm_mcp.tools.common import (WRITES, add_tool, choice, result, state_of, summarize_export, summarize_serve,
                                   with_progress)
 from llm_mcp.tools.sampling import activity, job_serving
 
@@ -23,7 +23,7 @@ from llm_mcp.tools.sampling import activity, job_serving
 def export_adapter(
     ctx: Context,
     job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
-    format: Annotated[Literal["peft", "archive", "merged"], Field(
+    format: Annotated[choice("peft", "archive", "merged"), Field(
         description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
                     "merged: a full model AutoModelForCausalLM.from_pretrained loads.")] = "peft",
     checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",

@@ -6,6 +6,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IGNORE = -100
+# Models without a chat template get ChatML with {% generation %} markers (exact assistant masks).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tokenizer_for(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer as training uses it: a pad token, and a chat template if it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
 
 
 @dataclass

@@ -7,14 +7,7 @@ from typing import Any
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
+from llm_mcp.train.encode import tokenizer_for
 
 def compute_dtype(device: str) -> torch.dtype:
     """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
@@ -24,14 +17,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def load_tokenizer(cfg: JobConfig):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    return tok
+    return tokenizer_for(cfg.model.path, cfg.model.trust_remote_code)
 
 
 def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
