@@ -198,3 +198,11 @@ def test_job_status_lists_what_the_trainer_truncated_and_dropped(app, tiny_model
     warnings = build_status(state.store, state.store.get("ft-x")).warnings
     assert warnings[0] == "from the dry run"
     assert "truncated 3 of 64 training sequences" in warnings[1] and "dropped 4" in warnings[1]
+
+
+async def test_a_path_outside_the_roots_points_an_agent_at_save_dataset(app, home, tiny_model):
+    _, server = app
+    r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="/etc/hostname")
+    text = r.content[0].text
+    assert r.is_error and "outside the allowed roots" in text
+    assert "save_dataset" in text and str(home / "data") in text and "--allow-root" in text

@@ -113,3 +113,22 @@ def test_summary_is_one_line_per_model(matrix, defaults):
     text = summarize(result)
     assert text.count("\n- ") == result.count
     assert "meta-llama/Llama-2-7b-hf" in text and "24 GB" in text
+
+
+def test_usable_memory_does_not_drift_with_free_ram_and_a_tight_machine_is_warned_about(matrix, defaults, tmp_path):
+    from llm_mcp.core.settings import Settings, data_path
+    from llm_mcp.core.store import JobStore
+    from llm_mcp.core.validate import resolve_finetune
+    from llm_mcp.tiny import make_tiny_model
+
+    busy, idle = Hardware(ram_gb=24.0, available_ram_gb=0.05), Hardware(ram_gb=24.0, available_ram_gb=22.0)
+    assert busy.usable_gb() == idle.usable_gb() == round(24.0 * 0.85, 2)
+    model = make_tiny_model(tmp_path / "models" / "tiny")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    settings = Settings(home=tmp_path, models_path=data_path("models.yaml"))
+    args = {"model": str(model), "method": "lora", "dataset": str(data)}
+    run = lambda hw: resolve_finetune(matrix=matrix, settings=settings, defaults=defaults, hardware=hw,  # noqa: E731
+                                      store=JobStore(tmp_path), args=dict(args)).warnings
+    assert any("free right now" in w for w in run(busy))
+    assert not any("free right now" in w for w in run(idle))

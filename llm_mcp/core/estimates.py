@@ -29,7 +29,7 @@ Device = Literal["cuda", "cpu"]
 # Standard GPU memory sizes (GB) a minimum is rounded up to; beyond 80 GB: multiples of 80.
 GPU_CLASSES_GB = (8, 12, 16, 24, 40, 48, 80)
 GPU_USABLE_FRACTION = 0.95  # of a GPU's memory a job may plan on (the rest: fragmentation, other processes)
-RAM_USABLE_FRACTION = 0.85  # of available RAM on CPU-only machines
+RAM_USABLE_FRACTION = 0.85  # of total RAM on CPU-only machines
 NF4_BYTES_PER_PARAM = 4.127 / 8  # 4-bit values + double-quantized absmax per 64-block
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH = 1

@@ -1,7 +1,7 @@
 """What this machine can train on, detected without importing torch.
 
-GPUs come from `nvidia-smi` (a few ms, no CUDA context in our process); RAM from
-/proc/meminfo (or sysconf). The result is cached for the life of the process.
+GPUs come from `nvidia-smi` (a few ms, no CUDA context in our process; cached for the life
+of the process); RAM from /proc/meminfo (or sysconf), read afresh on every call.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ class Hardware:
         return round(sum(g.memory_gb for g in self.gpus), 1)
 
     def usable_gb(self) -> float:
-        """Memory a training job may plan on: 95% of total GPU memory, or 85% of available RAM."""
+        """Memory a training job may plan on: 95% of total GPU memory, or 85% of total RAM.
+
+        Both are of the machine's total, so the answer does not drift from call to call with what
+        other programs hold; start_finetune warns separately when less RAM is free right now.
+        """
         if self.gpus:
             return round(self.gpu_memory_gb * GPU_USABLE_FRACTION, 2)
-        return round(self.available_ram_gb * RAM_USABLE_FRACTION, 2)
+        return round(self.ram_gb * RAM_USABLE_FRACTION, 2)
 
     def describe(self) -> str:
         if self.gpus:
@@ -89,10 +93,14 @@ def _nvidia_gpus() -> list[GPU]:
 
 
 @lru_cache(maxsize=1)
+def _gpus() -> tuple[GPU, ...]:
+    return tuple([] if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else _nvidia_gpus())
+
+
 def detect() -> Hardware:
-    """Detect GPUs (NVIDIA) and RAM. Honors CUDA_VISIBLE_DEVICES=\"\" as 'no GPU'."""
+    """Detect GPUs (NVIDIA, once per process) and RAM (now). Honors CUDA_VISIBLE_DEVICES=\"\" as 'no GPU'."""
     total, available = _meminfo()
-    gpus = [] if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else _nvidia_gpus()
+    gpus = list(_gpus())
     return Hardware(
         gpus=gpus, ram_gb=round(total, 1), available_ram_gb=round(available, 1), cpu_count=os.cpu_count() or 1
     )

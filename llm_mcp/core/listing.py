@@ -15,7 +15,7 @@ from llm_mcp.core.validate import DEFAULTS
 class HardwareInfo(BaseModel):
     description: str
     device: str = Field(description="'cuda' or 'cpu': what the estimates assume.")
-    usable_memory_gb: float = Field(description="Memory a job may plan on (95% of GPU memory, or 85% of free RAM).")
+    usable_memory_gb: float = Field(description="Memory a job may plan on (95% of GPU memory, or 85% of RAM).")
     source: str = Field(description="'detected' (this machine) or 'hypothetical' (gpu_memory_gb argument).")
 
 

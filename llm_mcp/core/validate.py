@@ -297,6 +297,9 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
             [f"estimated memory {est.total_gb:g} GB exceeds the {usable:g} GB usable on {hardware.describe()}"]
             + _fitting_alternatives(entry, method, rank, cfg, hardware)
         )
+    if not hardware.gpus and hardware.source == "detected" and est.total_gb > hardware.available_ram_gb:
+        warnings.append(f"the job needs about {est.total_gb:g} GB but only {hardware.available_ram_gb:g} GB of RAM is "
+                        "free right now; it may swap or be killed unless other programs free memory")
     eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
     train_rows = dataset.rows - eval_rows
     per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * cfg["num_processes"]
