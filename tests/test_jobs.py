@@ -107,7 +107,7 @@ async def test_resume_reproduces_an_uninterrupted_run(app, tiny_model, dataset):
         assert job["state"] == "cancelled" and job["checkpoints"], job
         stopped_at = job["checkpoints"][-1]["step"]
         assert 20 <= stopped_at < 150
-        resumed = await start(client, resume_from=interrupted)
+        resumed = await start(client, **args, resume_from=interrupted)  # a resume repeats the request
         job = await wait_final(client, resumed)
     assert job["state"] == "succeeded" and job["resumed_from"] == interrupted
     a, c = losses(state, full), losses(state, resumed)
@@ -120,8 +120,9 @@ async def test_resume_reproduces_an_uninterrupted_run(app, tiny_model, dataset):
 async def test_killing_the_trainer_fails_the_job_with_its_cause_then_it_resumes(app, tiny_model, dataset):
     state, server = app
     async with Client(server) as client:
-        job_id = await start(client, model="models/tiny", method="lora", dataset="data/train.jsonl",
-                             max_steps=200, checkpoint_every=10, **FAST)
+        args = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=200,
+                    checkpoint_every=10, **FAST)
+        job_id = await start(client, **args)
         await wait_step(state, job_id, 15)
         job_dir = str(state.store.job_dir(job_id))
         trainers = [p for p in psutil.process_iter(["cmdline"])
@@ -134,7 +135,7 @@ async def test_killing_the_trainer_fails_the_job_with_its_cause_then_it_resumes(
         assert time.monotonic() - killed_at < 30
         assert job["state"] == "failed" and "SIGKILL" in job["error"], job
         assert f"resume_from='{job_id}'" in job["next_step"]
-        resumed = await start(client, resume_from=job_id)
+        resumed = await start(client, **args, resume_from=job_id)
         job = await wait_final(client, resumed)
     assert job["state"] == "succeeded" and job["step"] == 200
 

@@ -186,7 +186,7 @@ async def test_resume_with_mask_updates_reproduces_the_run_over_a_4bit_base(app,
             await anyio.sleep(0.05)
         await client.call_tool("cancel_job", {"job_id": cut})
         stopped = (await finish(cut))["checkpoints"][-1]["step"]
-        resumed_start = (await client.call_tool("start_finetune", {"resume_from": cut})).structured_content
+        resumed_start = (await client.call_tool("start_finetune", {**args, "resume_from": cut})).structured_content
         assert resumed_start["config"]["sparse"] == full["config"]["sparse"]  # mask schedule and 4-bit base kept
         resumed = resumed_start["job_id"]
         assert (await finish(resumed))["state"] == "succeeded"
