@@ -73,7 +73,7 @@ class AppState:
     listing_cache: TtlCache = field(default_factory=lambda: TtlCache(LISTING_TTL_S))
     sample_slots: SampleSlots = field(default_factory=SampleSlots)
     _lazy: dict[str, Any] = field(default_factory=dict)
-    _lazy_lock: threading.Lock = field(default_factory=threading.Lock)
+    _lazy_lock: threading.RLock = field(default_factory=threading.RLock)  # vllm_sampler makes the pool inside
 
     @classmethod
     def load(cls, settings: Settings) -> AppState:
