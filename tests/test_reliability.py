@@ -22,7 +22,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from llm_mcp.data import DataError, validate_dataset
+from llm_mcp.core.data import DataError, validate_dataset
 from tests.conftest import RunningServer, free_port, processes_mentioning, server_env, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.reliability]
@@ -200,9 +200,8 @@ async def test_sample_requests_beyond_capacity_are_refused_cleanly(app, tiny_mod
 @pytest.mark.slow
 async def test_50_concurrent_http_clients_while_a_job_trains(home, tiny_model, dataset, capsys):
     """50 MCP sessions over streamable HTTP (a lean protocol client: the SDK client's per-result schema
-    validation would make 50 of them in this process the bottleneck), list_models / job_status."""
-    from llm_mcp.bench.server import concurrent_clients
-
+    validation would make 50 of them in this process the bottleneck), list_models / job_status. The load
+    generator is `python -m llm_mcp.bench.server load` in its own process; this test only reads its JSON."""
     server = RunningServer(["--transport", "streamable-http"], server_env(home), free_port())
     try:
         async with Client(f"{server.url}/mcp") as client:
@@ -210,7 +209,7 @@ async def test_50_concurrent_http_clients_while_a_job_trains(home, tiny_model, d
             while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 5})).structured_content[
                     "job"]["step"] < 1:
                 pass
-            load = await concurrent_clients(f"{server.url}/mcp", job_id, clients=50, calls=10, think_s=1.0)
+            load = await _load(f"{server.url}/mcp", job_id, server_env(home), clients=50, calls=10, think_s=1.0)
             state = (await client.call_tool("job_status", {"job_id": job_id})).structured_content["job"]["state"]
             await client.call_tool("cancel_job", {"job_id": job_id})
     finally:
@@ -220,3 +219,13 @@ async def test_50_concurrent_http_clients_while_a_job_trains(home, tiny_model, d
         print(f"\n50 HTTP clients x 10 calls (think 0.5-1.5 s) while a job trains: p50 {load['all_p50_ms']} ms, "
               f"p95 {load['all_p95_ms']} ms (list_models {load['list_models_p95_ms']}, job_status "
               f"{load['job_status_p95_ms']})")
+
+
+async def _load(url: str, job_id: str, env: dict[str, str], clients: int, calls: int, think_s: float) -> dict:
+    """Run the load generator as a subprocess (the event loop stays free for this test's open session)."""
+    with anyio.fail_after(300):
+        proc = await anyio.run_process(
+            [sys.executable, "-m", "llm_mcp.bench.server", "load", url, job_id, "--clients", str(clients),
+             "--calls", str(calls), "--think-s", str(think_s)], env=env, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])

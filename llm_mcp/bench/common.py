@@ -1,13 +1,22 @@
-"""Shared pieces of the benchmarks: the model, mixed-length data, running jobs, reports."""
+"""Shared pieces of the benchmarks: the model, mixed-length data, the server, running jobs, reports.
+
+Benchmarks drive the server only as a client does: `python -m llm_mcp serve` in a subprocess over
+stdio, MCP tool calls, and the files in the job directory whose path job_status returns. They
+import nothing from the server's runtime (llm_mcp.server, tools, jobs, inference, http).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mcp import StdioServerParameters
 
 WORDS = ("the cat sees a red ball and the robot builds a small house while my friend reads an old book near "
          "the long road under the blue sky where a green tree grows and the teacher writes what is seven plus "
@@ -46,26 +55,71 @@ def mixed_length_data(path: Path, rows: int, min_tokens: int = 16, max_tokens: i
     return path
 
 
-async def run_job(client, args: dict[str, Any]) -> str:
-    """Start a job through the MCP tools and wait for it; returns the job id."""
-    result = await client.call_tool("start_finetune", args)
+def server_params(home: Path, sampler: str = "transformers") -> StdioServerParameters:
+    """`python -m llm_mcp serve` over stdio on state dir `home`, as an MCP client configures it.
+
+    LLM_MCP_* variables of the calling shell are left out (a set LLM_MCP_VLLM_URL, matrix or
+    token would change what is measured); the state dir and sampler are given as flags.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_MCP_")}
+    return StdioServerParameters(command=sys.executable, env=env,
+                                 args=["-m", "llm_mcp", "serve", "--home", str(home), "--sampler", sampler])
+
+
+async def call(client, tool: str, args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """One tool call's structured result. RuntimeError with the tool's message when it fails; the SDK's
+    timeout error when no answer comes within timeout_s."""
+    result = await client.call_tool(tool, args, read_timeout_seconds=timeout_s)
     if result.is_error:
-        raise RuntimeError(result.content[0].text)
-    job_id = result.structured_content["job_id"]
+        raise RuntimeError(f"{tool}: {result.content[0].text}")
+    return result.structured_content
+
+
+async def run_job(client, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a job through the MCP tools and wait for it; returns its final job_status (job_id, job_dir...)."""
+    job_id = (await call(client, "start_finetune", args))["job_id"]
     while True:
         status = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
-        state = status.structured_content["job"]["state"]
-        if state not in ("queued", "running"):
-            if state != "succeeded":
+        job = status.structured_content["job"]
+        if job["state"] not in ("queued", "running"):
+            if job["state"] != "succeeded":
                 raise RuntimeError(status.content[0].text)
-            return job_id
+            return job
 
 
-def job_numbers(job_dir: Path) -> dict[str, Any]:
-    """Tokens/s over the training loop, median step time, peak memory, final loss, trainable params."""
-    from llm_mcp.jobs.status import read_metrics
+def wait_gone(home: Path, timeout: float = 30.0) -> None:
+    """Wait until no process started for state dir `home` (trainers, vLLM servers) is left; warn otherwise.
 
-    metrics = read_metrics(job_dir, max_bytes=1 << 30)
+    The server stops its vLLM servers when its stdio closes (and their watchers stop them if it is killed).
+    """
+    import psutil
+
+    def left() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and str(home) in " ".join(p.info.get("cmdline") or []):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    deadline = time.monotonic() + timeout
+    while (procs := left()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if procs:
+        print(f"warning: {len(procs)} process(es) for {home} still running: {[p.pid for p in procs]}",
+              file=sys.stderr, flush=True)
+
+
+def job_numbers(job_dir: Path | str) -> dict[str, Any]:
+    """Tokens/s over the training loop, median step time, peak memory, final loss, trainable params.
+
+    Read from metrics.jsonl in the job directory (job_status's job_dir).
+    """
+    from llm_mcp.core.jobdir import read_metrics
+
+    metrics = read_metrics(Path(job_dir), max_bytes=1 << 30)
     steps = [m for m in metrics if "loss" in m and "step" in m]
     start = next(m for m in metrics if m.get("event") == "start")
     end = next((m for m in metrics if m.get("event") == "end"), {})

@@ -20,7 +20,7 @@ def main(config_path: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from llm_mcp.data import load_rows
+    from llm_mcp.core.data import load_rows
     from llm_mcp.train.encode import collate, encode_rows
 
     cfg = json.loads(open(config_path).read())

@@ -1,7 +1,13 @@
-"""bench sample: tokens/s for 32 prompts in-process and through vLLM (when installed), adapter swap time.
+"""bench sample: tokens/s for 32 prompts with the in-process backend and through vLLM (when installed),
+adapter swap time.
 
-vLLM is measured on the same adapter: server start, runtime adapter load (with its probe check),
-the 32 prompts one after another (as the in-process backend runs them) and all 32 at once.
+Everything goes through what a client has: `llm-mcp serve` subprocesses over stdio and their tools.
+In-process: a server with `--sampler transformers`; the `sample` tool, one prompt at a time, and
+switching between two jobs' adapters. vLLM: a second server with `--sampler vllm`; `serve_adapter`
+is called until it answers 'ready' (vLLM start, runtime adapter load and its probe check), then the
+32 prompts go to the returned OpenAI-compatible URL one after another and all at once (httpx), as
+an application using the served adapter would send them. Serving a second adapter on the running
+vLLM server times a runtime adapter load with its probe check.
 """
 
 from __future__ import annotations
@@ -16,53 +22,60 @@ from typing import Any
 
 from mcp import Client
 
-from llm_mcp.bench.common import build_model, mixed_length_data, run_job, write_report
-from llm_mcp.server import AppState, build_server
-from llm_mcp.settings import Settings, data_path
+from llm_mcp.bench.common import build_model, call, mixed_length_data, run_job, server_params, wait_gone, write_report
+
+VLLM_READY_TIMEOUT_S = 900.0  # serve_adapter until 'ready', in all
+SERVE_CALL_TIMEOUT_S = 300.0  # one serve_adapter call (it answers within ~25 s when the server is healthy)
 
 
 async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
+    with_vllm = importlib.util.find_spec("vllm") is not None
+    texts = [f"the cat sees item {i} and" for i in range(prompts)]
     try:
         build_model(home, tiny)
         mixed_length_data(home / "data" / "mixed.jsonl", 64, max_tokens=64)
-        state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
-        async with Client(build_server(state)) as client:
+        async with Client(server_params(home, "transformers")) as client:
             train = {"model": "models/bench", "dataset": "data/mixed.jsonl", "max_steps": 5, "max_seq_len": 64,
                      "checkpoint_every": 0}
-            jobs = [await run_job(client, {**train, "method": m}) for m in ("lora", "dora")]
+            jobs = [(await run_job(client, {**train, "method": m}))["job_id"] for m in ("lora", "dora")]
+            if with_vllm:  # a second LoRA adapter on the same base: a runtime adapter load on a running vLLM
+                jobs.append((await run_job(client, {**train, "method": "lora", "seed": 1}))["job_id"])
             args = {"job_id": jobs[0], "max_tokens": max_tokens}
-            first = await client.call_tool("sample", {**args, "prompt": "warm up"})
+            first = await call(client, "sample", {**args, "prompt": "warm up"})
             tokens, t0 = 0, time.perf_counter()
-            for i in range(prompts):
-                r = await client.call_tool("sample", {**args, "prompt": f"the cat sees item {i} and"})
-                tokens += r.structured_content["completions"][0]["completion_tokens"]
+            for text in texts:
+                r = await call(client, "sample", {**args, "prompt": text})
+                tokens += r["completions"][0]["completion_tokens"]
             elapsed = time.perf_counter() - t0
             swaps, switches = [], []
             for _ in range(3):
                 for job in (jobs[1], jobs[0]):
                     t1 = time.perf_counter()
-                    r = await client.call_tool("sample", {"job_id": job, "prompt": "hi", "max_tokens": 1})
-                    (swaps if r.structured_content["adapter_loaded"] else switches).append(time.perf_counter() - t1)
-        vllm = (_bench_vllm(state, jobs[0], [f"the cat sees item {i} and" for i in range(prompts)], max_tokens)
-                if importlib.util.find_spec("vllm") else "not installed")
+                    r = await call(client, "sample", {"job_id": job, "prompt": "hi", "max_tokens": 1})
+                    (swaps if r["adapter_loaded"] else switches).append(time.perf_counter() - t1)
+        vllm = await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens) if with_vllm else "not installed"
     finally:
+        wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)
     results = {"benchmark": "sample", "prompts": prompts, "max_tokens": max_tokens,
                "transformers": {"tokens_per_s": round(tokens / elapsed, 1), "seconds": round(elapsed, 2),
-                                "first_load_s": first.structured_content["load_s"]},
+                                "first_load_s": first["load_s"]},
                "adapter_first_load_ms": round(statistics.median(swaps) * 1000, 1) if swaps else None,
                "adapter_switch_ms": round(statistics.median(switches) * 1000, 1),
                "vllm": vllm}
     base = results["transformers"]["tokens_per_s"]
-    table = [["in-process (transformers), one at a time", base, results["transformers"]["seconds"], "1.00x"]]
+    table = [["in-process (transformers), sample tool, one at a time", base, results["transformers"]["seconds"],
+              "1.00x"]]
     if isinstance(vllm, dict):
-        table += [["vLLM, one at a time", vllm["sequential_tokens_per_s"], vllm["sequential_s"],
+        table += [["vLLM (serve_adapter URL), one at a time", vllm["sequential_tokens_per_s"], vllm["sequential_s"],
                    f"{vllm['sequential_tokens_per_s'] / base:.2f}x"],
-                  [f"vLLM, {prompts} concurrent requests", vllm["concurrent_tokens_per_s"], vllm["concurrent_s"],
-                   f"{vllm['concurrent_tokens_per_s'] / base:.2f}x"],
-                  ["vLLM server start (s)", vllm["start_s"], "", ""],
-                  ["vLLM runtime adapter load + probe check (s)", vllm["adapter_load_s"], "", ""]]
+                  [f"vLLM (serve_adapter URL), {prompts} concurrent requests", vllm["concurrent_tokens_per_s"],
+                   vllm["concurrent_s"], f"{vllm['concurrent_tokens_per_s'] / base:.2f}x"],
+                  ["vLLM: serve_adapter until ready (server start + adapter load + probe check, s)",
+                   vllm["start_s"], "", ""],
+                  ["vLLM: serve_adapter of a second adapter (runtime load + probe check, s)",
+                   vllm["adapter_load_s"], "", ""]]
     else:
         table.append(["vLLM", vllm, "", ""])
     table += [
@@ -74,38 +87,54 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool) -> 
     return results
 
 
-def _bench_vllm(state: AppState, job_id: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
-    from concurrent.futures import ThreadPoolExecutor
+async def _serve(client, job_id: str) -> tuple[dict[str, Any], float]:
+    """serve_adapter(job_id) until its state is 'ready' (it answers 'starting' / 'merging' meanwhile)."""
+    t0 = time.perf_counter()
+    while True:
+        served = await call(client, "serve_adapter", {"job_id": job_id}, timeout_s=SERVE_CALL_TIMEOUT_S)
+        if served["state"] == "ready":
+            return served, time.perf_counter() - t0
+        if time.perf_counter() - t0 > VLLM_READY_TIMEOUT_S:
+            raise RuntimeError(f"serve_adapter({job_id}) not ready after {VLLM_READY_TIMEOUT_S:g} s: {served}")
 
-    from llm_mcp.adapters import job_adapter, job_target
-    from llm_mcp.sampling import SampleParams
-    from llm_mcp.serving.sampler import VllmSampler, adapter_config
 
-    sampler = VllmSampler(state.pool, wait_s=600)
-    target = job_target(state.store.get(job_id), job_adapter(state.store, state.store.get(job_id))[0])
-    try:
-        t0 = time.perf_counter()
-        sampler.server(target, int(adapter_config(target.adapter_path)["r"]))  # sized for the adapter's rank
-        start_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sampler.register(target, label=job_id)
-        adapter_s = time.perf_counter() - t0
+async def _bench_vllm(home: Path, job_id: str, second_job_id: str, prompts: list[str],
+                      max_tokens: int) -> dict[str, Any]:
+    import anyio
+    import httpx
 
-        def one(prompt: str) -> int:
-            gen = sampler.generate(target, SampleParams(prompt=prompt, max_tokens=max_tokens), label=job_id)
-            return gen.completions[0].completion_tokens
+    async with Client(server_params(home, "vllm")) as client:
+        served, start_s = await _serve(client, job_id)
+        second, adapter_s = await _serve(client, second_job_id)
+        headers = {"Authorization": f"Bearer {served['api_key']}"} if served.get("api_key") else {}
+        async with httpx.AsyncClient(base_url=served["url"], headers=headers, timeout=600) as http:
 
-        one("warm up")
-        t0 = time.perf_counter()
-        seq_tokens = sum(one(p) for p in prompts)
-        seq_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(prompts)) as ex:
-            par_tokens = sum(ex.map(one, prompts))
-        par_s = time.perf_counter() - t0
-    finally:
-        state.shutdown()
+            async def one(prompt: str) -> int:
+                r = await http.post("/completions", json={"model": served["model"], "prompt": prompt,
+                                                          "max_tokens": max_tokens, "temperature": 0.0})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+            await one("warm up")
+            t0 = time.perf_counter()
+            seq_tokens = 0
+            for p in prompts:
+                seq_tokens += await one(p)
+            seq_s = time.perf_counter() - t0
+            counts: list[int] = []
+
+            async def counted(prompt: str) -> None:
+                counts.append(await one(prompt))
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for p in prompts:
+                    tg.start_soon(counted, p)
+            par_s = time.perf_counter() - t0
+    # leaving the Client closes the server's stdio: it stops its vLLM servers and exits
     return {"start_s": round(start_s, 1), "adapter_load_s": round(adapter_s, 2),
             "sequential_tokens_per_s": round(seq_tokens / seq_s, 1), "sequential_s": round(seq_s, 2),
-            "concurrent_tokens_per_s": round(par_tokens / par_s, 1), "concurrent_s": round(par_s, 2),
-            "checks": sampler.checks}
+            "concurrent_tokens_per_s": round(sum(counts) / par_s, 1), "concurrent_s": round(par_s, 2),
+            "served_as": served["served_as"], "model": served["model"],
+            "checks": {served["model"]: served.get("verification", {}),
+                       second["model"]: second.get("verification", {})}}

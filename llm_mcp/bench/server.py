@@ -4,6 +4,10 @@
 The concurrent phase uses a lean protocol client (httpx: initialize, then tools/call in the
 session) rather than the SDK's `Client`, which validates every result against the tool's JSON
 schema: 50 of those in one process on 2 cores measure the load generator, not the server.
+
+The load phase alone, against a server somebody else started, prints its result as one JSON line:
+
+    python -m llm_mcp.bench.server load URL JOB_ID [--clients 50] [--calls 10] [--think-s 1.0] [--token T]
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from mcp import Client, StdioServerParameters
 
 from llm_mcp.bench.common import build_model, mixed_length_data, write_report
-from llm_mcp.jobs.manager import free_port
+from llm_mcp.core.procs import free_port
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -43,8 +47,8 @@ async def _latencies(client, job_id: str, calls: int) -> dict[str, dict[str, flo
     return out
 
 
-async def lean_session(url: str):
-    """An MCP session over streamable HTTP; returns call(tool, args) -> (seconds, structured result)."""
+async def lean_session(url: str, token: str | None = None):
+    """An MCP session over streamable HTTP; returns (httpx client, rpc(method, params) -> result)."""
     import json
 
     import httpx
@@ -52,6 +56,8 @@ async def lean_session(url: str):
 
     http = httpx.AsyncClient(timeout=60)
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     ids = iter(range(1, 1 << 30))
 
     async def rpc(method: str, params: dict, notify: bool = False) -> dict:
@@ -76,7 +82,8 @@ async def lean_session(url: str):
     return http, rpc
 
 
-async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, think_s: float) -> dict[str, Any]:
+async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, think_s: float,
+                             token: str | None = None) -> dict[str, Any]:
     """`clients` sessions, each alternating list_models / job_status `calls` times with think time between."""
     import random
 
@@ -87,7 +94,7 @@ async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, th
 
     async def user(n: int) -> None:
         rnd = random.Random(n)
-        http, rpc = await lean_session(url)
+        http, rpc = await lean_session(url, token)
         try:
             await anyio.sleep(rnd.uniform(0, think_s))
             for i in range(calls):
@@ -177,3 +184,31 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
                  ([f"{t}\n{tr}" for tr, lat in (("stdio", over_stdio), ("http", over_http)) for t in lat],
                   [v["p95_ms"] for lat in (over_stdio, over_http) for v in lat.values()], "p95 ms"))
     return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`load URL JOB_ID ...`: the concurrent-clients phase against a running streamable-HTTP server."""
+    import argparse
+    import json
+
+    import anyio
+
+    parser = argparse.ArgumentParser(prog="python -m llm_mcp.bench.server",
+                                     description="MCP load generator: concurrent streamable-HTTP sessions")
+    sub = parser.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load", help="sessions alternating list_models / job_status JOB_ID; prints one JSON line")
+    load.add_argument("url", help="the server's MCP endpoint, e.g. http://127.0.0.1:8765/mcp")
+    load.add_argument("job_id", help="the job job_status asks about")
+    load.add_argument("--clients", type=int, default=50)
+    load.add_argument("--calls", type=int, default=10, help="tool calls per client")
+    load.add_argument("--think-s", type=float, default=1.0, help="mean pause between a client's calls")
+    load.add_argument("--token", help="bearer token (default LLM_MCP_AUTH_TOKEN, if set)")
+    args = parser.parse_args(argv)
+    token = args.token or os.environ.get("LLM_MCP_AUTH_TOKEN") or None
+    result = anyio.run(concurrent_clients, args.url, args.job_id, args.clients, args.calls, args.think_s, token)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,9 @@
-"""bench train (ours vs HF Trainer + PEFT) and bench methods (lora / qlora / dora / sparse)."""
+"""bench train (ours vs HF Trainer + PEFT) and bench methods (lora / qlora / dora / sparse).
+
+Our side is what a client gets: `llm-mcp serve` in a subprocess over stdio, start_finetune and
+job_status; the numbers come from metrics.jsonl in the job directory job_status names. The
+baseline is a plain HF Trainer + PEFT script (hf_baseline.py) run in its own process.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +17,17 @@ from typing import Any
 
 from mcp import Client
 
-from llm_mcp.bench.common import build_model, job_numbers, median_of, mixed_length_data, run_job, write_report
-from llm_mcp.server import AppState, build_server
-from llm_mcp.settings import Settings, data_path
+from llm_mcp.bench.common import (build_model, job_numbers, median_of, mixed_length_data, run_job, server_params,
+                                  wait_gone, write_report)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _setup(tiny: bool, rows: int) -> tuple[Path, AppState]:
+def _setup(tiny: bool, rows: int) -> Path:
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     build_model(home, tiny)
     mixed_length_data(home / "data" / "mixed.jsonl", rows, max_tokens=64 if tiny else 512)
-    return home, AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
+    return home
 
 
 def _job_args(steps: int, batch: int, tiny: bool, **extra: Any) -> dict[str, Any]:
@@ -48,18 +52,19 @@ def _baseline(home: Path, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bench_train(out: Path, reps: int, steps: int, batch: int, tiny: bool) -> dict[str, Any]:
-    home, state = _setup(tiny, rows=max(256, steps * batch))
+    home = _setup(tiny, rows=max(256, steps * batch))
     ours, base = [], []
     try:
-        async with Client(build_server(state)) as client:
+        async with Client(server_params(home)) as client:
             args = _job_args(steps, batch, tiny, method="lora")
             for rep in range(reps):  # alternate: ours, baseline, ours, baseline, ...
-                job_id = await run_job(client, args)
-                ours.append(job_numbers(state.store.job_dir(job_id)))
+                job = await run_job(client, args)
+                ours.append(job_numbers(job["job_dir"]))
                 base.append(_baseline(home, args))
                 print(f"rep {rep + 1}/{reps}: ours {ours[-1]['tokens_per_s']} tok/s, "
                       f"HF Trainer {base[-1]['tokens_per_s']} tok/s", flush=True)
     finally:
+        wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)
     o, b = {k: median_of(ours, k) for k in ("tokens_per_s", "peak_memory_mb", "final_loss", "train_s")}, \
         {k: median_of(base, k) for k in ("tokens_per_s", "peak_memory_mb", "final_loss", "train_s")}
@@ -77,17 +82,18 @@ async def bench_train(out: Path, reps: int, steps: int, batch: int, tiny: bool) 
 
 
 async def bench_methods(out: Path, reps: int, steps: int, batch: int, tiny: bool) -> dict[str, Any]:
-    home, state = _setup(tiny, rows=max(256, steps * batch))
+    home = _setup(tiny, rows=max(256, steps * batch))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ("lora", "qlora", "dora", "sparse")}
     try:
-        async with Client(build_server(state)) as client:
+        async with Client(server_params(home)) as client:
             for rep in range(reps):
                 for method in runs:
-                    job_id = await run_job(client, _job_args(steps, batch, tiny, method=method))
-                    runs[method].append(job_numbers(state.store.job_dir(job_id)))
+                    job = await run_job(client, _job_args(steps, batch, tiny, method=method))
+                    runs[method].append(job_numbers(job["job_dir"]))
                 print(f"rep {rep + 1}/{reps}: " + ", ".join(f"{m} {r[-1]['step_s_median']} s/step"
                                                           for m, r in runs.items()), flush=True)
     finally:
+        wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)
     med = {m: {k: median_of(r, k) for k in ("step_s_median", "peak_memory_mb", "final_loss", "tokens_per_s")}
            | {"trainable_params": r[0]["trainable_params"]} for m, r in runs.items()}
