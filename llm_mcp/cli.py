@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from llm_mcp.http import build_http_app, serve_http
 
         app = build_http_app(server, args.transport, host=args.host, token=settings.auth_token,
-                             allowed_hosts=args.allowed_host)
+                             allowed_hosts=args.allowed_host, session_idle_s=settings.session_idle_s,
+                             max_sessions=settings.max_sessions)
         path = "/sse" if args.transport == "sse" else "/mcp"
         print(f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
               f"{' (bearer token required)' if settings.auth_token else ''}; sampler {state.backend}", file=sys.stderr)

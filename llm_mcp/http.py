@@ -84,6 +84,8 @@ def build_http_app(
     host: str,
     token: str | None,
     allowed_hosts: list[str] | None = None,
+    session_idle_s: float = 300.0,
+    max_sessions: int = 256,
 ) -> ASGIApp:
     """The Starlette app for `transport` ('sse' or 'streamable-http'), wrapped in bearer auth if a token is set.
 
@@ -99,7 +101,9 @@ def build_http_app(
     if transport == "sse":
         app: ASGIApp = server.sse_app(transport_security=security, host=host)
     elif transport == "streamable-http":
-        app = server.streamable_http_app(transport_security=security, host=host)
+        # Abandoned sessions are closed after session_idle_s; past max_sessions a new one gets 503 until one ends.
+        app = server.streamable_http_app(transport_security=security, host=host,
+                                         session_idle_timeout=session_idle_s or None, max_sessions=max_sessions)
     else:
         raise ConfigurationError(f"transport={transport!r} is not an HTTP transport; allowed: ['sse', 'streamable-http']")
     return BearerTokenMiddleware(app, token) if token else app

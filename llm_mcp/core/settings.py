@@ -12,6 +12,10 @@ Environment variables (CLI flags override them):
   LLM_MCP_VLLM_IDLE_S    stop a managed vLLM server after this many idle seconds (default 900; 0 = never)
   LLM_MCP_VLLM_ARGS      extra `vllm serve` arguments for managed servers
   LLM_MCP_EXECUTOR       where jobs run: local (default; llm_mcp.jobs.executor lists the engines)
+  LLM_MCP_MAX_QUEUED     start_finetune refuses a job when this many are already queued (default 16)
+  LLM_MCP_SESSION_IDLE_S an HTTP session with no request for this long is closed (default 300)
+  LLM_MCP_MAX_SESSIONS   HTTP sessions open at once; more are refused until one closes (default 256)
+  LLM_MCP_SAMPLE_TIMEOUT_S  one sample call generates for at most this long (default 45)
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ SAMPLERS = ("auto", "transformers", "vllm")
 def _float_env(env: dict[str, str], name: str, default: float) -> float:
     value = env.get(name)
     try:
-        return default if value in (None, "") else float(value)
+        number = default if value in (None, "") else float(value)
     except ValueError:
-        raise ConfigurationError(f"{name}={value!r} is not a number of seconds; unset it or give e.g. 900") from None
+        raise ConfigurationError(f"{name}={value!r} is not a number; unset it or give e.g. {default:g}") from None
+    if not number >= 0 or number == float("inf"):
+        raise ConfigurationError(f"{name}={value!r} must be a finite number >= 0; unset it or give e.g. {default:g}")
+    return number
 
 
 @dataclass
@@ -62,6 +69,10 @@ class Settings:
     vllm_idle_s: float = 900.0
     vllm_args: str = ""
     executor: str = "local"
+    max_queued: int = 16
+    session_idle_s: float = 300.0
+    max_sessions: int = 256
+    sample_timeout_s: float = 45.0
 
     def __post_init__(self) -> None:
         # Job processes run with their job directory as cwd: a relative home must not follow them there.
@@ -84,6 +95,10 @@ class Settings:
             vllm_idle_s=_float_env(env, "LLM_MCP_VLLM_IDLE_S", 900.0),
             vllm_args=env.get("LLM_MCP_VLLM_ARGS", ""),
             executor=env.get("LLM_MCP_EXECUTOR") or "local",
+            max_queued=int(_float_env(env, "LLM_MCP_MAX_QUEUED", 16)),
+            session_idle_s=_float_env(env, "LLM_MCP_SESSION_IDLE_S", 300.0),
+            max_sessions=max(1, int(_float_env(env, "LLM_MCP_MAX_SESSIONS", 256))),
+            sample_timeout_s=_float_env(env, "LLM_MCP_SAMPLE_TIMEOUT_S", 45.0),
         )
 
     def sample_backend(self) -> str:
@@ -123,8 +138,18 @@ class Settings:
         Raises:
             PathNotAllowedError: the resolved path is outside every allowed root.
         """
+        text = os.fspath(value)
+        if "\x00" in text:
+            raise PathNotAllowedError(f"{field_name}={text!r} contains a NUL byte; give a plain file path")
+        if len(text) > 4096 or any(len(part) > 255 for part in Path(text).parts):
+            raise PathNotAllowedError(f"{field_name}: the path is too long (at most 255 characters per component and "
+                                      "4096 in all); give a shorter path")
         raw = Path(value).expanduser()
-        resolved = raw.resolve()
+        try:
+            resolved = raw.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a component that is not a directory, ...
+            raise PathNotAllowedError(f"{field_name}={text!r} cannot be resolved ({exc}); give an existing path "
+                                      "under an allowed root") from None
         for root in self.roots:
             if resolved == root or resolved.is_relative_to(root):
                 return resolved

@@ -8,9 +8,11 @@ clear message instead of the SDK's masked "Error executing tool NAME".
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -60,9 +62,15 @@ def result(text: str, model: BaseModel) -> CallToolResult:
                           structured_content=model.model_dump(mode="json", exclude_none=True))
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 def _explain(name: str, exc: BaseException, home: Path | None) -> str:
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     path = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in STORAGE_ERRNOS:
+        return (f"{name}: a path is not usable ({cause}); check the paths you passed (each name at most 255 "
+                "characters, no special files), then call again.")
     if path and home is not None and not Path(path).resolve().is_relative_to(home.resolve()):
         return (f"{name} could not read or write {str(path)!r}: {cause}. Check that it exists and is readable, "
                 "then call again.")
@@ -134,28 +142,36 @@ def explain_arguments(tool: str, schema: dict[str, Any], exc: ValidationError) -
     return f"{head}\nFix the argument{'s' if len(problems) > 1 else ''} and call {tool} again."
 
 
-async def with_progress(ctx: Context, fn, *args, message: Callable[[], str]):
-    """Run a blocking call in a worker thread, sending a progress notification every second."""
+async def with_progress(ctx: Context, fn, *args, message: Callable[[], str], cancel: threading.Event | None = None):
+    """Run a blocking call in a worker thread, sending a progress notification every second.
+
+    If the caller goes away (the request is cancelled, the client disconnects), the call returns at once and
+    `cancel` is set, so work that watches it (generation) stops instead of running on for nobody.
+    """
     done = anyio.Event()
     box: dict = {}
 
     async def worker():
         try:
-            box["value"] = await anyio.to_thread.run_sync(fn, *args)
+            box["value"] = await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=cancel is not None)
         except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's ExceptionGroup
             box["error"] = exc
         finally:
             done.set()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker)
-        seconds = 0
-        while not done.is_set():
-            with anyio.move_on_after(1):
-                await done.wait()
-            if not done.is_set():
-                seconds += 1
-                await ctx.report_progress(seconds, None, f"{message()} ({seconds} s)")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            seconds = 0
+            while not done.is_set():
+                with anyio.move_on_after(1):
+                    await done.wait()
+                if not done.is_set():
+                    seconds += 1
+                    await ctx.report_progress(seconds, None, f"{message()} ({seconds} s)")
+    finally:
+        if cancel is not None:
+            cancel.set()
     if "error" in box:
         raise box["error"]
     return box["value"]
