@@ -155,6 +155,11 @@ class JobStore:
         with self._connect() as db:
             return [Job.from_row(r) for r in db.execute(query, (*args, limit)).fetchall()]
 
+    def count(self, states: tuple[str, ...]) -> int:
+        with self._connect() as db:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})",
+                              states).fetchone()[0]
+
     def update(self, job_id: str, *, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Set fields; with `expect`, only if the job is in one of those states. True if a row changed."""
         if "warnings" in fields:

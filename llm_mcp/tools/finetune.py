@@ -12,6 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.hardware import detect
 from llm_mcp.core.store import Job, new_job_id
 from llm_mcp.core.validate import Resolved, resolve_finetune
@@ -111,6 +112,11 @@ def start_finetune(
                                      estimates=resolved.estimates, warnings=resolved.warnings,
                                      next_step="call start_finetune again without dry_run to start it")
         return result(summarize_start(answer), answer)
+    queued = state.store.count(("queued",))
+    if queued >= state.settings.max_queued:
+        raise InvalidArgumentError(
+            f"{queued} jobs are already queued (the limit is LLM_MCP_MAX_QUEUED={state.settings.max_queued}); "
+            "wait for some to finish (job_status()) or cancel_job the ones you no longer need, then call again")
     job = _record_job(state, resolved, name, resume_from)
     job = state.executor.submit(job.id)
     answer = StartFinetuneResult(job_id=job.id, state=job.state, dry_run=False,
