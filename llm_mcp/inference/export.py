@@ -3,17 +3,14 @@
 Writes go to a temporary path renamed into place, with a manifest (export.json) naming the
 source (job, checkpoint, adapter sha256). Exporting the same thing again returns the existing
 export; a destination holding anything else is never overwritten. Merged exports run in a
-detached `python -m llm_mcp.inference.export` process, so a long merge survives the server that asked.
+detached `python -m llm_mcp.inference.merge` process, so a long merge survives the server that asked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -21,24 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.inference.card import ExportedFile, list_files, model_card, sha256_file
+from llm_mcp.inference.merge import run_merge
 from llm_mcp.inference.targets import weights_file
 from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
-from llm_mcp.core.jobdir import read_metrics
-from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.core.store import Job
 from llm_mcp.core.settings import Settings
 
 FORMATS = ("peft", "archive", "merged")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-MERGE_WAIT_S = 25  # tool calls must answer within 30 s; a longer merge returns state "running"
-
-
-class ExportedFile(BaseModel):
-    path: str
-    size: int
-    sha256: str
 
 
 class ExportResult(BaseModel):
@@ -53,16 +42,12 @@ class ExportResult(BaseModel):
     notes: list[str] = []
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_destination(settings: Settings, value: str | None, default_name: str) -> Path:
-    """Destination inside the exports root (relative values) or another allowed root; no symlinks."""
+    """Destination inside the exports root (relative values) or an allowed root outside the state directory.
+
+    The rest of the state directory (jobs.db and its journal, jobs/, data/, models/) is never a
+    destination: a directory planted there could disable the job store or pose as a checkpoint.
+    """
     exports = settings.home / "exports"
     raw = exports / default_name if not value else Path(value).expanduser()
     if not raw.is_absolute():
@@ -70,6 +55,12 @@ def resolve_destination(settings: Settings, value: str | None, default_name: str
     if raw.is_symlink():
         raise PathNotAllowedError(f"destination={value!r} is a symlink; give a plain directory or file path")
     dest = settings.check_path(raw, "destination")
+    home, exports_root = settings.home.resolve(), exports.resolve()
+    if dest.is_relative_to(home) and not (dest.is_relative_to(exports_root) and dest != exports_root):
+        raise PathNotAllowedError(
+            f"destination={value!r} resolves to {str(dest)!r}, inside the state directory but not under its exports "
+            f"folder {str(exports_root)!r}; only LLM_MCP_HOME/exports (a relative destination) or an allowed root "
+            "outside LLM_MCP_HOME can receive exports. Omit destination or give a name relative to exports/.")
     exports.mkdir(parents=True, exist_ok=True)
     return dest
 
@@ -87,66 +78,6 @@ def _existing_manifest(dest: Path, fmt: str) -> dict[str, Any] | None:
         return json.loads((dest / "export.json").read_text())
     except (OSError, ValueError, KeyError, tarfile.TarError):
         return None
-
-
-def _files(dest: Path) -> list[ExportedFile]:
-    paths = [dest] if dest.is_file() else sorted(p for p in dest.rglob("*") if p.is_file())
-    return [ExportedFile(path=str(p), size=p.stat().st_size, sha256=sha256_file(p)) for p in paths]
-
-
-def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
-    """README.md for an export: method, data, hyperparameters, losses, how to load."""
-    cfg = job.config
-    metrics = read_metrics(job_dir)
-    steps = [m for m in metrics if "loss" in m]
-    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    lora, sparse = cfg.lora, cfg.sparse
-    title = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
-             "sparse": "Sparse (dynamic sparse delta)"}.get(job.method, job.method)
-    lines = [
-        f"# {job.name}", "",
-        f"{title} fine-tune of `{base}` made with llm_mcp (job `{job.id}`, {label}).", "",
-        "## Training", "",
-        f"- data: `{cfg.dataset}`" + (f", eval: `{cfg.eval_dataset}`" if cfg.eval_dataset else ""),
-        f"- steps: {steps[-1]['step'] if steps else 0} of {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'}",
-        f"- learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), "
-        f"batch {cfg.batch_size} x {cfg.gradient_accumulation} x {cfg.num_processes} process(es), "
-        f"max_seq_len {cfg.max_seq_len}, loss on {cfg.train_on} tokens, seed {cfg.seed}",
-        (f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density} ('auto' = LoRA rank "
-         f"{lora.rank}'s parameter count), RigL mask updates every {sparse.mask_update_interval} steps "
-         f"(fraction {sparse.mask_update_fraction:g}, cosine-decayed)" if sparse and sparse.use_rigl else
-         f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density}, fixed random mask"
-         if sparse else
-         f"- adapter: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, "
-         f"targets {', '.join(lora.target_modules)}" + (", use_dora" if lora.use_dora else "")),
-    ]
-    if steps:
-        lines.append(f"- train loss: {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
-    if evals:
-        lines.append(f"- eval loss: {evals[-1]:.4f}")
-    if job.method == "qlora":
-        lines.append("- base quantized to 4-bit NF4 (double quantization) during training")
-    lines += ["", "## Load", "", "```python"]
-    if fmt == "merged":
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"]
-    elif sparse:
-        lines += ["# sparse_adapter.safetensors: '<module>.indices' (int64, sorted flat indices into the",
-                  "# [out_features, in_features] weight) and '<module>.values' (float32); merged W = W + delta.",
-                  "import torch",
-                  "from safetensors.torch import load_file",
-                  "from transformers import AutoModelForCausalLM",
-                  f"model = AutoModelForCausalLM.from_pretrained({base!r})",
-                  "delta = load_file('sparse_adapter.safetensors')",
-                  "for name in {k.rsplit('.', 1)[0] for k in delta}:",
-                  "    w = model.get_submodule(name).weight",
-                  "    w.data.view(-1).index_add_(0, delta[name + '.indices'], delta[name + '.values'].to(w.dtype))"]
-    else:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"base = AutoModelForCausalLM.from_pretrained({base!r})", "model = PeftModel.from_pretrained(base, '.')",
-                  "tokenizer = AutoTokenizer.from_pretrained('.')"]
-    lines += ["```", ""]
-    return "\n".join(lines)
 
 
 def _write_peft(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path) -> None:
@@ -206,7 +137,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     if dest.exists():
         existing = _existing_manifest(dest, fmt)
         if existing == manifest:
-            result.reused, result.files = True, _files(dest)
+            result.reused, result.files = True, list_files(dest)
             return result
         what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
         raise InvalidArgumentError(
@@ -215,7 +146,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}")
     if fmt == "merged":
-        return _run_merge(job, job_dir, adapter, base, dest, manifest, result)
+        return run_merge(job, job_dir, adapter, base, dest, manifest, result)
     try:
         if fmt == "peft":
             _write_peft(job, label, adapter, base, tmp, job_dir)
@@ -234,89 +165,7 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
-    result.files = _files(dest)
+    result.files = list_files(dest)
     return result
 
 
-def _run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, manifest: dict,
-               result: ExportResult) -> ExportResult:
-    """Start (or wait for) the detached merge process; up to MERGE_WAIT_S in this call."""
-    lock = dest.with_name(f".{dest.name}.lock")
-    spec = {"job": {"id": job.id, "name": job.name, "method": job.method, "config": job.config.model_dump(mode="json"),
-                    "state": job.state, "created_at": job.created_at},
-            "adapter": str(adapter), "base": base, "dest": str(dest), "manifest": manifest, "job_dir": str(job_dir),
-            "checkpoint": result.checkpoint}
-    if not lock.exists():
-        lock.write_text(json.dumps(spec))
-        log = open(dest.with_name(f".{dest.name}.log"), "ab")
-        subprocess.Popen([sys.executable, "-m", "llm_mcp.inference.export", str(lock)], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        log.close()
-    deadline = time.monotonic() + MERGE_WAIT_S
-    while time.monotonic() < deadline and lock.exists():
-        time.sleep(0.25)
-    error_file = dest.with_name(f".{dest.name}.error")
-    if error_file.exists():
-        message = error_file.read_text()
-        error_file.unlink()
-        raise InvalidArgumentError(f"the merge failed: {message}")
-    if lock.exists():
-        result.state = "running"
-        result.notes.append("the merge is still running; call export_adapter again with the same arguments")
-        return result
-    result.files = _files(dest)
-    return result
-
-
-def merge_main(lock_path: str) -> int:
-    """Worker: load base (+ de-quantize for QLoRA), apply adapter, merge, save; then remove the lock."""
-    quiet_bitsandbytes()  # first: before peft / transformers import bitsandbytes
-    lock = Path(lock_path)
-    spec = json.loads(lock.read_text())
-    dest = Path(spec["dest"])
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-        cfg = JobConfig.parse(spec["job"]["config"])
-        base_path = cfg.model.path
-        trc = cfg.model.trust_remote_code
-        if cfg.quantized:
-            q = cfg.quantization
-            model = AutoModelForCausalLM.from_pretrained(
-                base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32, use_safetensors=True,
-                quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-                    bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=torch.float32))
-            model = model.dequantize()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto",
-                                                         use_safetensors=True)
-        if spec["job"]["method"] == "sparse":
-            from llm_mcp.train.sparse import merge_sparse_into_weights
-
-            merge_sparse_into_weights(model, Path(spec["adapter"]))
-            merged = model
-        else:
-            merged = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok_src = Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
-        AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trc).save_pretrained(tmp)
-        job = Job(id=spec["job"]["id"], name=spec["job"]["name"], state=spec["job"]["state"], model=spec["base"],
-                  method=spec["job"]["method"], device_set="", created_at=spec["job"]["created_at"], config=cfg)
-        (tmp / "README.md").write_text(model_card(job, spec["checkpoint"], "merged", spec["base"], Path(spec["job_dir"])))
-        (tmp / "export.json").write_text(json.dumps(spec["manifest"], indent=2))
-        os.rename(tmp, dest)
-        return 0
-    except Exception as exc:  # noqa: BLE001 - reported to the waiting tool call through the error file
-        dest.with_name(f".{dest.name}.error").write_text(f"{type(exc).__name__}: {exc}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        return 1
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(merge_main(sys.argv[1]))
