@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.inference.targets import Target, adapter_key
 from llm_mcp.core.quiet import quiet_bitsandbytes
 
@@ -38,6 +39,8 @@ class SampleParams:
     n: int = 1
     seed: int | None = None
     logprobs: bool = False
+    time_limit_s: float | None = None  # generation stops here (finish_reason 'time_limit')
+    cancel: threading.Event | None = None  # set when the caller has gone away: stop at the next token
 
 
 class TokenLogprob(BaseModel):
@@ -47,7 +50,8 @@ class TokenLogprob(BaseModel):
 
 class Completion(BaseModel):
     text: str
-    finish_reason: str = Field(description="'stop' (end token or stop string) or 'length' (max_tokens).")
+    finish_reason: str = Field(description="'stop' (end token or stop string), 'length' (max_tokens) or "
+                                           "'time_limit' (the call's time budget, LLM_MCP_SAMPLE_TIMEOUT_S).")
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
 
@@ -112,32 +116,43 @@ class TransformersSampler:
         tok = AutoTokenizer.from_pretrained(target.base_path, trust_remote_code=target.trust_remote_code)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device, "sparse": None}
+        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device, "sparse": None,
+                 "sparse_active": set()}
         self._bases[key] = entry
         self.base_loads += 1
         return entry, True
 
     def _select_sparse(self, base: dict[str, Any], adapter_path: str | None) -> bool:
-        """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off."""
-        from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_into, sparse_modules
+        """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off.
 
-        model = base["model"]
+        Only the modules the adapter names carry a delta; every other wrapped module is switched off, so
+        nothing of a previously loaded sparse adapter leaks into this one.
+        """
+        from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_state, sparse_modules
+
+        model, loaded = base["model"], False
         if adapter_path is None:
-            for m in sparse_modules(model).values():
-                m.enabled = False
-            return False
-        path = Path(adapter_path)
-        key = adapter_key(path)
-        loaded = key != base["sparse"]
-        if loaded:
-            config = json.loads((path / "sparse_config.json").read_text())
-            if not sparse_modules(model):
-                attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0)
-            load_sparse_into(model, path)
-            base["sparse"] = key
-            self.adapter_loads += 1
-        for m in sparse_modules(model).values():
-            m.enabled = True
+            base["sparse_active"] = set()
+        else:
+            path = Path(adapter_path)
+            key = adapter_key(path)
+            if key != base["sparse"]:
+                config = json.loads((path / "sparse_config.json").read_text())
+                state = load_sparse_state(path)
+                if any(name not in sparse_modules(model) for name in state):
+                    attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0)
+                mods = sparse_modules(model)
+                unknown = sorted(set(state) - set(mods))
+                if unknown:
+                    raise InvalidArgumentError(f"adapter {str(path)!r} has deltas for {unknown[:3]}, which are not "
+                                               "linear layers of its base model; was it trained on another base?")
+                for name, (indices, values) in state.items():
+                    mods[name].set_delta(indices, values)
+                base["sparse"], base["sparse_active"] = key, set(state)
+                self.adapter_loads += 1
+                loaded = True
+        for name, m in sparse_modules(model).items():
+            m.enabled = name in base["sparse_active"]
         return loaded
 
     def _select_adapter(self, base: dict[str, Any], adapter_path: str | None) -> bool:
@@ -187,6 +202,11 @@ class TransformersSampler:
                 ids = chat_ids(tok, params.messages, add_generation_prompt=True)
             else:
                 ids = tok(params.prompt, add_special_tokens=True)["input_ids"]
+            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if context and len(ids) + params.max_tokens > context:
+                raise InvalidArgumentError(
+                    f"the prompt is {len(ids):,} tokens and max_tokens={params.max_tokens}: {len(ids) + params.max_tokens:,} "
+                    f"tokens exceed {target.base_id}'s context of {context:,}; shorten the prompt or lower max_tokens")
             input_ids = torch.tensor([ids], device=base["device"])
             sample = params.temperature > 0
             gen_kwargs: dict[str, Any] = dict(
@@ -200,6 +220,8 @@ class TransformersSampler:
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             if params.stop:
                 gen_kwargs.update(stop_strings=params.stop, tokenizer=tok)
+            bounds = _bounds(params)
+            gen_kwargs["stopping_criteria"] = [bounds]
             no_adapter = (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
                           else contextlib.nullcontext())
             if params.seed is not None:
@@ -215,6 +237,8 @@ class TransformersSampler:
             completions, total = [], 0
             for i, row in enumerate(new.tolist()):
                 completions.append(self._completion(tok, row, params, scores[i].tolist() if scores is not None else None))
+                if bounds.timed_out and completions[-1].finish_reason == "length":
+                    completions[-1].finish_reason = "time_limit"
                 total += completions[-1].completion_tokens
             return Generation(
                 completions=completions, prompt_tokens=len(ids), backend=self.backend, load_s=round(load_s, 4),
@@ -237,6 +261,25 @@ class TransformersSampler:
         if scores is not None:
             logprobs = [TokenLogprob(token=tok.decode([t]), logprob=round(lp, 5)) for t, lp in zip(row, scores)]
         return Completion(text=text, finish_reason=finish, completion_tokens=len(row), logprobs=logprobs)
+
+
+def _bounds(params: SampleParams):
+    """A stopping criterion for the call's time budget and for a caller that went away."""
+    import torch
+    from transformers import StoppingCriteria
+
+    deadline = time.monotonic() + params.time_limit_s if params.time_limit_s else None
+
+    class Bounds(StoppingCriteria):
+        timed_out = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            over = deadline is not None and time.monotonic() > deadline
+            self.timed_out = self.timed_out or over
+            stop = over or (params.cancel is not None and params.cancel.is_set())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return Bounds()
 
 
 def _free_memory() -> None:

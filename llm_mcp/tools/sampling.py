@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -88,16 +90,20 @@ async def sample(
             target, label = served, label if served.adapter_path else None
         generate = functools.partial(state.sampler.generate, label=label)
     params = SampleParams(prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, stop=list(stop or []), n=n, seed=seed, logprobs=logprobs)
+                          top_p=top_p, top_k=top_k, stop=list(stop or []), n=n, seed=seed, logprobs=logprobs,
+                          time_limit_s=state.settings.sample_timeout_s or None, cancel=threading.Event())
     with state.sample_slots:
         try:
-            gen = await with_progress(ctx, generate, target, params, message=lambda: activity(state, target.base_id))
+            gen = await with_progress(ctx, generate, target, params, message=lambda: activity(state, target.base_id),
+                                      cancel=params.cancel)
         except VllmStarting as exc:
             return _waiting("starting", source, notes + [str(exc)], 15)
         base_gen = None
         if compare_base and target.adapter_path:
+            params = dataclasses.replace(params, cancel=threading.Event())
             base_gen = await with_progress(ctx, generate, Target(**{**target.__dict__, "adapter_path": None}),
-                                           params, message=lambda: "generating with the base model")
+                                           params, message=lambda: "generating with the base model",
+                                           cancel=params.cancel)
         elif compare_base:
             notes.append("compare_base: this result is served as a merged model; sample model=BASE to compare")
     answer = SampleResult(

@@ -160,7 +160,8 @@ class VllmSampler:
             body.update(prompt=params.prompt, logprobs=0)
         t1 = time.perf_counter()
         try:
-            out = server.request("POST", "/v1/chat/completions" if chat else "/v1/completions", body)
+            out = server.request("POST", "/v1/chat/completions" if chat else "/v1/completions", body,
+                                 timeout=params.time_limit_s or 600.0)  # vLLM aborts a request whose client left
         except VllmError as exc:
             if "maximum context length" in str(exc) or "max_tokens" in str(exc):
                 raise InvalidArgumentError(f"{exc}. Lower max_tokens or shorten the prompt.") from None
