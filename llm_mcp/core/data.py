@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -304,3 +305,26 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         except ValueError as exc:
             raise DataError(f"dataset {where}: {exc}") from None
     return rows
+
+
+def fingerprint(path: Path) -> dict[str, int]:
+    """What identifies the validated file: device, inode, size and mtime (a replaced, edited or linked file differs)."""
+    st = os.stat(path, follow_symlinks=False)
+    return {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_fingerprint(path: Path, expected: dict[str, int] | None, field_name: str = "dataset") -> None:
+    """The job trains on what was validated: refuse a file that changed since.
+
+    Raises:
+        DataError: the file is gone, was replaced (e.g. by a symlink elsewhere) or was modified.
+    """
+    if not expected:
+        return
+    try:
+        now = fingerprint(path)
+    except OSError as exc:
+        raise DataError(f"{field_name} {path} is gone since it was validated ({exc.strerror})") from None
+    if now != expected:
+        raise DataError(f"{field_name} {path} changed after start_finetune validated it (replaced, edited or "
+                        "swapped for a link); start the job again so the new data is validated")

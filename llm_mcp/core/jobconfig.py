@@ -79,6 +79,9 @@ class JobConfig(_Strict):
         "causal_lm", description="What the loss is (llm_mcp.train.objectives): next-token cross-entropy.")
     dataset: str
     eval_dataset: str | None = None
+    dataset_fingerprint: dict[str, int] | None = Field(
+        None, description="The validated file's identity; the trainer refuses a dataset that changed since.")
+    eval_dataset_fingerprint: dict[str, int] | None = None
     eval_fraction: float = Field(0.0, ge=0, le=0.5)
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.core.data import DatasetSummary, validate_dataset
+from llm_mcp.core.data import DatasetSummary, fingerprint, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import estimate_memory, linear_names
 from llm_mcp.core.hardware import Hardware
@@ -264,6 +264,8 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
         model={"id": entry.id, "path": getattr(entry, "path", entry.id), "trust_remote_code": entry.trust_remote_code,
                "hf_architecture": entry.hf_architecture, "local": entry.is_local},
         method=method, dataset=dataset.path, eval_dataset=eval_path,
+        dataset_fingerprint=fingerprint(Path(dataset.path)),
+        eval_dataset_fingerprint=fingerprint(Path(eval_path)) if eval_path else None,
         eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
         max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
         learning_rate=args.get("learning_rate", entry.recommended_lr), num_processes=args.get("num_processes", 1),

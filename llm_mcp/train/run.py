@@ -91,8 +91,9 @@ class Setup:
 
 def _split(rows: list, cfg: JobConfig) -> tuple[list, list]:
     if cfg.eval_dataset:
-        from llm_mcp.core.data import load_rows
+        from llm_mcp.core.data import check_fingerprint, load_rows
 
+        check_fingerprint(Path(cfg.eval_dataset), cfg.eval_dataset_fingerprint, "eval_dataset")
         return rows, load_rows(Path(cfg.eval_dataset))
     if cfg.eval_fraction <= 0 or len(rows) < 2:
         return rows, []
@@ -104,9 +105,10 @@ def _split(rows: list, cfg: JobConfig) -> tuple[list, list]:
 
 def _data(run: Run, tok, objective: Objective, world: int) -> tuple[list, list, EncodeStats, BatchOrder]:
     """Encode the training and eval rows; log what truncation dropped; order the batches."""
-    from llm_mcp.core.data import load_rows
+    from llm_mcp.core.data import check_fingerprint, load_rows
 
     cfg = run.cfg
+    check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
     train_rows, eval_rows = _split(load_rows(Path(cfg.dataset)), cfg)
     examples, stats = objective.encode(tok, train_rows, cfg)
     eval_examples, _ = objective.encode(tok, eval_rows, cfg)
@@ -167,16 +169,19 @@ def evaluate(run: Run, s: Setup) -> float | None:
     if not s.eval_examples:
         return None
     acc = run.accelerator
-    s.loss_model.eval()
+    # The unwrapped module: a DDP forward runs a collective (buffer broadcast), and ranks may have a different
+    # number of eval batches; only the final reduce is collective.
+    model = acc.unwrap_model(s.loss_model)
+    model.eval()
     total = torch.zeros(2, device=acc.device)
     bs = run.cfg.batch_size
     for start in range(acc.process_index * bs, len(s.eval_examples), bs * acc.num_processes):
         batch = {k: v.to(acc.device) for k, v in s.objective.collate(s.eval_examples[start:start + bs],
                                                                        s.tok.pad_token_id).items()}
-        total[0] += s.objective.loss_sum(s.loss_model, batch)
+        total[0] += s.objective.loss_sum(model, batch)
         total[1] += s.objective.targets(batch)
     total = acc.reduce(total, "sum")
-    s.loss_model.train()
+    model.train()
     return (total[0] / total[1].clamp(min=1)).item()
 
 
