@@ -6,8 +6,11 @@ behind a sampler created on first use.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+import anyio
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -19,6 +22,8 @@ from llm_mcp.tools.common import explain_arguments
 from llm_mcp.tools.services import AppState
 
 __all__ = ["AppState", "INSTRUCTIONS", "build_server"]
+log = logging.getLogger("llm_mcp")
+JOB_POLL_S = 5.0
 
 INSTRUCTIONS = """\
 llm_mcp fine-tunes language models with LoRA, QLoRA, DoRA (Weight-Decomposed Low-Rank Adaptation)
@@ -27,6 +32,16 @@ they need in memory and whether they fit this machine; list_models(model=ID) giv
 start_finetune(dry_run=true) checks a request and shows the estimates; without dry_run it returns a
 job id at once and trains in the background. Poll job_status(job_id, wait_seconds=30) until the job
 succeeds; cancel_job stops it with a checkpoint, and start_finetune(resume_from=JOB_ID) continues it."""
+
+
+async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:
+    """Record jobs whose processes died and start queued ones, off the event loop, so tools only read."""
+    while True:
+        try:
+            await anyio.to_thread.run_sync(state.executor.poll, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - a full disk or a busy database must not stop the watcher
+            log.warning("job watcher: %s", exc)
+        await anyio.sleep(every_s)
 
 
 def where(state: AppState) -> str:
@@ -62,7 +77,12 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
-        yield state
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_jobs, state)
+            try:
+                yield state
+            finally:
+                tg.cancel_scope.cancel()
 
     home = state.settings.home
     mcp = LlmMcpServer(name="llm-mcp", version=__version__, instructions=INSTRUCTIONS + where(state), log_level=log_level,

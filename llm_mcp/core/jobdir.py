@@ -70,3 +70,36 @@ def read_metrics(job_dir: Path, max_bytes: int = METRICS_TAIL_BYTES) -> list[dic
         except ValueError:
             continue
     return out
+
+
+_PATH = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)*[\w.@+-]+")
+_FRAME = re.compile(r'^\s*File "[^"]*", line \d+')
+
+
+def redact_paths(text: str, home: Path) -> str:
+    """Absolute paths outside the state directory (install paths, the system) shortened to their last part."""
+    root = str(home.resolve())
+
+    def shorten(m: re.Match) -> str:
+        path = m.group(0)
+        return path if path == root or path.startswith(root + "/") else ".../" + path.rsplit("/", 1)[-1]
+
+    return _PATH.sub(shorten, text)
+
+
+def public_log(lines: list[str], home: Path) -> list[str]:
+    """Log lines fit to show an agent: traceback frames dropped (the exception line stays), paths redacted.
+
+    The full log stays in the job directory and the jobs://{id}/log resource.
+    """
+    out, in_frames = [], False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            in_frames = True
+            continue
+        if in_frames and (_FRAME.match(line) or line.startswith(("    ", "\t")) or not line.strip()
+                          or set(line.strip()) <= set("^~ ")):
+            continue
+        in_frames = False
+        out.append(redact_paths(line, home))
+    return out

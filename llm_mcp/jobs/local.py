@@ -147,12 +147,23 @@ def finalize(store: JobStore, job: Job, exit_code: int | None) -> str:
     return state
 
 
+def _supervisor_of(job_id: str) -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if "llm_mcp.jobs.supervisor" in cmd and job_id in cmd:
+            return proc
+    return None
+
+
 def reconcile(store: JobStore) -> None:
     """Mark running jobs whose processes are gone as failed (with the cause); then start queued ones."""
     now = time.time()
     for job in store.list(limit=1000, states=("running",)):
         if job.pid is None:
-            if job.started_at and now - job.started_at > START_TIMEOUT_S:
+            live = _supervisor_of(job.id)
+            if live is not None:  # spawned, but the server died before recording its pid: adopt it
+                store.update(job.id, expect=("running",), pid=live.pid, pid_started_at=live.create_time())
+            elif job.started_at and now - job.started_at > START_TIMEOUT_S:
                 store.update(job.id, expect=("running",), state="failed", finished_at=now,
                              error="the job was claimed but its process never started",
                              next_step="start it again")

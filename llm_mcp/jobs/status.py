@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.jobdir import checkpoints, log_tail, read_metrics, read_result
+from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths
 from llm_mcp.core.store import Job, JobStore
 
 class CheckpointInfo(BaseModel):
@@ -57,9 +54,10 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
     evals = [m for m in metrics if "eval_loss" in m and m["eval_loss"] is not None]
     status = JobStatus(
         job_id=job.id, name=job.name, state=job.state, model=job.model, method=job.method,
-        warnings=job.warnings, error=job.error, next_step=job.next_step, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, resumed_from=job.resumed_from, job_dir=str(job_dir),
-        log_tail=log_tail(job_dir, log_lines) if job.state != "queued" else [],
+        warnings=job.warnings, error=redact_paths(job.error, store.home) if job.error else None,
+        next_step=job.next_step, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        resumed_from=job.resumed_from, job_dir=str(job_dir),
+        log_tail=public_log(log_tail(job_dir, log_lines * 4), store.home)[-log_lines:] if job.state != "queued" and log_lines else [],
     )
     if start:
         status.total_steps = start["total_steps"]

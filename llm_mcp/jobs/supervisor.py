@@ -20,6 +20,10 @@ from pathlib import Path
 from llm_mcp.jobs.local import accelerate_command, finalize, schedule
 from llm_mcp.core.store import JobStore
 from llm_mcp.core.procs import become_subreaper, signal_descendants
+
+import psutil
+
+CANCEL_POLL_S = 2.0
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
 # Training yields the CPU to the MCP server (and the agent's other work): tool calls stay fast while
 # a job trains, and an otherwise idle machine still gives the job every cycle.
@@ -31,16 +35,39 @@ def main(home: str, job_id: str) -> int:
     if JOB_NICE:
         os.nice(JOB_NICE)  # inherited by accelerate and the trainers
     store = JobStore(Path(home))
+    # Record who runs the job before anything else: a server that restarts now finds this process by its pid.
+    store.update(job_id, pid=os.getpid(), pid_started_at=psutil.Process().create_time())
     job = store.get(job_id)
     job_dir = store.job_dir(job_id)
+    if job.cancel_requested:  # cancelled between the claim and this process: never start the trainer
+        state = finalize(store, job, None)
+        print(f"[supervisor] {job_id} was cancelled before it started: {state}", flush=True)
+        schedule(store)
+        return 0
+    stopping = threading.Event()
 
     def on_sigterm(signum, frame):
+        if stopping.is_set():
+            return
+        stopping.set()
         print(f"[supervisor] SIGTERM: cancel requested; SIGKILL after {CANCEL_GRACE_S:g} s", flush=True)
         timer = threading.Timer(CANCEL_GRACE_S, signal_descendants)
         timer.daemon = True
         timer.start()
 
+    def watch_cancel():
+        """A cancel recorded while no pid was known (or whose signal was lost) still stops the job."""
+        while not stopping.wait(CANCEL_POLL_S):
+            try:
+                requested = store.get(job_id).cancel_requested
+            except Exception:  # noqa: BLE001 - a busy or full store: look again next time
+                continue
+            if requested:
+                os.killpg(os.getpgrp(), signal.SIGTERM)  # the trainer checkpoints; on_sigterm starts the grace timer
+                return
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=watch_cancel, daemon=True).start()
     cores = os.cpu_count() or 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(max(1, cores // job.config.num_processes)),

@@ -35,9 +35,7 @@ async def job_status(
     when done, the last log lines, warnings, and on failure the cause in one sentence plus the
     next step. Without job_id: recent jobs, newest first, one line each.
     """
-    state = state_of(ctx)
-    store = state.store
-    state.executor.poll()
+    store = state_of(ctx).store  # read-only: the server's job watcher records dead jobs and starts queued ones
     if job_id is None:
         statuses = [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
         return result(summarize_list(statuses), JobStatusResult(jobs=statuses))
@@ -49,8 +47,7 @@ async def job_status(
         await ctx.report_progress(status.step, status.total_steps,
                                   f"{job.state}: step {status.step}/{status.total_steps or '?'}")
         await anyio.sleep(min(1.0, max(0.0, deadline - anyio.current_time())))
-        state.executor.poll()
-        job = store.get(job_id)
+        job = await anyio.to_thread.run_sync(store.get, job_id)
         if job.state != first_state:
             break
     status = build_status(store, job)
