@@ -182,12 +182,15 @@ async def test_a_second_server_process_sees_a_job_started_by_the_first(home, tin
 
 @pytest.mark.slow
 async def test_two_process_data_parallel_run_on_cpu(app, tiny_model, dataset):
+    """Also: 9 eval rows at batch 4 over 2 processes give rank 0 two eval batches and rank 1 one; eval must not hang."""
     state, server = app
+    (dataset.parent / "eval.jsonl").write_text("\n".join(dataset.read_text().splitlines()[:9]) + "\n")
     async with Client(server) as client:
         job_id = await start(client, model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=6,
-                             num_processes=2, **FAST)
-        job = await wait_final(client, job_id)
+                             num_processes=2, eval_dataset="data/eval.jsonl", eval_every=3, **FAST)
+        job = await wait_final(client, job_id, timeout=300)
     assert job["state"] == "succeeded", job
+    assert job["eval_loss"] is not None
     start_event = next(m for m in read_metrics(state.store.job_dir(job_id)) if m.get("event") == "start")
     assert start_event["processes"] == 2
     assert all(m["tokens"] > 0 for m in read_metrics(state.store.job_dir(job_id)) if "loss" in m)
