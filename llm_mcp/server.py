@@ -31,7 +31,9 @@ and sparse fine-tuning. Start with list_models to see which models and methods a
 they need in memory and whether they fit this machine; list_models(model=ID) gives one model in full.
 start_finetune(dry_run=true) checks a request and shows the estimates; without dry_run it returns a
 job id at once and trains in the background. Poll job_status(job_id, wait_seconds=30) until the job
-succeeds; cancel_job stops it with a checkpoint, and start_finetune(resume_from=JOB_ID) continues it."""
+succeeds, then sample(job_id=..., messages=[...]) from its adapter. Training data: datasets() lists and
+inspects files; save_dataset(name, rows) writes rows you compose. cancel_job stops a job with a
+checkpoint; start_finetune with the same model, method and dataset plus resume_from=JOB_ID continues it."""
 
 
 async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:
