@@ -14,7 +14,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.data import FILE_KINDS, DataError, iter_rows, normalize, row_format, row_warnings, validate_dataset
+from llm_mcp.core.data import FILE_KINDS, DataError, row_format, row_warnings, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.validate import DEFAULTS
@@ -107,17 +107,13 @@ def _inspect(state, path: Path, answer: DatasetsResult, model: str | None, max_s
         return
     entry = resolve_model(state.matrix, state.settings, model)
     seq = max_seq_len or min(DEFAULTS["max_seq_len"], entry.context_length)
-    from llm_mcp.train.preview import render_example, token_report, tokenizer_if_local
+    from llm_mcp.train.preview import first_rows, render_example, token_report, tokenizer_if_local
 
     tok = tokenizer_if_local(getattr(entry, "path", entry.id), entry.trust_remote_code)
     if tok is None:
         answer.warnings.append(f"the tokenizer of {entry.id} is not available locally: no token counts")
         return
-    rows = []
-    for where, row in iter_rows(path):
-        rows.append(normalize(row))
-        if len(rows) >= MAX_INSPECT_ROWS:
-            break
+    rows = first_rows(path, MAX_INSPECT_ROWS)
     report = token_report(tok, rows, seq, train_on)
     answer.tokens = TokenStats(model=entry.id, max_seq_len=seq, train_on=train_on, **{
         k: getattr(report, k) for k in ("rows_examined", "complete", "tokens", "trained_tokens", "longest",

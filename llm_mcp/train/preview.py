@@ -125,16 +125,22 @@ def tokenizer_if_local(path: str, trust_remote_code: bool = False):
 
 def job_token_report(cfg, max_rows: int = 20_000, time_budget_s: float = 3.0) -> TokenReport | None:
     """The token report for a job config's training rows (None if the tokenizer would need a download)."""
-    from llm_mcp.core.data import iter_rows, normalize
-
     tok = tokenizer_if_local(cfg.model.path, cfg.model.trust_remote_code)
     if tok is None:
         return None
-    rows = []
-    for _, row in iter_rows(Path(cfg.dataset)):
-        rows.append(normalize(row))
-        if len(rows) >= max_rows:
-            break
+    rows = first_rows(Path(cfg.dataset), max_rows)
     report = token_report(tok, rows, cfg.max_seq_len, cfg.train_on, time_budget_s)
     report.complete = report.complete and len(rows) < max_rows
     return report
+
+
+def first_rows(path: Path, max_rows: int) -> list[dict[str, Any]]:
+    """The first `max_rows` rows of a validated dataset, normalized (the trainer's view)."""
+    from llm_mcp.core.data import iter_rows, normalize
+
+    rows = []
+    for _, row in iter_rows(path):
+        rows.append(normalize(row))
+        if len(rows) >= max_rows:
+            break
+    return rows
