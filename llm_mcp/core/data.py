@@ -1,10 +1,14 @@
 """Training data: find, stream, validate and read rows of JSONL / JSON / CSV / Parquet files
 or a `datasets` directory saved with save_to_disk.
 
-Each row is one of three formats, detected per row:
+Each row is one of these formats, detected per row:
   messages            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
   prompt_completion   {"prompt": "...", "completion": "..."}
   text                {"text": "..."}
+  preference          (objective="dpo") {"prompt", "chosen", "rejected"}, each a string or a message list;
+                      {"chosen": [messages], "rejected": [messages]} (the shared turns are the prompt); or
+                      {"input": {"messages": [...]}, "preferred_output": [assistant message],
+                       "non_preferred_output": [assistant message]}
 Validation streams the file (a 1 GB JSONL is never read into memory), stops after a time
 budget, and reports the first bad rows with their line numbers.
 """
@@ -23,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.rows import FIELDS, PREFERENCE_KEYS, check_messages, found_instead, preference_pair
 
-FORMATS = ("messages", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("messages", "prompt_completion", "text", "preference")
+SFT_FORMATS = FORMATS[:3]
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_BAD_ROWS_SHOWN = 5
 MAX_LINE_BYTES = 16 << 20  # one JSONL row; longer lines are reported, never held in memory
 MAX_JSON_BYTES = 256 << 20  # .json is parsed whole; bigger files must be JSONL
 LONG_ROW_CHARS = 100_000  # ~25k tokens: longer than any context a job here trains on; it will be truncated
-FIELDS = ("messages", "prompt", "completion", "text")
 csv.field_size_limit(64 * 1024 * 1024)
 
 
@@ -94,32 +98,18 @@ def row_format(row: Any) -> str:
     """Detect a row's format; raise ValueError with what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if any(k in row for k in PREFERENCE_KEYS):
+        preference_pair(row)
+        return "preference"
     if "messages" in row:
-        msgs = row["messages"]
-        if isinstance(msgs, str):  # CSV / Parquet columns may hold JSON text
-            try:
-                msgs = json.loads(msgs)
-            except ValueError as exc:
-                raise ValueError("'messages' is a string that is not JSON") from exc
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list of {role, content}")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise ValueError(f"messages[{i}].role={m['role']!r}; allowed: {list(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise ValueError(f"messages[{i}].content must be a string")
-            if m["role"] == "assistant" and not m["content"].strip():
-                raise ValueError(f"messages[{i}] is an empty assistant message: nothing to learn from it; "
-                                 "write the answer or drop the turn")
+        msgs = check_messages(row["messages"])
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError("no assistant message: nothing to learn from")
         return "messages"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
             if key not in row:
-                raise ValueError(f"missing {key!r}{_found_instead(row, key)} (prompt_completion rows need both)")
+                raise ValueError(f"missing {key!r}{found_instead(row, key)} (prompt_completion rows need both)")
             if not isinstance(row[key], str):
                 raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
         if not row["completion"]:
@@ -135,11 +125,6 @@ def row_format(row: Any) -> str:
                      + (f"; did you mean {', '.join(hints)}?" if hints else "") + ")")
 
 
-def _found_instead(row: dict[str, Any], key: str) -> str:
-    close = difflib.get_close_matches(key, [k for k in row if k not in FIELDS], 1, 0.75)
-    return f" (found {close[0]!r})" if close else ""
-
-
 def row_warnings(row: dict[str, Any]) -> list[str]:
     """Reasons a valid row may not train as meant (reported as warnings, never refused)."""
     out = []
@@ -153,6 +138,8 @@ def row_warnings(row: dict[str, Any]) -> list[str]:
 def normalize(row: dict[str, Any]) -> dict[str, Any]:
     """Row with 'messages' decoded from JSON text if needed; keeps only the fields training uses."""
     fmt = row_format(row)
+    if fmt == "preference":
+        return preference_pair(row)
     if fmt == "messages":
         msgs = row["messages"]
         return {"messages": json.loads(msgs) if isinstance(msgs, str) else msgs}
@@ -236,8 +223,22 @@ class _Bad:
         self.reason = reason
 
 
-def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: float = 3.0) -> DatasetSummary:
-    """Stream the dataset and check every row until the time budget runs out.
+def check_objective(fmt: str, objective: str | None) -> None:
+    """A row fits the job's objective: preference rows for DPO, the SFT formats otherwise."""
+    if objective is None:
+        return
+    if objective == "dpo" and fmt != "preference":
+        raise ValueError(f"a {fmt} row in a DPO job; objective='dpo' trains on preference rows: "
+                         "{'prompt', 'chosen', 'rejected'} (or input / preferred_output / non_preferred_output)")
+    if objective != "dpo" and fmt == "preference":
+        raise ValueError(f"a preference row (chosen / rejected) in a {objective} job; train on it with "
+                         "objective='dpo', or give SFT rows ('messages', 'prompt'+'completion' or 'text')")
+
+
+def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: float = 3.0,
+                     objective: str | None = None) -> DatasetSummary:
+    """Stream the dataset and check every row until the time budget runs out (and, given an
+    objective, that each row is of a format it trains on).
 
     Raises:
         DataError: unreadable / unknown kind / empty, or bad rows (first few, with line numbers).
@@ -256,6 +257,7 @@ def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: flo
                 if isinstance(row, _Bad):
                     raise ValueError(row.reason)
                 fmt = row_format(row)
+                check_objective(fmt, objective)
                 for reason in row_warnings(row):
                     summary.flag(reason, where)
             except ValueError as exc:
@@ -277,7 +279,8 @@ def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: flo
         raise DataError(
             [f"{field_name}: {summary.bad_row_count} bad row(s) in {path.name}"
              + (f" (first {len(summary.bad_rows)} shown, {more} more)" if more > 0 else "")
-             + "; each row needs 'messages', 'prompt'+'completion' or 'text'"]
+             + ("; each row needs 'prompt', 'chosen' and 'rejected'" if objective == "dpo" else
+               "; each row needs 'messages', 'prompt'+'completion' or 'text'")]
             + [f"{field_name} {b}" for b in summary.bad_rows]
         )
     if summary.rows == 0:
@@ -286,6 +289,9 @@ def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: flo
 
 
 def _row_chars(row: dict[str, Any]) -> int:
+    if any(k in row for k in PREFERENCE_KEYS):
+        pair = preference_pair(row)
+        return sum(len(m["content"]) for v in pair.values() for m in ([{"content": v}] if isinstance(v, str) else v))
     if "messages" in row:
         msgs = row["messages"]
         return len(msgs) if isinstance(msgs, str) else sum(len(m.get("content", "")) for m in msgs)

@@ -68,6 +68,14 @@ class SparseSettings(_Strict):
     quantize_base: bool = False
 
 
+class DPOSettings(_Strict):
+    """Direct Preference Optimization (llm_mcp.train.dpo)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="How far the policy may move from the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels "
+                                                                   "(conservative DPO).")
+
+
 class JobConfig(_Strict):
     """Everything a job trains with, resolved: no defaults are left for a reader to guess."""
 
@@ -75,8 +83,12 @@ class JobConfig(_Strict):
     job_id: str | None = Field(None, description="None in a dry run.")
     model: ModelRef
     method: Literal["lora", "qlora", "dora", "sparse"]
-    objective: Literal["causal_lm"] = Field(
-        "causal_lm", description="What the loss is (llm_mcp.train.objectives): next-token cross-entropy.")
+    objective: Literal["causal_lm", "dpo"] = Field(
+        "causal_lm", description="What the loss is: next-token cross-entropy (llm_mcp.train.objectives) or "
+                                 "DPO on preference pairs (llm_mcp.train.dpo).")
+    dpo: DPOSettings | None = None
+    init_from: str | None = Field(None, description="The job whose adapter this job starts from (e.g. SFT -> DPO).")
+    init_adapter: str | None = Field(None, description="That adapter's directory.")
     dataset: str
     eval_dataset: str | None = None
     dataset_fingerprint: dict[str, int] | None = Field(

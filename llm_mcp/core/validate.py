@@ -21,6 +21,7 @@ from llm_mcp.core.jobdir import checkpoints
 from llm_mcp.core.store import JobStore
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.matrix import METHODS, ModelEntry
+from llm_mcp.core.objective import check_objective, init_from, recommended_lr
 
 IMPLEMENTED_METHODS = ("lora", "qlora", "dora", "sparse")
 SPARSE_ARGS = ("density", "sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction",
@@ -32,7 +33,8 @@ RANGES = [("max_steps", 1, 1_000_000, int), ("epochs", 0.01, 100, float), ("lear
           ("lora_rank", 1, 1024, int), ("lora_alpha", 0.01, 16384, float), ("lora_dropout", 0.0, 0.9, float),
           ("batch_size", 1, 4096, int), ("gradient_accumulation", 1, 4096, int), ("seed", 0, 2**31 - 1, int),
           ("checkpoint_every", 0, 1_000_000, int), ("keep_checkpoints", 1, 100, int), ("eval_every", 0, 1_000_000, int),
-          ("eval_fraction", 0.0, 0.5, float), ("warmup_ratio", 0.0, 0.5, float), ("weight_decay", 0.0, 1.0, float)]
+          ("eval_fraction", 0.0, 0.5, float), ("warmup_ratio", 0.0, 0.5, float), ("weight_decay", 0.0, 1.0, float),
+          ("beta", 0.001, 10.0, float), ("label_smoothing", 0.0, 0.49, float)]
 DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
                 checkpoint_every=50, keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.03,
                 weight_decay=0.0, max_grad_norm=1.0, group_by_length=True)
@@ -90,6 +92,8 @@ def resolve_finetune(
     method = args["method"]
     _check_method(entry, method, problems, warnings)
     _check_ranges(args, entry, hardware, resuming=bool(base_cfg), problems=problems)
+    check_objective(args, problems)
+    init = init_from(store, args, entry, problems)
     lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
     dataset, eval_set = _datasets(settings, args, problems)
     if problems or entry is None or dataset is None:
@@ -97,9 +101,15 @@ def resolve_finetune(
 
     cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset,
                        eval_set.path if eval_set else None, hardware)
-    lr = cfg["learning_rate"]
-    if not (0.01 * entry.recommended_lr <= lr <= 10 * entry.recommended_lr):
-        warnings.append(f"learning_rate={lr:g} is far from the recommended {entry.recommended_lr:g} for {entry.id}")
+    if init is not None:
+        density = init.pop("sparse_density", None)
+        cfg.update(init)
+        if density is not None and cfg["sparse"]:
+            cfg["sparse"]["density"] = density
+    lr, recommended = cfg["learning_rate"], recommended_lr(entry, args)
+    if not (0.01 * recommended <= lr <= 10 * recommended):
+        warnings.append(f"learning_rate={lr:g} is far from the recommended {recommended:g} for "
+                        f"{'DPO on ' if cfg['objective'] == 'dpo' else ''}{entry.id}")
     estimates = _estimates(cfg, args, entry, dataset, hardware, warnings)
     if eval_set is not None:
         estimates["eval_rows"] = eval_set.rows
@@ -238,7 +248,7 @@ def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[Data
             continue
         try:
             path = settings.check_path(_under_home(settings, args[key]), key)
-            summary = validate_dataset(path, key)
+            summary = validate_dataset(path, key, objective=args.get("objective", "causal_lm"))
         except LlmMcpError as exc:
             problems.extend(getattr(exc, "problems", None) or [str(exc)])
             continue
@@ -268,7 +278,10 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
         eval_dataset_fingerprint=fingerprint(Path(eval_path)) if eval_path else None,
         eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
         max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
-        learning_rate=args.get("learning_rate", entry.recommended_lr), num_processes=args.get("num_processes", 1),
+        learning_rate=args.get("learning_rate", recommended_lr(entry, args)),
+        num_processes=args.get("num_processes", 1), objective=args.get("objective", "causal_lm"),
+        dpo={"beta": args.get("beta", 0.1), "label_smoothing": args.get("label_smoothing", 0.0)}
+        if args.get("objective") == "dpo" else None,
         eval_every=args.get("eval_every", cfg.get("eval_every", 0)),
         lora={"rank": rank, "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
               "dropout": args.get("lora_dropout", lora_defaults.dropout), "target_modules": target_modules,
@@ -288,7 +301,8 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
     """Memory (refused with what would fit if it does not), steps, tokens and time; sets gradient_checkpointing."""
     method, rank = cfg["method"], cfg["lora"]["rank"]
     est = estimate_memory(entry.dims, entry.params_b, method, target_modules=cfg["lora"]["target_modules"], rank=rank,
-                          batch_size=cfg["batch_size"], seq_len=cfg["max_seq_len"],
+                          batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
+                          seq_len=cfg["max_seq_len"],
                           device="cuda" if hardware.gpus else "cpu",
                           quantized=bool(cfg["sparse"] and cfg["sparse"]["quantize_base"]),
                           density=cfg["sparse"]["density"] if cfg["sparse"] else "auto")
@@ -319,7 +333,10 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
                 f"give max_steps > {done} (or omit it to keep the original run's length)")
     tokens_per_row = max(1, min(dataset.approx_tokens // max(1, dataset.rows), cfg["max_seq_len"]))
     tokens = total_steps * per_step * tokens_per_row
-    seconds = 4 * entry.active_params_b * 1e9 * tokens / _flops_per_second(hardware)
+    flops_per_token = 4 * entry.active_params_b * 1e9
+    if cfg["objective"] == "dpo":  # approx_tokens already counts both answers; add the reference forward (1/3)
+        flops_per_token *= 4 / 3
+    seconds = flops_per_token * tokens / _flops_per_second(hardware)
     if not dataset.complete:
         warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
     return {

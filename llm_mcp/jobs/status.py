@@ -31,6 +31,12 @@ class JobStatus(BaseModel):
     tokens_per_s: float | None = Field(None, description="Real (non-padding) tokens per second, last 10 steps.")
     elapsed_s: float | None = None
     eta_s: float | None = None
+    objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs).")
+    reward_accuracy: float | None = Field(None, description="dpo: fraction of pairs whose implicit reward ranks "
+                                                            "chosen above rejected (last 10 steps).")
+    reward_margin: float | None = Field(None, description="dpo: mean chosen minus rejected reward (last 10 steps).")
+    eval_reward_accuracy: float | None = Field(None, description="dpo: reward accuracy on the eval pairs.")
+    eval_reward_margin: float | None = None
     density: float | None = Field(None, description="sparse: fraction of target-matrix entries trained.")
     mask_update: dict[str, int] | None = Field(None, description="sparse: {step, changed} of the last RigL update.")
     checkpoints: list[CheckpointInfo] = []
@@ -82,6 +88,13 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
             status.eta_s = round((status.total_steps - status.step) * seconds / len(recent), 1)
     if evals:
         status.eval_loss = evals[-1]["eval_loss"]
+        status.eval_reward_accuracy = evals[-1].get("eval_reward_accuracy")
+        status.eval_reward_margin = evals[-1].get("eval_reward_margin")
+    status.objective = job.config.objective
+    rewarded = [m for m in steps[-10:] if "reward_accuracy" in m]
+    if rewarded:
+        status.reward_accuracy = round(sum(m["reward_accuracy"] for m in rewarded) / len(rewarded), 4)
+        status.reward_margin = round(sum(m["reward_margin"] for m in rewarded) / len(rewarded), 4)
     if steps and "density" in steps[-1]:
         status.density = steps[-1]["density"]
         updates = [m for m in steps if m.get("mask_changed")]
@@ -100,7 +113,8 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
 
 def summarize_status(s: JobStatus) -> str:
     """A few lines an LLM reads at a glance."""
-    head = f"Job {s.job_id} ({s.method} on {s.model}): {s.state.upper()}"
+    head = (f"Job {s.job_id} ({s.method}{' DPO' if s.objective == 'dpo' else ''} on {s.model}): "
+            f"{s.state.upper()}")
     if s.total_steps:
         head += f", step {s.step}/{s.total_steps}"
     lines = [head]
@@ -110,6 +124,11 @@ def summarize_status(s: JobStatus) -> str:
             part += f", eval loss {s.eval_loss:.4f}"
         if s.tokens_per_s:
             part += f", {s.tokens_per_s:,.0f} tokens/s"
+        lines.append(part)
+    if s.reward_accuracy is not None:
+        part = f"DPO reward accuracy {s.reward_accuracy:.2f}, margin {s.reward_margin:.3f} (last 10 steps)"
+        if s.eval_reward_accuracy is not None:
+            part += f"; eval reward accuracy {s.eval_reward_accuracy:.2f}, margin {s.eval_reward_margin:.3f}"
         lines.append(part)
     timing = []
     if s.elapsed_s is not None:

@@ -177,11 +177,16 @@ async def with_progress(ctx: Context, fn, *args, message: Callable[[], str], can
     return box["value"]
 
 
+def _objective_note(c: dict) -> str:
+    note = f" DPO (beta {c['dpo']['beta']:g})" if c.get("objective") == "dpo" else ""
+    return note + (f" from {c['init_from']}'s adapter" if c.get("init_from") else "")
+
+
 def summarize_start(r: StartFinetuneResult) -> str:
     c, e = r.config, r.estimates
     lines = [
         ("DRY RUN (nothing started): " if r.dry_run else f"Started job {r.job_id} ({r.state}): ")
-        + f"{c['method']} on {c['model']['id']}, lr {c['learning_rate']:g}, rank {c['lora']['rank']}, "
+        + f"{c['method']}{_objective_note(c)} on {c['model']['id']}, lr {c['learning_rate']:g}, rank {c['lora']['rank']}, "
         f"batch {c['batch_size']}x{c['gradient_accumulation']}x{c['num_processes']}, max_seq_len {c['max_seq_len']}.",
         f"{e['train_rows']} training rows ({e['eval_rows']} eval), {e['total_steps']} steps, ~{e['approx_tokens']:,} "
         f"tokens; {e['trainable_params']:,} trainable params; memory ~{e['memory_gb']:g} GB of "

@@ -40,9 +40,18 @@ def start_finetune(
     method: Annotated[MethodName, Field(description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse "
                                                     "(sparse delta, RigL mask updates).")],
     dataset: Annotated[str, Field(description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; rows "
-                                              "with 'messages', 'prompt'+'completion' or 'text'. Relative paths are "
-                                              "under LLM_MCP_HOME (datasets lists them; save_dataset writes one).",
+                                              "with 'messages', 'prompt'+'completion' or 'text' (objective='dpo': "
+                                              "'prompt'+'chosen'+'rejected'). Relative paths are under "
+                                              "LLM_MCP_HOME (datasets lists them; save_dataset writes one).",
                                   max_length=4096)],
+    objective: Annotated[choice("causal_lm", "dpo") | None, Field(description=(
+        "causal_lm (default): supervised fine-tuning. dpo: preference tuning (Direct Preference Optimization) on "
+        "rows {prompt, chosen, rejected}; the reference is the starting model (the base, or init_from's); "
+        "default learning rate 1/40 of the LoRA one."))] = None,
+    beta: Annotated[float | None, Field(description="dpo: how far the model may move from the reference (0.1).")] = None,
+    label_smoothing: Annotated[float | None, Field(description="dpo: assumed share of wrong labels (0-0.49).")] = None,
+    init_from: Annotated[str | None, Field(description="Train further from this succeeded job's adapter (e.g. SFT "
+                                                       "before dpo); same model and adapter kind.", max_length=64)] = None,
     eval_dataset: Annotated[str | None, Field(description="Held-out data for eval loss (same formats).")] = None,
     eval_fraction: Annotated[float | None, Field(description="Hold out this fraction of dataset instead (0-0.5).")] = None,
     max_steps: Annotated[int | None, Field(description="Optimizer steps (1-1e6). Give this or epochs.")] = None,

@@ -131,7 +131,7 @@ def _check_request(job_id, adapter, model, prompt, messages, max_tokens, tempera
     if prompt is not None and not (0 < len(prompt) <= MAX_PROMPT_CHARS):
         problems.append(f"prompt must have 1-{MAX_PROMPT_CHARS} characters (got {len(prompt)})")
     if messages is not None:
-        from llm_mcp.core.data import ROLES
+        from llm_mcp.core.rows import ROLES
 
         if not messages or any(set(m) != {"role", "content"} or m["role"] not in ROLES for m in messages):
             problems.append(f"messages must be a non-empty list of {{role, content}} with role in {list(ROLES)}")

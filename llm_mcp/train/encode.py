@@ -1,4 +1,5 @@
-"""Turn rows into (input_ids, labels): chat template for messages, loss masks, truncation."""
+"""Turn rows into (input_ids, labels): chat template for messages, loss masks, truncation; and preference
+rows into (prompt, chosen, rejected) token lists for DPO."""
 
 from __future__ import annotations
 
@@ -119,3 +120,57 @@ def collate(examples: list[dict], pad_id: int):
         labels[i, :n] = torch.tensor(e["labels"])
         attn[i, :n] = 1
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def encode_pair(tok, pair: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen answer ids, rejected answer ids) of a normalized preference row."""
+    prompt = pair["prompt"]
+    if isinstance(prompt, str):
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        answer = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+        return list(p), answer(pair["chosen"]), answer(pair["rejected"])
+    p = chat_ids(tok, prompt, add_generation_prompt=True)
+    full = [chat_ids(tok, prompt + pair[key]) for key in ("chosen", "rejected")]
+    n = min(_common_prefix(p, f) for f in full)  # templates may render the prompt differently once answered
+    answers = []
+    for ids in full:
+        answer = ids[n:]
+        if tok.eos_token_id in answer:  # end after the end-of-turn token, not the template's trailing newline
+            answer = answer[:len(answer) - answer[::-1].index(tok.eos_token_id)]
+        answers.append(answer)
+    return p[:n], answers[0], answers[1]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pairs(tok, rows: list[dict[str, Any]], max_seq_len: int) -> tuple[list[dict], EncodeStats]:
+    """Examples {prompt, chosen, rejected} (token lists), each sequence cut to max_seq_len; a pair left
+    with no answer token on either side is dropped and counted."""
+    stats = EncodeStats()
+    out = []
+    for row in rows:
+        stats.by_format["preference"] = stats.by_format.get("preference", 0) + 1
+        p, c, r = encode_pair(tok, row)
+        room = max_seq_len - len(p)
+        if len(p) + max(len(c), len(r)) > max_seq_len:
+            stats.truncated += 1
+        c, r = c[:max(room, 0)], r[:max(room, 0)]
+        if not c or not r:
+            stats.dropped_empty += 1
+            continue
+        stats.examples += 1
+        stats.tokens += 2 * len(p) + len(c) + len(r)
+        stats.target_tokens += len(c) + len(r)
+        out.append({"prompt": p, "chosen": c, "rejected": r})
+    return out, stats
+
+
+def pair_sequences(example: dict) -> list[dict[str, list[int]]]:
+    """The chosen and rejected sequences of one example, the prompt masked out of the labels."""
+    p = example["prompt"]
+    return [{"input_ids": p + example[k], "labels": [IGNORE] * len(p) + example[k]} for k in ("chosen", "rejected")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,10 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed)
+        if cfg.init_adapter:  # start from another job's sparse delta (its mask and values)
+            from llm_mcp.train.sparse import load_sparse_into
+
+            load_sparse_into(model, Path(cfg.init_adapter))
         model.config.use_cache = False
         return model
     if method == "qlora":
@@ -52,6 +57,12 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.init_adapter:  # start from another job's adapter (e.g. SFT before DPO), trained further
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        model.config.use_cache = False
+        return model
     lora = cfg.lora
     peft_config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

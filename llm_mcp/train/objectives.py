@@ -2,8 +2,8 @@
 
 The training loop (`llm_mcp.train.run`) knows nothing about the loss: it asks the job's
 objective to encode the rows, collate micro-batches, count the targets a step is normalised
-by, and return the summed loss of a batch. A new objective (a preference loss, say) is a new
-class registered in `OBJECTIVES`, plus its name in `JobConfig.objective`.
+by, and return the summed loss of a batch. `causal_lm` is here; `dpo` is in `llm_mcp.train.dpo`.
+A new objective is a new class, a branch in `objective_for`, and its name in `JobConfig.objective`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.train.encode import IGNORE, EncodeStats, collate, encode_rows
+from llm_mcp.train.positions import LabelPositions
 
 
 class Objective(Protocol):
@@ -39,32 +40,24 @@ class Objective(Protocol):
     def loss_sum(self, wrapped: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's summed loss, differentiable."""
 
+    def reference(self, wrapped: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int, device) -> None:
+        """Before the first step: record what the loss compares against (DPO's reference log-probs)."""
+
+    def pop_metrics(self, reduce) -> dict[str, float]:
+        """Objective-specific metrics since the last call, summed over processes with `reduce`."""
+
 
 class CausalLMLoss(torch.nn.Module):
-    """Sum of next-token cross-entropy over label positions, computing logits only there.
-
-    Runs the decoder, gathers the positions whose next token is trained on, and applies the LM
-    head and the (fp32) cross-entropy to those alone: prompt and padding positions never pay for
-    the vocabulary projection. Falls back to full logits for models without the usual layout.
-    """
+    """Sum of next-token cross-entropy (fp32) over label positions, computing logits only there."""
 
     def __init__(self, model):
         super().__init__()
+        self.positions = LabelPositions(model)
         self.model = model
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder, head = getattr(causal_lm, "base_model", None), causal_lm.get_output_embeddings()
-        self.split = decoder is not None and decoder is not causal_lm and head is not None
-        self.decoder, self.head = (decoder, head) if self.split else (None, None)
 
     def forward(self, input_ids, attention_mask, labels):
-        targets = labels[:, 1:]
-        mask = targets != IGNORE
-        if self.split:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-            logits = self.head(hidden[mask])
-            return torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+        logits, targets, _ = self.positions(input_ids, attention_mask, labels)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 class CausalLMObjective:
@@ -90,10 +83,17 @@ class CausalLMObjective:
     def loss_sum(self, wrapped, batch):
         return wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
+    def reference(self, wrapped, examples, pad_id, batch_size, device) -> None:
+        return None
 
-OBJECTIVES: dict[str, type] = {"causal_lm": CausalLMObjective}
+    def pop_metrics(self, reduce) -> dict[str, float]:
+        return {}
 
 
 def objective_for(cfg: JobConfig) -> Objective:
     """The objective a job config names."""
-    return OBJECTIVES[cfg.objective]()
+    if cfg.objective == "dpo":
+        from llm_mcp.train.dpo import DPOObjective
+
+        return DPOObjective.from_config(cfg)
+    return CausalLMObjective()

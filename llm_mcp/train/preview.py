@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.train.encode import IGNORE, encode_row, tokenizer_for
+from llm_mcp.train.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
+
+
+def sequences(tok, row: dict[str, Any], train_on: str) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each sequence a row trains: one, or a preference row's chosen and rejected."""
+    if "chosen" in row:
+        p, c, r = encode_pair(tok, row)
+        return [(s["input_ids"], s["labels"]) for s in pair_sequences({"prompt": p, "chosen": c, "rejected": r})]
+    return [encode_row(tok, row, train_on)]
 
 HISTOGRAM_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -60,20 +68,20 @@ def token_report(tok, rows: list[dict[str, Any]], max_seq_len: int, train_on: st
     report = TokenReport(max_seq_len=max_seq_len)
     deadline = time.monotonic() + time_budget_s
     for i, row in enumerate(rows, 1):
-        ids, labels = encode_row(tok, row, train_on)
+        seqs = sequences(tok, row, train_on)
         report.rows_examined += 1
-        report.tokens += len(ids)
-        report.longest = max(report.longest, len(ids))
-        bucket = _bucket(len(ids))
+        longest = max(len(ids) for ids, _ in seqs)
+        report.tokens += sum(len(ids) for ids, _ in seqs)
+        report.longest = max(report.longest, longest)
+        bucket = _bucket(longest)
         report.histogram[bucket] = report.histogram.get(bucket, 0) + 1
-        if len(ids) > max_seq_len:
+        if longest > max_seq_len:
             report.truncated += 1
             if len(report.truncated_at) < 5:
                 report.truncated_at.append(i)
-            labels = labels[:max_seq_len]
-        trained = sum(1 for t in labels[1:] if t != IGNORE)
-        report.trained_tokens += trained
-        if trained == 0:
+        trained = [sum(1 for t in labels[1:max_seq_len] if t != IGNORE) for _, labels in seqs]
+        report.trained_tokens += sum(trained)
+        if min(trained) == 0:
             report.dropped += 1
             if len(report.dropped_at) < 5:
                 report.dropped_at.append(i)
@@ -89,9 +97,17 @@ def _order(bucket: str) -> int:
 
 
 def render_example(tok, row: dict[str, Any], max_seq_len: int, train_on: str) -> str:
-    """The row as the model sees it, trained tokens inside [[ ]], cut at max_seq_len."""
-    ids, labels = encode_row(tok, row, train_on)
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    """The row as the model sees it, trained tokens inside [[ ]], cut at max_seq_len (a preference row: its
+    chosen, then its rejected sequence)."""
+    seqs = sequences(tok, row, train_on)
+    if len(seqs) > 1:
+        return "\n".join(f"{name}: {_render(tok, ids[:max_seq_len], labels[:max_seq_len])}"
+                         for name, (ids, labels) in zip(("chosen", "rejected"), seqs))
+    ids, labels = seqs[0]
+    return _render(tok, ids[:max_seq_len], labels[:max_seq_len])
+
+
+def _render(tok, ids: list[int], labels: list[int]) -> str:
     out, span, trained = [], [], False
     for token, label in zip(ids, labels):
         now = label != IGNORE

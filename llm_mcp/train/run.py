@@ -149,6 +149,7 @@ def setup(run: Run) -> Setup:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     loss_model, optimizer = acc.prepare(objective.wrap(model), optimizer)
+    _reference(run, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples, order, total_steps)
     start_step = 0
     if cfg.resume_checkpoint:
         start_step = load_checkpoint(acc, model, optimizer, scheduler, Path(cfg.resume_checkpoint))
@@ -163,9 +164,26 @@ def setup(run: Run) -> Setup:
                  sparse=sparse_modules(acc.unwrap_model(model)), meta=meta)
 
 
+def _reference(run: Run, objective: Objective, wrapped, tok, examples, eval_examples, order: BatchOrder,
+               total_steps: int) -> None:
+    """Let the objective record its reference from the starting model (before a resume loads a checkpoint),
+    for the examples this process trains on and all eval examples."""
+    acc, t0 = run.accelerator, time.perf_counter()
+    mine = sorted({i for step in range(run.cfg.resume_step or 0, total_steps) for idx in order.micro_batches(step, acc.process_index)
+                   for i in idx})
+    objective.reference(wrapped, [examples[i] for i in mine] + eval_examples, tok.pad_token_id,
+                        run.cfg.batch_size, acc.device)
+    if objective.name == "dpo":
+        run.log(f"reference log-probs of {len(mine) + len(eval_examples)} pairs in {time.perf_counter() - t0:.1f} s")
+
+
+def _reduce(acc):
+    return lambda t: acc.reduce(t.to(acc.device), "sum").cpu()
+
+
 @torch.no_grad()
-def evaluate(run: Run, s: Setup) -> float | None:
-    """Mean loss per target over the eval examples, across processes."""
+def evaluate(run: Run, s: Setup) -> dict[str, float] | None:
+    """Mean loss per target over the eval examples (and the objective's metrics), across processes."""
     if not s.eval_examples:
         return None
     acc = run.accelerator
@@ -182,7 +200,8 @@ def evaluate(run: Run, s: Setup) -> float | None:
         total[1] += s.objective.targets(batch)
     total = acc.reduce(total, "sum")
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    metrics = {f"eval_{k}": v for k, v in s.objective.pop_metrics(_reduce(acc)).items()}
+    return {"eval_loss": (total[0] / total[1].clamp(min=1)).item(), **metrics}
 
 
 def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, Any]:
@@ -204,6 +223,7 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
             # DDP averages gradients over ranks; scale so the result is the global target mean.
             acc.backward(loss * acc.num_processes / global_counts[0])
         loss_sum += loss.detach()
+    extra = obj.pop_metrics(_reduce(acc))
     grad_norm = acc.clip_grad_norm_(s.trainable, cfg.max_grad_norm)
     s.optimizer.step()
     s.scheduler.step()
@@ -219,7 +239,7 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
               "loss": round((acc.reduce(loss_sum, "sum") / global_counts[0]).item(), 6),
               "lr": s.scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
               "tokens": int(global_counts[1]), "tokens_per_s": round(float(global_counts[1]) / elapsed, 1),
-              "step_time_s": round(elapsed, 4), "elapsed_s": round(time.time() - run.t0, 2)}
+              "step_time_s": round(elapsed, 4), "elapsed_s": round(time.time() - run.t0, 2), **extra}
     if s.sparse:
         record["density"] = round(sum(m.k for m in s.sparse.values()) /
                                   sum(m.shape[0] * m.shape[1] for m in s.sparse.values()), 6)
@@ -246,7 +266,7 @@ def train(run: Run) -> None:
         record = train_step(run, s, step, bool(rigl_every) and done % rigl_every == 0 and done < s.total_steps)
         loss = record["loss"]
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.total_steps:
-            record["eval_loss"] = evaluate(run, s)
+            record.update(evaluate(run, s) or {"eval_loss": None})
         run.metric(record)
         stop = acc.reduce(torch.tensor(float(run.stop_requested), device=acc.device), "max").item() > 0
         if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < s.total_steps):
@@ -263,16 +283,19 @@ def train(run: Run) -> None:
 def finish(run: Run, s: Setup, loss: float) -> None:
     """Final eval, the adapter (+ tokenizer) and the probe logits exports are checked against."""
     acc = run.accelerator
-    eval_loss = evaluate(run, s)
+    evaluation = evaluate(run, s)
+    eval_loss = evaluation["eval_loss"] if evaluation else None
     run.metric({"event": "end", "peak_memory_mb": peak_memory_mb(acc.device.type)})
-    if eval_loss is not None:
-        run.metric({"step": s.total_steps, "eval_loss": eval_loss})
+    if evaluation:
+        run.metric({"step": s.total_steps, **evaluation})
     acc.wait_for_everyone()
     adapter_dir = run.job_dir / "adapter"
     if acc.is_main_process:
         save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta)
         s.tok.save_pretrained(adapter_dir)
-        save_probe(acc.unwrap_model(s.model), s.examples[0]["input_ids"][:16], run.job_dir / "probe.safetensors")
+        first = s.examples[0]
+        probe_ids = first["input_ids"] if "input_ids" in first else first["prompt"] + first["chosen"]
+        save_probe(acc.unwrap_model(s.model), probe_ids[:16], run.job_dir / "probe.safetensors")
     acc.wait_for_everyone()
     run.log(f"done: {s.total_steps} steps, final loss {loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=s.total_steps, total_steps=s.total_steps, loss=loss, eval_loss=eval_loss,
