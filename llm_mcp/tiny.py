@@ -46,6 +46,31 @@ def training_corpus(n_lines: int = 600, seed: int = 0) -> list[str]:
     return lines
 
 
+PREFERENCE_THINGS = ["the sky", "the sea", "a rose", "the sun", "grass", "snow", "coal", "milk", "a lemon", "the moon",
+                     "ice", "an apple"]
+PREFERENCE_ADJECTIVES = ["bright", "cold", "warm", "dark", "soft", "big", "small", "old"]
+
+
+def preference_rows(things: list[str], chat_every: int = 2) -> dict[str, list[dict]]:
+    """A learnable preference: chosen answers agree ('Yes, X is Y.'), rejected ones deny ('No, X is not Y.').
+
+    Returns {"pairs": preference rows (every `chat_every`-th one as messages, the rest strings), "sft": the
+    same questions as SFT conversations answering 'X is Y.'}. The rule holds for things not trained on, so
+    held-out pairs show whether DPO learned the preference rather than the pairs.
+    """
+    pairs, sft = [], []
+    for i, (thing, adj) in enumerate((t, a) for t in things for a in PREFERENCE_ADJECTIVES):
+        prompt, chosen, rejected = f"Is {thing} {adj}?", f"Yes, {thing} is {adj}.", f"No, {thing} is not {adj}."
+        if chat_every and i % chat_every == 0:
+            pairs.append({"prompt": [{"role": "user", "content": prompt}],
+                          "chosen": [{"role": "assistant", "content": chosen}],
+                          "rejected": [{"role": "assistant", "content": rejected}]})
+        else:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"{thing} is {adj}."}]})
+    return {"pairs": pairs, "sft": sft}
+
+
 def make_tiny_model(
     out_dir: str | Path,
     *,

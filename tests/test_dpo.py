@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import pytest
 from mcp import Client
 
 from llm_mcp.core.data import DataError, load_rows, validate_dataset
 from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.tiny import PREFERENCE_THINGS, preference_rows
 from tests.conftest import wait_final
 
-THINGS = ["the sky", "the sea", "a rose", "the sun", "grass", "snow", "coal", "milk", "a lemon", "the moon", "ice",
-          "an apple"]
-ADJECTIVES = ["bright", "cold", "warm", "dark", "soft", "big", "small", "old"]
 FAST = dict(lora_dropout=0.0, batch_size=4, max_seq_len=64)
 pytestmark = pytest.mark.anyio
 
 
 def pair(thing: str, adjective: str, chat: bool) -> dict:
-    """Chosen answers agree ('Yes, ...'), rejected ones deny: a rule that holds on held-out prompts too."""
     prompt, chosen, rejected = f"Is {thing} {adjective}?", f"Yes, {thing} is {adjective}.", f"No, {thing} is not {adjective}."
     if chat:
         return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
@@ -35,14 +33,12 @@ def write_jsonl(path, rows) -> str:
 
 @pytest.fixture
 def preference_data(home):
-    """64 training pairs over 8 things (strings and chat alternating) and 32 held-out pairs over 4 others."""
-    train = [pair(t, a, i % 2 == 0) for i, (t, a) in enumerate((t, a) for t in THINGS[:8] for a in ADJECTIVES)]
-    held_out = [pair(t, a, True) for t in THINGS[8:] for a in ADJECTIVES]
-    sft = [{"messages": [{"role": "user", "content": f"Is {t} {a}?"}, {"role": "assistant", "content": f"{t} is {a}."}]}
-           for t in THINGS for a in ADJECTIVES]
-    write_jsonl(home / "data" / "pref.jsonl", train)
-    write_jsonl(home / "data" / "pref_eval.jsonl", held_out)
-    write_jsonl(home / "data" / "sft.jsonl", sft)
+    """64 training pairs over 8 things (strings and chat alternating), 32 held-out pairs over 4 others, and SFT
+    conversations over all 12 things."""
+    write_jsonl(home / "data" / "pref.jsonl", preference_rows(PREFERENCE_THINGS[:8])["pairs"])
+    write_jsonl(home / "data" / "pref_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:], chat_every=1)["pairs"])
+    write_jsonl(home / "data" / "sft.jsonl", preference_rows(PREFERENCE_THINGS[:8])["sft"])
+    write_jsonl(home / "data" / "sft_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:])["sft"])
 
 
 def test_three_preference_shapes_normalize_to_one(tmp_path):
@@ -206,15 +202,17 @@ def _local_lr(state) -> float:
 
 
 @pytest.mark.slow
-async def test_sft_then_dpo_learns_the_preference_and_resumes_exactly(app, tiny_model, preference_data):
-    """SFT job -> DPO from its adapter: held-out reward accuracy rises from 0 (all ties) to >= 0.9; a DPO job
-    cancelled and resumed reproduces the uninterrupted run step for step (same reference, same batches)."""
+async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, preference_data):
+    """The worked example: SFT job -> evaluate against base -> DPO from the SFT adapter -> evaluate again.
+    Held-out reward accuracy rises from 0 (all ties) to >= 0.9; a DPO job cancelled and resumed reproduces the
+    uninterrupted run step for step (same reference log-probs, same batches)."""
     state, server = app
     async with Client(server) as client:
         sft = await client.call_tool("start_finetune", dict(model="models/tiny", method="lora", dataset="data/sft.jsonl",
-                                                            max_steps=10, learning_rate=3e-3, **FAST))
+                                                            max_steps=12, learning_rate=3e-3, **FAST))
         sft_id = sft.structured_content["job_id"]
         assert (await wait_final(client, sft_id))["state"] == "succeeded"
+        after_sft = await evaluate(client, targets=["base", sft_id], dataset="data/sft_eval.jsonl", max_tokens=8)
         args = dict(model="models/tiny", method="lora", objective="dpo", dataset="data/pref.jsonl",
                     eval_dataset="data/pref_eval.jsonl", init_from=sft_id, learning_rate=2e-3, max_steps=60,
                     checkpoint_every=0, batch_size=4, max_seq_len=64)
@@ -228,13 +226,16 @@ async def test_sft_then_dpo_learns_the_preference_and_resumes_exactly(app, tiny_
         sampled = await client.call_tool("sample", {"job_id": full, "prompt": "Is ice cold?", "max_tokens": 8})
         interrupted = (await client.call_tool("start_finetune", args)).structured_content["job_id"]
         while not [m for m in read_metrics(state.store.job_dir(interrupted)) if m.get("step", 0) >= 10]:
-            import anyio
-
             await anyio.sleep(0.05)
         await client.call_tool("cancel_job", {"job_id": interrupted})
         stopped = await wait_final(client, interrupted)
+        stopped_at = stopped["checkpoints"][-1]["step"]
+        after_dpo = await evaluate(client, targets=["base", sft_id, full, f"{interrupted}@{stopped_at}"],
+                                   dataset="data/pref_eval.jsonl")
         resumed = (await client.call_tool("start_finetune", {**args, "resume_from": interrupted})).structured_content
         finished = await wait_final(client, resumed["job_id"])
+    base, tuned = after_sft["targets"]
+    assert tuned["loss"] < base["loss"] and tuned["exact_match_rows"] == 32, after_sft
     assert job["state"] == "succeeded", job
     assert job["objective"] == "dpo" and job["eval_reward_accuracy"] >= 0.9 and job["eval_reward_margin"] > 0, job
     assert job["reward_accuracy"] >= 0.9 and job["loss"] < 0.5 * job["first_loss"], job
@@ -242,14 +243,26 @@ async def test_sft_then_dpo_learns_the_preference_and_resumes_exactly(app, tiny_
     assert not sampled.is_error and sampled.structured_content["completions"][0]["text"]
     start = [m for m in read_metrics(state.store.job_dir(full)) if "reward_accuracy" in m][0]
     assert start["reward_accuracy"] == 0.0  # step 1: the policy still equals the reference, every pair ties
-    assert stopped["state"] == "cancelled" and stopped["checkpoints"], stopped
-    stopped_at = stopped["checkpoints"][-1]["step"]
-    assert finished["state"] == "succeeded" and 10 <= stopped_at < 60
+    base, sft_scores, dpo, checkpoint = after_dpo["targets"]
+    assert dpo["preference_accuracy"] == 1.0 and dpo["preference_margin"] > sft_scores["preference_margin"] + 1, after_dpo
+    assert checkpoint["preference_margin"] > sft_scores["preference_margin"]
+    assert checkpoint["target"] == f"{interrupted}@{stopped_at}" and dpo["preference_rows"] == 32
+    assert stopped["state"] == "cancelled" and 10 <= stopped_at < 60, stopped
+    assert finished["state"] == "succeeded"
     a = {m["step"]: m["loss"] for m in read_metrics(state.store.job_dir(full)) if "loss" in m}
     c = {m["step"]: m["loss"] for m in read_metrics(state.store.job_dir(resumed["job_id"])) if "loss" in m}
     assert sorted(c) == list(range(stopped_at + 1, 61))
     for step in c:
         assert c[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+async def evaluate(client, **args) -> dict:
+    """Run evaluate to the end (it answers at once when quick, else poll job_status); returns its scores."""
+    result = await client.call_tool("evaluate", {**args, "wait_seconds": 30})
+    assert not result.is_error, result.content[0].text
+    job = await wait_final(client, result.structured_content["job_id"])
+    assert job["state"] == "succeeded", job
+    return job["evaluation"]
 
 
 @pytest.mark.slow

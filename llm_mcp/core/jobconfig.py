@@ -122,6 +122,8 @@ class JobConfig(_Strict):
     resume_from: str | None = None
     resume_checkpoint: str | None = None
     resume_step: int | None = None
+    task: Literal["train"] = "train"
+    entry: Literal["llm_mcp.train.run"] = Field("llm_mcp.train.run", description="The module the job runs.")
 
     @property
     def quantized(self) -> bool:
@@ -183,3 +185,58 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
             data.pop(key, None)
         data["version"] = 1
     return data
+
+
+class EvalTarget(_Strict):
+    """One model an evaluation scores: the base, or a job's adapter (final or a checkpoint)."""
+
+    label: str = Field(description="'base', 'JOB_ID' or 'JOB_ID@STEP' as the caller named it.")
+    job_id: str | None = None
+    checkpoint: str | None = Field(None, description="'final' or 'step N'.")
+    adapter_path: str | None = None
+    quantized: bool = False
+    sparse: bool = False
+
+
+class EvalConfig(_Strict):
+    """An evaluation job (`evaluate` tool): score targets on a dataset; run by llm_mcp.inference.evaluate."""
+
+    version: int = CONFIG_VERSION
+    task: Literal["evaluate"] = "evaluate"
+    job_id: str | None = None
+    model: ModelRef
+    targets: list[EvalTarget] = Field(min_length=1, max_length=8)
+    dataset: str
+    dataset_fingerprint: dict[str, int] | None = None
+    max_rows: int = Field(ge=1, le=5000)
+    max_tokens: int = Field(ge=1, le=1024)
+    generate: bool = True
+    regex: str | None = Field(None, max_length=1000)
+    max_seq_len: int = Field(ge=8)
+    batch_size: int = Field(8, ge=1, le=256)
+    num_processes: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    method: Literal["evaluate"] = "evaluate"
+    entry: Literal["llm_mcp.inference.evaluate"] = "llm_mcp.inference.evaluate"
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    write = JobConfig.write
+
+    @classmethod
+    def read(cls, job_dir: Path) -> EvalConfig:
+        config = parse_config(json.loads((job_dir / CONFIG_FILE).read_text(encoding="utf-8")), str(job_dir))
+        if not isinstance(config, cls):
+            raise ConfigurationError(f"{job_dir} holds a training job, not an evaluation")
+        return config
+
+
+def parse_config(data: dict[str, Any], where: str = "job config") -> JobConfig | EvalConfig:
+    """A job's config of either task: training (JobConfig) or evaluation (EvalConfig)."""
+    if data.get("task") != "evaluate":
+        return JobConfig.parse(data, where)
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigurationError(f"{where} is not a valid evaluation config: {exc}") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llm_mcp.core.errors import ConfigurationError, LlmMcpError
-from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobconfig import EvalConfig, JobConfig, parse_config
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -59,7 +59,7 @@ class Job:
     method: str
     device_set: str
     created_at: float
-    config: JobConfig
+    config: JobConfig | EvalConfig
     started_at: float | None = None
     finished_at: float | None = None
     pid: int | None = None
@@ -74,7 +74,7 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
-        d["config"] = JobConfig.parse(json.loads(d["config"]), f"job {d['id']}'s config")
+        d["config"] = parse_config(json.loads(d["config"]), f"job {d['id']}'s config")
         d["warnings"] = json.loads(d["warnings"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         return cls(**d)

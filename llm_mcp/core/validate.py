@@ -17,17 +17,15 @@ from llm_mcp.core.estimates import estimate_memory, linear_names
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.core.jobdir import checkpoints
 from llm_mcp.core.store import JobStore
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.matrix import METHODS, ModelEntry
-from llm_mcp.core.objective import check_objective, init_from, recommended_lr
+from llm_mcp.core.lineage import check_objective, init_from, recommended_lr, resume_base
 
 IMPLEMENTED_METHODS = ("lora", "qlora", "dora", "sparse")
 SPARSE_ARGS = ("density", "sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction",
                "use_rigl", "quantize_base")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
 # (argument, low, high, type) for every plain range check
 RANGES = [("max_steps", 1, 1_000_000, int), ("epochs", 0.01, 100, float), ("learning_rate", 1e-8, 1.0, float),
           ("lora_rank", 1, 1024, int), ("lora_alpha", 0.01, 16384, float), ("lora_dropout", 0.0, 0.9, float),
@@ -77,7 +75,7 @@ def resolve_finetune(
     problems: list[str] = []
     warnings: list[str] = []
     args = {k: v for k, v in args.items() if v is not None}
-    base_cfg = _resume(store, args, problems) if "resume_from" in args else {}
+    base_cfg = resume_base(store, args, problems) if "resume_from" in args else {}
     for required in ("model", "method", "dataset"):
         if required not in args:
             problems.append(f"{required} is required")
@@ -127,37 +125,6 @@ def _model_source(entry: ModelEntry) -> str:
     if not available.available:
         raise InvalidArgumentError(unavailable_message(entry.id, available.where))
     return available.where
-
-
-def _resume(store: JobStore, args: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """A resume: the old job's config as the base, its request as defaults; only RESUME_OVERRIDABLE may change."""
-    try:
-        old = store.get(args["resume_from"])
-    except LlmMcpError as exc:
-        raise InvalidArgumentError(f"resume_from: {exc}") from None
-    if old.state not in ("failed", "cancelled"):
-        problems.append(f"resume_from={old.id!r} is {old.state}; only failed or cancelled jobs can be resumed"
-                        + (" (wait for it or cancel_job it first)" if old.state in ("queued", "running") else ""))
-    ckpts = checkpoints(store.job_dir(old.id))
-    if not ckpts:
-        problems.append(f"resume_from={old.id!r} has no checkpoint to resume from; start a new job instead")
-    old_request = _request_of(old.config)
-    for key in sorted(set(args) - set(RESUME_OVERRIDABLE) - {"resume_from"}):
-        if key not in old_request or args[key] != old_request[key]:
-            was = repr(old_request[key]) if key in old_request else "default"
-            problems.append(f"{key}={args[key]!r} differs from the resumed job's {was}; when resuming only "
-                            f"{list(RESUME_OVERRIDABLE)} may change. Start a new job to change {key}")
-    for key, old_value in old_request.items():
-        if key not in RESUME_OVERRIDABLE:
-            args.setdefault(key, old_value)
-    if "max_steps" not in args and "epochs" not in args:
-        for key in ("max_steps", "epochs"):
-            if getattr(old.config, key) is not None:
-                args[key] = getattr(old.config, key)
-    base_cfg = old.config.model_dump()
-    base_cfg["resume_checkpoint"] = str(ckpts[-1][1]) if ckpts else None
-    base_cfg["resume_step"] = ckpts[-1][0] if ckpts else None
-    return base_cfg
 
 
 def _check_method(entry: ModelEntry | None, method: str, problems: list[str], warnings: list[str]) -> None:
@@ -359,13 +326,6 @@ def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
             "mask_update_interval": args.get("mask_update_interval", defaults.mask_update_interval),
             "mask_update_fraction": args.get("mask_update_fraction", defaults.mask_update_fraction),
             "use_rigl": args.get("use_rigl", defaults.use_rigl), "quantize_base": bool(args.get("quantize_base"))}
-
-
-def _request_of(cfg: JobConfig) -> dict[str, Any]:
-    """The arguments a job was started with (its model as the caller named it)."""
-    req = dict(cfg.request)
-    req.setdefault("model", cfg.model.path if cfg.model.local else cfg.model.id)
-    return req
 
 
 def _under_home(settings, value: str) -> Path:

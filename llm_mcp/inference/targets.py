@@ -49,6 +49,10 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
     Raises:
         InvalidArgumentError: nothing to sample / export yet, or an unknown step (lists the ones there are).
     """
+    if job.config.task == "evaluate":
+        raise InvalidArgumentError(
+            f"job {job.id} is an evaluation and has no adapter; use one of the jobs it scored "
+            f"({', '.join(t.job_id for t in job.config.targets if t.job_id) or 'it scored the base model only'})")
     job_dir = store.job_dir(job.id)
     final = job_dir / "adapter"
     steps = [step for step, p in checkpoints(job_dir) if (p / "adapter").is_dir()]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
 from llm_mcp.core.procs import free_port
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
@@ -36,13 +36,15 @@ def max_jobs() -> int:
         return 1
 
 
-def accelerate_command(cfg: JobConfig, job_dir: Path) -> list[str]:
-    """The `accelerate launch` command line for a job's resolved config."""
+def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path) -> list[str]:
+    """The command line for a job's resolved config: `accelerate launch` for training."""
     n = cfg.num_processes
     config_file = str(data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else "ddp.yaml"))
+    if cfg.task == "evaluate":  # one process, no accelerate: the evaluation runner loads what it scores
+        return [sys.executable, "-m", cfg.entry, str(job_dir)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
             "--num_processes", str(n), "--main_process_port", str(free_port()),
-            "-m", "llm_mcp.train.run", str(job_dir)]
+            "-m", cfg.entry, str(job_dir)]
 
 
 def _process_alive(pid: int | None, started_at: float | None) -> bool:
@@ -115,7 +117,7 @@ def kill_job_processes(job_dir: Path, sig: int = signal.SIGKILL) -> int:
     needle, n = str(job_dir), 0
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if "llm_mcp.train.run" in cmd and needle in cmd:
+        if ("llm_mcp.train.run" in cmd or "llm_mcp.inference.evaluate" in cmd) and needle in cmd:
             try:
                 proc.send_signal(sig)
                 n += 1

@@ -1,4 +1,4 @@
-"""Loss curve of a job as PNG bytes (matplotlib, Agg backend; imported only when asked for)."""
+"""Charts as PNG bytes: a job's loss curve, an evaluation's scores (matplotlib, Agg; imported only when asked for)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,34 @@ def loss_curve_png(metrics: list[dict[str, Any]], title: str) -> bytes:
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def evaluation_png(summary: dict[str, Any], title: str) -> bytes:
+    """Grouped bars: each score (accuracy-like, 0-1) per target, and the loss per target beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = summary["targets"]
+    scores = [k for k in ("exact_match", "contains", "regex", "preference_accuracy") if any(k in t for t in targets)]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100, gridspec_kw={"width_ratios": [max(1, len(scores)), 1]})
+    width = 0.8 / max(1, len(targets))
+    for j, t in enumerate(targets):
+        axes[0].bar([i + j * width for i in range(len(scores))], [t.get(k, 0) for k in scores], width, label=t["target"])
+        axes[1].bar([j], [t.get("loss", 0)], 0.6, label=t["target"])
+    axes[0].set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(scores))], scores, fontsize=8)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("score")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xticks(range(len(targets)), [t["target"] for t in targets], fontsize=7, rotation=20)
+    axes[1].set_ylabel("loss (nats / token)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -31,7 +31,8 @@ class JobStatus(BaseModel):
     tokens_per_s: float | None = Field(None, description="Real (non-padding) tokens per second, last 10 steps.")
     elapsed_s: float | None = None
     eta_s: float | None = None
-    objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs).")
+    objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs) | evaluate.")
+    evaluation: dict | None = Field(None, description="evaluate jobs: per-target scores and the per-row file.")
     reward_accuracy: float | None = Field(None, description="dpo: fraction of pairs whose implicit reward ranks "
                                                             "chosen above rejected (last 10 steps).")
     reward_margin: float | None = Field(None, description="dpo: mean chosen minus rejected reward (last 10 steps).")
@@ -90,7 +91,12 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
         status.eval_loss = evals[-1]["eval_loss"]
         status.eval_reward_accuracy = evals[-1].get("eval_reward_accuracy")
         status.eval_reward_margin = evals[-1].get("eval_reward_margin")
-    status.objective = job.config.objective
+    status.objective = job.config.objective if job.config.task == "train" else "evaluate"
+    progress = [m for m in metrics if "rows_done" in m]
+    if progress:
+        status.step = progress[-1]["rows_done"]
+    if job.config.task == "evaluate" and job.state in ("succeeded", "cancelled"):
+        status.evaluation = (read_result(job_dir) or {}).get("evaluation")
     rewarded = [m for m in steps[-10:] if "reward_accuracy" in m]
     if rewarded:
         status.reward_accuracy = round(sum(m["reward_accuracy"] for m in rewarded) / len(rewarded), 4)
@@ -130,6 +136,9 @@ def summarize_status(s: JobStatus) -> str:
         if s.eval_reward_accuracy is not None:
             part += f"; eval reward accuracy {s.eval_reward_accuracy:.2f}, margin {s.eval_reward_margin:.3f}"
         lines.append(part)
+    if s.evaluation:
+        lines += [_scores(t) for t in s.evaluation["targets"]]
+        lines.append(f"per-row results: {s.evaluation['rows_file']}")
     timing = []
     if s.elapsed_s is not None:
         timing.append(f"elapsed {s.elapsed_s:.0f} s")
@@ -154,6 +163,20 @@ def summarize_status(s: JobStatus) -> str:
     if s.state == "failed" and s.log_tail:
         lines.append("last log lines:\n  " + "\n  ".join(s.log_tail[-6:]))
     return "\n".join(lines)
+
+
+def _scores(t: dict) -> str:
+    """One evaluated target's scores on one line."""
+    parts = []
+    if "loss" in t:
+        parts.append(f"loss {t['loss']:.4f} (perplexity {t['perplexity']:.2f})")
+    for key in ("exact_match", "contains", "regex", "preference_accuracy"):
+        if key in t:
+            rows = t.get(f"{'preference' if key == 'preference_accuracy' else key}_rows")
+            parts.append(f"{key} {t[key]:.2f} ({rows} rows)")
+    if "preference_margin" in t:
+        parts.append(f"margin {t['preference_margin']:+.3f}")
+    return f"  {t['target']}: " + (", ".join(parts) or f"{t['rows']} rows, nothing scored")
 
 
 def summarize_list(statuses: list[JobStatus]) -> str:

@@ -151,12 +151,17 @@ def _check_tokens(resolved: Resolved) -> None:
 
 
 def _record_job(state: AppState, resolved: Resolved, name: str | None, resume_from: str | None) -> Job:
+    return record_job(state, resolved.config, resolved.entry.id, name, resolved.warnings, resume_from)
+
+
+def record_job(state: AppState, config, model_id: str, name: str | None, warnings: list[str],
+               resume_from: str | None = None) -> Job:
     """Write the job's directory and config.json, then its queued record: all of it, or nothing."""
     job_id = new_job_id()
-    config = resolved.config.model_copy(update={"job_id": job_id})
-    job = Job(id=job_id, name=name or job_id, state="queued", model=resolved.entry.id, method=config.method,
+    config = config.model_copy(update={"job_id": job_id})
+    job = Job(id=job_id, name=name or job_id, state="queued", model=model_id, method=config.method,
               device_set=config.device, created_at=time.time(), config=config, resumed_from=resume_from,
-              warnings=resolved.warnings)
+              warnings=warnings)
     job_dir = state.store.job_dir(job_id)
     try:
         job_dir.mkdir(parents=True)
