@@ -33,7 +33,10 @@ start_finetune(dry_run=true) checks a request and shows the estimates; without d
 job id at once and trains in the background. Poll job_status(job_id, wait_seconds=30) until the job
 succeeds, then sample(job_id=..., messages=[...]) from its adapter. Training data: datasets() lists and
 inspects files; save_dataset(name, rows) writes rows you compose. cancel_job stops a job with a
-checkpoint; start_finetune with the same model, method and dataset plus resume_from=JOB_ID continues it."""
+checkpoint; start_finetune with the same model, method and dataset plus resume_from=JOB_ID continues it.
+evaluate(targets=["base", JOB_ID], dataset=...) tells whether a fine-tune helped (loss, exact match,
+preference accuracy on held-out rows). Preference tuning: start_finetune(objective="dpo", init_from=SFT_JOB_ID)
+on rows {prompt, chosen, rejected}."""
 
 
 async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:

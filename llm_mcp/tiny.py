@@ -52,15 +52,18 @@ PREFERENCE_ADJECTIVES = ["bright", "cold", "warm", "dark", "soft", "big", "small
 
 
 def preference_rows(things: list[str], chat_every: int = 2) -> dict[str, list[dict]]:
-    """A learnable preference: chosen answers agree ('Yes, X is Y.'), rejected ones deny ('No, X is not Y.').
+    """A learnable preference: chosen answers agree ('Yes, X is Y.'), rejected ones contradict with another
+    adjective of the same list ('No, X is Z.'), so neither side is systematically shorter.
 
     Returns {"pairs": preference rows (every `chat_every`-th one as messages, the rest strings), "sft": the
     same questions as SFT conversations answering 'X is Y.'}. The rule holds for things not trained on, so
     held-out pairs show whether DPO learned the preference rather than the pairs.
     """
     pairs, sft = [], []
-    for i, (thing, adj) in enumerate((t, a) for t in things for a in PREFERENCE_ADJECTIVES):
-        prompt, chosen, rejected = f"Is {thing} {adj}?", f"Yes, {thing} is {adj}.", f"No, {thing} is not {adj}."
+    n = len(PREFERENCE_ADJECTIVES)
+    for i, (thing, j) in enumerate((t, j) for t in things for j in range(n)):
+        adj, other = PREFERENCE_ADJECTIVES[j], PREFERENCE_ADJECTIVES[(j + 3) % n]
+        prompt, chosen, rejected = f"Is {thing} {adj}?", f"Yes, {thing} is {adj}.", f"No, {thing} is {other}."
         if chat_every and i % chat_every == 0:
             pairs.append({"prompt": [{"role": "user", "content": prompt}],
                           "chosen": [{"role": "assistant", "content": chosen}],

@@ -244,7 +244,8 @@ async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, pr
     start = [m for m in read_metrics(state.store.job_dir(full)) if "reward_accuracy" in m][0]
     assert start["reward_accuracy"] == 0.0  # step 1: the policy still equals the reference, every pair ties
     base, sft_scores, dpo, checkpoint = after_dpo["targets"]
-    assert dpo["preference_accuracy"] == 1.0 and dpo["preference_margin"] > sft_scores["preference_margin"] + 1, after_dpo
+    assert base["preference_accuracy"] <= 0.7 and sft_scores["preference_accuracy"] <= 0.7, after_dpo  # ~chance
+    assert dpo["preference_accuracy"] >= 0.8 and dpo["preference_margin"] > sft_scores["preference_margin"] + 1, after_dpo
     assert checkpoint["preference_margin"] > sft_scores["preference_margin"]
     assert checkpoint["target"] == f"{interrupted}@{stopped_at}" and dpo["preference_rows"] == 32
     assert stopped["state"] == "cancelled" and 10 <= stopped_at < 60, stopped

@@ -58,9 +58,11 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if cfg.init_adapter:  # start from another job's adapter (e.g. SFT before DPO), trained further
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        config = PeftConfig.from_pretrained(cfg.init_adapter)
+        config.lora_dropout = cfg.lora.dropout
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, config=config, is_trainable=True)
         model.config.use_cache = False
         return model
     lora = cfg.lora
