@@ -282,3 +282,15 @@ async def test_dpo_trains_with_every_method(app, tiny_model, preference_data, me
     assert job["loss"] < job["first_loss"] and job["reward_accuracy"] > 0.5, job
     assert [c["step"] for c in job["checkpoints"]] == [10]
     assert not exported.is_error, exported.content[0].text
+
+
+async def test_preference_rows_go_through_save_dataset_and_datasets(app, tiny_model):
+    _, server = app
+    rows = preference_rows(PREFERENCE_THINGS[:2])["pairs"]
+    async with Client(server) as client:
+        saved = await client.call_tool("save_dataset", {"name": "prefs", "rows": rows})
+        seen = await client.call_tool("datasets", {"path": "data/prefs.jsonl", "model": "models/tiny", "preview_row": 1})
+    assert not saved.is_error, saved.content[0].text
+    assert not seen.is_error, seen.content[0].text
+    text = seen.content[0].text
+    assert "preference" in text and "chosen: " in text and "rejected: " in text, text

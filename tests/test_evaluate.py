@@ -34,6 +34,15 @@ def test_references_and_scores():
     assert (s["preference_accuracy"], s["preference_margin"], s["preference_rows"]) == (0.5, 0.5, 2)
 
 
+def test_the_scores_chart_is_a_png():
+    from llm_mcp.jobs.plot import evaluation_png
+
+    png = evaluation_png({"targets": [{"target": "base", "loss": 2.0, "exact_match": 0.1},
+                                      {"target": "ft-1", "loss": 1.0, "exact_match": 0.7, "preference_accuracy": 0.9}]},
+                         "title")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
 async def test_every_problem_is_reported_together(app, tiny_model):
     _, server = app
     async with Client(server) as client:

@@ -274,7 +274,8 @@ async def save_dataset(
                                            "'.', '_', '-'.", max_length=70)],
     rows: Annotated[list[dict[str, Any]], Field(description="Rows in one format each: {'messages': [{'role': "
                                                            "'user'|'assistant'|'system', 'content': ...}]}, "
-                                                           "{'prompt', 'completion'} or {'text'}.")],
+                                                           "{'prompt', 'completion'} or {'text'}; for "
+                                                           "objective='dpo' {'prompt', 'chosen', 'rejected'}.")],
     mode: Annotated[choice("create", "append", "overwrite"), Field(
         description="create (default; refuses an existing file), append (adds to one), overwrite (replaces one)."
     )] = "create",

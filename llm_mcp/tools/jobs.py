@@ -28,7 +28,8 @@ async def job_status(
     job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
     wait_seconds: Annotated[float, Field(description="Wait up to this long (0-30 s) for the state to change, "
                                                      "with progress notifications meanwhile.", ge=0, le=30)] = 0,
-    plot: Annotated[bool, Field(description="Also return the loss curve as a PNG image.")] = False,
+    plot: Annotated[bool, Field(description="Also return the loss curve (an evaluation: its scores) as a PNG "
+                                            "image.")] = False,
 ) -> Annotated[CallToolResult, JobStatusResult]:
     """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
     eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
@@ -53,10 +54,11 @@ async def job_status(
     status = build_status(store, job)
     answer = result(summarize_status(status), JobStatusResult(job=status))
     if plot:
-        from llm_mcp.jobs.plot import loss_curve_png
+        from llm_mcp.jobs.plot import evaluation_png, loss_curve_png
 
-        png = await anyio.to_thread.run_sync(
-            loss_curve_png, read_metrics(store.job_dir(job_id)), f"{job_id}: {job.method} on {job.model}")
+        title = f"{job_id}: {job.method} on {job.model}"
+        png = await anyio.to_thread.run_sync(evaluation_png, status.evaluation, title) if status.evaluation else (
+            await anyio.to_thread.run_sync(loss_curve_png, read_metrics(store.job_dir(job_id)), title))
         answer.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
     return answer
 
