@@ -169,8 +169,8 @@ def _reference(run: Run, objective: Objective, wrapped, tok, examples, eval_exam
     """Let the objective record its reference from the starting model (before a resume loads a checkpoint),
     for the examples this process trains on and all eval examples."""
     acc, t0 = run.accelerator, time.perf_counter()
-    mine = sorted({i for step in range(run.cfg.resume_step or 0, total_steps) for idx in order.micro_batches(step, acc.process_index)
-                   for i in idx})
+    steps = range(run.cfg.resume_step or 0, total_steps)
+    mine = sorted({i for step in steps for idx in order.micro_batches(step, acc.process_index) for i in idx})
     objective.reference(wrapped, [examples[i] for i in mine] + eval_examples, tok.pad_token_id,
                         run.cfg.batch_size, acc.device)
     if objective.name == "dpo":
