@@ -61,6 +61,17 @@ class Hardware:
         return cls(gpus=gpus, source="hypothetical")
 
 
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) by GPU name; the first match wins.
+BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12),
+                   ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
+                   ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+
+
+def gpu_bf16_peak_flops(name: str) -> float:
+    """The GPU's dense bf16 peak (V100 / T4: their fp16 peak), 150 TFLOP/s for a name not listed."""
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), 150e12)
+
+
 def _meminfo() -> tuple[float, float]:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:

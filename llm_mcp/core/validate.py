@@ -14,7 +14,7 @@ from typing import Any
 from llm_mcp.core.data import DatasetSummary, fingerprint, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import estimate_memory, linear_names
-from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.hardware import Hardware, gpu_bf16_peak_flops
 from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import checkpoints
@@ -59,9 +59,7 @@ def _flops_per_second(hardware: Hardware) -> float:
     """Rough sustained training FLOP/s, for the time estimate only."""
     if not hardware.gpus:
         return 1e10 * max(1, hardware.cpu_count)
-    peak = 989e12 if any(k in hardware.gpus[0].name for k in ("H100", "H200", "H800")) else (
-        312e12 if "A100" in hardware.gpus[0].name else 150e12)
-    return 0.3 * peak * len(hardware.gpus)
+    return 0.3 * gpu_bf16_peak_flops(hardware.gpus[0].name) * len(hardware.gpus)
 
 
 def resolve_finetune(

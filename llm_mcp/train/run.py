@@ -235,7 +235,8 @@ def train(run: Run) -> None:
                 "steps_per_epoch": s.order.steps_per_epoch, "examples": stats.examples,
                 "eval_examples": len(s.eval_examples), "truncated": stats.truncated, "dropped": stats.dropped_empty,
                 "trainable_params": sum(p.numel() for p in s.trainable), "target_tokens": stats.target_tokens,
-                "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name})
+                "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name,
+                "threads": torch.get_num_threads()})
     run.log(f"{stats.examples} examples ({stats.target_tokens} trainable tokens), {s.total_steps} steps, "
             f"{sum(p.numel() for p in s.trainable):,} trainable params")
     s.loss_model.train()
