@@ -39,7 +39,8 @@ def max_jobs() -> int:
 def accelerate_command(cfg: JobConfig, job_dir: Path) -> list[str]:
     """The `accelerate launch` command line for a job's resolved config."""
     n = cfg.num_processes
-    config_file = str(data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else "ddp.yaml"))
+    name = "fsdp.yaml" if cfg.distributed == "fsdp" else "single.yaml" if n == 1 else "ddp.yaml"
+    config_file = str(data_path("configs") / "accelerate" / name)
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
             "--num_processes", str(n), "--main_process_port", str(free_port()),
             "-m", "llm_mcp.train.run", str(job_dir)]
