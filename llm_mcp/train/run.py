@@ -189,8 +189,10 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     """One optimizer step over this rank's micro-batches; returns the metrics record."""
     acc, cfg, obj = run.accelerator, run.cfg, s.objective
     t_step = time.perf_counter()
-    for m in s.sparse.values():
-        m.collect_dense_grad = update_mask
+    if update_mask:  # RigL: this step's backward keeps each layer's regrowth candidates (llm_mcp.train.sparse)
+        from llm_mcp.train.sparse import collect_candidates, cosine_fraction
+
+        collect_candidates(s.sparse, cosine_fraction(cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
     micro = [obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
              for idx in s.order.micro_batches(step, acc.process_index)]
     counts = torch.tensor([float(sum(obj.targets(b) for b in micro)),
@@ -210,10 +212,9 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     s.optimizer.zero_grad(set_to_none=True)
     changed = 0
     if update_mask:
-        from llm_mcp.train.sparse import cosine_fraction
+        from llm_mcp.train.sparse import update_sparse_masks
 
-        changed = update_sparse_masks(acc, s.sparse, s.optimizer, cosine_fraction(
-            cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
+        changed = update_sparse_masks(s.sparse, s.optimizer, acc.gather if acc.num_processes > 1 else None)
     done, elapsed = step + 1, time.perf_counter() - t_step
     record = {"step": done, "epoch": round(done / s.order.steps_per_epoch, 4),
               "loss": round((acc.reduce(loss_sum, "sum") / global_counts[0]).item(), 6),
@@ -287,18 +288,6 @@ def peak_memory_mb(device: str) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-@torch.no_grad()
-def update_sparse_masks(acc, sparse: dict, optimizer, fraction: float) -> int:
-    """RigL step on every sparse layer; dense gradients are summed over processes first."""
-    changed = 0
-    for module in sparse.values():
-        if acc.num_processes > 1:
-            module.dense_grad = acc.reduce(module.dense_grad, "sum")
-        changed += module.update_mask(int(round(fraction * module.k)), optimizer)
-        module.collect_dense_grad = False
-    return changed
 
 
 @torch.no_grad()
