@@ -13,6 +13,7 @@ from torch import nn
 
 from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state, merge_candidates
+from tests.conftest import wait_final
 
 pytestmark = pytest.mark.anyio
 ARGS = dict(model="models/tiny", method="sparse", dataset="data/train.jsonl", learning_rate=5e-3, max_seq_len=64,
@@ -254,11 +255,7 @@ async def test_mask_updates_under_two_process_data_parallel(app, tiny_model, dat
         r = await client.call_tool("start_finetune", {**ARGS, "max_steps": 4, "mask_update_interval": 2,
                                                       "num_processes": 2, "checkpoint_every": 0})
         assert not r.is_error, r.content[0].text
-        job_id = r.structured_content["job_id"]
-        while True:
-            s = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
-            if s.structured_content["job"]["state"] != "running":
-                break
-    assert s.structured_content["job"]["state"] == "succeeded", s.content[0].text
-    steps = [m for m in read_metrics(state.store.job_dir(job_id)) if "loss" in m]
+        job = await wait_final(client, r.structured_content["job_id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    steps = [m for m in read_metrics(state.store.job_dir(job["job_id"])) if "loss" in m]
     assert steps[1]["mask_changed"] > 0 and all(m["density"] == steps[0]["density"] for m in steps)
