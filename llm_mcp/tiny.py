@@ -21,6 +21,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# make_tiny_model arguments for Qwen2.5-0.5B's shape (its config.json); add model_vocab_size=151936 for its vocabulary
+QWEN25_05B = dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                  tie_word_embeddings=True)
 
 _SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "an engineer", "the model", "a bird", "the river"]
 _VERBS = ["sees", "builds", "likes", "follows", "writes", "reads", "finds", "paints"]

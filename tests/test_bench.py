@@ -6,6 +6,7 @@ Benchmarks are never timed unit tests; this only checks they run and report what
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -37,3 +38,10 @@ def test_benchmark_runs_on_a_tiny_setting(tmp_path, which, keys):
     if which == "methods":
         assert set(results["methods"]) == {"lora", "qlora", "dora", "sparse"}
         assert results["methods"]["lora"]["time_ratio"] == 1.0
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_benchmark_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "bench", "train", "--device", "cuda", "--tiny"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr and "omit --device" in proc.stderr

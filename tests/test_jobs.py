@@ -80,6 +80,14 @@ def test_threads_per_process_honours_a_set_omp_num_threads():
     assert threads_per_process(10_000, {}) == 1
 
 
+def test_fp16_gpus_train_with_loss_scaling():
+    from llm_mcp.train.model import mixed_precision
+
+    assert mixed_precision("cuda", bf16_supported=False) == "fp16"  # accelerate's autocast + GradScaler
+    assert mixed_precision("cuda", bf16_supported=True) == "no"  # bf16 weights need no loss scaling
+    assert mixed_precision("cpu") == "no"
+
+
 def test_qlora_base_is_4bit(tiny_model):
     import bitsandbytes as bnb
     import torch

@@ -53,17 +53,19 @@ def training_kwargs(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
                 dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True)
 
 
-def counting(collate_fn, counted: dict[str, int]):
-    """Wrap a data collator so the real (non-padding) tokens it hands out are counted."""
+def counting(collate_fn, counted: dict[str, list[int]]):
+    """Wrap a data collator so the real (non-padding) tokens of each batch it hands out are recorded.
+
+    The data loader fetches one batch ahead, so only the first max_steps batches are trained on."""
     def collator(batch):
         out = collate_fn(batch)
         mask = out.get("attention_mask")
-        counted["tokens"] += int(mask.sum()) if mask is not None else int(out["input_ids"].numel())
+        counted["batches"].append(int(mask.sum()) if mask is not None else int(out["input_ids"].numel()))
         return out
     return collator
 
 
-def report(trainer, output, wall: float, counted: dict[str, int], **extra: Any) -> None:
+def report(trainer, output, wall: float, counted: dict[str, list[int]], **extra: Any) -> None:
     """Print the one JSON line `bench train` reads."""
     import torch
 
@@ -72,8 +74,9 @@ def report(trainer, output, wall: float, counted: dict[str, int], **extra: Any) 
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     train_s = output.metrics.get("train_runtime", wall)  # the whole loop, incl. fetching the first batch
-    print(json.dumps({"tokens": counted["tokens"], "train_s": round(train_s, 3),
-                      "tokens_per_s": round(counted["tokens"] / train_s, 1), "final_loss": losses[-1],
+    tokens = sum(counted["batches"][:len(losses)])
+    print(json.dumps({"tokens": tokens, "train_s": round(train_s, 3),
+                      "tokens_per_s": round(tokens / train_s, 1), "final_loss": losses[-1],
                       "peak_memory_mb": round(peak, 1), "steps": len(losses), **extra}))
 
 
@@ -84,7 +87,7 @@ def main(config_path: str) -> None:
 
     cfg = json.loads(open(config_path).read())
     tok, examples, model = load(cfg)
-    counted = {"tokens": 0}
+    counted: dict[str, list[int]] = {"batches": []}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model=model, args=TrainingArguments(**training_kwargs(cfg, tmp)), train_dataset=examples,
                           data_collator=counting(lambda b: collate(b, tok.pad_token_id), counted))

@@ -39,7 +39,7 @@ def main(config_path: str) -> None:
     data = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     kwargs = training_kwargs(cfg, "")
     kwargs["per_device_train_batch_size"] = 1  # one packed row of batch_size x max_seq_len tokens
-    counted = {"tokens": 0}
+    counted: dict[str, list[int]] = {"batches": []}
     with tempfile.TemporaryDirectory() as tmp:
         kwargs["output_dir"] = tmp
         args = SFTConfig(**kwargs, packing=True, packing_strategy="bfd",

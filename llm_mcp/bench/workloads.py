@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_mcp.bench.common import BENCH_MODEL, TINY_MODEL, WORDS
-
-QWEN25_05B = dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
-                  tie_word_embeddings=True)
+from llm_mcp.tiny import QWEN25_05B
 
 
 @dataclass(frozen=True)

@@ -130,11 +130,12 @@ def setup(run: Run) -> Setup:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from llm_mcp.train.model import load_model, load_tokenizer
+    from llm_mcp.train.model import load_model, load_tokenizer, mixed_precision
     from llm_mcp.train.sparse import sparse_modules
 
     cfg = run.cfg
-    acc = run.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()  # fp16 GPUs: accelerate scales the loss (GradScaler), skips inf steps
+    acc = run.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision("cuda" if cuda else "cpu"))
     set_seed(cfg.seed)
     device = "cpu" if acc.device.type == "cpu" else "cuda"
     run.log(f"job {cfg.job_id}: {cfg.method} on {cfg.model.id} | {acc.num_processes} process(es) on {device}")
