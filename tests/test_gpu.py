@@ -121,3 +121,39 @@ def test_fp16_training_scales_the_loss():
     acc.unscale_gradients()
     grad = next(model.parameters()).grad
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_path, qwen_shaped):
+    """configs/accelerate/fsdp.yaml on one GPU (FSDP over one process): the sharded paths of the trainer
+    (gathered adapter, per-rank optimizer shards, collective eval and probe) run; CPU cannot run FSDP."""
+    import json
+    import shutil
+    import subprocess
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llm_mcp.core.jobconfig import JobConfig
+    from llm_mcp.jobs.local import accelerate_command
+    from tests.conftest import LEARNABLE_ROWS
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)) + "\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    cfg = JobConfig.parse({
+        "version": 1, "job_id": "fsdp-test", "model": {"id": "qwen", "path": str(qwen_shaped)}, "method": "lora",
+        "dataset": str(data), "eval_fraction": 0.1, "max_steps": 6, "learning_rate": 2e-3, "batch_size": 4,
+        "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 3, "keep_checkpoints": 2,
+        "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "device": "cuda", "distributed": "fsdp",
+        "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
+    cfg.write(job_dir)
+    cmd = accelerate_command(cfg, job_dir)
+    assert "fsdp.yaml" in " ".join(cmd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=job_dir)
+    result = json.loads((job_dir / "result.json").read_text())
+    assert result["state"] == "succeeded", (result, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert (job_dir / "checkpoints" / "step-000003" / "optimizer_0.pt").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_shaped), job_dir / "adapter")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())  # B starts at 0
+    shutil.rmtree(job_dir / "checkpoints")

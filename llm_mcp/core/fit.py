@@ -4,8 +4,9 @@ Data parallel (DDP, and a single process) keeps a whole replica in every process
 one process's estimate fits one device (on a CPU-only machine: all processes' estimates fit the RAM
 they share). A job that does not fit one GPU may still fit as FSDP over several GPUs: weights and
 optimizer state are sharded, activations stay per process; only then does the machine's total count.
-4-bit bases (QLoRA, sparse over NF4) are never sharded here (bitsandbytes' 4-bit weights need a
-quant-storage dtype FSDP can flatten; not wired).
+Only LoRA and DoRA are sharded (llm_mcp.train.fsdp): 4-bit bases (QLoRA, sparse over NF4) need a
+bitsandbytes quant-storage dtype FSDP can flatten, and sparse deltas' custom backward re-reads the base
+weight; neither is wired.
 
 Gradient checkpointing, when the caller leaves it open, is off if the job fits without it (faster)
 and on otherwise; the estimate returned is always the one for the decision taken.
@@ -55,7 +56,7 @@ def plan_memory(entry: ModelEntry, method: str, hardware: Hardware, *, target_mo
         if est.total_gb <= per_process:
             return Plan(est, gc, "ddp", procs, True, per_process)
     shards = num_processes or len(hardware.gpus)
-    if device == "cuda" and shards > 1 and not (quantized or method == "qlora"):
+    if device == "cuda" and shards > 1 and method in ("lora", "dora") and not quantized:
         for gc in choices:
             est = estimate(gc, shards)
             if est.total_gb <= per_process:

@@ -30,7 +30,8 @@ from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.encode import EncodeStats
-from llm_mcp.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
+from llm_mcp.train.fsdp import is_fsdp, trainable_state, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
 quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
@@ -145,14 +146,17 @@ def setup(run: Run) -> Setup:
     total_steps = cfg.total_steps(order.steps_per_epoch)
 
     model = load_model(cfg, device, acc.local_process_index)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.resume_checkpoint:  # before prepare: FSDP shards what was loaded
+        load_adapter_weights(model, Path(cfg.resume_checkpoint))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    loss_model, optimizer = acc.prepare(objective.wrap(model), optimizer)
+    loss_model, optimizer = acc.prepare(wrap_units(objective.wrap(model), model), optimizer)
+    trainable = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     start_step = 0
     if cfg.resume_checkpoint:
-        start_step = load_checkpoint(acc, model, optimizer, scheduler, Path(cfg.resume_checkpoint))
+        start_step = load_checkpoint(acc, optimizer, scheduler, Path(cfg.resume_checkpoint))
         run.log(f"resumed from {cfg.resume_checkpoint} at step {start_step}")
         if start_step >= total_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, not before total_steps={total_steps}")
@@ -175,12 +179,15 @@ def evaluate(run: Run, s: Setup) -> float | None:
     model = acc.unwrap_model(s.loss_model)
     model.eval()
     total = torch.zeros(2, device=acc.device)
-    bs = run.cfg.batch_size
-    for start in range(acc.process_index * bs, len(s.eval_examples), bs * acc.num_processes):
-        batch = {k: v.to(acc.device) for k, v in s.objective.collate(s.eval_examples[start:start + bs],
+    bs, stride = run.cfg.batch_size, run.cfg.batch_size * acc.num_processes
+    # Under FSDP a forward is collective: every rank runs the same number, the spare ones weighted 0.
+    end = -(-len(s.eval_examples) // stride) * stride if is_fsdp(acc) else len(s.eval_examples)
+    for start in range(acc.process_index * bs, end, stride):
+        rows = s.eval_examples[start:start + bs]
+        batch = {k: v.to(acc.device) for k, v in s.objective.collate(rows or s.eval_examples[:bs],
                                                                        s.tok.pad_token_id).items()}
-        total[0] += s.objective.loss_sum(model, batch)
-        total[1] += s.objective.targets(batch)
+        total += torch.stack([s.objective.loss_sum(model, batch), torch.tensor(float(s.objective.targets(batch)),
+                                                                              device=acc.device)]) * bool(rows)
     total = acc.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -272,10 +279,14 @@ def finish(run: Run, s: Setup, loss: float) -> None:
         run.metric({"step": s.total_steps, "eval_loss": eval_loss})
     acc.wait_for_everyone()
     adapter_dir = run.job_dir / "adapter"
+    sharded = is_fsdp(acc)  # gathering the adapter and the probe's forward are collective under FSDP
+    state = trainable_state(s.model) if sharded else None
+    if acc.is_main_process or sharded:
+        save_probe(acc.unwrap_model(s.model), s.examples[0]["input_ids"][:16],
+                   run.job_dir / "probe.safetensors" if acc.is_main_process else None)
     if acc.is_main_process:
-        save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta)
+        save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta, state)
         s.tok.save_pretrained(adapter_dir)
-        save_probe(acc.unwrap_model(s.model), s.examples[0]["input_ids"][:16], run.job_dir / "probe.safetensors")
     acc.wait_for_everyone()
     run.log(f"done: {s.total_steps} steps, final loss {loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=s.total_steps, total_steps=s.total_steps, loss=loss, eval_loss=eval_loss,
@@ -292,14 +303,15 @@ def peak_memory_mb(device: str) -> float:
 
 
 @torch.no_grad()
-def save_probe(model, input_ids: list[int], path: Path) -> None:
-    """The trained model's logits on a short fixed input: exports are checked against them."""
+def save_probe(model, input_ids: list[int], path: Path | None) -> None:
+    """The trained model's logits on a short fixed input: exports are checked against them (None: compute only)."""
     from safetensors.torch import save_file
 
     model.eval()
     ids = torch.tensor([input_ids], device=next(model.parameters()).device)
     logits = model(input_ids=ids).logits[0].float().cpu()
-    save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+    if path is not None:
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
 
 
 def _next_step_for(exc: BaseException) -> str:
