@@ -220,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         else:
-            anyio.run(train.bench_train, out, args.reps, steps, args.batch_size, args.tiny, args.device)
+            anyio.run(train.bench_train, out, args.reps, steps, args.batch_size, args.tiny, args.device, args.workload)
     elif args.which == "server":
         from llm_mcp.bench.server import bench_server
 
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="training steps per run (default 12; 3 with --tiny)")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--tiny", action="store_true", help="the test model and short runs (a smoke test)")
+    bench.add_argument("--workload", choices=["prompt-heavy", "chat"],
+                       help="train: only this workload shape (default: both)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="train: cuda runs Qwen2.5-0.5B-shaped models in bf16 and adds TRL's SFTTrainer, MFU and "
                             "the memory estimate vs the measured peak")

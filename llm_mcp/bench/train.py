@@ -116,15 +116,17 @@ def _gpu_peak() -> float:
     return gpu_bf16_peak_flops(name.splitlines()[0] if name else "")
 
 
-async def bench_train(out: Path, reps: int, steps: int, batch: int, tiny: bool, device: str = "cpu") -> dict[str, Any]:
-    """Each workload shape (workloads.py): our LoRA job against the plain HF Trainer (+ TRL SFTTrainer on GPU)."""
+async def bench_train(out: Path, reps: int, steps: int, batch: int, tiny: bool, device: str = "cpu",
+                      only: str | None = None) -> dict[str, Any]:
+    """Each workload shape (workloads.py; `only`: one of them): our LoRA job against the plain HF Trainer
+    (+ TRL SFTTrainer on GPU)."""
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     paths = _paths(device)
     results: dict[str, Any] = {"benchmark": "train", "device": device, "steps": steps, "batch_size": batch,
                                "reps": reps, "workloads": {}}
     try:
         async with Client(server_params(home)) as client:
-            for w in workloads(device, tiny):
+            for w in [w for w in workloads(device, tiny) if only in (None, w.name)]:
                 results["workloads"][w.name] = await _workload(client, home, w, reps, steps, batch, paths, device)
     finally:
         wait_gone(home)
