@@ -58,9 +58,10 @@ async def test_every_method_trains_in_bf16_on_cuda_within_its_estimate(trained, 
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # from ~ln(151936) = 11.9
     entry = resolve_model(state.matrix, state.settings, "models/tiny")
+    cfg = state.store.get(ids[method]).config
     est = estimate_memory(entry.dims, entry.params_b, method, target_modules=entry.target_modules, batch_size=4,
-                          seq_len=128, device="cuda", gradient_checkpointing=state.store.get(ids[method]).config
-                          .gradient_checkpointing)
+                          seq_len=128, device="cuda", gradient_checkpointing=cfg.gradient_checkpointing,
+                          quantized=cfg.quantized, rigl_fraction=cfg.sparse.mask_update_fraction if cfg.sparse else 0.0)
     measured_gb = end["peak_memory_mb"] / 1024
     assert measured_gb <= est.total_gb, (measured_gb, est)  # the estimate may be generous, never short
     print(f"{method}: measured peak {measured_gb:.2f} GB, estimate {est.total_gb:.2f} GB")
