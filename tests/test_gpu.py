@@ -125,8 +125,8 @@ def test_fp16_training_scales_the_loss():
 
 
 def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_path, qwen_shaped):
-    """configs/accelerate/fsdp.yaml on one GPU (FSDP over one process): the sharded paths of the trainer
-    (gathered adapter, per-rank optimizer shards, collective eval and probe) run; CPU cannot run FSDP."""
+    """configs/accelerate/fsdp.yaml on one GPU (FSDP over one process), or two-way on two: the sharded paths of
+    the trainer (gathered adapter, per-rank optimizer shards, collective eval and probe) run; CPU cannot run FSDP."""
     import json
     import shutil
     import subprocess
@@ -147,6 +147,7 @@ def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_pa
         "dataset": str(data), "eval_fraction": 0.1, "max_steps": 6, "learning_rate": 2e-3, "batch_size": 4,
         "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 3, "keep_checkpoints": 2,
         "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "device": "cuda", "distributed": "fsdp",
+        "num_processes": min(2, torch.cuda.device_count()),  # two-way sharding where two GPUs exist
         "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
     cfg.write(job_dir)
     cmd = accelerate_command(cfg, job_dir)
