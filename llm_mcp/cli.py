@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -211,9 +212,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.which in ("train", "methods"):
         from llm_mcp.bench import train
 
-        fn = train.bench_train if args.which == "train" else train.bench_methods
         steps = args.steps or (3 if args.tiny else 12)
-        anyio.run(fn, out, args.reps, steps, args.batch_size, args.tiny)
+        if args.which == "methods":
+            anyio.run(train.bench_methods, out, args.reps, steps, args.batch_size, args.tiny)
+        elif args.device == "cuda" and not shutil.which("nvidia-smi"):
+            print("error: --device cuda needs an NVIDIA GPU (nvidia-smi not found); omit --device to bench on CPU",
+                  file=sys.stderr)
+            return 2
+        else:
+            anyio.run(train.bench_train, out, args.reps, steps, args.batch_size, args.tiny, args.device, args.workload)
     elif args.which == "server":
         from llm_mcp.bench.server import bench_server
 
@@ -282,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="training steps per run (default 12; 3 with --tiny)")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--tiny", action="store_true", help="the test model and short runs (a smoke test)")
+    bench.add_argument("--workload", choices=["prompt-heavy", "chat"],
+                       help="train: only this workload shape (default: both)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="train: cuda runs Qwen2.5-0.5B-shaped models in bf16 and adds TRL's SFTTrainer, MFU and "
+                            "the memory estimate vs the measured peak")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")

@@ -21,6 +21,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# make_tiny_model arguments for Qwen2.5-0.5B's shape (its config.json); add model_vocab_size=151936 for its vocabulary
+QWEN25_05B = dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                  tie_word_embeddings=True)
 
 _SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "an engineer", "the model", "a bird", "the river"]
 _VERBS = ["sees", "builds", "likes", "follows", "writes", "reads", "finds", "paints"]
@@ -83,12 +86,15 @@ def make_tiny_model(
     intermediate_size: int = 256,
     vocab_size: int = 512,
     model_vocab_size: int | None = None,
+    num_kv_heads: int | None = None,
+    tie_word_embeddings: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write a tiny LlamaForCausalLM + tokenizer (safetensors) to `out_dir` and return it.
 
     `model_vocab_size` pads the embedding / LM head beyond the tokenizer's vocabulary, so a
     benchmark model pays a realistic vocabulary projection (the extra rows are never produced).
+    `num_kv_heads` / `tie_word_embeddings` give real models' shapes (grouped-query attention, tied head).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -125,10 +131,10 @@ def make_tiny_model(
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
         head_dim=hidden_size // num_heads,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -6,6 +6,7 @@ Benchmarks are never timed unit tests; this only checks they run and report what
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("which,keys", [
-    ("train", ["speedup", "memory_ratio", "ours", "hf_trainer"]),
+    ("train", ["workloads", "device"]),
     ("methods", ["methods"]),
     ("server", ["cold_start_s", "stdio", "streamable_http", "start_finetune_ms"]),
     ("sample", ["transformers", "adapter_switch_ms"]),
@@ -29,6 +30,18 @@ def test_benchmark_runs_on_a_tiny_setting(tmp_path, which, keys):
     assert all(k in results for k in keys)
     assert (out / "results.md").read_text().count("|") > 10
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    if which == "train":  # two workload shapes, each ours vs the HF Trainer with ratios
+        assert set(results["workloads"]) == {"prompt-heavy", "chat"}
+        for shape in results["workloads"].values():
+            assert set(shape["paths"]) == {"ours", "hf_trainer"} and shape["paths"]["hf_trainer"]["speed_vs_hf"] == 1.0
+            assert shape["paths"]["ours"]["tokens_per_s"] > 0 and shape["paths"]["ours"]["estimate_gb"] > 0
     if which == "methods":
         assert set(results["methods"]) == {"lora", "qlora", "dora", "sparse"}
         assert results["methods"]["lora"]["time_ratio"] == 1.0
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_benchmark_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "bench", "train", "--device", "cuda", "--tiny"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr and "omit --device" in proc.stderr

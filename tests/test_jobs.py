@@ -13,6 +13,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.core.procs import threads_per_process, usable_cores
 from llm_mcp.core.store import FINAL_STATES
 from tests.conftest import server_env, wait_final
 
@@ -68,6 +69,23 @@ async def test_each_method_trains_and_the_loss_falls(app, tiny_model, dataset, m
     assert any("lora_A" in k for k in keys)
     assert any("lora_magnitude_vector" in k for k in keys) is (method == "dora")
     assert [c["step"] for c in job["checkpoints"]] == [10, 20, 30]
+    # accelerate launch would pin a CPU trainer to one thread; the job gets cores // processes
+    start_event = next(m for m in read_metrics(state.store.job_dir(job_id)) if m.get("event") == "start")
+    assert start_event["threads"] == threads_per_process(1, {}) == usable_cores()
+
+
+def test_threads_per_process_honours_a_set_omp_num_threads():
+    assert threads_per_process(1, {"OMP_NUM_THREADS": "3"}) == 3
+    assert threads_per_process(2, {"OMP_NUM_THREADS": "bad"}) == max(1, usable_cores() // 2)
+    assert threads_per_process(10_000, {}) == 1
+
+
+def test_fp16_gpus_train_with_loss_scaling():
+    from llm_mcp.train.model import mixed_precision
+
+    assert mixed_precision("cuda", bf16_supported=False) == "fp16"  # accelerate's autocast + GradScaler
+    assert mixed_precision("cuda", bf16_supported=True) == "no"  # bf16 weights need no loss scaling
+    assert mixed_precision("cpu") == "no"
 
 
 def test_qlora_base_is_4bit(tiny_model):
@@ -193,4 +211,5 @@ async def test_two_process_data_parallel_run_on_cpu(app, tiny_model, dataset):
     assert job["eval_loss"] is not None
     start_event = next(m for m in read_metrics(state.store.job_dir(job_id)) if m.get("event") == "start")
     assert start_event["processes"] == 2
+    assert start_event["threads"] == max(1, usable_cores() // 2)
     assert all(m["tokens"] > 0 for m in read_metrics(state.store.job_dir(job_id)) if "loss" in m)

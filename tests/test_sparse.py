@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llm_mcp.core.jobdir import read_metrics
-from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state
+from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state, merge_candidates
+from tests.conftest import wait_final
 
 pytestmark = pytest.mark.anyio
 ARGS = dict(model="models/tiny", method="sparse", dataset="data/train.jsonl", learning_rate=5e-3, max_seq_len=64,
@@ -56,7 +57,8 @@ def test_mask_update_drops_smallest_and_regrows_largest_gradients():
     for rank, flat in enumerate(inactive[:5]):
         grad[flat] = 10.0 + rank  # the 3 largest: inactive[4], inactive[3], inactive[2]
     grad[old_idx[4]] = 100.0  # active entries are never "regrown", however large their gradient
-    layer.dense_grad = grad.view(6, 8).neg()  # |gradient| counts, not its sign
+    layer.collect_candidates(3)
+    layer.observe_gradient(grad.view(6, 8).neg().clone())  # |gradient| counts, not its sign
 
     changed = layer.update_mask(3, opt)
 
@@ -73,7 +75,53 @@ def test_mask_update_drops_smallest_and_regrows_largest_gradients():
             assert by_index[flat] == pytest.approx(values[pos].item())
             assert exp_avg[flat] == pos + 1
     assert all(by_index[f] == 0 and exp_avg[f] == 0 for f in grown)
-    assert layer.crow[-1] == 10 and layer.dense_grad is None
+    assert layer.crow[-1] == 10 and layer.cand_idx is None and layer.grow_budget == 0
+
+
+def test_csr_pattern_moves_with_the_module():
+    """crow / cols are (non-persistent) buffers: .to(device / dtype) and accelerate's prepare move them."""
+    layer = small_layer()
+    assert {"indices", "crow", "cols"} <= set(layer._buffers)
+    assert set(layer.state_dict()) == {"values", "indices", "base.weight", "base.bias"}  # the pattern is derived
+    layer.to("meta")
+    assert layer.crow.device.type == layer.cols.device.type == layer.values.device.type == "meta"
+    other = small_layer().to(torch.float64)
+    assert other.crow.dtype == torch.int64 and other.crow.device == other.values.device
+    other.set_delta(torch.tensor([47, 0, 9]), torch.tensor([1.0, 2.0, 3.0]))
+    assert other.crow.tolist() == [0, 1, 2, 2, 2, 2, 3] and other.cols.tolist() == [0, 1, 7]
+
+
+def test_rigl_regrows_at_the_largest_summed_gradient_and_keeps_only_candidates():
+    """Two micro-batches through the real backward: only O(k) candidate tensors are kept per layer, no dense
+    gradient survives the backward, and the regrown entries are the inactive ones with the largest |sum|."""
+    layer = small_layer(k=10)
+    torch.manual_seed(3)
+    x, target = torch.randn(2, 5, 8), torch.randn(2, 5, 6)
+    exact = torch.zeros(6, 8)
+    layer.collect_candidates(3)
+    for scale in (1.0, 0.5):  # the second micro-batch: the same rows at half weight
+        out = layer(x * scale)
+        (out * target).sum().backward()
+        exact += target.reshape(-1, 6).t() @ (x * scale).reshape(-1, 8)
+        held = [t for t in list(vars(layer).values()) + list(layer._buffers.values()) if isinstance(t, torch.Tensor)]
+        assert max(t.numel() for t in held) <= max(layer.k, 2 * 3, 6 + 1)  # never out x in
+    assert layer.cand_idx.numel() == 2 * 3 and not hasattr(layer, "dense_grad")
+    torch.testing.assert_close(layer.cand_val, exact.view(-1)[layer.cand_idx])  # exact sums at kept entries
+    old = set(layer.indices.tolist())
+    score = exact.abs().view(-1).clone()
+    score[list(old)] = -1
+    expected = set(torch.topk(score, 3).indices.tolist())
+    with torch.no_grad():
+        layer.values.copy_(torch.arange(1.0, 11.0))  # drops the three smallest: positions 0, 1, 2
+    dropped = set(layer.indices[:3].tolist())
+    assert layer.update_mask(3) == 3
+    assert set(layer.indices.tolist()) == (old - dropped) | expected
+    assert layer.cand_idx is None and layer.cand_val is None
+
+
+def test_candidate_sets_of_several_processes_are_summed_per_index():
+    idx, val = merge_candidates(torch.tensor([5, 9, 2, 9, 7, 5]), torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5, 1.0]))
+    assert idx.tolist() == [2, 5, 7, 9] and val.tolist() == [3.0, 2.0, 0.5, -6.0]
 
 
 def test_cosine_decay_of_the_update_fraction():
@@ -197,3 +245,17 @@ async def test_resume_with_mask_updates_reproduces_the_run_over_a_4bit_base(app,
         assert c[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-5), step
         assert c[step]["mask_changed"] == a[step]["mask_changed"]
     assert math.isfinite(c[120]["loss"])
+
+
+@pytest.mark.slow
+async def test_mask_updates_under_two_process_data_parallel(app, tiny_model, dataset):
+    """DDP over gloo: each process's regrowth candidates are gathered (accelerate.gather) and summed per index."""
+    state, server = app
+    async with Client(server) as client:
+        r = await client.call_tool("start_finetune", {**ARGS, "max_steps": 4, "mask_update_interval": 2,
+                                                      "num_processes": 2, "checkpoint_every": 0})
+        assert not r.is_error, r.content[0].text
+        job = await wait_final(client, r.structured_content["job_id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    steps = [m for m in read_metrics(state.store.job_dir(job["job_id"])) if "loss" in m]
+    assert steps[1]["mask_changed"] > 0 and all(m["density"] == steps[0]["density"] for m in steps)

@@ -26,14 +26,16 @@ BENCH_MODEL = dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size
 TINY_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
 
 
-def build_model(home: Path, tiny: bool) -> Path:
-    """A Llama built from a config (random init) in home/models/bench, in a subprocess (keeps torch out)."""
+def build_model(home: Path, tiny: bool, name: str = "bench", dims: dict | None = None) -> Path:
+    """A Llama built from a config (random init) in home/models/NAME, in a subprocess (keeps torch out).
+
+    `dims`: make_tiny_model's keyword arguments (default: the tiny test model, or the 23M bench model)."""
     import subprocess
     import sys
 
-    out = home / "models" / "bench"
+    out = home / "models" / name
     if not (out / "config.json").exists():
-        dims = TINY_MODEL if tiny else BENCH_MODEL
+        dims = dims if dims is not None else (TINY_MODEL if tiny else BENCH_MODEL)
         code = ("import sys, json; from llm_mcp.tiny import make_tiny_model; "
                 "make_tiny_model(sys.argv[1], **json.loads(sys.argv[2]))")
         subprocess.run([sys.executable, "-c", code, str(out), json.dumps(dims)], check=True, capture_output=True)

@@ -5,12 +5,16 @@ matrices. Memory is a sum of parts that each have a reason:
 
   weights      base weights in their training dtype (bf16 on GPU, fp32 on CPU;
                QLoRA: linear weights as 4-bit NF4 with double quantization, ~4.13 bits)
-  trainable    adapter params x 16 bytes (fp32 value + grad + two Adam moments)
-  activations  with gradient checkpointing: each layer's input kept, one layer recomputed
-               (~34*h bytes/token in 16-bit, Korthikanti et al. 2022, SDPA so no s^2 term),
-               plus fp32 logits and their gradient (batch x seq x vocab x 8 bytes)
+  trainable    adapter params x 16 bytes (fp32 value + grad + two Adam moments); sparse deltas
+               x 32 (+ int64 index and int64 CSR column) plus RigL's candidate buffers
+  activations  ~34*h bytes/token per layer in 16-bit (Korthikanti et al. 2022, SDPA so no s^2
+               term): with gradient checkpointing each layer's input kept and one layer
+               recomputed, without it every layer's; plus fp32 logits and their gradient
+               (batch x seq x vocab x 8 bytes)
   overhead     runtime context (CUDA context / Python + torch) and 5% fragmentation
-DoRA adds ~10% (PEFT's own benchmark: 1.10x LoRA memory). These are planning numbers, not
+DoRA adds ~10% (PEFT's own benchmark: 1.10x LoRA memory). QLoRA's embeddings and LM head are fp32
+(prepare_model_for_kbit_training upcasts them). Estimates are per process: under FSDP (`shards`)
+weights and optimizer state are split, activations are not. These are planning numbers, not
 guarantees: the job's measured peak memory is what counts.
 """
 
@@ -136,9 +140,22 @@ class MemoryEstimate:
     total_gb: float
     trainable_params: int
     device: Device
+    gradient_checkpointing: bool = True
+    shards: int = 1  # FSDP processes the weights and optimizer state are split over (1: a whole replica)
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def to_dict(self) -> dict[str, float | int | str | bool]:
         return asdict(self)
+
+
+def activation_bytes(dims: Dims, tokens: int, elem: int, gradient_checkpointing: bool) -> float:
+    """Activations kept for the backward, per process, plus the fp32 logits and their gradient.
+
+    One layer's forward keeps ~17 hidden-sized tensors per token for its backward (34*h bytes in 16-bit,
+    Korthikanti et al. 2022, SDPA so no s^2 term). With checkpointing only each layer's input is kept and
+    one layer at a time is recomputed: L + 17 of them; without it all L layers keep theirs: 17 * L.
+    """
+    per_token = dims.num_layers + 17 if gradient_checkpointing else 17 * dims.num_layers
+    return tokens * dims.hidden_size * elem * per_token + tokens * dims.vocab_size * 8
 
 
 def estimate_memory(
@@ -153,17 +170,23 @@ def estimate_memory(
     device: Device = "cuda",
     quantized: bool = False,
     density: float | str = "auto",
+    gradient_checkpointing: bool = True,
+    shards: int = 1,
+    rigl_fraction: float = 0.0,
 ) -> MemoryEstimate:
-    """Estimate peak training memory (GB = 2**30 bytes) for one process holding the whole model.
+    """Estimate peak training memory (GB = 2**30 bytes) for one process.
 
     `quantized` puts a 4-bit base under any method (sparse over NF4); `density` is the sparse
-    method's trained fraction per matrix ('auto' = LoRA rank's count).
+    method's trained fraction per matrix ('auto' = LoRA rank's count). `shards` > 1: FSDP over that
+    many processes (weights and optimizer state split; the layer being computed, and the next one
+    prefetched, gathered whole). `rigl_fraction`: sparse mask updates' largest drop fraction (0: none).
     """
     elem = 2 if device == "cuda" else 4  # bf16 on GPU; fp32 on CPU where bf16 matmuls are slow
     total_params = params_b * 1e9
     embed = embedding_param_count(dims)
     if method == "qlora" or quantized:
-        weights = max(total_params - embed, 0) * NF4_BYTES_PER_PARAM + embed * elem
+        # prepare_model_for_kbit_training (QLoRA) upcasts the embeddings and LM head to fp32
+        weights = max(total_params - embed, 0) * NF4_BYTES_PER_PARAM + embed * (4 if method == "qlora" else elem)
     else:
         weights = total_params * elem
 
@@ -172,14 +195,18 @@ def estimate_memory(
     else:
         lora = lora_param_count(dims, target_modules, rank)
     trainable_params = lora + (dora_magnitude_count(dims, target_modules) if method == "dora" else 0)
-    # Sparse deltas: the same trainable count as LoRA at this rank, plus int32 indices.
-    per_param = 20 if method == "sparse" else 16
-    trainable = trainable_params * per_param
+    # fp32 value + grad + two Adam moments; sparse deltas add their int64 flat index and int64 CSR column.
+    trainable = trainable_params * (32 if method == "sparse" else 16)
+    if method == "sparse" and rigl_fraction > 0:
+        trainable += rigl_bytes(dims, target_modules, trainable_params, rigl_fraction)
 
-    tokens = batch_size * seq_len
-    activations = tokens * dims.hidden_size * elem * (dims.num_layers + 17) + tokens * dims.vocab_size * 8
+    activations = activation_bytes(dims, batch_size * seq_len, elem, gradient_checkpointing)
     if method == "dora":
         activations *= 1.25  # the weight-norm path keeps extra tensors (PEFT: ~1.10x total)
+    if shards > 1:
+        per_layer = max(weights - embed * elem, 0) / max(1, dims.num_layers)
+        weights = weights / shards + 2 * per_layer
+        trainable = trainable / shards
 
     context = 1.0 * GiB if device == "cuda" else 0.5 * GiB
     body = weights + trainable + activations
@@ -193,7 +220,17 @@ def estimate_memory(
         total_gb=to_gb(body + overhead),
         trainable_params=trainable_params,
         device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        shards=shards,
     )
+
+
+def rigl_bytes(dims: Dims, target_modules: list[str], entries: int, fraction: float) -> float:
+    """A RigL mask update's extra memory (llm_mcp.train.sparse): one layer's dense fp32 gradient + its sign
+    bits at a time (the largest target matrix), and per layer a candidate set of 2 x the entries it may
+    regrow (int64 index + fp32 gradient sum) over the step."""
+    largest = max(n_in * n_out for m in target_modules for n_in, n_out, _ in module_shapes(dims, m))
+    return largest * 5 + 2 * fraction * entries * 12
 
 
 def gpu_class_gb(total_gb: float) -> int:

@@ -1,7 +1,9 @@
 """What this machine can train on, detected without importing torch.
 
-GPUs come from `nvidia-smi` (a few ms, no CUDA context in our process; cached for the life
-of the process); RAM from /proc/meminfo (or sysconf), read afresh on every call.
+GPUs come from `nvidia-smi` (a few ms, no CUDA context in our process): their names and totals are
+cached for the life of the process, their free memory is re-read when older than FREE_TTL_S. RAM comes
+from /proc/meminfo (or sysconf), read afresh on every call. GPU memory that running vLLM servers claim
+(`--gpu-memory-utilization` x the GPU's memory, held from their start) is not usable by a job.
 """
 
 from __future__ import annotations
@@ -9,16 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from llm_mcp.core.estimates import GPU_USABLE_FRACTION, RAM_USABLE_FRACTION, GiB
 
 
+FREE_TTL_S = 5.0  # how long a reading of free GPU memory is reused
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
     memory_gb: float
+    free_gb: float | None = None  # right now (within FREE_TTL_S); None when unknown
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,12 @@ class Hardware:
     available_ram_gb: float = 0.0
     cpu_count: int = 1
     source: str = "detected"
+    claimed_fraction: float = 0.0  # of each GPU's memory held by running vLLM servers
+
+    @property
+    def device_gb(self) -> float:
+        """The smallest GPU's memory (every replicated process needs its whole share on its own GPU)."""
+        return min((g.memory_gb for g in self.gpus), default=0.0)
 
     @property
     def device(self) -> str:
@@ -38,20 +51,31 @@ class Hardware:
         return round(sum(g.memory_gb for g in self.gpus), 1)
 
     def usable_gb(self) -> float:
-        """Memory a training job may plan on: 95% of total GPU memory, or 85% of total RAM.
+        """Memory one training process may plan on: 95% of one GPU (the smallest) less what vLLM servers
+        claim on it, or 85% of total RAM (shared by all processes on a CPU-only machine).
 
-        Both are of the machine's total, so the answer does not drift from call to call with what
-        other programs hold; start_finetune warns separately when less RAM is free right now.
+        Both are of totals, so the answer does not drift from call to call with what other programs
+        hold; start_finetune warns separately when less is free right now. A data-parallel (DDP)
+        process holds a whole replica, so this is per device, never the sum over GPUs.
         """
         if self.gpus:
-            return round(self.gpu_memory_gb * GPU_USABLE_FRACTION, 2)
+            return round(max(0.0, self.device_gb * (GPU_USABLE_FRACTION - self.claimed_fraction)), 2)
         return round(self.ram_gb * RAM_USABLE_FRACTION, 2)
+
+    def free_gb(self) -> float | None:
+        """Free memory right now on the fullest GPU, or available RAM; None when not known."""
+        if self.gpus:
+            free = [g.free_gb for g in self.gpus if g.free_gb is not None]
+            return min(free) if free else None
+        return self.available_ram_gb
 
     def describe(self) -> str:
         if self.gpus:
             names = {g.name for g in self.gpus}
             per = self.gpus[0].memory_gb
-            return f"{len(self.gpus)}x {'/'.join(sorted(names))} ({per:g} GB each, {self.gpu_memory_gb:g} GB total)"
+            claimed = f"; vLLM servers claim {self.claimed_fraction:.0%} of each" if self.claimed_fraction else ""
+            return (f"{len(self.gpus)}x {'/'.join(sorted(names))} ({per:g} GB each, {self.gpu_memory_gb:g} GB total"
+                    f"{claimed})")
         return f"CPU only: {self.cpu_count} cores, {self.ram_gb:g} GB RAM ({self.available_ram_gb:g} GB available)"
 
     @classmethod
@@ -59,6 +83,17 @@ class Hardware:
         """A machine to plan for: `num_gpus` GPUs of `gpu_memory_gb` each."""
         gpus = [GPU(name="hypothetical GPU", memory_gb=gpu_memory_gb) for _ in range(num_gpus)]
         return cls(gpus=gpus, source="hypothetical")
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) by GPU name; the first match wins.
+BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12),
+                   ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
+                   ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+
+
+def gpu_bf16_peak_flops(name: str) -> float:
+    """The GPU's dense bf16 peak (V100 / T4: their fp16 peak), 150 TFLOP/s for a name not listed."""
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), 150e12)
 
 
 def _meminfo() -> tuple[float, float]:
@@ -71,22 +106,24 @@ def _meminfo() -> tuple[float, float]:
         return total, total
 
 
-def _nvidia_gpus() -> list[GPU]:
+def _nvidia_smi(query: str) -> list[list[str]]:
+    """Rows of `nvidia-smi --query-gpu=QUERY` (no header, no units); [] without a working nvidia-smi."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return []
     try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
+        out = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
+    return [[c.strip() for c in line.rsplit(",", query.count(","))] for line in out.strip().splitlines()]
+
+
+def _nvidia_gpus() -> list[GPU]:
     gpus = []
-    for line in out.strip().splitlines():
-        name, _, mib = line.rpartition(",")
+    for name, mib in _nvidia_smi("name,memory.total"):
         try:
-            gpus.append(GPU(name=name.strip(), memory_gb=round(float(mib) / 1024, 1)))
+            gpus.append(GPU(name=name, memory_gb=round(float(mib) / 1024, 1)))
         except ValueError:
             continue
     return gpus
@@ -97,10 +134,48 @@ def _gpus() -> tuple[GPU, ...]:
     return tuple([] if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else _nvidia_gpus())
 
 
+_FREE: dict[str, object] = {"at": 0.0, "gb": []}
+
+
+def _free_gb(n: int) -> list[float | None]:
+    """Free memory per GPU, re-read from nvidia-smi when the last reading is older than FREE_TTL_S."""
+    if time.monotonic() - float(_FREE["at"]) > FREE_TTL_S:
+        rows = _nvidia_smi("memory.free")
+        _FREE["gb"] = [round(float(r[0]) / 1024, 1) if r and r[0].replace(".", "").isdigit() else None for r in rows]
+        _FREE["at"] = time.monotonic()
+    got = list(_FREE["gb"])  # type: ignore[arg-type]
+    return (got + [None] * n)[:n]
+
+
+VLLM_ENTRY = "vllm.entrypoints.openai.api_server"
+
+
+def vllm_claimed_fraction() -> float:
+    """The fraction of GPU memory running vLLM servers claim: the sum of their --gpu-memory-utilization
+    (vLLM's default 0.9 when not given), capped at 1. vLLM reserves it at start, before nvidia-smi shows it."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if VLLM_ENTRY not in cmd and not any(c.endswith("vllm") and n == "serve" for c, n in zip(cmd, cmd[1:])):
+            continue
+        if "llm_mcp.inference.serving.watch" in cmd:
+            continue  # the watcher's own command line repeats the server's
+        value = next((cmd[i + 1] for i, c in enumerate(cmd[:-1]) if c == "--gpu-memory-utilization"), "0.9")
+        try:
+            total += float(value)
+        except ValueError:
+            total += 0.9
+    return min(1.0, total)
+
+
 def detect() -> Hardware:
-    """Detect GPUs (NVIDIA, once per process) and RAM (now). Honors CUDA_VISIBLE_DEVICES=\"\" as 'no GPU'."""
+    """Detect GPUs (NVIDIA: names and totals once per process, free memory within FREE_TTL_S), vLLM
+    servers' claims on them, and RAM (now). Honors CUDA_VISIBLE_DEVICES=\"\" as 'no GPU'."""
     total, available = _meminfo()
-    gpus = list(_gpus())
+    gpus = [GPU(g.name, g.memory_gb, free) for g, free in zip(_gpus(), _free_gb(len(_gpus())))]
     return Hardware(
-        gpus=gpus, ram_gb=round(total, 1), available_ram_gb=round(available, 1), cpu_count=os.cpu_count() or 1
+        gpus=gpus, ram_gb=round(total, 1), available_ram_gb=round(available, 1), cpu_count=os.cpu_count() or 1,
+        claimed_fraction=vllm_claimed_fraction() if gpus else 0.0,
     )

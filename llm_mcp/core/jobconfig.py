@@ -113,6 +113,9 @@ class JobConfig(_Strict):
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     num_processes: int = Field(1, ge=1)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds a whole replica (also one process); fsdp: weights and optimizer "
+                           "state sharded over the processes (chosen by validation when one GPU is too small).")
     device: Literal["cpu", "cuda"] = "cpu"
     lora: LoraSettings
     quantization: QuantizationSettings | None = None

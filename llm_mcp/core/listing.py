@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.core.estimates import estimate_memory
+from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
 from llm_mcp.core.methods import MethodDefaults
@@ -15,7 +15,8 @@ from llm_mcp.core.validate import DEFAULTS
 class HardwareInfo(BaseModel):
     description: str
     device: str = Field(description="'cuda' or 'cpu': what the estimates assume.")
-    usable_memory_gb: float = Field(description="Memory a job may plan on (95% of GPU memory, or 85% of RAM).")
+    usable_memory_gb: float = Field(description="Memory one training process may plan on: 95% of one GPU less what "
+                                                "vLLM servers claim, or 85% of RAM.")
     source: str = Field(description="'detected' (this machine) or 'hypothetical' (gpu_memory_gb argument).")
 
 
@@ -35,9 +36,14 @@ class MethodInfo(BaseModel):
     vllm_adapter: bool = Field(description="vLLM can serve the result as a LoRA adapter; else serve a merged model.")
     estimated_memory_gb: float = Field(description="Estimate on the hardware above at start_finetune's defaults "
                                                    "(batch 4 x 1024 tokens, or the context length if shorter).")
-    fits: bool = Field(description="estimated_memory_gb <= usable memory and the method is not unsupported: "
-                                   "start_finetune at its defaults accepts it.")
+    fits: bool = Field(description="estimated_memory_gb (per process) <= what one process may use and the method is "
+                                   "not unsupported: start_finetune at its defaults accepts it.")
     trainable_params: int
+    distributed: str = Field("ddp", description="How it fits: 'ddp' (a whole replica per process, one GPU each) or "
+                                                "'fsdp' (sharded over `processes` GPUs, when one GPU is too small).")
+    processes: int = 1
+    gradient_checkpointing: bool = Field(False, description="On when the job fits only with it (what start_finetune "
+                                                            "picks at its defaults).")
     memory: MemoryBreakdown | None = Field(None, description="Parts of the estimate (single-model view only).")
 
 
@@ -89,16 +95,17 @@ def describe_model(
     entry: ModelEntry, hardware: Hardware, defaults: dict[str, MethodDefaults], *, full: bool = False
 ) -> ModelInfo:
     """One model's row: per-method status, matrix minimum and the estimate on `hardware`."""
-    device = "cuda" if hardware.gpus else "cpu"
-    usable = hardware.usable_gb()
     rank = defaults["lora"].lora.rank if defaults["lora"].lora else 32
     batch, seq_len = DEFAULTS["batch_size"], min(DEFAULTS["max_seq_len"], entry.context_length)
     methods = []
     lora_params = 0
     for name in METHODS:
         support = entry.methods[name]
-        est = estimate_memory(entry.dims, entry.params_b, name, target_modules=entry.target_modules, rank=rank,
-                              batch_size=batch, seq_len=seq_len, device=device)
+        sparse = defaults["sparse"].sparse if name == "sparse" else None
+        plan = plan_memory(entry, name, hardware, target_modules=entry.target_modules, rank=rank, batch_size=batch,
+                           seq_len=seq_len, rigl_fraction=sparse.mask_update_fraction if sparse and sparse.use_rigl
+                           else 0.0)
+        est = plan.estimate
         if name == "lora":
             lora_params = est.trainable_params
         methods.append(
@@ -106,8 +113,9 @@ def describe_model(
                 method=name, status=support.status, note=support.note,
                 min_gpu_memory_gb=support.min_gpu_memory_gb, vllm_adapter=support.vllm_adapter,
                 estimated_memory_gb=est.total_gb,
-                fits=support.status != "unsupported" and est.total_gb <= usable,
-                trainable_params=est.trainable_params,
+                fits=support.status != "unsupported" and plan.fits, trainable_params=est.trainable_params,
+                distributed=plan.distributed, processes=plan.processes,
+                gradient_checkpointing=plan.gradient_checkpointing,
                 memory=MemoryBreakdown(**{k: v for k, v in est.to_dict().items() if k.endswith("_gb")}) if full else None,
             )
         )
@@ -190,19 +198,23 @@ def format_params(billions: float) -> str:
 _MARK = {"supported": "ok", "experimental": "exp", "unsupported": "no"}
 
 
+def _fits(i: MethodInfo) -> str:
+    return (" fits" + (f" (FSDP over {i.processes} GPUs)" if i.distributed == "fsdp" else "")) if i.fits else ""
+
+
 def summarize(result: ListModelsResult, method: str | None = None) -> str:
     """A compact text view an LLM reads easily; structured content carries the full data."""
     hw = result.hardware
     lines = [
         f"{result.count} of {result.total_in_matrix} models"
         + (f" (filters: {', '.join(f'{k}={v}' for k, v in result.filters.items())})" if result.filters else "")
-        + f". Hardware: {hw.description}; estimates for {hw.device}, {hw.usable_memory_gb:g} GB usable.",
+        + f". Hardware: {hw.description}; estimates for {hw.device}, {hw.usable_memory_gb:g} GB usable per process.",
         "Per method: status, minimum GPU GB (matrix), 'fits' if it fits the hardware above.",
     ]
     for m in result.models:
         methods = [i for i in m.methods if method is None or i.method == method]
         cells = " | ".join(
-            f"{i.method} {_MARK[i.status]} {i.min_gpu_memory_gb:g}GB{' fits' if i.fits else ''}" for i in methods
+            f"{i.method} {_MARK[i.status]} {i.min_gpu_memory_gb:g}GB{_fits(i)}" for i in methods
         )
         size = format_params(m.params_b) + (f"/{format_params(m.active_params_b)} active" if m.architecture == "moe" else "")
         lines.append(f"- {m.id} ({m.type}, {m.architecture} {size}) lr {m.recommended_lr:.0e} rank {m.recommended_rank}: {cells}")
@@ -234,7 +246,7 @@ def summarize_one(info: ModelInfo, hardware: HardwareInfo) -> str:
     for m in info.methods:
         lines.append(
             f"- {METHOD_TITLES[m.method]}: {m.status} ({m.note}). Min GPU {m.min_gpu_memory_gb:g} GB; "
-            f"estimate here {m.estimated_memory_gb:g} GB ({'fits' if m.fits else 'does not fit'}); "
+            f"estimate here {m.estimated_memory_gb:g} GB per process ({_fits(m).strip() or 'does not fit'}); "
             f"vLLM adapter: {'yes' if m.vllm_adapter else 'no (serve merged)'}."
         )
     if info.note:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 
@@ -35,3 +36,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_process(num_processes: int, env: dict[str, str] | None = None) -> int:
+    """Intra-op threads for each training process: the user's OMP_NUM_THREADS if set, else cores // processes.
+
+    `accelerate launch` passes OMP_NUM_THREADS on to its workers and sets it to 1 when it is unset, so
+    the job's environment must carry this value or a CPU job trains on one core.
+    """
+    env = os.environ if env is None else env
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, usable_cores() // max(1, num_processes))

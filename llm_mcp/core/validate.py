@@ -13,8 +13,9 @@ from typing import Any
 
 from llm_mcp.core.data import DatasetSummary, fingerprint, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
-from llm_mcp.core.estimates import estimate_memory, linear_names
-from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.estimates import linear_names
+from llm_mcp.core.fit import plan_memory
+from llm_mcp.core.hardware import Hardware, gpu_bf16_peak_flops
 from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.store import JobStore
@@ -55,13 +56,11 @@ def _in_range(problems: list[str], name: str, value: Any, lo: float, hi: float, 
         problems.append(f"{name}={value!r} is out of range; allowed: {kind.__name__} from {lo:g} to {hi:g}")
 
 
-def _flops_per_second(hardware: Hardware) -> float:
+def _flops_per_second(hardware: Hardware, processes: int) -> float:
     """Rough sustained training FLOP/s, for the time estimate only."""
     if not hardware.gpus:
         return 1e10 * max(1, hardware.cpu_count)
-    peak = 989e12 if any(k in hardware.gpus[0].name for k in ("H100", "H200", "H800")) else (
-        312e12 if "A100" in hardware.gpus[0].name else 150e12)
-    return 0.3 * peak * len(hardware.gpus)
+    return 0.3 * gpu_bf16_peak_flops(hardware.gpus[0].name) * processes
 
 
 def resolve_finetune(
@@ -266,23 +265,28 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
 def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dataset: DatasetSummary,
                hardware: Hardware, warnings: list[str]) -> dict[str, Any]:
     """Memory (refused with what would fit if it does not), steps, tokens and time; sets gradient_checkpointing."""
-    method, rank = cfg["method"], cfg["lora"]["rank"]
-    est = estimate_memory(entry.dims, entry.params_b, method, target_modules=cfg["lora"]["target_modules"], rank=rank,
-                          batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
-                          seq_len=cfg["max_seq_len"],
-                          device="cuda" if hardware.gpus else "cpu",
-                          quantized=bool(cfg["sparse"] and cfg["sparse"]["quantize_base"]),
-                          density=cfg["sparse"]["density"] if cfg["sparse"] else "auto")
-    usable = hardware.usable_gb()
-    cfg["gradient_checkpointing"] = bool(args.get("gradient_checkpointing", est.total_gb > 0.7 * usable))
-    if est.total_gb > usable:
+    method, rank, sparse = cfg["method"], cfg["lora"]["rank"], cfg["sparse"]
+    plan = plan_memory(entry, method, hardware, target_modules=cfg["lora"]["target_modules"], rank=rank,
+                       batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
+                       seq_len=cfg["max_seq_len"],
+                       quantized=bool(sparse and sparse["quantize_base"]), density=sparse["density"] if sparse else "auto",
+                       rigl_fraction=sparse["mask_update_fraction"] if sparse and sparse["use_rigl"] else 0.0,
+                       num_processes=args.get("num_processes"), gradient_checkpointing=args.get("gradient_checkpointing"))
+    est, usable = plan.estimate, plan.usable_gb
+    cfg.update(gradient_checkpointing=plan.gradient_checkpointing, distributed=plan.distributed,
+               num_processes=plan.processes)
+    if not plan.fits:
         raise InvalidArgumentError(
-            [f"estimated memory {est.total_gb:g} GB exceeds the {usable:g} GB usable on {hardware.describe()}"]
-            + _fitting_alternatives(entry, method, rank, cfg, hardware)
-        )
-    if not hardware.gpus and hardware.source == "detected" and est.total_gb > hardware.available_ram_gb:
-        warnings.append(f"the job needs about {est.total_gb:g} GB but only {hardware.available_ram_gb:g} GB of RAM is "
-                        "free right now; it may swap or be killed unless other programs free memory")
+            [f"estimated memory {est.total_gb:g} GB per process exceeds the {usable:g} GB usable on "
+             f"{hardware.describe()} by one process"] + _fitting_alternatives(entry, method, rank, cfg, hardware))
+    if plan.distributed == "fsdp":
+        warnings.append(f"{entry.id} does not fit one GPU: the job runs FSDP over {plan.processes} GPUs "
+                        f"(weights and optimizer state sharded, about {est.total_gb:g} GB per GPU)")
+    free = hardware.free_gb()
+    if hardware.source == "detected" and free is not None and est.total_gb > free:
+        warnings.append(f"the job needs about {est.total_gb:g} GB per process but only {free:g} GB of "
+                        f"{'GPU memory' if hardware.gpus else 'RAM'} is free right now; it may "
+                        f"{'run out of memory' if hardware.gpus else 'swap or be killed'} unless other programs free memory")
     eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
     train_rows = dataset.rows - eval_rows
     per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * cfg["num_processes"]
@@ -303,7 +307,7 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
     flops_per_token = 4 * entry.active_params_b * 1e9
     if cfg["objective"] == "dpo":  # approx_tokens already counts both answers; add the reference forward (1/3)
         flops_per_token *= 4 / 3
-    seconds = flops_per_token * tokens / _flops_per_second(hardware)
+    seconds = flops_per_token * tokens / _flops_per_second(hardware, cfg["num_processes"])
     if not dataset.complete:
         warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
     return {
@@ -335,8 +339,6 @@ def _under_home(settings, value: str) -> Path:
 
 def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[str, Any], hw: Hardware) -> list[str]:
     """Suggest a method / rank / batch / sequence length that fits `hw`, if any does."""
-    device = "cuda" if hw.gpus else "cpu"
-    usable = hw.usable_gb()
     out = []
     candidates = [("method='qlora'", "qlora", rank, cfg["batch_size"], cfg["max_seq_len"]),
                   ("batch_size=1", method, rank, 1, cfg["max_seq_len"]),
@@ -349,10 +351,10 @@ def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[s
             continue
         if entry.methods[m].status == "unsupported":
             continue
-        est = estimate_memory(entry.dims, entry.params_b, m, target_modules=cfg["lora"]["target_modules"]
-                              if "lora" in cfg else entry.target_modules, rank=r, batch_size=b, seq_len=s, device=device)
-        if est.total_gb <= usable:
-            out.append(f"would fit: {label} (estimated {est.total_gb:g} GB)")
+        plan = plan_memory(entry, m, hw, target_modules=cfg["lora"]["target_modules"], rank=r, batch_size=b, seq_len=s)
+        if plan.fits:
+            how = f", FSDP over {plan.processes} GPUs" if plan.distributed == "fsdp" else ""
+            out.append(f"would fit: {label} (estimated {plan.estimate.total_gb:g} GB per process{how})")
             break
     if not out:
         out.append(f"no smaller setting fits; {entry.id} needs about {entry.methods['qlora'].min_gpu_memory_gb:g} GB "

@@ -39,9 +39,10 @@ def max_jobs() -> int:
 def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path) -> list[str]:
     """The command line for a job's resolved config: `accelerate launch` for training."""
     n = cfg.num_processes
-    config_file = str(data_path("configs") / "accelerate" / ("single.yaml" if n == 1 else "ddp.yaml"))
     if cfg.task == "evaluate":  # one process, no accelerate: the evaluation runner loads what it scores
         return [sys.executable, "-m", cfg.entry, str(job_dir)]
+    name = "fsdp.yaml" if cfg.distributed == "fsdp" else "single.yaml" if n == 1 else "ddp.yaml"
+    config_file = str(data_path("configs") / "accelerate" / name)
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
             "--num_processes", str(n), "--main_process_port", str(free_port()),
             "-m", cfg.entry, str(job_dir)]

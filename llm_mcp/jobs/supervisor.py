@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llm_mcp.jobs.local import accelerate_command, finalize, schedule
 from llm_mcp.core.store import JobStore
-from llm_mcp.core.procs import become_subreaper, signal_descendants
+from llm_mcp.core.procs import become_subreaper, signal_descendants, threads_per_process
 
 import psutil
 
@@ -68,9 +68,8 @@ def main(home: str, job_id: str) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=watch_cancel, daemon=True).start()
-    cores = os.cpu_count() or 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, cores // job.config.num_processes)),
+           "OMP_NUM_THREADS": str(threads_per_process(job.config.num_processes)),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     cmd = accelerate_command(job.config, job_dir)
     with open(job_dir / "train.log", "ab") as log:

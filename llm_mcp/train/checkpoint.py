@@ -35,18 +35,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model, out_dir: Path, meta: dict) -> None:
-    """PEFT save_pretrained for LoRA / QLoRA / DoRA; the documented sparse layout for sparse deltas."""
+def save_adapter(model, out_dir: Path, meta: dict, state_dict: dict | None = None) -> None:
+    """PEFT save_pretrained for LoRA / QLoRA / DoRA; the documented sparse layout for sparse deltas.
+
+    `state_dict`: the trainable parameters gathered whole (FSDP, llm_mcp.train.fsdp.trainable_state)."""
     from llm_mcp.train.sparse import save_sparse, sparse_modules
 
     if sparse_modules(model):
         save_sparse(model, out_dir, {k: meta[k] for k in ("base_model_name_or_path", "target_modules") if k in meta})
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state_dict)
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, step: int, meta: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, step: int, meta: dict, keep: int,
+                    extra: dict[str, torch.Tensor | None] | None = None) -> Path:
+    """Collective: every rank calls it. `extra`: tensors saved as files beside the state (None ones skipped).
+    Returns the checkpoint directory."""
+    from llm_mcp.train.fsdp import is_fsdp, trainable_state
+
+    sharded = is_fsdp(accelerator)
+    state = trainable_state(model) if sharded else None  # collective under FSDP
     final = job_dir / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -54,11 +62,16 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, ste
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if sharded:  # each rank holds its shard of the optimizer state
+        torch.save(optimizer.state_dict(), tmp / f"optimizer_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), tmp / "adapter", meta)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   tmp / "trainer_state.pt")
+        save_adapter(accelerator.unwrap_model(model), tmp / "adapter", meta, state)
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step}, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        for name, tensor in (extra or {}).items():
+            if tensor is not None:
+                torch.save(tensor, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -69,20 +82,24 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, ste
     return final
 
 
-def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> int:
-    """Restore adapter weights, optimizer, scheduler and this rank's RNG; returns the step."""
+def load_adapter_weights(model, ckpt: Path) -> None:
+    """A checkpoint's adapter (or sparse deltas) into the model, before accelerate's prepare."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from llm_mcp.train.sparse import SPARSE_CONFIG, load_sparse_into
 
     if (ckpt / "adapter" / SPARSE_CONFIG).exists():
-        load_sparse_into(accelerator.unwrap_model(model), ckpt / "adapter")
+        load_sparse_into(model, ckpt / "adapter")
     else:
-        adapter = ckpt / "adapter" / "adapter_model.safetensors"
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(adapter))
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+
+
+def load_checkpoint(accelerator, optimizer, scheduler, ckpt: Path) -> int:
+    """Restore optimizer (this rank's shard under FSDP), scheduler and this rank's RNG; returns the step."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    shard = ckpt / f"optimizer_{accelerator.process_index}.pt"
+    optimizer.load_state_dict(torch.load(shard, weights_only=False) if state["optimizer"] is None else state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():

@@ -9,8 +9,8 @@ policy's summed log-probability of each answer's tokens is compared with the ref
 
 The reference is the model as the job starts, before any step: the base model (a new LoRA,
 DoRA or sparse adapter starts as the identity) or, with init_from, the SFT model. Its
-log-probs are computed once, at start, for the examples the run will see (TRL's
-precompute_ref_log_probs): no second copy of the model is kept. Reward accuracy is the fraction
+log-probs are computed once, at start, for every pair (TRL's precompute_ref_log_probs): no
+second copy of the model is kept. Checkpoints carry them, so a resume reuses them exactly. Reward accuracy is the fraction
 of pairs whose implicit reward beta * (log pi - log ref) ranks chosen above rejected.
 """
 
@@ -54,6 +54,7 @@ class DPOObjective:
     """Preference tuning: the DPO loss of each pair, summed; the loop divides by the number of pairs."""
 
     name = "dpo"
+    needs_reference = True  # the loop fills each example's "ref" before the first step (llm_mcp.train.run)
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         self.beta, self.label_smoothing = beta, label_smoothing

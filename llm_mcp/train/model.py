@@ -17,6 +17,15 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def mixed_precision(device: str, bf16_supported: bool | None = None) -> str:
+    """accelerate's mixed_precision for the trainer: 'fp16' (autocast + GradScaler loss scaling) where the
+    compute dtype is fp16 (GPUs without bf16), else 'no' (bf16 and fp32 need no loss scaling)."""
+    if device == "cpu":
+        return "no"
+    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    return "no" if bf16 else "fp16"
+
+
 def load_tokenizer(cfg: JobConfig):
     return tokenizer_for(cfg.model.path, cfg.model.trust_remote_code)
 

@@ -21,6 +21,7 @@ class Objective(Protocol):
     """What the loop needs from a loss. Losses are sums; the loop divides by the global target count."""
 
     name: str
+    needs_reference: bool  # True: `reference` must fill each example's "ref" before the first step
 
     def encode(self, tok, rows: list[dict[str, Any]], cfg: JobConfig) -> tuple[list[dict], EncodeStats]:
         """Tokenize rows into examples (dicts of token lists); rows with nothing to train on are dropped."""
@@ -64,6 +65,7 @@ class CausalLMObjective:
     """Supervised fine-tuning: next-token cross-entropy on the completion (or all) tokens."""
 
     name = "causal_lm"
+    needs_reference = False
 
     def encode(self, tok, rows, cfg: JobConfig):
         return encode_rows(tok, rows, cfg.max_seq_len, cfg.train_on)

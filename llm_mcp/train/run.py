@@ -30,7 +30,8 @@ from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.encode import EncodeStats
-from llm_mcp.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
+from llm_mcp.train.fsdp import is_fsdp, trainable_state, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
 quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
@@ -87,6 +88,7 @@ class Setup:
     start_step: int
     sparse: dict
     meta: dict[str, Any]
+    reference: torch.Tensor | None = None  # the objective's per-example reference (DPO), saved with checkpoints
 
 
 def _split(rows: list, cfg: JobConfig) -> tuple[list, list]:
@@ -130,11 +132,12 @@ def setup(run: Run) -> Setup:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from llm_mcp.train.model import load_model, load_tokenizer
+    from llm_mcp.train.model import load_model, load_tokenizer, mixed_precision
     from llm_mcp.train.sparse import sparse_modules
 
     cfg = run.cfg
-    acc = run.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()  # fp16 GPUs: accelerate scales the loss (GradScaler), skips inf steps
+    acc = run.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision("cuda" if cuda else "cpu"))
     set_seed(cfg.seed)
     device = "cpu" if acc.device.type == "cpu" else "cuda"
     run.log(f"job {cfg.job_id}: {cfg.method} on {cfg.model.id} | {acc.num_processes} process(es) on {device}")
@@ -144,15 +147,18 @@ def setup(run: Run) -> Setup:
     total_steps = cfg.total_steps(order.steps_per_epoch)
 
     model = load_model(cfg, device, acc.local_process_index)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.resume_checkpoint:  # before prepare: FSDP shards what was loaded
+        load_adapter_weights(model, Path(cfg.resume_checkpoint))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    loss_model, optimizer = acc.prepare(objective.wrap(model), optimizer)
-    _reference(run, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples, order, total_steps)
+    loss_model, optimizer = acc.prepare(wrap_units(objective.wrap(model), model), optimizer)
+    trainable = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
+    reference = _reference(run, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples)
     start_step = 0
     if cfg.resume_checkpoint:
-        start_step = load_checkpoint(acc, model, optimizer, scheduler, Path(cfg.resume_checkpoint))
+        start_step = load_checkpoint(acc, optimizer, scheduler, Path(cfg.resume_checkpoint))
         run.log(f"resumed from {cfg.resume_checkpoint} at step {start_step}")
         if start_step >= total_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, not before total_steps={total_steps}")
@@ -161,20 +167,43 @@ def setup(run: Run) -> Setup:
     return Setup(tok=tok, objective=objective, stats=stats, examples=examples, eval_examples=eval_examples, order=order,
                  total_steps=total_steps, model=model, loss_model=loss_model, optimizer=optimizer,
                  scheduler=scheduler, trainable=trainable, start_step=start_step,
-                 sparse=sparse_modules(acc.unwrap_model(model)), meta=meta)
+                 sparse=sparse_modules(acc.unwrap_model(model)), meta=meta, reference=reference)
 
 
-def _reference(run: Run, objective: Objective, wrapped, tok, examples, eval_examples, order: BatchOrder,
-               total_steps: int) -> None:
-    """Let the objective record its reference from the starting model (before a resume loads a checkpoint),
-    for the examples this process trains on and all eval examples."""
-    acc, t0 = run.accelerator, time.perf_counter()
-    steps = range(run.cfg.resume_step or 0, total_steps)
-    mine = sorted({i for step in steps for idx in order.micro_batches(step, acc.process_index) for i in idx})
-    objective.reference(wrapped, [examples[i] for i in mine] + eval_examples, tok.pad_token_id,
-                        run.cfg.batch_size, acc.device)
-    if objective.name == "dpo":
-        run.log(f"reference log-probs of {len(mine) + len(eval_examples)} pairs in {time.perf_counter() - t0:.1f} s")
+REFERENCE_FILE = "reference.pt"  # in a checkpoint: the objective's reference for every example (DPO)
+
+
+def _reference(run: Run, objective: Objective, wrapped, tok, examples: list[dict],
+               eval_examples: list[dict]) -> torch.Tensor | None:
+    """The objective's reference for every example (train, then eval), set on each as "ref": read from the
+    checkpoint a resume continues, or computed from the starting model (the adapter as loaded, before any
+    step), each process a share, summed over processes. None for objectives without a reference."""
+    if not getattr(objective, "needs_reference", False):
+        return None
+    from llm_mcp.train.fsdp import is_fsdp
+
+    acc, cfg, t0 = run.accelerator, run.cfg, time.perf_counter()
+    everything = examples + eval_examples
+    if cfg.resume_checkpoint:
+        path = Path(cfg.resume_checkpoint) / REFERENCE_FILE
+        if not path.exists():
+            raise ValueError(f"checkpoint {cfg.resume_checkpoint} holds no reference log-probs; start a new job")
+        table = torch.load(path, weights_only=True)
+        if table.shape[0] != len(everything):
+            raise ValueError(f"the checkpoint's reference covers {table.shape[0]} examples but this job has "
+                             f"{len(everything)}: its data or max_seq_len differ; start a new job")
+    else:
+        rank, world = (0, 1) if is_fsdp(acc) else (acc.process_index, acc.num_processes)  # FSDP: forwards collective
+        objective.reference(wrapped, everything[rank::world], tok.pad_token_id, cfg.batch_size, acc.device)
+        table = torch.zeros(len(everything), 2, dtype=torch.float64)
+        for i in range(rank, len(everything), world):
+            table[i] = torch.tensor(everything[i]["ref"], dtype=torch.float64)
+        if world > 1:
+            table = acc.reduce(table.to(acc.device), "sum").cpu()
+        run.log(f"reference log-probs of {len(everything)} pairs in {time.perf_counter() - t0:.1f} s")
+    for example, ref in zip(everything, table.tolist()):
+        example["ref"] = tuple(ref)
+    return table
 
 
 def _reduce(acc):
@@ -192,12 +221,15 @@ def evaluate(run: Run, s: Setup) -> dict[str, float] | None:
     model = acc.unwrap_model(s.loss_model)
     model.eval()
     total = torch.zeros(2, device=acc.device)
-    bs = run.cfg.batch_size
-    for start in range(acc.process_index * bs, len(s.eval_examples), bs * acc.num_processes):
-        batch = {k: v.to(acc.device) for k, v in s.objective.collate(s.eval_examples[start:start + bs],
+    bs, stride = run.cfg.batch_size, run.cfg.batch_size * acc.num_processes
+    # Under FSDP a forward is collective: every rank runs the same number, the spare ones weighted 0.
+    end = -(-len(s.eval_examples) // stride) * stride if is_fsdp(acc) else len(s.eval_examples)
+    for start in range(acc.process_index * bs, end, stride):
+        rows = s.eval_examples[start:start + bs]
+        batch = {k: v.to(acc.device) for k, v in s.objective.collate(rows or s.eval_examples[:bs],
                                                                        s.tok.pad_token_id).items()}
-        total[0] += s.objective.loss_sum(model, batch)
-        total[1] += s.objective.targets(batch)
+        total += torch.stack([s.objective.loss_sum(model, batch), torch.tensor(float(s.objective.targets(batch)),
+                                                                              device=acc.device)]) * bool(rows)
     total = acc.reduce(total, "sum")
     model.train()
     metrics = {f"eval_{k}": v for k, v in s.objective.pop_metrics(_reduce(acc)).items()}
@@ -208,8 +240,10 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     """One optimizer step over this rank's micro-batches; returns the metrics record."""
     acc, cfg, obj = run.accelerator, run.cfg, s.objective
     t_step = time.perf_counter()
-    for m in s.sparse.values():
-        m.collect_dense_grad = update_mask
+    if update_mask:  # RigL: this step's backward keeps each layer's regrowth candidates (llm_mcp.train.sparse)
+        from llm_mcp.train.sparse import collect_candidates, cosine_fraction
+
+        collect_candidates(s.sparse, cosine_fraction(cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
     micro = [obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
              for idx in s.order.micro_batches(step, acc.process_index)]
     counts = torch.tensor([float(sum(obj.targets(b) for b in micro)),
@@ -230,10 +264,9 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     s.optimizer.zero_grad(set_to_none=True)
     changed = 0
     if update_mask:
-        from llm_mcp.train.sparse import cosine_fraction
+        from llm_mcp.train.sparse import update_sparse_masks
 
-        changed = update_sparse_masks(acc, s.sparse, s.optimizer, cosine_fraction(
-            cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
+        changed = update_sparse_masks(s.sparse, s.optimizer, acc.gather if acc.num_processes > 1 else None)
     done, elapsed = step + 1, time.perf_counter() - t_step
     record = {"step": done, "epoch": round(done / s.order.steps_per_epoch, 4),
               "loss": round((acc.reduce(loss_sum, "sum") / global_counts[0]).item(), 6),
@@ -255,7 +288,8 @@ def train(run: Run) -> None:
                 "steps_per_epoch": s.order.steps_per_epoch, "examples": stats.examples,
                 "eval_examples": len(s.eval_examples), "truncated": stats.truncated, "dropped": stats.dropped_empty,
                 "trainable_params": sum(p.numel() for p in s.trainable), "target_tokens": stats.target_tokens,
-                "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name})
+                "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name,
+                "threads": torch.get_num_threads()})
     run.log(f"{stats.examples} examples ({stats.target_tokens} trainable tokens), {s.total_steps} steps, "
             f"{sum(p.numel() for p in s.trainable):,} trainable params")
     s.loss_model.train()
@@ -271,7 +305,7 @@ def train(run: Run) -> None:
         stop = acc.reduce(torch.tensor(float(run.stop_requested), device=acc.device), "max").item() > 0
         if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < s.total_steps):
             ckpt = save_checkpoint(acc, s.model, s.optimizer, s.scheduler, run.job_dir, done, s.meta,
-                                   cfg.keep_checkpoints)
+                                   cfg.keep_checkpoints, extra={REFERENCE_FILE: s.reference})
             run.metric({"event": "checkpoint", "step": done, "path": str(ckpt)})
         if stop:
             run.log(f"cancel requested: stopped after step {done} with a checkpoint")
@@ -290,12 +324,16 @@ def finish(run: Run, s: Setup, loss: float) -> None:
         run.metric({"step": s.total_steps, **evaluation})
     acc.wait_for_everyone()
     adapter_dir = run.job_dir / "adapter"
-    if acc.is_main_process:
-        save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta)
-        s.tok.save_pretrained(adapter_dir)
+    sharded = is_fsdp(acc)  # gathering the adapter and the probe's forward are collective under FSDP
+    state = trainable_state(s.model) if sharded else None
+    if acc.is_main_process or sharded:
         first = s.examples[0]
         probe_ids = first["input_ids"] if "input_ids" in first else first["prompt"] + first["chosen"]
-        save_probe(acc.unwrap_model(s.model), probe_ids[:16], run.job_dir / "probe.safetensors")
+        save_probe(acc.unwrap_model(s.model), probe_ids[:16],
+                   run.job_dir / "probe.safetensors" if acc.is_main_process else None)
+    if acc.is_main_process:
+        save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta, state)
+        s.tok.save_pretrained(adapter_dir)
     acc.wait_for_everyone()
     run.log(f"done: {s.total_steps} steps, final loss {loss:.4f}; adapter in {adapter_dir}")
     run.result("succeeded", step=s.total_steps, total_steps=s.total_steps, loss=loss, eval_loss=eval_loss,
@@ -312,26 +350,15 @@ def peak_memory_mb(device: str) -> float:
 
 
 @torch.no_grad()
-def update_sparse_masks(acc, sparse: dict, optimizer, fraction: float) -> int:
-    """RigL step on every sparse layer; dense gradients are summed over processes first."""
-    changed = 0
-    for module in sparse.values():
-        if acc.num_processes > 1:
-            module.dense_grad = acc.reduce(module.dense_grad, "sum")
-        changed += module.update_mask(int(round(fraction * module.k)), optimizer)
-        module.collect_dense_grad = False
-    return changed
-
-
-@torch.no_grad()
-def save_probe(model, input_ids: list[int], path: Path) -> None:
-    """The trained model's logits on a short fixed input: exports are checked against them."""
+def save_probe(model, input_ids: list[int], path: Path | None) -> None:
+    """The trained model's logits on a short fixed input: exports are checked against them (None: compute only)."""
     from safetensors.torch import save_file
 
     model.eval()
     ids = torch.tensor([input_ids], device=next(model.parameters()).device)
     logits = model(input_ids=ids).logits[0].float().cpu()
-    save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+    if path is not None:
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
 
 
 def _next_step_for(exc: BaseException) -> str:

@@ -12,10 +12,18 @@ gradient.
 
 Mask updates (use_rigl): every `mask_update_interval` steps, in each layer drop the fraction f_t of
 active entries with the smallest |delta| and regrow as many where the |gradient of the loss w.r.t.
-the dense delta| (accumulated over that step's micro-batches and processes) is largest, among the
+the dense delta| (summed over that step's micro-batches and processes) is largest, among the
 entries that were not active; new entries start at zero, with zeroed Adam state. f_t decays with a
 cosine: f_t = mask_update_fraction * (1 + cos(pi * t / T)) / 2 (RigL, Evci et al. 2020; on deltas as
 in SpIEL, Ansell et al. 2024). Without use_rigl the random initial mask stays fixed (PEFT's SHiRA).
+
+Regrowth candidates never hold a dense gradient for the model: in the backward of the update step,
+each layer forms its own dense gradient (one layer at a time, freed at once) and keeps only the
+CANDIDATES x n entries with the largest |gradient| among inactive ones (n = entries it may regrow),
+as (index, gradient sum) pairs. A later micro-batch adds its exact gradient at the kept entries and
+may bring in new ones (whose earlier micro-batches' share is then missing: an approximation only
+when gradient_accumulation > 1); under DDP the processes' candidate sets are gathered and summed
+per index. The estimate (core.estimates.rigl_bytes) counts one dense layer + every layer's set.
 
 Saved layout (sparse_adapter.safetensors + sparse_config.json):
   "<module path>.indices"  int64 [k]  sorted flat indices into the [out_features, in_features] weight
@@ -36,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+CANDIDATES = 2  # regrowth candidates kept per entry a layer may regrow
 SPARSE_WEIGHTS = "sparse_adapter.safetensors"
 SPARSE_CONFIG = "sparse_config.json"
 
@@ -64,6 +73,7 @@ class _SparseDeltaFn(torch.autograd.Function):
         layer = ctx.layer
         w = _with_delta(dense_weight(layer.base), layer.indices, values)
         grad_x = grad_out @ w.to(grad_out.dtype)
+        del w  # one transient weight per layer, freed before the gradient work below
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
         x2 = x.reshape(-1, x.shape[-1]).float()
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": known, and fine here
@@ -71,9 +81,8 @@ class _SparseDeltaFn(torch.autograd.Function):
             pattern = torch.sparse_csr_tensor(layer.crow, layer.cols, torch.zeros_like(values), layer.shape,
                                               check_invariants=False)
         grad_values = torch.sparse.sampled_addmm(pattern, g2.t().contiguous(), x2, beta=0.0).values()
-        if layer.collect_dense_grad:
-            dense = g2.t() @ x2
-            layer.dense_grad = dense if layer.dense_grad is None else layer.dense_grad + dense
+        if layer.grow_budget > 0:
+            layer.observe_gradient(g2.t() @ x2)  # this layer's dense gradient only, dropped on return
         return grad_x, grad_values.to(values.dtype), None
 
 
@@ -96,9 +105,14 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", idx.to(base.weight.device))
         self.values = nn.Parameter(torch.zeros(k, device=base.weight.device, dtype=torch.float32))
         self.enabled = True
-        self.collect_dense_grad = False
-        self.dense_grad: torch.Tensor | None = None
+        self.grow_budget = 0  # > 0 during a mask-update step: entries the update may regrow
+        self.cand_idx: torch.Tensor | None = None  # sorted flat indices of regrowth candidates (inactive entries)
+        self.cand_val: torch.Tensor | None = None  # their gradient, summed over the step's micro-batches
         self.last_changed = 0
+        # The CSR pattern (derived from indices) as non-persistent buffers: .to(device) and accelerate's
+        # prepare move them with the values; they are not saved.
+        self.register_buffer("crow", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("cols", torch.zeros(0, dtype=torch.int64), persistent=False)
         self._refresh_pattern()
 
     @property
@@ -127,27 +141,54 @@ class SparseDeltaLinear(nn.Module):
                 self.values.copy_(values[order])
         self._refresh_pattern()
 
+    def collect_candidates(self, n_grow: int) -> None:
+        """Start a mask-update step: the coming backward(s) keep regrowth candidates for `n_grow` entries."""
+        self.grow_budget = max(0, min(n_grow, self.k, self.shape[0] * self.shape[1] - self.k))
+        self.cand_idx = self.cand_val = None
+
+    @torch.no_grad()
+    def observe_gradient(self, dense: torch.Tensor) -> None:
+        """Fold one micro-batch's dense d(loss)/d(delta) [out, in] into the candidate set (overwrites `dense`).
+
+        Keeps the CANDIDATES x grow_budget inactive entries with the largest |summed gradient|.
+        """
+        if self.grow_budget <= 0:
+            return
+        flat = dense.reshape(-1)
+        negative = flat.signbit()
+        flat.abs_()  # in place: the scores, with the sign bits kept aside (1 byte per entry)
+        flat[self.indices] = -1.0  # active entries are never regrown
+        size = min(CANDIDATES * self.grow_budget, flat.numel() - self.k)
+        top = torch.topk(flat, size, sorted=False).indices
+        union = top.sort().values if self.cand_idx is None else torch.cat([self.cand_idx, top]).unique()
+        union = union[flat[union] >= 0]
+        vals = torch.where(negative[union], -flat[union], flat[union])
+        if self.cand_idx is not None:  # earlier micro-batches' sums at the entries kept so far
+            vals.index_add_(0, torch.searchsorted(union, self.cand_idx), self.cand_val)
+        keep = torch.topk(vals.abs(), min(size, union.numel()), sorted=False).indices.sort().values
+        self.cand_idx, self.cand_val = union[keep], vals[keep]
+
     @torch.no_grad()
     def update_mask(self, n_change: int, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Drop `n_change` smallest-|value| entries, regrow as many at the largest |dense grad|.
+        """Drop `n_change` smallest-|value| entries, regrow as many at the candidates' largest |gradient|.
 
         Regrowth considers only entries that were inactive before this update; new entries start at
         zero and their Adam moments are zeroed. Returns the number of entries changed.
         """
-        if self.dense_grad is None:
-            raise RuntimeError("update_mask needs the dense gradient collected during the preceding step")
-        n_change = max(0, min(n_change, self.k, self.shape[0] * self.shape[1] - self.k))
-        score = self.dense_grad.abs().reshape(-1)
-        self.dense_grad = None
+        if self.cand_idx is None:
+            raise RuntimeError("update_mask needs the candidates collected during the preceding step "
+                               "(collect_candidates before its backward)")
+        n_change = max(0, min(n_change, self.k, self.cand_idx.numel()))
+        cand_idx, cand_val = self.cand_idx, self.cand_val
+        self.cand_idx = self.cand_val = None
+        self.grow_budget = 0
         if n_change == 0:
             self.last_changed = 0
             return 0
         drop = torch.topk(self.values.abs(), n_change, largest=False, sorted=False).indices
         keep = torch.ones(self.k, dtype=torch.bool, device=self.values.device)
         keep[drop] = False
-        score = score.clone()
-        score[self.indices] = -1.0  # currently active entries (dropped ones too) are not regrown
-        grow = torch.topk(score, n_change, sorted=False).indices
+        grow = cand_idx[torch.topk(cand_val.abs(), n_change, sorted=False).indices].to(self.indices.device)
         new_indices = torch.cat([self.indices[keep], grow])
         order = new_indices.argsort()
         kept = int(keep.sum())
@@ -170,6 +211,30 @@ class SparseDeltaLinear(nn.Module):
         self.last_changed = n_change
         assert kept + n_change == self.k
         return n_change
+
+
+def merge_candidates(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate sets of several processes, concatenated, as one: gradient sums per distinct index (sorted)."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    return unique, torch.zeros(unique.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+
+
+def collect_candidates(sparse: dict[str, SparseDeltaLinear], fraction: float) -> None:
+    """Before a mask-update step's micro-batches: each layer may regrow round(fraction * k) entries."""
+    for module in sparse.values():
+        module.collect_candidates(int(round(fraction * module.k)))
+
+
+@torch.no_grad()
+def update_sparse_masks(sparse: dict[str, SparseDeltaLinear], optimizer, gather=None) -> int:
+    """RigL step on every layer after the optimizer step. `gather` (accelerate's, under DDP) concatenates a
+    tensor over processes: each layer's candidate sets are combined (O(candidates) each, never dense)."""
+    changed = 0
+    for module in sparse.values():
+        if gather is not None and module.cand_idx is not None:
+            module.cand_idx, module.cand_val = merge_candidates(gather(module.cand_idx), gather(module.cand_val))
+        changed += module.update_mask(module.grow_budget, optimizer)
+    return changed
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseDeltaLinear]:
