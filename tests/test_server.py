@@ -94,7 +94,7 @@ async def test_stdio_subprocess_session(home, matrix):
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp"], env=server_env(home))
     async with Client(params) as client:
         tools = [t.name for t in (await client.list_tools()).tools]
-        result = await client.call_tool("list_models", {"method": "qlora", "fits": True, "gpu_memory_gb": 16})
+        result = await client.call_tool("list_models", {"method": "qlora", "fits": True, "gpu_memory_gb": 24})
     assert "list_models" in tools
     ids = {m["id"] for m in result.structured_content["models"]}
     assert "Qwen/Qwen3-8B" in ids and "meta-llama/Llama-3.1-70B" not in ids
