@@ -80,10 +80,7 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
         PathNotAllowedError: outside the allowed roots.
         UnknownModelError: not a directory, no config.json, or an architecture the matrix lacks.
     """
-    raw = Path(value).expanduser()
-    if not raw.is_absolute():
-        raw = settings.home / raw
-    path = settings.check_path(raw, "model")
+    path = settings.check_path(settings.under_home(value), "model")
     if not path.is_dir():
         raise UnknownModelError(
             f"model={value!r} is neither a matrix model nor an existing directory ({path}). "
@@ -166,9 +163,7 @@ def resolve_model(matrix: Matrix, settings: Settings, value: str) -> ModelEntry:
     entry = matrix.find(value)
     if entry is not None:
         return entry
-    raw = Path(value).expanduser()
-    candidate = raw if raw.is_absolute() else settings.home / raw
-    if _looks_like_path(value) or candidate.exists():
+    if _looks_like_path(value) or settings.under_home(value).exists():
         return load_local_model(matrix, settings, value)
     return matrix.get(value)  # raises UnknownModelError with suggestions
 

@@ -130,6 +130,11 @@ class Settings:
                 "Point LLM_MCP_HOME at a writable directory."
             ) from exc
 
+    def under_home(self, value: str | os.PathLike[str]) -> Path:
+        """A caller's path as given (with ~ expanded) if absolute, else relative to the state directory."""
+        raw = Path(str(value)).expanduser()
+        return raw if raw.is_absolute() else self.home / raw
+
     def check_path(self, value: str | os.PathLike[str], field_name: str) -> Path:
         """Resolve a user-supplied path and require it to lie under an allowed root.
 

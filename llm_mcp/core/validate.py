@@ -213,7 +213,7 @@ def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[Data
         if key not in args:
             continue
         try:
-            path = settings.check_path(_under_home(settings, args[key]), key)
+            path = settings.check_path(settings.under_home(args[key]), key)
             summary = validate_dataset(path, key, objective=args.get("objective", "causal_lm"))
         except LlmMcpError as exc:
             problems.extend(getattr(exc, "problems", None) or [str(exc)])
@@ -330,11 +330,6 @@ def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
             "mask_update_interval": args.get("mask_update_interval", defaults.mask_update_interval),
             "mask_update_fraction": args.get("mask_update_fraction", defaults.mask_update_fraction),
             "use_rigl": args.get("use_rigl", defaults.use_rigl), "quantize_base": bool(args.get("quantize_base"))}
-
-
-def _under_home(settings, value: str) -> Path:
-    raw = Path(str(value)).expanduser()
-    return raw if raw.is_absolute() else settings.home / raw
 
 
 def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[str, Any], hw: Hardware) -> list[str]:

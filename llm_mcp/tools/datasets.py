@@ -156,8 +156,7 @@ async def datasets(
         text = f"{len(answer.datasets)} dataset(s) under {home / 'data'} and the allowed roots:\n" + "\n".join(
             f"- {d.path} ({d.kind}, {d.size_bytes:,} bytes)" for d in answer.datasets) + f"\nnext: {answer.next_step}"
         return result(text, answer)
-    raw = Path(path).expanduser()
-    resolved = state.settings.check_path(raw if raw.is_absolute() else home / raw, "path")
+    resolved = state.settings.check_path(state.settings.under_home(path), "path")
     answer.path = _display(state, resolved)
     await anyio.to_thread.run_sync(_inspect, state, resolved, answer, model, max_seq_len, train_on, preview_row)
     if not answer.usable:

@@ -118,8 +118,7 @@ def _resolve(state: AppState, targets, dataset, model, max_rows, max_tokens, gen
     model_ref, context = _base_model(state, base_cfg, model, problems, refused_jobs)
     path = None
     try:
-        raw = Path(str(dataset)).expanduser()
-        path = state.settings.check_path(raw if raw.is_absolute() else state.settings.home / raw, "dataset")
+        path = state.settings.check_path(state.settings.under_home(dataset), "dataset")
         summary = validate_dataset(path, "dataset")
     except LlmMcpError as exc:
         problems.extend(getattr(exc, "problems", None) or [str(exc)])

@@ -170,8 +170,7 @@ def _sample_target(state: AppState, job_id, adapter, model, checkpoint) -> tuple
         return (SampleSource(base_model=job.model, job_id=job.id, checkpoint=label, adapter_path=str(path)),
                 job_target(job, path))
     if adapter is not None:
-        path = state.settings.check_path(Path(adapter).expanduser() if Path(adapter).expanduser().is_absolute()
-                                         else state.settings.home / adapter, "adapter")
+        path = state.settings.check_path(state.settings.under_home(adapter), "adapter")
         entry = resolve_model(state.matrix, state.settings, adapter_base(path))
     else:
         path, entry = None, resolve_model(state.matrix, state.settings, model)
