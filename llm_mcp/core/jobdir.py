@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ def checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def write_result(job_dir: Path, fields: dict[str, Any]) -> None:
+    """Write result.json atomically (a crash never leaves half of it)."""
+    tmp = job_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(fields, indent=2))
+    os.replace(tmp, job_dir / "result.json")
+
+
+def append_metric(job_dir: Path, record: dict[str, Any]) -> None:
+    """Append one timestamped record to metrics.jsonl."""
+    with open(job_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
 def read_result(job_dir: Path) -> dict | None:

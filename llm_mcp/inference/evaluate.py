@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget
+from llm_mcp.core.jobdir import append_metric, write_result
 
 STOP = threading.Event()
 
@@ -95,25 +95,17 @@ class Scorer:
 
     def logps(self, t: EvalTarget, sequences: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         """(sum of log p over label tokens, label token count) of each (input_ids, labels) sequence."""
-        import contextlib
-
         import torch
 
         from llm_mcp.train.dpo import SequenceLogps
         from llm_mcp.train.encode import IGNORE, collate
 
-        target = self._target(t)
-        with self.sampler._lock:
-            base, _ = self.sampler._base(target)
-            (self.sampler._select_sparse if target.sparse else self.sampler._select_adapter)(base, target.adapter_path)
-            model = base["model"]
-            off = (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
-                   else contextlib.nullcontext())
+        with self.sampler.using(self._target(t)) as base:
             batch = collate([{"input_ids": i[:self.cfg.max_seq_len], "labels": lab[:self.cfg.max_seq_len]}
                              for i, lab in sequences], base["tokenizer"].pad_token_id)
             batch = {k: v.to(base["device"]) for k, v in batch.items()}
-            with torch.inference_mode(), off:
-                sums = SequenceLogps(model)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            with torch.inference_mode():
+                sums = SequenceLogps(base["model"])(batch["input_ids"], batch["attention_mask"], batch["labels"])
             counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
         return [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
 
@@ -125,8 +117,8 @@ class Scorer:
         return self.sampler.generate(self._target(t), params).completions[0].text
 
     def tokenizer(self):
-        base, _ = self.sampler._base(self._target(self.cfg.targets[0]))
-        return base["tokenizer"]
+        with self.sampler.using(self._target(self.cfg.targets[0])) as base:
+            return base["tokenizer"]
 
 
 def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +153,7 @@ def evaluate(job_dir: Path) -> dict[str, Any]:
             break
     rows = [normalize(r) for r in raw_rows]
     total = len(rows) * len(cfg.targets)
-    _metric(job_dir, {"event": "start", "total_steps": total, "rows": len(rows), "targets": len(cfg.targets)})
+    append_metric(job_dir, {"event": "start", "total_steps": total, "rows": len(rows), "targets": len(cfg.targets)})
     print(f"[{time.strftime('%H:%M:%S')}] evaluating {len(cfg.targets)} target(s) on {len(rows)} rows", flush=True)
     scorer = Scorer(cfg)
     tok = scorer.tokenizer()
@@ -177,7 +169,7 @@ def evaluate(job_dir: Path) -> dict[str, Any]:
                 done += 1
                 if done % 8 == 0 or done == total:
                     out.flush()
-                    _metric(job_dir, {"step": done, "rows_done": done, "elapsed_s": round(time.time() - t0, 2)})
+                    append_metric(job_dir, {"step": done, "rows_done": done, "elapsed_s": round(time.time() - t0, 2)})
             print(f"[{time.strftime('%H:%M:%S')}] {t.label}: {json.dumps(summarize(results, t.label))}", flush=True)
     summary = {"targets": [summarize(results, t.label) for t in cfg.targets], "rows_file": str(job_dir / "eval_rows.jsonl"),
                "rows": len(rows), "complete": not STOP.is_set()}
@@ -185,26 +177,15 @@ def evaluate(job_dir: Path) -> dict[str, Any]:
             "total_steps": total}
 
 
-def _metric(job_dir: Path, record: dict[str, Any]) -> None:
-    with open(job_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-
-def _write_result(job_dir: Path, fields: dict[str, Any]) -> None:
-    tmp = job_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(fields, indent=2))
-    os.replace(tmp, job_dir / "result.json")
-
-
 def main(argv: list[str] | None = None) -> int:
     job_dir = Path((sys.argv[1:] if argv is None else argv)[0]).resolve()
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     try:
-        _write_result(job_dir, evaluate(job_dir))
+        write_result(job_dir, evaluate(job_dir))
         return 0
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its cause
         traceback.print_exc()
-        _write_result(job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+        write_result(job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
                                 "next_step": "read the last log lines (job_status), fix the cause, then call "
                                              "evaluate again"})
         return 1

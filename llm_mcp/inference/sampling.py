@@ -8,12 +8,14 @@ The vLLM backend (`llm_mcp.inference.serving.sampler`) implements the same `Samp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -184,16 +186,33 @@ class TransformersSampler:
             model.delete_adapter(old)
         return True
 
-    def generate(self, target: Target, params: SampleParams) -> Generation:
-        import contextlib
+    def _activate(self, target: Target) -> tuple[dict[str, Any], bool, bool]:
+        """With the lock held: the base entry with `target`'s adapter (or none) selected; also whether the base
+        and the adapter were loaded now."""
+        base, base_loaded = self._base(target)
+        select = self._select_sparse if target.sparse else self._select_adapter
+        return base, base_loaded, select(base, target.adapter_path)
 
+    @staticmethod
+    def _adapter_off(model, target: Target):
+        """The base alone: PEFT adapters disabled when `target` names none (sparse deltas are switched by select)."""
+        return (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
+                else contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def using(self, target: Target) -> Iterator[dict[str, Any]]:
+        """Hold the sampler with `target` active: yields its entry ("model", "tokenizer", "device")."""
+        with self._lock:
+            base, _, _ = self._activate(target)
+            with self._adapter_off(base["model"], target):
+                yield base
+
+    def generate(self, target: Target, params: SampleParams) -> Generation:
         import torch
 
         with self._lock:
             t0 = time.perf_counter()
-            base, base_loaded = self._base(target)
-            select = self._select_sparse if target.sparse else self._select_adapter
-            adapter_loaded = select(base, target.adapter_path)
+            base, base_loaded, adapter_loaded = self._activate(target)
             load_s = time.perf_counter() - t0
             model, tok = base["model"], base["tokenizer"]
             if params.messages is not None:
@@ -222,8 +241,7 @@ class TransformersSampler:
                 gen_kwargs.update(stop_strings=params.stop, tokenizer=tok)
             bounds = _bounds(params)
             gen_kwargs["stopping_criteria"] = [bounds]
-            no_adapter = (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
-                          else contextlib.nullcontext())
+            no_adapter = self._adapter_off(model, target)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             t1 = time.perf_counter()

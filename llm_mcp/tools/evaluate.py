@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ImageContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.data import validate_dataset
+from llm_mcp.core.data import fingerprint, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.hardware import detect
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget
@@ -21,6 +21,7 @@ from llm_mcp.core.store import FINAL_STATES
 from llm_mcp.jobs.status import JobStatus, build_status, summarize_status
 from llm_mcp.tools.common import add_tool, result, state_of
 from llm_mcp.tools.finetune import record_job
+from llm_mcp.tools.jobs import wait_for_job
 
 if TYPE_CHECKING:
     from llm_mcp.tools.services import AppState
@@ -69,12 +70,8 @@ async def evaluate(
     config, warnings = _resolve(state, targets, dataset, model, max_rows, max_tokens, generate, regex)
     job = record_job(state, config, config.model.id, None, warnings)
     job = state.executor.submit(job.id)
-    deadline = anyio.current_time() + wait_seconds
-    while job.state not in FINAL_STATES and anyio.current_time() < deadline:
-        status = build_status(state.store, job, log_lines=0)
-        await ctx.report_progress(status.step, status.total_steps, f"{job.state}: {status.step}/{status.total_steps or '?'} rows")
-        await anyio.sleep(min(0.5, max(0.0, deadline - anyio.current_time())))
-        job = await anyio.to_thread.run_sync(state.store.get, job.id)
+    job = await wait_for_job(ctx, state.store, job, wait_seconds, until_change=False, every_s=0.5,
+                             progress="{step}/{total} rows")
     status = build_status(state.store, job)
     finished = job.state in FINAL_STATES
     answer = EvaluateResult(job_id=job.id, state=job.state, evaluation=status.evaluation, job=status,
@@ -129,8 +126,6 @@ def _resolve(state: AppState, targets, dataset, model, max_rows, max_tokens, gen
             problems.append(f"regex={regex!r} is not a valid regular expression ({exc}); fix or drop it")
     if problems or model_ref is None or path is None:
         raise InvalidArgumentError(problems)
-    from llm_mcp.core.data import fingerprint
-
     warnings = [f"dataset: {w}" for w in summary.warnings]
     if summary.rows > max_rows:
         warnings.append(f"scoring the first {max_rows} of {summary.rows}+ rows (max_rows)")

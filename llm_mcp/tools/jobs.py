@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.jobdir import read_metrics
-from llm_mcp.core.store import FINAL_STATES
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
 from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
 
@@ -21,6 +21,23 @@ from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
 class JobStatusResult(BaseModel):
     job: JobStatus | None = None
     jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
+
+
+async def wait_for_job(ctx: Context, store: JobStore, job: Job, wait_seconds: float, *, until_change: bool,
+                       every_s: float = 1.0, progress: str = "step {step}/{total}") -> Job:
+    """Poll `job` for up to wait_seconds, with a progress notification each time, until it ends (or, with
+    until_change, until its state changes). Returns its latest record."""
+    deadline = anyio.current_time() + wait_seconds
+    first_state = job.state
+    while job.state not in FINAL_STATES and anyio.current_time() < deadline:
+        status = build_status(store, job, log_lines=0)
+        await ctx.report_progress(status.step, status.total_steps, f"{job.state}: "
+                                  + progress.format(step=status.step, total=status.total_steps or "?"))
+        await anyio.sleep(min(every_s, max(0.0, deadline - anyio.current_time())))
+        job = await anyio.to_thread.run_sync(store.get, job.id)
+        if until_change and job.state != first_state:
+            break
+    return job
 
 
 async def job_status(
@@ -40,17 +57,7 @@ async def job_status(
     if job_id is None:
         statuses = [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
         return result(summarize_list(statuses), JobStatusResult(jobs=statuses))
-    job = store.get(job_id)
-    deadline = anyio.current_time() + wait_seconds
-    first_state = job.state
-    while job.state not in FINAL_STATES and anyio.current_time() < deadline:
-        status = build_status(store, job, log_lines=0)
-        await ctx.report_progress(status.step, status.total_steps,
-                                  f"{job.state}: step {status.step}/{status.total_steps or '?'}")
-        await anyio.sleep(min(1.0, max(0.0, deadline - anyio.current_time())))
-        job = await anyio.to_thread.run_sync(store.get, job_id)
-        if job.state != first_state:
-            break
+    job = await wait_for_job(ctx, store, store.get(job_id), wait_seconds, until_change=True)
     status = build_status(store, job)
     answer = result(summarize_status(status), JobStatusResult(job=status))
     if plot:

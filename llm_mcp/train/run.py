@@ -12,8 +12,6 @@ Imports torch, transformers, peft and accelerate; never the MCP SDK or the serve
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
 import threading
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobdir import append_metric, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.encode import EncodeStats
@@ -59,14 +58,11 @@ class Run:
 
     def metric(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            with open(self.job_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            append_metric(self.job_dir, record)
 
     def result(self, state: str, **fields: Any) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
-            tmp = self.job_dir / "result.json.tmp"
-            tmp.write_text(json.dumps({"state": state, **fields}, indent=2))
-            os.replace(tmp, self.job_dir / "result.json")
+            write_result(self.job_dir, {"state": state, **fields})
 
 
 @dataclass
@@ -380,10 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its cause, then re-raised
         traceback.print_exc()
         if run is None or run.accelerator is None or run.accelerator.is_main_process:
-            tmp = job_dir / "result.json.tmp"
-            tmp.write_text(json.dumps({"state": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                       "next_step": _next_step_for(exc)}, indent=2))
-            os.replace(tmp, job_dir / "result.json")
+            write_result(job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                   "next_step": _next_step_for(exc)})
         return 1
 
 
