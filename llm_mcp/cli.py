@@ -27,6 +27,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings.sampler = args.sampler
     if getattr(args, "vllm_url", None):
         settings.vllm_url = args.vllm_url
+    if getattr(args, "executor", None):
+        settings.executor = args.executor
     if token_file:
         settings.auth_token = Path(token_file).expanduser().read_text(encoding="utf-8").strip() or None
     return settings
@@ -37,6 +39,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", metavar="DIR", help="state directory (default: LLM_MCP_HOME or ~/.llm_mcp)")
     p.add_argument("--allow-root", metavar="DIR", action="append",
                    help="extra directory datasets / local models / exports may live under (repeatable)")
+    p.add_argument("--executor", choices=["local", "slurm", "ray"],
+                   help="where jobs run (default LLM_MCP_EXECUTOR or local; README: 'Running on a cluster')")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -68,7 +72,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from llm_mcp.core.hardware import detect
     from llm_mcp.core.listing import list_models, summarize
     from llm_mcp.server import AppState
 
@@ -77,7 +80,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{state.settings.models_path}: {len(state.matrix.models)} models, "
               f"{len(state.matrix.architectures)} local architectures: valid")
         return 0
-    result = list_models(state.matrix, detect(), state.defaults, method=args.method, fits=args.fits)
+    result = list_models(state.matrix, state.hardware(), state.defaults, method=args.method, fits=args.fits)
     print(summarize(result, args.method))
     return 0
 
@@ -186,7 +189,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise JobNotFoundError(f"no job {args.job_id!r} in {home}: no job was ever started there; "
                                "pass --home DIR or set LLM_MCP_HOME to the server's state directory")
     store = JobStore(home)
-    executor = make_executor("local", store)
+    executor = make_executor(settings.executor, store, settings)
     executor.poll()
     if not args.job_id:
         jobs = store.list(limit=args.limit)

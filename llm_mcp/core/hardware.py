@@ -36,6 +36,7 @@ class Hardware:
     cpu_count: int = 1
     source: str = "detected"
     claimed_fraction: float = 0.0  # of each GPU's memory held by running vLLM servers
+    max_nodes: int = 1  # machines like this one a job may span (a cluster partition's nodes)
 
     @property
     def device_gb(self) -> float:
@@ -70,6 +71,10 @@ class Hardware:
         return self.available_ram_gb
 
     def describe(self) -> str:
+        if self.source not in ("detected", "hypothetical"):  # a cluster: one node as planned for, and how many
+            each = Hardware(gpus=self.gpus, ram_gb=self.ram_gb, available_ram_gb=self.available_ram_gb,
+                            cpu_count=self.cpu_count).describe()
+            return f"{self.source}: {self.max_nodes} node{'s' if self.max_nodes != 1 else ''}, each {each}"
         if self.gpus:
             names = {g.name for g in self.gpus}
             per = self.gpus[0].memory_gb

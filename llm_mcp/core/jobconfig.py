@@ -76,6 +76,20 @@ class DPOSettings(_Strict):
                                                                    "(conservative DPO).")
 
 
+SLURM_NAME = r"^[A-Za-z0-9_.+-]{1,64}$"
+
+
+class SchedulerSettings(_Strict):
+    """Where a cluster executor queues the job (Slurm's sbatch options); unset fields use the server's settings."""
+
+    partition: str | None = Field(None, pattern=SLURM_NAME)
+    account: str | None = Field(None, pattern=SLURM_NAME)
+    qos: str | None = Field(None, pattern=SLURM_NAME)
+    time_limit: str | None = Field(None, pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$",
+                                   description="Slurm's format: minutes, HH:MM:SS or D-HH:MM:SS.")
+    constraint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,\[\]*!()-]{1,128}$")
+
+
 class JobConfig(_Strict):
     """Everything a job trains with, resolved: no defaults are left for a reader to guess."""
 
@@ -112,7 +126,9 @@ class JobConfig(_Strict):
     max_grad_norm: float = Field(gt=0)
     group_by_length: bool = True
     gradient_checkpointing: bool = False
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, description="Training processes in all (over every node).")
+    nodes: int = Field(1, ge=1, description="Machines the processes are spread over (cluster executors).")
+    scheduler: SchedulerSettings | None = None
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every process holds a whole replica (also one process); fsdp: weights and optimizer "
                            "state sharded over the processes (chosen by validation when one GPU is too small).")
@@ -218,6 +234,7 @@ class EvalConfig(_Strict):
     max_seq_len: int = Field(ge=8)
     batch_size: int = Field(8, ge=1, le=256)
     num_processes: int = 1
+    nodes: int = 1
     device: Literal["cpu", "cuda"] = "cpu"
     method: Literal["evaluate"] = "evaluate"
     entry: Literal["llm_mcp.inference.evaluate"] = "llm_mcp.inference.evaluate"

@@ -6,6 +6,8 @@
     jobs/<id>/checkpoints/step-NNNNNN/   complete checkpoints (written as .tmp, then renamed)
     jobs/<id>/adapter/           the final adapter
     jobs/<id>/result.json        how the trainer ended (state, error, next step)
+    jobs/<id>/cancel             written by cancel_job: the trainer checkpoints and stops (works on any node
+                                 that sees the job directory, so cluster jobs need no signal to reach them)
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ def checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
     return sorted(found)
+
+
+CANCEL_FILE = "cancel"
+
+
+def request_cancel(job_dir: Path) -> None:
+    """Ask the job's processes, wherever they run, to checkpoint and stop after the current step."""
+    (job_dir / CANCEL_FILE).write_text(f"{time.time():.3f}\n")
+
+
+def cancel_requested(job_dir: Path) -> bool:
+    return (job_dir / CANCEL_FILE).exists()
 
 
 def write_result(job_dir: Path, fields: dict[str, Any]) -> None:

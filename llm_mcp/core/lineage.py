@@ -13,7 +13,7 @@ from llm_mcp.core.matrix import ModelEntry
 from llm_mcp.core.store import JobStore
 
 OBJECTIVES = ("causal_lm", "dpo")
-RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name")
+RESUME_OVERRIDABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "name", "scheduler")
 DPO_ARGS = ("beta", "label_smoothing")
 # DPO moves a model less than SFT: the alignment-handbook's zephyr-7b-beta QLoRA recipes use 2e-4 for SFT and
 # 5e-6 for DPO (recipes/zephyr-7b-beta/{sft,dpo}/config_qlora.yaml), so DPO defaults to 1/40 of the LoRA LR.

@@ -17,7 +17,9 @@ class HardwareInfo(BaseModel):
     device: str = Field(description="'cuda' or 'cpu': what the estimates assume.")
     usable_memory_gb: float = Field(description="Memory one training process may plan on: 95% of one GPU less what "
                                                 "vLLM servers claim, or 85% of RAM.")
-    source: str = Field(description="'detected' (this machine) or 'hypothetical' (gpu_memory_gb argument).")
+    source: str = Field(description="'detected' (this machine), 'hypothetical' (gpu_memory_gb argument), or the "
+                                    "cluster partition one node of which the estimates plan for.")
+    nodes: int = Field(1, description="Nodes like this a job may span (start_finetune nodes=...).")
 
 
 class MemoryBreakdown(BaseModel):
@@ -187,7 +189,7 @@ def list_models(
 def hardware_info(hardware: Hardware) -> HardwareInfo:
     return HardwareInfo(
         description=hardware.describe(), device=hardware.device,
-        usable_memory_gb=hardware.usable_gb(), source=hardware.source,
+        usable_memory_gb=hardware.usable_gb(), source=hardware.source, nodes=hardware.max_nodes,
     )
 
 

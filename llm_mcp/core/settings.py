@@ -11,7 +11,12 @@ Environment variables (CLI flags override them):
   LLM_MCP_VLLM_API_KEY   its API key
   LLM_MCP_VLLM_IDLE_S    stop a managed vLLM server after this many idle seconds (default 900; 0 = never)
   LLM_MCP_VLLM_ARGS      extra `vllm serve` arguments for managed servers
-  LLM_MCP_EXECUTOR       where jobs run: local (default; llm_mcp.jobs.executor lists the engines)
+  LLM_MCP_EXECUTOR       where jobs run: local (default), slurm or ray (llm_mcp.jobs.executor)
+  LLM_MCP_CLUSTER_PYTHON the Python (with llm-mcp installed) that cluster nodes run jobs with; default this one
+  LLM_MCP_CLUSTER_GPU_MEMORY_GB  memory of one cluster GPU, which neither engine reports (default 80)
+  LLM_MCP_SLURM_PARTITION / _ACCOUNT / _QOS / _TIME / _CONSTRAINT   sbatch defaults (a request may override)
+  LLM_MCP_SLURM_ARGS     extra sbatch options for every job (operator-only, e.g. "--mem=0 --exclusive")
+  LLM_MCP_RAY_ADDRESS    the Ray dashboard address for the ray executor (default http://127.0.0.1:8265)
   LLM_MCP_MAX_QUEUED     start_finetune refuses a job when this many are already queued (default 16)
   LLM_MCP_SESSION_IDLE_S an HTTP session with no request for this long is closed (default 300)
   LLM_MCP_MAX_SESSIONS   HTTP sessions open at once; more are refused until one closes (default 256)
@@ -42,6 +47,9 @@ def data_path(name: str) -> Path:
 
 
 SAMPLERS = ("auto", "transformers", "vllm")
+# Settings key -> LLM_MCP_SLURM_<NAME>
+SLURM_SETTINGS = {"partition": "PARTITION", "account": "ACCOUNT", "qos": "QOS", "time_limit": "TIME",
+                  "constraint": "CONSTRAINT", "sbatch_args": "ARGS"}
 
 
 def _float_env(env: dict[str, str], name: str, default: float) -> float:
@@ -69,6 +77,10 @@ class Settings:
     vllm_idle_s: float = 900.0
     vllm_args: str = ""
     executor: str = "local"
+    cluster_python: str | None = None
+    cluster_gpu_memory_gb: float = 80.0
+    slurm: dict[str, str] = field(default_factory=dict)
+    ray_address: str = "http://127.0.0.1:8265"
     max_queued: int = 16
     session_idle_s: float = 300.0
     max_sessions: int = 256
@@ -95,6 +107,11 @@ class Settings:
             vllm_idle_s=_float_env(env, "LLM_MCP_VLLM_IDLE_S", 900.0),
             vllm_args=env.get("LLM_MCP_VLLM_ARGS", ""),
             executor=env.get("LLM_MCP_EXECUTOR") or "local",
+            cluster_python=env.get("LLM_MCP_CLUSTER_PYTHON") or None,
+            cluster_gpu_memory_gb=_float_env(env, "LLM_MCP_CLUSTER_GPU_MEMORY_GB", 80.0) or 80.0,
+            slurm={key: env[f"LLM_MCP_SLURM_{name}"] for key, name in SLURM_SETTINGS.items()
+                   if env.get(f"LLM_MCP_SLURM_{name}")},
+            ray_address=env.get("LLM_MCP_RAY_ADDRESS") or "http://127.0.0.1:8265",
             max_queued=int(_float_env(env, "LLM_MCP_MAX_QUEUED", 16)),
             session_idle_s=_float_env(env, "LLM_MCP_SESSION_IDLE_S", 300.0),
             max_sessions=max(1, int(_float_env(env, "LLM_MCP_MAX_SESSIONS", 256))),

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
+# Columns added after the first release: (name, declaration). Opening an older jobs.db adds them.
+_ADDED_COLUMNS = (
+    ("engine", "TEXT NOT NULL DEFAULT 'local'"),  # the executor that runs the job: local | slurm | ray
+    ("engine_id", "TEXT"),                        # the engine's id for it (Slurm job id, Ray submission id)
+    ("engine_state", "TEXT"),                     # the engine's last word on it (PENDING (Resources), RUNNING, ...)
+    ("nodes", "TEXT"),                            # the hosts it runs on, as the engine names them
+    ("cancel_at", "REAL"),                        # when cancel_job asked a cluster job to stop
+)
 
 
 class JobNotFoundError(LlmMcpError, LookupError):
@@ -70,6 +78,11 @@ class Job:
     error: str | None = None
     next_step: str | None = None
     warnings: list[str] = field(default_factory=list)
+    engine: str = "local"
+    engine_id: str | None = None
+    engine_state: str | None = None
+    nodes: str | None = None
+    cancel_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -94,6 +107,10 @@ class JobStore:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
                 db.executescript(_SCHEMA)
+                have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                for name, declaration in _ADDED_COLUMNS:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(
                 f"cannot use the job store in {home} ({exc}); check that LLM_MCP_HOME is writable and not full"
@@ -129,10 +146,10 @@ class JobStore:
     def insert(self, job: Job) -> None:
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config,"
+                " engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.name, job.state, job.model, job.method, job.device_set, job.created_at,
-                 job.resumed_from, json.dumps(job.warnings), job.config.model_dump_json()),
+                 job.resumed_from, json.dumps(job.warnings), job.config.model_dump_json(), job.engine),
             )
 
     def get(self, job_id: str) -> Job:
@@ -146,11 +163,16 @@ class JobStore:
             )
         return Job.from_row(row)
 
-    def list(self, limit: int = 20, states: tuple[str, ...] | None = None) -> list[Job]:
-        query, args = "SELECT * FROM jobs", []
+    def list(self, limit: int = 20, states: tuple[str, ...] | None = None, engine: str | None = None) -> list[Job]:
+        """The newest jobs, optionally only those in `states` and run by `engine`."""
+        where, args = [], []
         if states:
-            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            where.append(f"state IN ({','.join('?' * len(states))})")
             args += list(states)
+        if engine:
+            where.append("engine = ?")
+            args.append(engine)
+        query = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
         query += " ORDER BY created_at DESC LIMIT ?"
         with self._connect() as db:
             return [Job.from_row(r) for r in db.execute(query, (*args, limit)).fetchall()]

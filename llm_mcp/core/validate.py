@@ -16,6 +16,7 @@ from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import linear_names
 from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware, gpu_bf16_peak_flops
+from llm_mcp.core.placement import check_placement, check_scheduler, in_range as _in_range
 from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.store import JobStore
@@ -46,14 +47,6 @@ class Resolved:
     dataset: DatasetSummary
     estimates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
-
-
-def _in_range(problems: list[str], name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
-    if value is None:
-        return
-    bad_type = not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and not float(value).is_integer())
-    if bad_type or not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
-        problems.append(f"{name}={value!r} is out of range; allowed: {kind.__name__} from {lo:g} to {hi:g}")
 
 
 def _flops_per_second(hardware: Hardware, processes: int) -> float:
@@ -90,6 +83,7 @@ def resolve_finetune(
     _check_method(entry, method, problems, warnings)
     _check_ranges(args, entry, hardware, resuming=bool(base_cfg), problems=problems)
     check_objective(args, problems)
+    check_scheduler(args, settings, problems)
     init = init_from(store, args, entry, problems)
     lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
     dataset, eval_set = _datasets(settings, args, problems)
@@ -151,8 +145,7 @@ def _check_ranges(args: dict[str, Any], entry: ModelEntry | None, hardware: Hard
         _in_range(problems, name, args.get(name), lo, hi, kind)
     if "max_steps" in args and "epochs" in args and not resuming:
         problems.append("give max_steps or epochs, not both")
-    max_procs = len(hardware.gpus) or hardware.cpu_count
-    _in_range(problems, "num_processes", args.get("num_processes"), 1, max(1, max_procs))
+    check_placement(args, hardware, problems)
     if method != "sparse":
         given = [k for k in SPARSE_ARGS if k in args and not resuming]
         if given:
@@ -245,7 +238,8 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
         eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
         max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
         learning_rate=args.get("learning_rate", recommended_lr(entry, args)),
-        num_processes=args.get("num_processes", 1), objective=args.get("objective", "causal_lm"),
+        num_processes=args.get("num_processes", 1), nodes=args.get("nodes", cfg.get("nodes", 1)),
+        scheduler=args.get("scheduler", cfg.get("scheduler")), objective=args.get("objective", "causal_lm"),
         dpo={"beta": args.get("beta", 0.1), "label_smoothing": args.get("label_smoothing", 0.0)}
         if args.get("objective") == "dpo" else None,
         eval_every=args.get("eval_every", cfg.get("eval_every", 0)),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget
-from llm_mcp.core.jobdir import append_metric, write_result
+from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 
 STOP = threading.Event()
 
@@ -161,7 +161,8 @@ def evaluate(job_dir: Path) -> dict[str, Any]:
     with open(job_dir / "eval_rows.jsonl", "w", encoding="utf-8") as out:
         for t in cfg.targets:
             for i, (row, raw) in enumerate(zip(rows, raw_rows), 1):
-                if STOP.is_set():
+                if STOP.is_set() or cancel_requested(job_dir):
+                    STOP.set()
                     break
                 record = {"target": t.label, "row": i, **score_row(scorer, tok, t, row, raw)}
                 results.append(record)

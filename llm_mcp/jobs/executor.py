@@ -3,9 +3,9 @@
 An executor takes a job that validation has accepted and the store has recorded (state
 'queued', its `config.json` written) and runs it to a final state. The store is the truth
 about jobs: an executor records what happened there, so a restarted server re-attaches by
-calling `reattach()` and nothing else. Today's engine is `LocalExecutor` (a supervisor
-process per job on this machine, `llm_mcp.jobs.local`); a cluster engine is a new module
-implementing the same five methods, chosen in `make_executor`.
+calling `reattach()` and nothing else. The engines: `LocalExecutor` (a supervisor process
+per job on this machine, `llm_mcp.jobs.local`), `SlurmExecutor` (`llm_mcp.jobs.slurm`) and
+`RayExecutor` (`llm_mcp.jobs.rayjobs`), the last two over `llm_mcp.jobs.cluster`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.settings import Settings
 from llm_mcp.core.store import Job, JobStore
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "slurm", "ray")
 
 
 class Executor(Protocol):
@@ -42,9 +44,15 @@ class Executor(Protocol):
     def reattach(self) -> None:
         """After a server (re)start: pick up the jobs still running or queued from an earlier server."""
 
+    def hardware(self) -> Hardware:
+        """What one job may run on (this machine, or one node of the cluster and how many there are)."""
 
-def make_executor(name: str, store: JobStore) -> Executor:
-    """The executor called `name` over `store`.
+    def describe_submission(self, job_id: str, cfg, job_dir) -> dict | None:
+        """What would be handed to the engine for this job (dry runs show it); None for local jobs."""
+
+
+def make_executor(name: str, store: JobStore, settings: Settings | None = None) -> Executor:
+    """The executor called `name` over `store` (cluster executors read their options from `settings`).
 
     Raises:
         ConfigurationError: an unknown executor name.
@@ -53,4 +61,13 @@ def make_executor(name: str, store: JobStore) -> Executor:
         from llm_mcp.jobs.local import LocalExecutor
 
         return LocalExecutor(store)
+    settings = settings or Settings.from_env()
+    if name == "slurm":
+        from llm_mcp.jobs.slurm import SlurmExecutor
+
+        return SlurmExecutor(store, settings)
+    if name == "ray":
+        from llm_mcp.jobs.rayjobs import RayExecutor
+
+        return RayExecutor(store, settings)
     raise ConfigurationError(f"executor={name!r}; allowed: {list(EXECUTORS)}")

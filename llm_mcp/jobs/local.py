@@ -10,7 +10,6 @@ one BEGIN IMMEDIATE transaction, so no job is ever started twice.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,9 +19,11 @@ from pathlib import Path
 import psutil
 
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
+from llm_mcp.core.jobdir import log_tail
+from llm_mcp.core.hardware import detect
 from llm_mcp.core.procs import free_port
-from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.core.store import Job, JobStore
+from llm_mcp.jobs.outcome import finalize
 from llm_mcp.core.settings import data_path
 
 START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
@@ -36,16 +37,23 @@ def max_jobs() -> int:
         return 1
 
 
-def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path) -> list[str]:
-    """The command line for a job's resolved config: `accelerate launch` for training."""
+def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path, *, python: str = sys.executable,
+                       port: int | str | None = None, machine_rank: str = "0", main_ip: str = "") -> list[str]:
+    """The command line for a job's resolved config: `accelerate launch` for training.
+
+    A job over several nodes (cfg.nodes > 1) runs this once per node with that node's `machine_rank` and
+    the first node's address as `main_ip`; the cluster executors pass shell variables for both.
+    """
     n = cfg.num_processes
     if cfg.task == "evaluate":  # one process, no accelerate: the evaluation runner loads what it scores
-        return [sys.executable, "-m", cfg.entry, str(job_dir)]
+        return [python, "-m", cfg.entry, str(job_dir)]
     name = "fsdp.yaml" if cfg.distributed == "fsdp" else "single.yaml" if n == 1 else "ddp.yaml"
     config_file = str(data_path("configs") / "accelerate" / name)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-            "--num_processes", str(n), "--main_process_port", str(free_port()),
-            "-m", cfg.entry, str(job_dir)]
+    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", config_file,
+           "--num_processes", str(n), "--main_process_port", str(port or free_port())]
+    if cfg.nodes > 1:
+        cmd += ["--num_machines", str(cfg.nodes), "--machine_rank", machine_rank, "--main_process_ip", main_ip]
+    return cmd + ["-m", cfg.entry, str(job_dir)]
 
 
 def _process_alive(pid: int | None, started_at: float | None) -> bool:
@@ -66,9 +74,11 @@ def schedule(store: JobStore) -> list[str]:
     claimed: list[str] = []
     with store.transaction() as db:
         running: dict[str, int] = {}
-        for row in db.execute("SELECT device_set, COUNT(*) AS n FROM jobs WHERE state = 'running' GROUP BY device_set"):
+        for row in db.execute("SELECT device_set, COUNT(*) AS n FROM jobs WHERE state = 'running' AND engine = 'local' "
+                              "GROUP BY device_set"):
             running[row["device_set"]] = row["n"]
-        for row in db.execute("SELECT id, device_set FROM jobs WHERE state = 'queued' ORDER BY created_at").fetchall():
+        for row in db.execute("SELECT id, device_set FROM jobs WHERE state = 'queued' AND engine = 'local' "
+                              "ORDER BY created_at").fetchall():
             if running.get(row["device_set"], 0) < limit:
                 db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
                            (time.time(), row["id"]))
@@ -95,24 +105,6 @@ def _spawn_supervisor(store: JobStore, job_id: str) -> None:
     store.update(job_id, pid=proc.pid, pid_started_at=psutil.Process(proc.pid).create_time())
 
 
-def describe_exit(exit_code: int | None, tail: list[str]) -> str:
-    """One sentence on why the process ended, from its exit status and log."""
-    for line in reversed(tail):
-        m = re.search(r"Signals\.(SIG[A-Z]+)", line)
-        if m:
-            return f"the training process was killed by {m.group(1)}" + (
-                " (often the out-of-memory killer)" if m.group(1) == "SIGKILL" else "")
-    if exit_code is not None and exit_code < 0:
-        name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
-        return f"the job process was killed by {name}"
-    errors = [ln for ln in tail if re.match(r"^\w*(Error|Exception)\b", ln.strip())]
-    if errors:
-        return f"the training process failed: {errors[-1].strip()}"
-    if exit_code is None:
-        return "the job's supervisor process disappeared (machine restart or kill -9) before recording an exit status"
-    return f"the training process exited with code {exit_code}"
-
-
 def kill_job_processes(job_dir: Path, sig: int = signal.SIGKILL) -> int:
     """Signal any process still running this job's trainer (orphans of a dead supervisor)."""
     needle, n = str(job_dir), 0
@@ -127,29 +119,6 @@ def kill_job_processes(job_dir: Path, sig: int = signal.SIGKILL) -> int:
     return n
 
 
-def finalize(store: JobStore, job: Job, exit_code: int | None) -> str:
-    """Record the final state of a job whose processes have ended. Returns the state."""
-    job_dir = store.job_dir(job.id)
-    result = read_result(job_dir)
-    tail = log_tail(job_dir)
-    fresh = store.get(job.id)
-    if result and result.get("state") in FINAL_STATES:
-        state, error, next_step = result["state"], result.get("error"), result.get("next_step")
-    elif fresh.cancel_requested:
-        state, error, next_step = "cancelled", None, None
-    else:
-        state, error = "failed", describe_exit(exit_code, tail)
-        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else (
-            "fix the cause shown in the last log lines, then start the job again")
-    if state == "failed" and error and not next_step:
-        next_step = "fix the cause shown in the last log lines, then start again or resume"
-    if state == "cancelled":
-        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else None
-    store.update(job.id, expect=("running",), state=state, finished_at=time.time(), exit_code=exit_code,
-                 error=error, next_step=next_step)
-    return state
-
-
 def _supervisor_of(job_id: str) -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
@@ -161,7 +130,7 @@ def _supervisor_of(job_id: str) -> psutil.Process | None:
 def reconcile(store: JobStore) -> None:
     """Mark running jobs whose processes are gone as failed (with the cause); then start queued ones."""
     now = time.time()
-    for job in store.list(limit=1000, states=("running",)):
+    for job in store.list(limit=1000, states=("running",), engine="local"):
         if job.pid is None:
             live = _supervisor_of(job.id)
             if live is not None:  # spawned, but the server died before recording its pid: adopt it
@@ -216,6 +185,12 @@ class LocalExecutor:
 
     def logs(self, job_id: str, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
         return log_tail(self.store.job_dir(job_id), lines=lines, max_bytes=max_bytes)
+
+    def hardware(self):
+        return detect()
+
+    def describe_submission(self, job_id, cfg, job_dir) -> None:
+        return None
 
     def reattach(self) -> None:
         # Supervisors outlive servers and record their own outcome: re-attaching is reconciling

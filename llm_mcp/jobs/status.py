@@ -51,6 +51,11 @@ class JobStatus(BaseModel):
     finished_at: float | None = None
     resumed_from: str | None = None
     job_dir: str
+    engine: str = Field("local", description="Where it runs: local | slurm | ray.")
+    engine_job_id: str | None = Field(None, description="The Slurm job id or Ray submission id.")
+    queue_state: str | None = Field(None, description="The engine's own state, e.g. 'PENDING (Resources)': a job "
+                                                      "pending in the cluster's queue is 'queued' here, not running.")
+    nodes: str | None = Field(None, description="The hosts the job runs on, as the engine names them.")
 
 
 def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
@@ -63,7 +68,8 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
         job_id=job.id, name=job.name, state=job.state, model=job.model, method=job.method,
         warnings=job.warnings, error=redact_paths(job.error, store.home) if job.error else None,
         next_step=job.next_step, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        resumed_from=job.resumed_from, job_dir=str(job_dir),
+        resumed_from=job.resumed_from, job_dir=str(job_dir), engine=job.engine, engine_job_id=job.engine_id,
+        queue_state=job.engine_state, nodes=job.nodes,
         log_tail=public_log(log_tail(job_dir, log_lines * 4), store.home)[-log_lines:] if job.state != "queued" and log_lines else [],
     )
     if start:
@@ -124,6 +130,9 @@ def summarize_status(s: JobStatus) -> str:
     if s.total_steps:
         head += f", step {s.step}/{s.total_steps}"
     lines = [head]
+    if s.engine != "local":
+        lines.append(f"{s.engine} job {s.engine_job_id or '(not submitted)'}: {s.queue_state or 'unknown'}"
+                     + (f" on {s.nodes}" if s.nodes else ""))
     if s.loss is not None:
         part = f"loss {s.loss:.4f} (smoothed {s.smoothed_loss:.4f}, first {s.first_loss:.4f})"
         if s.eval_loss is not None:

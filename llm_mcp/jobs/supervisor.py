@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from llm_mcp.jobs.local import accelerate_command, finalize, schedule
+from llm_mcp.jobs.local import accelerate_command, schedule
+from llm_mcp.jobs.outcome import finalize
 from llm_mcp.core.store import JobStore
 from llm_mcp.core.procs import become_subreaper, signal_descendants, threads_per_process
 

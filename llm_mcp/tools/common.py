@@ -193,6 +193,12 @@ def summarize_start(r: StartFinetuneResult) -> str:
         f"{e['usable_memory_gb']:g} GB usable; rough time {e['rough_time_s']:.0f} s.",
     ]
     lines += [f"warning: {w}" for w in r.warnings]
+    sub = r.submission
+    if sub and sub.get("kind") == "sbatch":
+        lines.append(f"would run `sbatch --parsable {sub['path']}` with this script:\n{sub['script']}")
+    elif sub:
+        lines.append(f"would submit to Ray at {sub['address']}: {sub['entrypoint']} "
+                     f"(CPUs {sub['entrypoint_num_cpus']}, GPUs {sub['entrypoint_num_gpus']})")
     lines.append(f"next: {r.next_step}")
     return "\n".join(lines)
 

@@ -14,7 +14,6 @@ from pydantic import BaseModel, Field
 
 from llm_mcp.core.data import fingerprint, validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
-from llm_mcp.core.hardware import detect
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.store import FINAL_STATES
@@ -131,7 +130,7 @@ def _resolve(state: AppState, targets, dataset, model, max_rows, max_tokens, gen
         warnings.append(f"scoring the first {max_rows} of {summary.rows}+ rows (max_rows)")
     config = EvalConfig(model=model_ref, targets=resolved, dataset=str(path), dataset_fingerprint=fingerprint(path),
                         max_rows=max_rows, max_tokens=max_tokens, generate=generate, regex=regex,
-                        max_seq_len=min(context, 4096), device="cuda" if detect().gpus else "cpu")
+                        max_seq_len=min(context, 4096), device="cuda" if state.hardware().gpus else "cpu")
     return config, warnings
 
 

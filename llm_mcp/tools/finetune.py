@@ -13,7 +13,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.core.hardware import detect
+from llm_mcp.core.jobconfig import SchedulerSettings
 from llm_mcp.core.store import Job, new_job_id
 from llm_mcp.core.validate import Resolved, resolve_finetune
 from llm_mcp.tools.common import add_tool, choice, result, state_of, summarize_start
@@ -31,6 +31,8 @@ class StartFinetuneResult(BaseModel):
     estimates: dict = Field(description="Trainable params, memory, steps, tokens and a rough time.")
     warnings: list[str]
     next_step: str
+    submission: dict | None = Field(None, description="Dry runs on a cluster: the exact batch script or Ray job "
+                                                       "it would submit.")
 
 
 def start_finetune(
@@ -70,7 +72,11 @@ def start_finetune(
                                                                               "only (default) or on all tokens.")] = None,
     seed: Annotated[int | None, Field(description="Seed for init, data order and dropout (default 0).")] = None,
     name: Annotated[str | None, Field(description="A label for the job.")] = None,
-    num_processes: Annotated[int | None, Field(description="Data-parallel processes (default 1; GPUs or CPU cores).")] = None,
+    num_processes: Annotated[int | None, Field(description="Data-parallel processes in all nodes (default 1, or 1 "
+                                                           "per GPU with nodes).")] = None,
+    nodes: Annotated[int | None, Field(description="Machines to spread them over (slurm executor; default 1).")] = None,
+    scheduler: Annotated[SchedulerSettings | None, Field(description="slurm executor: this job's sbatch options "
+                                                                     "(default: LLM_MCP_SLURM_*).")] = None,
     checkpoint_every: Annotated[int | None, Field(description="Checkpoint every N steps (default 50; 0 = only on "
                                                               "cancel).")] = None,
     keep_checkpoints: Annotated[int | None, Field(description="How many recent checkpoints to keep (default 3).")] = None,
@@ -112,26 +118,38 @@ def start_finetune(
     state = state_of(ctx)
     args = {k: v for k, v in locals().items() if k in inspect.signature(start_finetune).parameters
             and k not in ("ctx", "dry_run")}
+    if scheduler is not None:
+        args["scheduler"] = scheduler.model_dump(exclude_none=True)
     state.executor.poll()
     resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
-                                hardware=detect(), store=state.store, args=args)
+                                hardware=state.hardware(), store=state.store, args=args)
     _check_tokens(resolved)
     if dry_run:
-        answer = StartFinetuneResult(state="dry_run", dry_run=True, config=resolved.config.model_dump(mode="json"),
-                                     estimates=resolved.estimates, warnings=resolved.warnings,
-                                     next_step="call start_finetune again without dry_run to start it")
-        return result(summarize_start(answer), answer)
-    queued = state.store.count(("queued",))
-    if queued >= state.settings.max_queued:
-        raise InvalidArgumentError(
-            f"{queued} jobs are already queued (the limit is LLM_MCP_MAX_QUEUED={state.settings.max_queued}); "
-            "wait for some to finish (job_status()) or cancel_job the ones you no longer need, then call again")
+        return _dry_run(state, resolved)
+    _check_queue(state)
     job = _record_job(state, resolved, name, resume_from)
     job = state.executor.submit(job.id)
     answer = StartFinetuneResult(job_id=job.id, state=job.state, dry_run=False,
                                  config=job.config.model_dump(mode="json"), estimates=resolved.estimates,
                                  warnings=resolved.warnings,
                                  next_step=f"job_status(job_id='{job.id}', wait_seconds=30) until it succeeds")
+    return result(summarize_start(answer), answer)
+
+
+def _check_queue(state: AppState) -> None:
+    queued = state.store.count(("queued",))
+    if queued >= state.settings.max_queued:
+        raise InvalidArgumentError(
+            f"{queued} jobs are already queued (the limit is LLM_MCP_MAX_QUEUED={state.settings.max_queued}); "
+            "wait for some to finish (job_status()) or cancel_job the ones you no longer need, then call again")
+
+
+def _dry_run(state: AppState, resolved: Resolved) -> CallToolResult:
+    """The resolved config, estimates and, on a cluster, the exact submission; nothing is started."""
+    submission = state.executor.describe_submission("<job_id>", resolved.config, state.store.jobs_dir / "<job_id>")
+    answer = StartFinetuneResult(state="dry_run", dry_run=True, config=resolved.config.model_dump(mode="json"),
+                                 estimates=resolved.estimates, warnings=resolved.warnings, submission=submission,
+                                 next_step="call start_finetune again without dry_run to start it")
     return result(summarize_start(answer), answer)
 
 
@@ -161,7 +179,7 @@ def record_job(state: AppState, config, model_id: str, name: str | None, warning
     config = config.model_copy(update={"job_id": job_id})
     job = Job(id=job_id, name=name or job_id, state="queued", model=model_id, method=config.method,
               device_set=config.device, created_at=time.time(), config=config, resumed_from=resume_from,
-              warnings=warnings)
+              warnings=warnings, engine=state.executor.name)
     job_dir = state.store.job_dir(job_id)
     try:
         job_dir.mkdir(parents=True)

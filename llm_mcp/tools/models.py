@@ -9,7 +9,7 @@ from mcp_types import CallToolResult
 from pydantic import Field
 
 from llm_mcp.core import listing
-from llm_mcp.core.hardware import Hardware, detect
+from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.local_models import read_json, local_checkpoints, resolve_model
 from llm_mcp.tools.common import READ_ONLY, add_tool, choice, result, state_of
@@ -59,7 +59,7 @@ def list_models(
     cached = state.listing_cache.get(key)
     if cached is not None:
         return cached
-    hardware = Hardware.hypothetical(gpu_memory_gb, num_gpus) if gpu_memory_gb else detect()
+    hardware = Hardware.hypothetical(gpu_memory_gb, num_gpus) if gpu_memory_gb else state.hardware()
     if model is not None:
         entry = resolve_model(state.matrix, state.settings, model)
         info = listing.describe_model(entry, hardware, state.defaults, full=True)

@@ -83,7 +83,7 @@ class AppState:
         settings.sample_backend()  # an unknown --sampler / LLM_MCP_SAMPLER stops start-up
         store = JobStore(settings.home)
         return cls(settings=settings, matrix=matrix, defaults=defaults, store=store,
-                   executor=make_executor(settings.executor, store))
+                   executor=make_executor(settings.executor, store, settings))
 
     def _once(self, name: str, make) -> Any:
         with self._lazy_lock:
@@ -130,6 +130,10 @@ class AppState:
                             extra_args=s.vllm_args, gpu=detect().device == "cuda")
 
         return self._once("pool", make)
+
+    def hardware(self):
+        """What a job may run on: this machine (local executor) or one node of the cluster and how many."""
+        return self.executor.hardware()
 
     def starting_servers(self) -> list[str]:
         """Names of managed vLLM servers still starting (none if no pool was ever needed)."""

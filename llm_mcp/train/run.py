@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.core.jobdir import append_metric, write_result
+from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.encode import EncodeStats
@@ -36,7 +36,7 @@ from llm_mcp.train.objectives import Objective, objective_for
 quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
 
 
-STOP = threading.Event()  # set by SIGTERM (cancel_job): checkpoint and stop after the current step
+STOP = threading.Event()  # set by SIGTERM (cancel_job): checkpoint and stop after the current step (so does a cancel file)
 
 
 class Run:
@@ -50,7 +50,7 @@ class Run:
 
     @property
     def stop_requested(self) -> bool:
-        return STOP.is_set()
+        return STOP.is_set() or cancel_requested(self.job_dir)
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:

@@ -1,0 +1,204 @@
+"""What the cluster executors (Slurm, Ray) share: submit, poll, cancel and re-attach through an engine.
+
+A cluster job is handed to the engine as soon as it is recorded; the engine queues it. The job store
+stays on the server's machine and only this server writes it: the job's processes, on whatever nodes,
+write their log, metrics, checkpoints and result.json into the job directory, which therefore must be on
+a filesystem every node shares (LLM_MCP_HOME). The engine's job id is stored with the job, so a
+restarted server re-attaches by asking the engine about the ids it finds; nothing else is kept.
+
+Cancel writes the job directory's cancel file (the trainer checkpoints and stops at its next step, on
+every node) and signals the job through the engine; a job still running after the grace period is
+stopped by the engine. A job the engine ended without being asked here (scancel, `ray job stop`, a time
+limit, preemption, a lost node) ends 'failed' with that cause and, when it checkpointed, a resume step.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.jobconfig import EvalConfig, JobConfig
+from llm_mcp.core.jobdir import log_tail, request_cancel
+from llm_mcp.core.settings import Settings
+from llm_mcp.core.store import Job, JobStore
+from llm_mcp.jobs.outcome import finalize
+
+CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
+HARDWARE_TTL_S = 30.0
+# Filesystems that are local to one machine: a multi-node cluster's nodes cannot see a job directory on them.
+LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs")
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """One job as the engine reports it.
+
+    phase: 'pending' (queued by the engine), 'running', or 'ended'. For an ended job, `outside` is the
+    cause when the engine itself stopped it (None when the job's own processes ended, in any way).
+    """
+
+    phase: str
+    state: str  # the engine's own word: PENDING, RUNNING, COMPLETED, TIMEOUT, STOPPED, ...
+    reason: str = ""  # why it waits (Slurm: Resources, Priority, ...) or why it ended
+    nodes: str = ""
+    exit_code: int | None = None
+    outside: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.state} ({self.reason})" if self.reason and self.reason != "None" else self.state
+
+
+def job_environment(cfg: JobConfig | EvalConfig, cpus_per_node: int, home: Path) -> dict[str, str]:
+    """The variables every job process gets, wherever it runs (the local supervisor sets the same)."""
+    per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(given) if given.isdigit() and int(given) > 0 else max(1, cpus_per_node // per_node)
+    return {"LLM_MCP_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": str(threads)}
+
+
+def local_filesystem(path: Path) -> str | None:
+    """The filesystem type of `path` when it is one that only this machine sees, else None (Linux; None elsewhere)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")) \
+                and len(parts[1]) >= len(best):
+            best, fstype = parts[1], parts[2]
+    return fstype if fstype in LOCAL_FILESYSTEMS else None
+
+
+class ClusterExecutor:
+    """The engine-independent half of a cluster executor; subclasses talk to one engine."""
+
+    name = "cluster"
+    engine = "the cluster"
+
+    def __init__(self, store: JobStore, settings: Settings):
+        self.store, self.settings = store, settings
+        self.python = settings.cluster_python or sys.executable
+        self._hardware: tuple[float, Hardware] | None = None
+
+    # ---- what an engine implements ------------------------------------------------------------------
+    def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
+        """What would be sent to the engine for this job: {'kind': ..., ...} (dry runs show it)."""
+        raise NotImplementedError
+
+    def send(self, job_id: str, submission: dict) -> str:
+        """Send a submission; returns the engine's id for it. Raises ConfigurationError with the engine's words."""
+        raise NotImplementedError
+
+    def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
+        """The engine's view of these jobs; an id the engine no longer knows is left out."""
+        raise NotImplementedError
+
+    def signal_stop(self, engine_id: str) -> None:
+        """Ask a running job to stop (the trainer checkpoints on SIGTERM)."""
+
+    def kill(self, engine_id: str) -> None:
+        """Stop a job now (pending ones leave the queue)."""
+        raise NotImplementedError
+
+    def read_hardware(self) -> Hardware:
+        raise NotImplementedError
+
+    # ---- the executor interface ---------------------------------------------------------------------
+    def hardware(self) -> Hardware:
+        """One node of the cluster as the fit check plans for it (max_nodes: how many such nodes there are)."""
+        now = time.monotonic()
+        if self._hardware is None or now - self._hardware[0] > HARDWARE_TTL_S:
+            self._hardware = (now, self.read_hardware())
+        return self._hardware[1]
+
+    def submit(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        job_dir = self.store.job_dir(job_id)
+        submission = self.describe_submission(job_id, job.config, job_dir)
+        try:
+            engine_id = self.send(job_id, submission)
+        except ConfigurationError as exc:
+            self.store.update(job_id, expect=("queued",), state="failed", finished_at=time.time(),
+                              error=f"{self.engine} refused the job: {exc}",
+                              next_step="fix the cluster settings or the request, then start the job again")
+            return self.store.get(job_id)
+        self.store.update(job_id, engine_id=engine_id, engine_state="SUBMITTED")
+        return self.store.get(job_id)
+
+    def poll(self) -> None:
+        jobs = [j for j in self.store.list(limit=1000, states=("queued", "running"), engine=self.name) if j.engine_id]
+        if not jobs:
+            return
+        seen = self.query([j.engine_id for j in jobs])
+        now = time.time()
+        for job in jobs:
+            ej = seen.get(job.engine_id)
+            if ej is None:  # the engine forgot it (ended long ago while no server watched): the result file decides
+                finalize(self.store, job, None, outside=None if self._has_result(job) else
+                         f"{self.engine} no longer knows job {job.engine_id} and it left no result")
+                continue
+            if ej.phase == "ended":
+                self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
+                finalize(self.store, job, ej.exit_code, outside=ej.outside)
+                continue
+            fields = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
+            if ej.phase == "running" and job.state == "queued":
+                self.store.update(job.id, expect=("queued",), state="running", started_at=now, **fields)
+            else:
+                self.store.update(job.id, **fields)
+            if job.cancel_at and now - job.cancel_at > CANCEL_GRACE_S:
+                self.kill(job.engine_id)  # it did not stop within the grace period
+
+    def _has_result(self, job: Job) -> bool:
+        return (self.store.job_dir(job.id) / "result.json").exists()
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job.state not in ("queued", "running"):
+            return job
+        self.store.update(job_id, cancel_requested=1, cancel_at=job.cancel_at or time.time())
+        request_cancel(self.store.job_dir(job_id))
+        if not job.engine_id:
+            self.store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time())
+            return self.store.get(job_id)
+        ej = self.query([job.engine_id]).get(job.engine_id)
+        if ej is not None and ej.phase == "pending":
+            self.kill(job.engine_id)  # never started: nothing to checkpoint
+            self.store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time(),
+                              engine_state=ej.label)
+        elif ej is not None and ej.phase == "running":
+            self.signal_stop(job.engine_id)  # with the cancel file: checkpoint, then stop; poll() enforces the grace
+        else:
+            self.poll()
+        return self.store.get(job_id)
+
+    def logs(self, job_id: str, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+        return log_tail(self.store.job_dir(job_id), lines=lines, max_bytes=max_bytes)
+
+    def reattach(self) -> None:
+        self.poll()
+
+    def home_warning(self) -> str | None:
+        """A warning when LLM_MCP_HOME is on a filesystem other nodes cannot see and the cluster has several."""
+        fstype = local_filesystem(self.settings.home)
+        if fstype and self.hardware().max_nodes > 1:
+            return (f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but {self.engine} has "
+                    f"{self.hardware().max_nodes} nodes: jobs on other nodes will not find their directory. Put "
+                    "LLM_MCP_HOME on a filesystem every node mounts (NFS, Lustre, GPFS, ...)")
+        return None
+
+
+def shell_join(words: list[str], raw: tuple[str, ...] = ()) -> str:
+    """Quote words for a POSIX shell, except those in `raw` (shell variables meant to expand where it runs)."""
+    return " ".join(w if w in raw else shlex.quote(w) for w in words)

@@ -1,0 +1,60 @@
+"""How a job ended: the state, cause and next step recorded once its processes are gone (every executor)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+
+
+def describe_exit(exit_code: int | None, tail: list[str]) -> str:
+    """One sentence on why the process ended, from its exit status and log."""
+    for line in reversed(tail):
+        m = re.search(r"Signals\.(SIG[A-Z]+)", line)
+        if m:
+            return f"the training process was killed by {m.group(1)}" + (
+                " (often the out-of-memory killer)" if m.group(1) == "SIGKILL" else "")
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
+        return f"the job process was killed by {name}"
+    errors = [ln for ln in tail if re.match(r"^\w*(Error|Exception)\b", ln.strip())]
+    if errors:
+        return f"the training process failed: {errors[-1].strip()}"
+    if exit_code is None:
+        return "the job's supervisor process disappeared (machine restart or kill -9) before recording an exit status"
+    return f"the training process exited with code {exit_code}"
+
+
+def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | None = None) -> str:
+    """Record the final state of a job whose processes have ended. Returns the state.
+
+    `outside`: what the engine says ended the job when this server did not (a scancel, `ray job stop`, a
+    time limit, a lost node). The job then ends failed with that cause even if the trainer checkpointed on
+    the way out, because nobody here asked it to stop; the next step says how to resume.
+    """
+    job_dir = store.job_dir(job.id)
+    result = read_result(job_dir)
+    tail = log_tail(job_dir)
+    fresh = store.get(job.id)
+    if result and result.get("state") in FINAL_STATES:
+        state, error, next_step = result["state"], result.get("error"), result.get("next_step")
+        if state == "cancelled" and outside and not fresh.cancel_requested:
+            state, error = "failed", f"{outside}; the trainer stopped with a checkpoint at step {result.get('step')}"
+    elif fresh.cancel_requested:
+        state, error, next_step = "cancelled", None, None
+    else:
+        state, error = "failed", outside or describe_exit(exit_code, tail)
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else (
+            "fix the cause shown in the last log lines, then start the job again")
+    if state == "failed" and outside and checkpoints(job_dir):
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint"
+    if state == "failed" and error and not next_step:
+        next_step = "fix the cause shown in the last log lines, then start again or resume"
+    if state == "cancelled":
+        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else None
+    store.update(job.id, expect=("queued", "running"), state=state, finished_at=time.time(), exit_code=exit_code,
+                 error=error, next_step=next_step)
+    return state

@@ -1,0 +1,125 @@
+"""The Ray executor: each job is a Ray job (the job submission API) whose entrypoint is the training command.
+
+The entrypoint is the same `accelerate launch` command the local executor runs, started by Ray on a node
+with the CPUs / GPUs the job reserves (`entrypoint_num_cpus` / `entrypoint_num_gpus`), so Ray queues it
+until they are free ('PENDING'). Status, stop and logs go through Ray's `JobSubmissionClient`; the
+training log is also written to the job directory, which every node must share (LLM_MCP_HOME).
+
+A Ray job here spans one node (up to its GPUs); jobs over several nodes go to the slurm executor.
+
+Settings: LLM_MCP_RAY_ADDRESS (the dashboard address, default http://127.0.0.1:8265),
+LLM_MCP_CLUSTER_GPU_MEMORY_GB (memory of one GPU; Ray does not report it).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.hardware import GPU, Hardware
+from llm_mcp.core.jobconfig import EvalConfig, JobConfig
+from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, job_environment, shell_join
+from llm_mcp.jobs.local import accelerate_command
+
+FREE_PORT = "$(python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
+
+
+class RayExecutor(ClusterExecutor):
+    """Jobs as Ray jobs, through the job submission API of a running Ray cluster."""
+
+    name = "ray"
+    engine = "Ray"
+
+    def __init__(self, store, settings):
+        super().__init__(store, settings)
+        self.address = settings.ray_address
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient  # imported on first use: start-up stays light
+
+            try:
+                self._client = JobSubmissionClient(self.address)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigurationError(f"cannot reach the Ray cluster at LLM_MCP_RAY_ADDRESS={self.address!r} "
+                                         f"({exc}); start it (ray start --head) or point the setting at its "
+                                         "dashboard address") from None
+        return self._client
+
+    def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
+        hw = self.hardware()
+        gpus = cfg.num_processes if cfg.device == "cuda" else 0
+        cpus = cfg.num_processes
+        launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT")
+        q = shlex.quote(str(job_dir))
+        script = (f"if [ ! -f {q}/config.json ]; then echo \"llm_mcp: job directory {job_dir} is not visible on "
+                  f"$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node\" >&2; "
+                  f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT} && echo \"[ray] on $(hostname)\" >> train.log && "
+                  f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1")
+        env = job_environment(cfg, hw.cpu_count, self.settings.home)
+        return {"kind": "ray job", "address": self.address, "submission_id": f"llm-mcp-{job_id}",
+                "entrypoint": f"bash -c {shlex.quote(script)}", "entrypoint_num_cpus": cpus,
+                "entrypoint_num_gpus": gpus, "runtime_env": {"env_vars": env},
+                "metadata": {"llm_mcp_job": job_id}}
+
+    def send(self, job_id: str, submission: dict) -> str:
+        fields = {k: submission[k] for k in ("submission_id", "entrypoint", "entrypoint_num_cpus",
+                                              "entrypoint_num_gpus", "runtime_env", "metadata")}
+        try:
+            return self.client.submit_job(**fields)
+        except (RuntimeError, ValueError, ConnectionError) as exc:
+            raise ConfigurationError(f"submitting to Ray at {self.address} failed: {exc}") from None
+
+    def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
+        found: dict[str, EngineJob] = {}
+        for sid in engine_ids:
+            try:
+                info = self.client.get_job_info(sid)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    continue
+                raise ConfigurationError(f"reading Ray job {sid} failed: {exc}") from None
+            status = str(getattr(info.status, "value", info.status))
+            node = (info.driver_agent_http_address or "").split("//")[-1].split(":")[0]
+            if status == "PENDING":
+                found[sid] = EngineJob("pending", status, info.message or "", node)
+            elif status == "RUNNING":
+                found[sid] = EngineJob("running", status, "", node)
+            else:
+                outside = (f"Ray stopped job {sid} outside this server (ray job stop, or its driver was lost)"
+                           if status == "STOPPED" else None)
+                found[sid] = EngineJob("ended", status, info.message or "", node, info.driver_exit_code, outside)
+        return found
+
+    def signal_stop(self, engine_id: str) -> None:
+        pass  # the cancel file stops the trainer with a checkpoint; Ray's own stop kills after ~3 s (poll's grace)
+
+    def kill(self, engine_id: str) -> None:
+        try:
+            self.client.stop_job(engine_id)
+        except RuntimeError as exc:
+            if "does not exist" not in str(exc):
+                raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
+
+    def read_hardware(self) -> Hardware:
+        """The largest alive node (a job runs on one)."""
+        from ray.util.state import list_nodes
+
+        try:
+            nodes = [n for n in list_nodes(address=self.address, detail=True) if n.state == "ALIVE"]
+        except Exception as exc:  # noqa: BLE001 - the state API raises many kinds; all mean "not reachable"
+            raise ConfigurationError(f"cannot read the nodes of the Ray cluster at {self.address} ({exc}); is it "
+                                     "running (ray status)?") from None
+        if not nodes:
+            raise ConfigurationError(f"the Ray cluster at {self.address} has no alive node")
+        best = max(nodes, key=lambda n: (n.resources_total.get("GPU", 0), n.resources_total.get("CPU", 0)))
+        res = best.resources_total
+        kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "gpu")
+        per_gpu = self.settings.cluster_gpu_memory_gb
+        ram = round(res.get("memory", 0) / 2**30, 1)
+        return Hardware(gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(int(res.get("GPU", 0)))],
+                        ram_gb=ram, available_ram_gb=ram, cpu_count=int(res.get("CPU", 1)),
+                        source=f"Ray cluster {self.address} (a job runs on one node)", max_nodes=1)

@@ -1,0 +1,144 @@
+"""Real single-node clusters for the executor tests: Slurm (munged + slurmctld + slurmd) and Ray (ray start --head).
+
+Both run from a private directory with their own ports, so they neither need nor touch a system-wide
+configuration, and both are stopped at the end of the session. A cluster whose programs are missing is
+skipped, unless LLM_MCP_REQUIRE_CLUSTERS=1 (set by `make test` after installing them) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llm_mcp.core.procs import free_port, usable_cores
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("LLM_MCP_REQUIRE_CLUSTERS") == "1":
+        pytest.fail(f"{what} (LLM_MCP_REQUIRE_CLUSTERS=1)")
+    pytest.skip(what)
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} within {timeout:g} s")
+
+
+def start_slurm(root: Path) -> dict[str, str]:
+    """A one-node Slurm cluster as root; returns the environment its clients need (SLURM_CONF)."""
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
+        if shutil.which(tool) is None:
+            _missing(f"{tool} is not installed (apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        _missing("the test Slurm cluster runs its daemons as root")
+    root.mkdir(parents=True, exist_ok=True)
+    munge = root / "munge"
+    munge.mkdir(mode=0o700)
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    sock = munge / "munge.socket"
+    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--log-file={munge / 'log'}",
+                    f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}"], check=True)
+    host = socket.gethostname().split(".")[0]
+    ram_mb = int(psutil.virtual_memory().total / 2**20) - 1024
+    conf = root / "slurm.conf"
+    conf.write_text(f"""ClusterName=llmmcptest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo=socket={sock}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+KillWait=30
+MinJobAge=300
+NodeName={host} NodeAddr=127.0.0.1 CPUs={usable_cores()} RealMemory={ram_mb} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    (root / "state").mkdir()
+    (root / "spool").mkdir()
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+    subprocess.run(["slurmd", "-f", str(conf), "-N", host], check=True, env=env)
+
+    def idle() -> bool:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
+        return out.returncode == 0 and out.stdout.strip() == "idle"
+
+    _wait(idle, 60, f"the Slurm node did not become idle (logs in {root})")
+    return {"SLURM_CONF": str(conf)}
+
+
+def stop_slurm(root: Path, env: dict[str, str]) -> None:
+    subprocess.run(["scancel", "--user=root"], env={**os.environ, **env}, capture_output=True)
+    for name in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
+        try:
+            os.kill(int((root / name).read_text().strip()), 15)
+        except (OSError, ValueError):
+            pass
+
+
+def start_ray(root: Path) -> str:
+    """A one-node Ray cluster with the job submission API; returns its dashboard address."""
+    ray = Path(sys.executable).parent / "ray"
+    try:
+        import ray as _  # noqa: F401
+        import aiohttp  # noqa: F401 - ray[default]: the dashboard and job API
+    except ImportError:
+        _missing("ray[default] is not installed (pip install -e '.[cluster]')")
+    port, dash = free_port(), free_port()
+    subprocess.run([str(ray), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", f"--num-cpus={usable_cores()}", "--num-gpus=0",
+                    f"--temp-dir={root}", "--disable-usage-stats", "--include-dashboard=true"],
+                   check=True, capture_output=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    address = f"http://127.0.0.1:{dash}"
+
+    def up() -> bool:
+        try:
+            from ray.job_submission import JobSubmissionClient
+
+            JobSubmissionClient(address).list_jobs()
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    _wait(up, 90, "the Ray job API did not answer")
+    return address
+
+
+def stop_ray(root: Path) -> None:
+    """Stop this Ray cluster only (not others the developer may run): its processes mention `root`."""
+    for p in psutil.process_iter(["cmdline"]):
+        if str(root) in " ".join(p.info.get("cmdline") or []):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
