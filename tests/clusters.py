@@ -37,7 +37,11 @@ def _wait(check, timeout: float, what: str) -> None:
 
 
 def start_slurm(root: Path) -> dict[str, str]:
-    """A one-node Slurm cluster as root; returns the environment its clients need (SLURM_CONF)."""
+    """A one-node Slurm cluster as root; returns the environment its clients need (SLURM_CONF).
+
+    Partition `debug` (the default) is that node; partition `multi` adds a node that never starts, so a
+    two-node job there is accepted and stays pending (the multi-node dry run and queue-state tests).
+    """
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed (apt-get install slurm-wlm munge)")
@@ -81,7 +85,9 @@ SchedulerType=sched/backfill
 KillWait=30
 MinJobAge=300
 NodeName={host} NodeAddr=127.0.0.1 CPUs={usable_cores()} RealMemory={ram_mb} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName=ghost NodeAddr=203.0.113.1 CPUs={usable_cores()} RealMemory={ram_mb} State=DOWN Reason="never started"
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=multi Nodes={host},ghost Default=NO MaxTime=INFINITE State=UP
 """)
     (root / "state").mkdir()
     (root / "spool").mkdir()
@@ -90,7 +96,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     subprocess.run(["slurmd", "-f", str(conf), "-N", host], check=True, env=env)
 
     def idle() -> bool:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
+        out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True, env=env)
         return out.returncode == 0 and out.stdout.strip() == "idle"
 
     _wait(idle, 60, f"the Slurm node did not become idle (logs in {root})")

@@ -9,6 +9,7 @@ samples; cancel ends 'cancelled' with a checkpoint and the resume continues exac
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,49 @@ async def test_a_restarted_server_reattaches_and_an_outside_cancel_fails_the_job
     assert job["state"] == "failed", job
     assert ("scancel" if name == "slurm" else "ray job stop") in job["error"], job
     assert f"resume_from='{job_id}'" in job["next_step"], job
+
+
+async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancelled(slurm, monkeypatch, home,
+                                                                                      tiny_model, dataset):
+    """Partition `multi` has 2 nodes, one never up: a 2-node job is accepted and waits in Slurm's queue."""
+    from llm_mcp.server import AppState, build_server
+
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers", executor="slurm",
+                        slurm={"partition": "multi", "time_limit": "00:30:00"})
+    state = AppState.load(settings)
+    args = {**ARGS, "num_processes": 2, "nodes": 2, "max_steps": 5}
+    async with Client(build_server(state)) as client:
+        listing = await client.call_tool("list_models", {"model": "models/tiny"})
+        assert listing.structured_content["hardware"]["nodes"] == 2
+        dry = await client.call_tool("start_finetune", {**args, "dry_run": True, "scheduler": {"account": "lab-1"}})
+        assert not dry.is_error, dry.content[0].text
+        script = dry.structured_content["submission"]["script"]
+        for line in ("#SBATCH --nodes=2", "#SBATCH --partition=multi", "#SBATCH --time=00:30:00",
+                     "#SBATCH --account=lab-1"):
+            assert line in script.splitlines(), script
+        srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+        words = shlex.split(srun)
+        task = words[words.index("-c") + 1]  # what each node's bash receives: the variables still unexpanded
+        assert "--machine_rank $SLURM_NODEID" in task and "--main_process_ip $MAIN_ADDR" in task
+        assert "--num_machines 2" in task and "--num_processes 2" in task
+        assert "sbatch --parsable" in dry.content[0].text and "#!/bin/bash" in dry.content[0].text
+        bad = await client.call_tool("start_finetune", {**args, "scheduler": {"partition": "x --wrap=id"}})
+        assert bad.is_error and "scheduler.partition" in bad.content[0].text
+        too_many = await client.call_tool("start_finetune", {**args, "nodes": 3, "num_processes": 3})
+        assert too_many.is_error and "nodes=3" in too_many.content[0].text
+
+        job_id = await started(client, **args)
+        for _ in range(30):  # the server's job watcher reads squeue every few seconds
+            status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content["job"]
+            if (status["queue_state"] or "").startswith("PENDING"):
+                break
+        assert status["state"] == "queued" and status["queue_state"].startswith("PENDING"), status
+        assert f"slurm job {status['engine_job_id']}: PENDING" in (
+            await client.call_tool("job_status", {"job_id": job_id})).content[0].text
+        cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
+        assert cancelled.structured_content["job"]["state"] == "cancelled"
+    out = subprocess.run(["squeue", "-h", "-j", status["engine_job_id"], "-o", "%T"], capture_output=True, text=True)
+    assert out.stdout.strip() in ("", "CANCELLED")
+    assert not (state.store.job_dir(job_id) / "train.log").exists()

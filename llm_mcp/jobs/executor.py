@@ -50,6 +50,9 @@ class Executor(Protocol):
     def describe_submission(self, job_id: str, cfg, job_dir) -> dict | None:
         """What would be handed to the engine for this job (dry runs show it); None for local jobs."""
 
+    def home_warning(self) -> str | None:
+        """Why LLM_MCP_HOME may not work for this engine's jobs (a local disk and several nodes), else None."""
+
 
 def make_executor(name: str, store: JobStore, settings: Settings | None = None) -> Executor:
     """The executor called `name` over `store` (cluster executors read their options from `settings`).

@@ -192,6 +192,9 @@ class LocalExecutor:
     def describe_submission(self, job_id, cfg, job_dir) -> None:
         return None
 
+    def home_warning(self) -> None:
+        return None
+
     def reattach(self) -> None:
         # Supervisors outlive servers and record their own outcome: re-attaching is reconciling
         # the jobs whose supervisor died with them, then starting what is queued.

@@ -159,18 +159,28 @@ class SlurmExecutor(ClusterExecutor):
     def read_hardware(self) -> Hardware:
         """The partition's nodes: the configured partition, else the cluster's default one."""
         out = _run(["sinfo", "-h", "-o", "%P|%D|%c|%m|%G"], "reading the partitions")
-        want = self.settings.slurm.get("partition")
-        rows = [ln.split("|") for ln in out.splitlines() if ln.count("|") == 4]
-        chosen = next((r for r in rows if r[0].rstrip("*") == want), None) if want else (
-            next((r for r in rows if r[0].endswith("*")), rows[0] if rows else None))
-        if chosen is None:
-            names = [r[0].rstrip("*") for r in rows]
+        parts: dict[str, list[list[str]]] = {}  # sinfo gives one row per kind of node in a partition
+        default = None
+        for line in out.splitlines():
+            row = line.strip().split("|")
+            if len(row) == 5:
+                name = row[0].rstrip("*")
+                default = default or (name if row[0].endswith("*") else None)
+                parts.setdefault(name, []).append(row)
+        want = self.settings.slurm.get("partition") or default or next(iter(parts), None)
+        if want not in parts:
             raise ConfigurationError(f"LLM_MCP_SLURM_PARTITION={want!r} is not a partition of this cluster; "
-                                     f"allowed: {names}")
-        part, nodes, cpus, mem_mb, gres = chosen
-        m = re.search(r"gpu:(?:([\w.-]+):)?(\d+)", gres)
+                                     f"allowed: {sorted(parts)}")
+
+        def number(text: str) -> int:
+            return int(re.sub(r"\D", "", text) or 0)
+
+        rows = parts[want]
+        gres = [re.search(r"gpu:(?:([\w.-]+):)?(\d+)", r[4]) for r in rows]
+        n_gpus = min(int(m.group(2)) if m else 0 for m in gres)
+        kind = next((m.group(1) for m in gres if m and m.group(1)), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
-        gpus = [GPU(name=(m.group(1) or "gpu") if m else "gpu", memory_gb=per_gpu) for _ in range(int(m.group(2)) if m else 0)]
-        ram = round(int(re.sub(r"\D", "", mem_mb) or 0) / 1024, 1)
-        return Hardware(gpus=gpus, ram_gb=ram, available_ram_gb=ram, cpu_count=int(re.sub(r"\D", "", cpus) or 1),
-                        source=f"Slurm partition {part.rstrip('*')}", max_nodes=int(re.sub(r"\D", "", nodes) or 1))
+        ram = round(min(number(r[3]) for r in rows) / 1024, 1)
+        return Hardware(gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(n_gpus)], ram_gb=ram,
+                        available_ram_gb=ram, cpu_count=max(1, min(number(r[2]) for r in rows)),
+                        source=f"Slurm partition {want}", max_nodes=max(1, sum(number(r[1]) for r in rows)))

@@ -120,10 +120,7 @@ def start_finetune(
             and k not in ("ctx", "dry_run")}
     if scheduler is not None:
         args["scheduler"] = scheduler.model_dump(exclude_none=True)
-    state.executor.poll()
-    resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
-                                hardware=state.hardware(), store=state.store, args=args)
-    _check_tokens(resolved)
+    resolved = _resolve(state, args)
     if dry_run:
         return _dry_run(state, resolved)
     _check_queue(state)
@@ -134,6 +131,17 @@ def start_finetune(
                                  warnings=resolved.warnings,
                                  next_step=f"job_status(job_id='{job.id}', wait_seconds=30) until it succeeds")
     return result(summarize_start(answer), answer)
+
+
+def _resolve(state: AppState, args: dict) -> Resolved:
+    """Validate against the executor's hardware, count tokens, and warn about an unshared LLM_MCP_HOME."""
+    state.executor.poll()
+    resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
+                                hardware=state.hardware(), store=state.store, args=args)
+    _check_tokens(resolved)
+    if (shared := state.executor.home_warning()) is not None:
+        resolved.warnings.append(shared)
+    return resolved
 
 
 def _check_queue(state: AppState) -> None:
