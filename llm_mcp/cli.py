@@ -197,7 +197,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     job = store.get(args.job_id)
     if args.cancel:
-        job_after = executor.cancel(args.job_id)
+        owner = executor if job.engine == executor.name else make_executor(job.engine, store, settings)
+        job_after = owner.cancel(args.job_id)
         print(cancel_message(job, job_after))
         job = job_after
     if args.follow:

@@ -118,3 +118,35 @@ async def test_resume_must_go_past_the_checkpoint(app, tiny_model, dataset):
     assert not result.is_error, result.content[0].text
     assert result.structured_content["estimates"]["total_steps"] == 50
     assert result.structured_content["config"]["resume_checkpoint"].endswith("step-000030")
+
+
+async def test_cluster_options_on_the_local_executor_are_refused_with_the_way_to_use_them(app, tiny_model, dataset):
+    state, server = app
+    base = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=2)
+    nodes = await call(server, **base, nodes=2)
+    assert nodes.is_error and "nodes=2" in nodes.content[0].text and "--executor slurm" in nodes.content[0].text
+    sched = await call(server, **base, scheduler={"partition": "gpu"})
+    assert sched.is_error and "executor='local'" in sched.content[0].text
+    assert no_jobs(state)
+
+
+def test_a_trainer_stopped_by_a_signal_nobody_sent_fails_with_a_resume_step(home):
+    """A TERM from outside (a time limit, an administrator) checkpoints and stops, but it is no cancel."""
+    import time
+
+    from llm_mcp.core.jobconfig import parse_config
+    from llm_mcp.core.jobdir import write_result
+    from llm_mcp.core.store import Job, JobStore
+    from llm_mcp.jobs.outcome import finalize
+    from tests.test_jobconfig import V0
+
+    store = JobStore(home)
+    job = Job(id="ft-x", name="x", state="running", model="m", method="lora", device_set="cpu",
+              created_at=time.time(), config=parse_config(dict(V0), "test"), engine="slurm")
+    store.insert(job)
+    (store.job_dir("ft-x") / "checkpoints" / "step-000004").mkdir(parents=True)
+    write_result(store.job_dir("ft-x"), {"state": "cancelled", "step": 4})
+    assert finalize(store, job, 0) == "failed"
+    done = store.get("ft-x")
+    assert "cancel_job did not send" in done.error and "step 4" in done.error
+    assert done.next_step == "resume_from='ft-x' continues from the last checkpoint"

@@ -36,7 +36,8 @@ def check_placement(args: dict[str, Any], hardware: Hardware, problems: list[str
 
 def check_scheduler(args: dict[str, Any], settings, problems: list[str]) -> None:
     """scheduler: Slurm options, only for the slurm executor, each field checked against Slurm's syntax."""
-    if args.get("scheduler") is None:
+    if not args.get("scheduler"):
+        args.pop("scheduler", None)
         return
     if settings.executor != "slurm":
         problems.append(f"scheduler={args['scheduler']!r}: these are Slurm options, but this server runs jobs with "

@@ -14,6 +14,7 @@ limit, preemption, a lost node) ends 'failed' with that cause and, when it check
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -30,6 +31,10 @@ from llm_mcp.core.store import Job, JobStore
 from llm_mcp.jobs.outcome import finalize
 
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
+KILL_RETRY_S = 30.0  # a hard stop that did not take is sent again after this long
+SUBMIT_TIMEOUT_S = 60.0  # a job recorded this long ago without an engine id is looked up by name, else failed
+RESULT_GRACE_S = 30.0  # on a network filesystem, wait this long for an ended job's result.json to show
+log = logging.getLogger(__name__)
 HARDWARE_TTL_S = 30.0
 # Filesystems that are local to one machine: a multi-node cluster's nodes cannot see a job directory on them.
 LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs")
@@ -90,6 +95,8 @@ class ClusterExecutor:
         self.store, self.settings = store, settings
         self.python = settings.cluster_python or sys.executable
         self._hardware: tuple[float, Hardware] | None = None
+        self._killed: dict[str, float] = {}  # job id -> when poll() last sent the hard stop
+        self._ended: dict[str, float] = {}  # job id -> when the engine was first seen to report it ended
 
     # ---- what an engine implements ------------------------------------------------------------------
     def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
@@ -122,65 +129,100 @@ class ClusterExecutor:
             self._hardware = (now, self.read_hardware())
         return self._hardware[1]
 
+    def find(self, job_id: str) -> str | None:
+        """The engine's id of a job submitted under this job id (a server that died before recording it)."""
+        raise NotImplementedError
+
     def submit(self, job_id: str) -> Job:
         job = self.store.get(job_id)
-        job_dir = self.store.job_dir(job_id)
-        submission = self.describe_submission(job_id, job.config, job_dir)
         try:
+            submission = self.describe_submission(job_id, job.config, self.store.job_dir(job_id))
             engine_id = self.send(job_id, submission)
-        except ConfigurationError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to submit ends the job with its cause, never a stuck 'queued'
             self.store.update(job_id, expect=("queued",), state="failed", finished_at=time.time(),
-                              error=f"{self.engine} refused the job: {exc}",
+                              error=f"{self.engine} did not take the job: {exc}",
                               next_step="fix the cluster settings or the request, then start the job again")
             return self.store.get(job_id)
         self.store.update(job_id, engine_id=engine_id, engine_state="SUBMITTED")
         return self.store.get(job_id)
 
     def poll(self) -> None:
-        jobs = [j for j in self.store.list(limit=1000, states=("queued", "running"), engine=self.name) if j.engine_id]
+        """Bring every active job of this engine up to date; one job's trouble never stops the others."""
+        jobs = self.store.list(limit=1000, states=("queued", "running"), engine=self.name)
+        now = time.time()
+        for job in [j for j in jobs if not j.engine_id and now - j.created_at > SUBMIT_TIMEOUT_S]:
+            self._adopt(job)
+        jobs = [j for j in jobs if j.engine_id]
         if not jobs:
             return
         seen = self.query([j.engine_id for j in jobs])
-        now = time.time()
         for job in jobs:
-            ej = seen.get(job.engine_id)
-            if ej is None:  # the engine forgot it (ended long ago while no server watched): the result file decides
-                finalize(self.store, job, None, outside=None if self._has_result(job) else
-                         f"{self.engine} no longer knows job {job.engine_id} and it left no result")
-                continue
-            if ej.phase == "ended":
-                self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
-                finalize(self.store, job, ej.exit_code, outside=ej.outside)
-                continue
-            fields = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
-            if ej.phase == "running" and job.state == "queued":
-                self.store.update(job.id, expect=("queued",), state="running", started_at=now, **fields)
-            else:
-                self.store.update(job.id, **fields)
-            if job.cancel_at and now - job.cancel_at > CANCEL_GRACE_S:
-                self.kill(job.engine_id)  # it did not stop within the grace period
+            try:
+                self._update(job, seen.get(job.engine_id), now)
+            except Exception as exc:  # noqa: BLE001 - recorded on the next poll; the watcher logs it
+                log.warning("%s job %s: %s", self.engine, job.id, exc)
 
-    def _has_result(self, job: Job) -> bool:
-        return (self.store.job_dir(job.id) / "result.json").exists()
+    def _adopt(self, job: Job) -> None:
+        """A job recorded but never marked submitted (the server died mid-submit): find it, or fail it."""
+        engine_id = self.find(job.id)
+        if engine_id:
+            self.store.update(job.id, engine_id=engine_id, engine_state="SUBMITTED")
+        else:
+            self.store.update(job.id, expect=("queued",), state="failed", finished_at=time.time(),
+                              error=f"the job was recorded but never reached {self.engine}", next_step="start it again")
+
+    def _update(self, job: Job, ej: EngineJob | None, now: float) -> None:
+        job_dir = self.store.job_dir(job.id)
+        if ej is None or ej.phase == "ended":
+            has_result = (job_dir / "result.json").exists()
+            if not has_result and not job.cancel_requested and self._result_may_be_late(job, now):
+                return  # a shared filesystem may show the node's result.json a little later
+            outside = ej.outside if ej else None
+            if not has_result and not (job_dir / "train.log").exists():
+                outside = outside or (f"{self.engine} job {job.engine_id} ended without writing to its directory: "
+                                      f"is LLM_MCP_HOME ({self.settings.home}) mounted on the nodes?")
+            elif ej is None and not has_result:
+                outside = f"{self.engine} no longer knows job {job.engine_id} and it left no result"
+            if ej is not None:
+                self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
+            finalize(self.store, job, ej.exit_code if ej else None, outside=outside)
+            return
+        fields = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
+        if ej.phase == "running" and job.state == "queued":
+            self.store.update(job.id, expect=("queued",), state="running", started_at=now, **fields)
+        else:
+            self.store.update(job.id, **fields)
+        if job.cancel_at and now - job.cancel_at > CANCEL_GRACE_S and now - self._killed.get(job.id, 0) > KILL_RETRY_S:
+            self._killed[job.id] = now
+            self.kill(job.engine_id)  # it did not stop within the grace period
+
+    def _result_may_be_late(self, job: Job, now: float) -> bool:
+        """True while an ended job's result file may still be on its way (not on a local filesystem)."""
+        if local_filesystem(self.settings.home):
+            return False
+        first = self._ended.setdefault(job.id, now)
+        return now - first < RESULT_GRACE_S
 
     def cancel(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job.state not in ("queued", "running"):
             return job
+        try:
+            ej = self.query([job.engine_id]).get(job.engine_id) if job.engine_id else None
+        except ConfigurationError:
+            ej = EngineJob("running", "UNKNOWN")  # cannot ask: the cancel file and the grace still stop it
+        if ej is not None and ej.phase == "ended":
+            self.poll()  # it ended on its own: record how, not a cancel
+            return self.store.get(job_id)
         self.store.update(job_id, cancel_requested=1, cancel_at=job.cancel_at or time.time())
         request_cancel(self.store.job_dir(job_id))
-        if not job.engine_id:
-            self.store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time())
-            return self.store.get(job_id)
-        ej = self.query([job.engine_id]).get(job.engine_id)
-        if ej is not None and ej.phase == "pending":
-            self.kill(job.engine_id)  # never started: nothing to checkpoint
+        if ej is None or ej.phase == "pending":
+            if job.engine_id:
+                self.kill(job.engine_id)  # never started: nothing to checkpoint
             self.store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time(),
-                              engine_state=ej.label)
-        elif ej is not None and ej.phase == "running":
-            self.signal_stop(job.engine_id)  # with the cancel file: checkpoint, then stop; poll() enforces the grace
+                              engine_state=ej.label if ej else job.engine_state)
         else:
-            self.poll()
+            self.signal_stop(job.engine_id)  # with the cancel file: checkpoint, then stop; poll() enforces the grace
         return self.store.get(job_id)
 
     def logs(self, job_id: str, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:

@@ -41,15 +41,17 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
     fresh = store.get(job.id)
     if result and result.get("state") in FINAL_STATES:
         state, error, next_step = result["state"], result.get("error"), result.get("next_step")
-        if state == "cancelled" and outside and not fresh.cancel_requested:
-            state, error = "failed", f"{outside}; the trainer stopped with a checkpoint at step {result.get('step')}"
+        if state == "cancelled" and not fresh.cancel_requested:  # the trainer got a stop nobody here sent
+            cause = outside or "stopped by a signal cancel_job did not send (a time limit, preemption, an administrator)"
+            state, error = "failed", f"{cause}; the trainer stopped with a checkpoint at step {result.get('step')}"
+            next_step = None
     elif fresh.cancel_requested:
         state, error, next_step = "cancelled", None, None
     else:
         state, error = "failed", outside or describe_exit(exit_code, tail)
         next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else (
             "fix the cause shown in the last log lines, then start the job again")
-    if state == "failed" and outside and checkpoints(job_dir):
+    if state == "failed" and (outside or not next_step) and checkpoints(job_dir):
         next_step = f"resume_from='{job.id}' continues from the last checkpoint"
     if state == "failed" and error and not next_step:
         next_step = "fix the cause shown in the last log lines, then start again or resume"

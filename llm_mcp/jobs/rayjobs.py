@@ -19,10 +19,10 @@ from pathlib import Path
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, job_environment, shell_join
+from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, job_environment, local_filesystem, shell_join
 from llm_mcp.jobs.local import accelerate_command
 
-FREE_PORT = "$(python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
+FREE_PORT = "$({python} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
 
 
 class RayExecutor(ClusterExecutor):
@@ -35,15 +35,18 @@ class RayExecutor(ClusterExecutor):
         super().__init__(store, settings)
         self.address = settings.ray_address
         self._client = None
+        self.alive_nodes = 1
 
     @property
     def client(self):
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient  # imported on first use: start-up stays light
-
+            try:
+                from ray.job_submission import JobSubmissionClient  # imported on first use: start-up stays light
+            except ImportError:
+                raise ConfigurationError("the ray executor needs Ray's job client: pip install 'llm-mcp[cluster]'") from None
             try:
                 self._client = JobSubmissionClient(self.address)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - requests' and Ray's errors alike mean "not reachable"
                 raise ConfigurationError(f"cannot reach the Ray cluster at LLM_MCP_RAY_ADDRESS={self.address!r} "
                                          f"({exc}); start it (ray start --head) or point the setting at its "
                                          "dashboard address") from None
@@ -52,14 +55,14 @@ class RayExecutor(ClusterExecutor):
     def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
         hw = self.hardware()
         gpus = cfg.num_processes if cfg.device == "cuda" else 0
-        cpus = cfg.num_processes
+        cpus = cfg.num_processes if gpus else hw.cpu_count  # a CPU job trains on the whole node, as on Slurm
         launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT")
         q = shlex.quote(str(job_dir))
         script = (f"if [ ! -f {q}/config.json ]; then echo \"llm_mcp: job directory {job_dir} is not visible on "
                   f"$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node\" >&2; "
-                  f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT} && echo \"[ray] on $(hostname)\" >> train.log && "
+                  f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && echo \"[ray] on $(hostname)\" >> train.log && "
                   f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1")
-        env = job_environment(cfg, hw.cpu_count, self.settings.home)
+        env = job_environment(cfg, cpus, self.settings.home)
         return {"kind": "ray job", "address": self.address, "submission_id": f"llm-mcp-{job_id}",
                 "entrypoint": f"bash -c {shlex.quote(script)}", "entrypoint_num_cpus": cpus,
                 "entrypoint_num_gpus": gpus, "runtime_env": {"env_vars": env},
@@ -70,7 +73,7 @@ class RayExecutor(ClusterExecutor):
                                               "entrypoint_num_gpus", "runtime_env", "metadata")}
         try:
             return self.client.submit_job(**fields)
-        except (RuntimeError, ValueError, ConnectionError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError, requests raises its own OSError kinds
             raise ConfigurationError(f"submitting to Ray at {self.address} failed: {exc}") from None
 
     def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
@@ -78,10 +81,10 @@ class RayExecutor(ClusterExecutor):
         for sid in engine_ids:
             try:
                 info = self.client.get_job_info(sid)
-            except RuntimeError as exc:
+            except Exception as exc:  # noqa: BLE001 - see send()
                 if "does not exist" in str(exc):
                     continue
-                raise ConfigurationError(f"reading Ray job {sid} failed: {exc}") from None
+                raise ConfigurationError(f"reading Ray job {sid} at {self.address} failed: {exc}") from None
             status = str(getattr(info.status, "value", info.status))
             node = (info.driver_agent_http_address or "").split("//")[-1].split(":")[0]
             if status == "PENDING":
@@ -94,15 +97,27 @@ class RayExecutor(ClusterExecutor):
                 found[sid] = EngineJob("ended", status, info.message or "", node, info.driver_exit_code, outside)
         return found
 
+    def find(self, job_id: str) -> str | None:
+        sid = f"llm-mcp-{job_id}"
+        return sid if self.query([sid]) else None
+
     def signal_stop(self, engine_id: str) -> None:
         pass  # the cancel file stops the trainer with a checkpoint; Ray's own stop kills after ~3 s (poll's grace)
 
     def kill(self, engine_id: str) -> None:
         try:
             self.client.stop_job(engine_id)
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - see send()
             if "does not exist" not in str(exc):
                 raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
+
+    def home_warning(self) -> str | None:
+        self.hardware()
+        if self.alive_nodes > 1 and (fstype := local_filesystem(self.settings.home)):
+            return (f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but the Ray cluster has "
+                    f"{self.alive_nodes} nodes and may start the job on any: put LLM_MCP_HOME on a filesystem "
+                    "every node mounts")
+        return None
 
     def read_hardware(self) -> Hardware:
         """The largest alive node (a job runs on one)."""
@@ -115,6 +130,7 @@ class RayExecutor(ClusterExecutor):
                                      "running (ray status)?") from None
         if not nodes:
             raise ConfigurationError(f"the Ray cluster at {self.address} has no alive node")
+        self.alive_nodes = len(nodes)
         best = max(nodes, key=lambda n: (n.resources_total.get("GPU", 0), n.resources_total.get("CPU", 0)))
         res = best.resources_total
         kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "gpu")

@@ -78,10 +78,11 @@ class SlurmExecutor(ClusterExecutor):
         lines = ["#!/bin/bash", f"#SBATCH --job-name=llm-mcp-{job_id}", f"#SBATCH --nodes={cfg.nodes}",
                  "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={cpus}"]
         if cfg.device == "cuda":
-            lines.append(f"#SBATCH --gpus-per-node={per_node}")
+            lines.append(f"#SBATCH --gres=gpu:{per_node}")
+        else:
+            lines.append("#SBATCH --mem=0")  # a CPU job trains in host RAM; the fit check planned on all of it
         for key, value in self.options(cfg).items():
             lines.append(f"#SBATCH {SCHEDULER_FIELDS[key]}={value}")
-        lines += [f"#SBATCH {opt}" for opt in shlex.split(self.settings.slurm.get("sbatch_args", ""))]
         lines += [f"#SBATCH --output={job_dir}/slurm-%j.out", "#SBATCH --open-mode=append", f"#SBATCH --chdir={job_dir}",
                   "#SBATCH --no-requeue", ""]
         env = job_environment(cfg, cpus, self.settings.home)
@@ -98,13 +99,15 @@ class SlurmExecutor(ClusterExecutor):
             "fi",
             *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
             'export MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-            "export MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+            "export MAIN_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))  # below Linux's ephemeral ports",
             f'echo "[slurm] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (rendezvous $MAIN_ADDR:$MAIN_PORT)" >> {q}/train.log',
             "# single quotes: $SLURM_NODEID and $MAIN_ADDR expand in each node's task, not here",
-            f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(task)} >> {q}/train.log 2>&1",
+            f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
+            f"bash -c {shlex.quote(task)} >> {q}/train.log 2>&1",
         ]
         path = job_dir / "submit.sbatch"
-        return {"kind": "sbatch", "command": ["sbatch", "--parsable", str(path)], "path": str(path),
+        extra = shlex.split(self.settings.slurm.get("sbatch_args", ""))  # the operator's, on the command line
+        return {"kind": "sbatch", "command": ["sbatch", "--parsable", *extra, str(path)], "path": str(path),
                 "script": "\n".join(lines) + "\n"}
 
     def send(self, job_id: str, submission: dict) -> str:
@@ -147,6 +150,11 @@ class SlurmExecutor(ClusterExecutor):
         code, sig = int(m.group(1)), int(m.group(2))
         return -sig if sig else code
 
+    def find(self, job_id: str) -> str | None:
+        out = _run(["squeue", "--states=all", "-h", f"--name=llm-mcp-{job_id}", "-o", "%i"], "looking up a job")
+        ids = out.split()
+        return ids[-1] if ids else None
+
     def signal_stop(self, engine_id: str) -> None:
         try:
             _run(["scancel", "--signal=TERM", engine_id], "signalling the job")
@@ -176,9 +184,11 @@ class SlurmExecutor(ClusterExecutor):
             return int(re.sub(r"\D", "", text) or 0)
 
         rows = parts[want]
-        gres = [re.search(r"gpu:(?:([\w.-]+):)?(\d+)", r[4]) for r in rows]
-        n_gpus = min(int(m.group(2)) if m else 0 for m in gres)
-        kind = next((m.group(1) for m in gres if m and m.group(1)), "gpu")
+        gpus_of = [(int(m.group(2)), m.group(1)) if (m := re.search(r"gpu:(?:([\w.-]+):)?(\d+)", r[4])) else (0, None)
+                   for r in rows]
+        n_gpus = max(n for n, _ in gpus_of)  # plan for the partition's GPU nodes when it mixes kinds
+        rows = [r for r, (n, _) in zip(rows, gpus_of) if n == n_gpus]
+        kind = next((k for n, k in gpus_of if n == n_gpus and k), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
         ram = round(min(number(r[3]) for r in rows) / 1024, 1)
         return Hardware(gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(n_gpus)], ram_gb=ram,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import shlex
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -195,7 +196,7 @@ def summarize_start(r: StartFinetuneResult) -> str:
     lines += [f"warning: {w}" for w in r.warnings]
     sub = r.submission
     if sub and sub.get("kind") == "sbatch":
-        lines.append(f"would run `sbatch --parsable {sub['path']}` with this script:\n{sub['script']}")
+        lines.append(f"would run `{shlex.join(sub['command'])}` with this script:\n{sub['script']}")
     elif sub:
         lines.append(f"would submit to Ray at {sub['address']}: {sub['entrypoint']} "
                      f"(CPUs {sub['entrypoint_num_cpus']}, GPUs {sub['entrypoint_num_gpus']})")

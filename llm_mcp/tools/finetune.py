@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import shutil
 import sqlite3
 import time
@@ -12,7 +13,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.errors import ConfigurationError, InvalidArgumentError
 from llm_mcp.core.jobconfig import SchedulerSettings
 from llm_mcp.core.store import Job, new_job_id
 from llm_mcp.core.validate import Resolved, resolve_finetune
@@ -21,6 +22,8 @@ from llm_mcp.tools.models import MethodName
 
 if TYPE_CHECKING:
     from llm_mcp.tools.services import AppState
+
+log = logging.getLogger(__name__)
 
 
 class StartFinetuneResult(BaseModel):
@@ -135,7 +138,10 @@ def start_finetune(
 
 def _resolve(state: AppState, args: dict) -> Resolved:
     """Validate against the executor's hardware, count tokens, and warn about an unshared LLM_MCP_HOME."""
-    state.executor.poll()
+    try:
+        state.executor.poll()  # fresh queue counts and resume sources; the job watcher does this too
+    except ConfigurationError as exc:
+        log.warning("polling the %s executor: %s", state.executor.name, exc)
     resolved = resolve_finetune(matrix=state.matrix, settings=state.settings, defaults=state.defaults,
                                 hardware=state.hardware(), store=state.store, args=args)
     _check_tokens(resolved)

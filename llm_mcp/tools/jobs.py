@@ -74,12 +74,13 @@ def cancel_job(
     ctx: Context,
     job_id: Annotated[str, Field(description="The job to stop.", max_length=128)],
 ) -> Annotated[CallToolResult, JobStatusResult]:
-    """Stop a job. A queued job leaves the queue; a running one is sent SIGTERM, saves a
-    checkpoint at the next step and ends 'cancelled' (SIGKILL after a grace period).
-    Safe to call twice. Resume later with start_finetune(resume_from=job_id).
+    """Stop a job. A queued job leaves the queue; a running one is asked to stop (SIGTERM, or on a
+    cluster a cancel file and the scheduler's TERM), saves a checkpoint at the next step and ends
+    'cancelled' (killed after a grace period). Safe to call twice. Resume later with
+    start_finetune(resume_from=job_id).
     """
     state = state_of(ctx)
-    job = state.executor.cancel(job_id)
+    job = state.executor_for(state.store.get(job_id).engine).cancel(job_id)
     status = build_status(state.store, job)
     note = "" if job.state in FINAL_STATES else "\n(stopping: it checkpoints at the next step; poll job_status)"
     return result(summarize_status(status) + note, JobStatusResult(job=status))

@@ -131,6 +131,12 @@ class AppState:
 
         return self._once("pool", make)
 
+    def executor_for(self, engine: str) -> Executor:
+        """The executor that runs jobs of `engine` (a job started under another --executor keeps its engine)."""
+        if engine == self.executor.name:
+            return self.executor
+        return self._once(f"executor:{engine}", lambda: make_executor(engine, self.store, self.settings))
+
     def hardware(self):
         """What a job may run on: this machine (local executor) or one node of the cluster and how many."""
         return self.executor.hardware()
