@@ -89,16 +89,19 @@ def make_tiny_model(
     num_kv_heads: int | None = None,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    architecture: str = "LlamaForCausalLM",
+    num_experts: int = 4,
 ) -> Path:
     """Write a tiny LlamaForCausalLM + tokenizer (safetensors) to `out_dir` and return it.
 
     `model_vocab_size` pads the embedding / LM head beyond the tokenizer's vocabulary, so a
     benchmark model pays a realistic vocabulary projection (the extra rows are never produced).
     `num_kv_heads` / `tie_word_embeddings` give real models' shapes (grouped-query attention, tied head).
+    `architecture`: one of TINY_ARCHITECTURES (MoE ones get `num_experts` experts, 2 per token).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -125,24 +128,39 @@ def make_tiny_model(
         model_max_length=2048,
     )
 
-    config = LlamaConfig(
-        vocab_size=max(len(tokenizer), model_vocab_size or 0),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads or num_heads,
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    common = dict(vocab_size=max(len(tokenizer), model_vocab_size or 0), hidden_size=hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or num_heads, head_dim=hidden_size // num_heads,
+                  max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = tiny_config(architecture, common, intermediate_size, num_experts)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Tiny checkpoints of these architectures are built offline from their config classes (tests/test_architectures.py).
+TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM")
+
+
+def tiny_config(architecture: str, common: dict, intermediate_size: int, num_experts: int):
+    """The transformers config of a tiny model of `architecture` (common: the shared shape arguments)."""
+    import transformers
+
+    moe = dict(num_experts_per_tok=2)
+    if architecture == "LlamaForCausalLM":
+        return transformers.LlamaConfig(intermediate_size=intermediate_size, **common)
+    if architecture == "Qwen3MoeForCausalLM":
+        return transformers.Qwen3MoeConfig(intermediate_size=intermediate_size, moe_intermediate_size=intermediate_size // 2,
+                                           num_experts=num_experts, **moe, **common)
+    if architecture == "MixtralForCausalLM":
+        return transformers.MixtralConfig(intermediate_size=intermediate_size // 2, num_local_experts=num_experts,
+                                          **moe, **common)
+    if architecture == "GptOssForCausalLM":
+        return transformers.GptOssConfig(intermediate_size=intermediate_size // 2, num_local_experts=num_experts,
+                                         layer_types=["full_attention"] * common["num_hidden_layers"], **moe, **common)
+    raise ValueError(f"architecture={architecture!r}; allowed: {list(TINY_ARCHITECTURES)}")

@@ -38,9 +38,9 @@ async def test_unknown_model_suggests_and_unsupported_method_names_alternatives(
     _, server = app
     result = await call(server, model="Qwen/Qwen3-7B", method="lora", dataset=str(dataset))
     assert result.is_error and "Did you mean" in result.content[0].text and "Qwen/Qwen3-8B" in result.content[0].text
-    result = await call(server, model="mistralai/Mixtral-8x7B", method="sparse", dataset=str(dataset))
+    result = await call(server, model="Qwen/Qwen3-VL-30B-A3B-Instruct", method="sparse", dataset=str(dataset))
     text = result.content[0].text
-    assert "method='sparse' is unsupported for mistralai/Mixtral-8x7B-v0.1" in text
+    assert "method='sparse' is unsupported for Qwen/Qwen3-VL-30B-A3B-Instruct" in text
     assert "Methods you can use for this model: ['lora', 'qlora', 'dora']" in text
 
 
@@ -79,14 +79,14 @@ async def test_dry_run_returns_config_and_estimates_and_starts_nothing(app, tiny
 
 
 async def test_experimental_method_is_allowed_with_a_warning(app, tmp_path, dataset, home):
-    # A local Mixtral-architecture checkpoint: its LoRA status is experimental in `architectures`.
+    # A local Mixtral-architecture checkpoint: its QLoRA status is experimental in `architectures`.
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     MixtralForCausalLM(cfg).save_pretrained(home / "models" / "moe")
     _, server = app
-    result = await call(server, model="models/moe", method="lora", dataset=str(dataset), dry_run=True)
+    result = await call(server, model="models/moe", method="qlora", dataset=str(dataset), dry_run=True)
     assert not result.is_error, result.content[0].text
     assert any("experimental" in w for w in result.structured_content["warnings"])
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.experts import expert_param_count, expert_shapes, expert_targets
 from llm_mcp.core.matrix import Dims
 
 GiB = 1024**3
@@ -81,6 +82,7 @@ def module_shapes(dims: Dims, module: str) -> list[tuple[int, int, int]]:
     for name in ("down_proj", "dense_4h_to_h"):
         table[name] = [(width, h, count) for width, count, _ in mlp]
 
+    table.update(expert_shapes(dims))
     shapes = table.get(module)
     if shapes is None or not shapes:
         known = sorted(k for k, v in table.items() if v)
@@ -173,6 +175,7 @@ def estimate_memory(
     gradient_checkpointing: bool = True,
     shards: int = 1,
     rigl_fraction: float = 0.0,
+    train_experts: bool = True,
 ) -> MemoryEstimate:
     """Estimate peak training memory (GB = 2**30 bytes) for one process.
 
@@ -180,20 +183,24 @@ def estimate_memory(
     method's trained fraction per matrix ('auto' = LoRA rank's count). `shards` > 1: FSDP over that
     many processes (weights and optimizer state split; the layer being computed, and the next one
     prefetched, gathered whole). `rigl_fraction`: sparse mask updates' largest drop fraction (0: none).
+    `train_experts`: LoRA / QLoRA on an MoE model also adapt its experts (llm_mcp.core.experts).
     """
     elem = 2 if device == "cuda" else 4  # bf16 on GPU; fp32 on CPU where bf16 matmuls are slow
     total_params = params_b * 1e9
     embed = embedding_param_count(dims)
     if method == "qlora" or quantized:
-        # prepare_model_for_kbit_training (QLoRA) upcasts the embeddings and LM head to fp32
-        weights = max(total_params - embed, 0) * NF4_BYTES_PER_PARAM + embed * (4 if method == "qlora" else elem)
+        # prepare_model_for_kbit_training (QLoRA) upcasts the embeddings and LM head to fp32; bitsandbytes
+        # quantizes linear layers only, so fused MoE experts stay 16-bit
+        experts = min(expert_param_count(dims), max(total_params - embed, 0))
+        weights = (max(total_params - embed - experts, 0) * NF4_BYTES_PER_PARAM + experts * elem
+                   + embed * (4 if method == "qlora" else elem))
     else:
         weights = total_params * elem
 
     if method == "sparse":
         lora = sparse_param_count(dims, target_modules, density, rank)
     else:
-        lora = lora_param_count(dims, target_modules, rank)
+        lora = lora_param_count(dims, target_modules + (expert_targets(dims, method) if train_experts else []), rank)
     trainable_params = lora + (dora_magnitude_count(dims, target_modules) if method == "dora" else 0)
     # fp32 value + grad + two Adam moments; sparse deltas add their int64 flat index and int64 CSR column.
     trainable = trainable_params * (32 if method == "sparse" else 16)

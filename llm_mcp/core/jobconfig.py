@@ -49,6 +49,8 @@ class LoraSettings(_Strict):
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     target_modules: list[str]
+    target_parameters: list[str] = Field(default_factory=list, description="Fused MoE expert parameters adapted "
+                                         "too (PEFT target_parameters; llm_mcp.core.experts).")
     use_dora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
 

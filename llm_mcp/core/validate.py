@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.data import DatasetSummary, fingerprint, validate_dataset
+from llm_mcp.core.experts import check_experts
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import linear_names
 from llm_mcp.core.fit import plan_memory
@@ -86,12 +87,15 @@ def resolve_finetune(
     check_scheduler(args, settings, problems)
     init = init_from(store, args, entry, problems)
     lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
+    experts = check_experts(entry, method, args, problems, warnings)
     dataset, eval_set = _datasets(settings, args, problems)
     if problems or entry is None or dataset is None:
         raise InvalidArgumentError(problems)
 
     cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset,
                        eval_set.path if eval_set else None, hardware)
+    if experts and not init:
+        cfg["lora"].update(target_parameters=experts, dropout=0.0)  # PEFT: no dropout on expert parameters
     if init is not None:
         density = init.pop("sparse_density", None)
         cfg.update(init)
@@ -261,6 +265,7 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
     """Memory (refused with what would fit if it does not), steps, tokens and time; sets gradient_checkpointing."""
     method, rank, sparse = cfg["method"], cfg["lora"]["rank"], cfg["sparse"]
     plan = plan_memory(entry, method, hardware, target_modules=cfg["lora"]["target_modules"], rank=rank,
+                       train_experts=bool(cfg["lora"].get("target_parameters")),
                        batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
                        seq_len=cfg["max_seq_len"],
                        quantized=bool(sparse and sparse["quantize_base"]), density=sparse["density"] if sparse else "auto",

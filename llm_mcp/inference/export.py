@@ -108,7 +108,11 @@ def snippets(job: Job, fmt: str, dest: Path, base: str, vllm_adapter: bool) -> d
                     f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {path!r})")}
     rank = job.config.lora.rank
     max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-    if vllm_adapter:
+    if job.config.lora.target_parameters:
+        out["vllm"] = (f"this adapter also trains the MoE experts (PEFT target_parameters); serving that as a vLLM "
+                       f"LoRA adapter is untested here: export_adapter(job_id={job.id!r}, format='merged') and run "
+                       "`vllm serve <merged dir>`")
+    elif vllm_adapter:
         out["vllm"] = (f"vllm serve {base} --enable-lora --lora-modules {job.name}={path} --max-lora-rank {max_rank}")
     else:
         out["vllm"] = (f"vLLM cannot serve {job.method} adapters directly: export_adapter(job_id={job.id!r}, "

@@ -67,6 +67,8 @@ def start_finetune(
     lora_dropout: Annotated[float | None, Field(description="Dropout on the adapter input (0-0.9).")] = None,
     target_modules: Annotated[list[str] | None, Field(description="Module names to adapt (default: the model's "
                                                                   "all-linear list).")] = None,
+    train_experts: Annotated[bool | None, Field(description="MoE models: LoRA / QLoRA also adapt the experts (default "
+                                                            "true; needs lora_dropout 0).")] = None,
     batch_size: Annotated[int | None, Field(description="Sequences per micro-batch per process (default 4).")] = None,
     gradient_accumulation: Annotated[int | None, Field(description="Micro-batches per optimizer step (default 1).")] = None,
     max_seq_len: Annotated[int | None, Field(description="Longer sequences are truncated, and counted in the log "

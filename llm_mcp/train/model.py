@@ -77,7 +77,8 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     lora = cfg.lora
     peft_config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, use_dora=lora.use_dora, bias=lora.bias, task_type="CAUSAL_LM",
+        target_modules=lora.target_modules, target_parameters=lora.target_parameters or None,
+        use_dora=lora.use_dora, bias=lora.bias, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
     model.config.use_cache = False

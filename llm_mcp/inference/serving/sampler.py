@@ -42,6 +42,9 @@ def needs_merge(target: Target) -> str | None:
     cfg = adapter_config(target.adapter_path)
     if cfg.get("use_dora"):
         return "DoRA adapters carry magnitude vectors vLLM does not load"
+    if cfg.get("target_parameters"):
+        return ("the adapter trains fused MoE expert parameters (PEFT target_parameters); vLLM serving them as a LoRA "
+                "is untested here")
     if cfg.get("modules_to_save"):
         return f"the adapter trains whole modules ({cfg['modules_to_save']}), which vLLM does not load"
     return None
