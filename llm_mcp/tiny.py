@@ -144,7 +144,8 @@ def make_tiny_model(
 
 
 # Tiny checkpoints of these architectures are built offline from their config classes (tests/test_architectures.py).
-TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM")
+TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM",
+                      "FalconForCausalLM")
 
 
 def tiny_config(architecture: str, common: dict, intermediate_size: int, num_experts: int):
@@ -163,4 +164,8 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
     if architecture == "GptOssForCausalLM":
         return transformers.GptOssConfig(intermediate_size=intermediate_size // 2, num_local_experts=num_experts,
                                          layer_types=["full_attention"] * common["num_hidden_layers"], **moe, **common)
+    if architecture == "FalconForCausalLM":  # Falcon-7B's layout: multi-query attention, parallel attention + MLP
+        falcon = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads", "tie_word_embeddings")}
+        return transformers.FalconConfig(ffn_hidden_size=intermediate_size, multi_query=True, parallel_attn=True,
+                                         bias=False, new_decoder_architecture=False, **falcon)
     raise ValueError(f"architecture={architecture!r}; allowed: {list(TINY_ARCHITECTURES)}")

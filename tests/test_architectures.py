@@ -121,3 +121,38 @@ async def test_moe_qlora_is_4bit_with_16bit_experts_and_dora_and_sparse_keep_exp
     assert job["state"] == "succeeded", job
     tensors = load_file(str(state.store.job_dir(job["job_id"]) / "adapter" / "sparse_adapter.safetensors"))
     assert tensors and not any("experts" in k for k in tensors) and any("self_attn" in k for k in tensors)
+
+
+async def test_falcon_qlora_really_is_4bit_and_its_merged_export_matches(app, home, tmp_path_factory):
+    """Falcon's FalconLinear layers (an nn.Linear subclass) used to stay full precision under QLoRA."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llm_mcp.train.model import load_4bit
+
+    state, server = app
+    template = make_tiny_model(tmp_path_factory.mktemp("falcon") / "falcon", architecture="FalconForCausalLM")
+    model = place(home, template, "FalconForCausalLM")
+    args = dict(model=model, method="qlora", dataset="data/train.jsonl", max_steps=40, learning_rate=5e-3,
+                batch_size=4, max_seq_len=64, lora_dropout=0.0)
+    async with Client(server) as client:
+        started = await client.call_tool("start_finetune", args)
+        assert not started.is_error, started.content[0].text
+        job_id = started.structured_content["job_id"]
+        job = await wait_final(client, job_id, timeout=300)
+        assert job["state"] == "succeeded", job
+        merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
+    job_dir = state.store.job_dir(job_id)
+    losses = [m["loss"] for m in read_metrics(job_dir) if "loss" in m]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    base = load_4bit(str(home / "models" / "FalconForCausalLM"), dtype=torch.float32, device_map={"": "cpu"})
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()) == 2 * 4  # every linear layer of both layers
+    assert not merged.is_error and merged.structured_content["state"] == "done", merged.content[0].text
+    # The merge is exact: the adapter over the de-quantized 4-bit base gives the merged model's logits.
+    reference = PeftModel.from_pretrained(base.dequantize(), str(job_dir / "adapter")).eval()
+    ids = load_file(str(job_dir / "probe.safetensors"))["input_ids"][None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits[0]
+        got = AutoModelForCausalLM.from_pretrained(merged.structured_content["destination"]).eval()(input_ids=ids).logits[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -112,19 +112,17 @@ def merge_main(lock_path: str) -> int:
     try:
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cfg = JobConfig.parse(spec["job"]["config"])
         base_path = cfg.model.path
         trc = cfg.model.trust_remote_code
         if cfg.quantized:
             q = cfg.quantization
-            model = AutoModelForCausalLM.from_pretrained(
-                base_path, trust_remote_code=trc, device_map={"": "cpu"}, dtype=torch.float32, use_safetensors=True,
-                quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-                    bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=torch.float32))
-            model = model.dequantize()
+            from llm_mcp.train.model import load_4bit
+
+            model = load_4bit(base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trc,
+                              quant_type=q.bnb_4bit_quant_type, double_quant=q.bnb_4bit_use_double_quant).dequantize()
         else:
             model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto",
                                                          use_safetensors=True)

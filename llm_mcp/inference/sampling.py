@@ -103,15 +103,14 @@ class TransformersSampler:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=target.trust_remote_code, use_safetensors=True)
         if target.quantized:
-            from transformers import BitsAndBytesConfig
+            from llm_mcp.train.model import load_4bit
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
-            kwargs["device_map"] = {"": "cpu" if device == "cpu" else 0}
-        model = AutoModelForCausalLM.from_pretrained(target.base_path, **kwargs)
+            model = load_4bit(target.base_path, dtype=dtype, device_map={"": "cpu" if device == "cpu" else 0},
+                              trust_remote_code=target.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target.base_path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=target.trust_remote_code)
         if not target.quantized:
             model.to(device)
         model.eval()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -30,24 +31,48 @@ def load_tokenizer(cfg: JobConfig):
     return tokenizer_for(cfg.model.path, cfg.model.trust_remote_code)
 
 
+@contextmanager
+def _falcon_linear_as_linear():
+    """Falcon's layers are FalconLinear, an nn.Linear subclass with the same math, which transformers' bitsandbytes
+    integration skips (it converts `type(module) is nn.Linear` only): a QLoRA Falcon would silently keep a
+    full-precision base. While a 4-bit model loads, Falcon builds plain nn.Linear layers instead."""
+    import transformers.models.falcon.modeling_falcon as falcon
+
+    original = falcon.FalconLinear
+    falcon.FalconLinear = torch.nn.Linear
+    try:
+        yield
+    finally:
+        falcon.FalconLinear = original
+
+
+def load_4bit(path: str, *, dtype: torch.dtype, device_map: dict, trust_remote_code: bool = False,
+              quant_type: str = "nf4", double_quant: bool = True):
+    """A base model with its linear layers in 4-bit (bitsandbytes): QLoRA training, sampling and merges load it here."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+    with _falcon_linear_as_linear():
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map=device_map, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code, use_safetensors=True)
+
+
 def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     """The base model with LoRA / QLoRA / DoRA adapters or sparse deltas attached; only those train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     method = cfg.method
     dtype = compute_dtype(device)
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     if cfg.quantized:
         q = cfg.quantization
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        kwargs["device_map"] = {"": "cpu" if device == "cpu" else device_index or 0}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+        model = load_4bit(cfg.model.path, dtype=dtype, device_map={"": "cpu" if device == "cpu" else device_index or 0},
+                          trust_remote_code=cfg.model.trust_remote_code, quant_type=q.bnb_4bit_quant_type,
+                          double_quant=q.bnb_4bit_use_double_quant)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
     if method == "sparse":
         from llm_mcp.train.sparse import attach_sparse_deltas
 
