@@ -145,7 +145,7 @@ def make_tiny_model(
 
 # Tiny checkpoints of these architectures are built offline from their config classes (tests/test_architectures.py).
 TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM",
-                      "FalconForCausalLM")
+                      "FalconForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def tiny_config(architecture: str, common: dict, intermediate_size: int, num_experts: int):
@@ -168,4 +168,12 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
         falcon = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads", "tie_word_embeddings")}
         return transformers.FalconConfig(ffn_hidden_size=intermediate_size, multi_query=True, parallel_attn=True,
                                          bias=False, new_decoder_architecture=False, **falcon)
+    if architecture == "DeepseekV3ForCausalLM":  # MLA attention; layer 0 dense, layer 1 MoE with a shared expert
+        mla = {k: v for k, v in common.items() if k != "head_dim"}
+        head = common["head_dim"]
+        return transformers.DeepseekV3Config(
+            intermediate_size=intermediate_size, moe_intermediate_size=intermediate_size // 2, n_routed_experts=num_experts,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=common["hidden_size"] // 2,
+            kv_lora_rank=common["hidden_size"] // 4, qk_nope_head_dim=head, qk_rope_head_dim=head // 2, v_head_dim=head,
+            **moe, **mla)
     raise ValueError(f"architecture={architecture!r}; allowed: {list(TINY_ARCHITECTURES)}")

@@ -17,7 +17,8 @@ from llm_mcp.tiny import make_tiny_model
 from tests.conftest import LEARNABLE_ROWS, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-MOE = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM"]
+MOE = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM"]
+MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")  # DeepSeek-V3 / Kimi-K2 attention
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,11 @@ async def test_lora_trains_attention_and_experts_and_exports(app, home, moe_temp
     assert start["trainable_params"] == dry.structured_content["estimates"]["trainable_params"]
 
     tensors = load_file(str(job_dir / "adapter" / "adapter_model.safetensors"))
-    for layer in range(2):  # every layer's experts and attention are adapted; the router is not
-        assert any(f"layers.{layer}.mlp.experts" in k for k in tensors), sorted(tensors)
-        assert any(f"layers.{layer}.self_attn.q_proj" in k for k in tensors)
+    deepseek = arch == "DeepseekV3ForCausalLM"  # its layer 0 is dense (first_k_dense_replace=1)
+    for layer in range(2):  # every MoE layer's experts and all attention are adapted; the router is not
+        assert any(f"layers.{layer}.mlp.experts" in k for k in tensors) is (layer == 1 or not deepseek), sorted(tensors)
+        for name in MLA if deepseek else ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert any(f"layers.{layer}.self_attn.{name}." in k for k in tensors), (layer, name)
     assert not any(".mlp.gate." in k or ".router." in k for k in tensors)
 
     probe = load_file(str(job_dir / "probe.safetensors"))

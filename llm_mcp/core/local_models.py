@@ -70,6 +70,12 @@ def _dims_from_config(cfg: dict[str, Any]) -> Dims:
         num_experts=experts,
         experts_per_token=text.get("num_experts_per_tok", 0) if experts else 0,
         moe_intermediate_size=(text.get("moe_intermediate_size") or text.get("intermediate_size")) if experts else None,
+        num_shared_experts=text.get("n_shared_experts") or 0 if experts else 0,
+        dense_layers=min(text.get("first_k_dense_replace") or 0, text["num_hidden_layers"]) if experts else 0,
+        # multi-head latent attention (DeepSeek-V3, Kimi-K2): low-rank query / key-value projections
+        q_lora_rank=text.get("q_lora_rank"), kv_lora_rank=text.get("kv_lora_rank"),
+        qk_nope_head_dim=text.get("qk_nope_head_dim"), qk_rope_head_dim=text.get("qk_rope_head_dim"),
+        v_head_dim=text.get("v_head_dim"),
     )
 
 
