@@ -101,7 +101,7 @@ def make_tiny_model(
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -135,7 +135,8 @@ def make_tiny_model(
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     config = tiny_config(architecture, common, intermediate_size, num_experts)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    auto = AutoModelForImageTextToText if architecture.endswith("ForConditionalGeneration") else AutoModelForCausalLM
+    model = auto.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
@@ -145,7 +146,8 @@ def make_tiny_model(
 
 # Tiny checkpoints of these architectures are built offline from their config classes (tests/test_architectures.py).
 TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM",
-                      "FalconForCausalLM", "DeepseekV3ForCausalLM")
+                      "FalconForCausalLM", "DeepseekV3ForCausalLM", "Gemma3ForConditionalGeneration",
+                      "Qwen3VLMoeForConditionalGeneration")
 
 
 def tiny_config(architecture: str, common: dict, intermediate_size: int, num_experts: int):
@@ -176,4 +178,30 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
             n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=common["hidden_size"] // 2,
             kv_lora_rank=common["hidden_size"] // 4, qk_nope_head_dim=head, qk_rope_head_dim=head // 2, v_head_dim=head,
             **moe, **mla)
+    if architecture.endswith("ForConditionalGeneration"):
+        return _tiny_vlm_config(architecture, common, intermediate_size, num_experts)
+    raise ValueError(f"architecture={architecture!r}; allowed: {list(TINY_ARCHITECTURES)}")
+
+
+def _tiny_vlm_config(architecture: str, common: dict, intermediate_size: int, num_experts: int):
+    """A vision-language model: the tiny text model plus a one-layer vision tower; image tokens at the vocabulary's end."""
+    import transformers
+
+    text = {**common, "vocab_size": common["vocab_size"] + 3, "intermediate_size": intermediate_size}
+    image, boi, eoi = text["vocab_size"] - 1, text["vocab_size"] - 3, text["vocab_size"] - 2
+    if architecture == "Gemma3ForConditionalGeneration":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                      patch_size=8)
+        return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                         image_token_index=image, boi_token_index=boi, eoi_token_index=eoi,
+                                         eos_token_id=common["eos_token_id"], pad_token_id=common["pad_token_id"])
+    if architecture == "Qwen3VLMoeForConditionalGeneration":
+        half = common["head_dim"] // 2
+        text.update(moe_intermediate_size=intermediate_size // 2, num_experts=num_experts, num_experts_per_tok=2,
+                    rope_scaling={"rope_type": "default", "mrope_section": [half // 2, half // 4, half // 4]})
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=common["hidden_size"],
+                      patch_size=8, temporal_patch_size=2, spatial_merge_size=2, deepstack_visual_indexes=[0])
+        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=image,
+                                             vision_start_token_id=boi, vision_end_token_id=eoi,
+                                             eos_token_id=common["eos_token_id"], pad_token_id=common["pad_token_id"])
     raise ValueError(f"architecture={architecture!r}; allowed: {list(TINY_ARCHITECTURES)}")

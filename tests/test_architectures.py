@@ -132,7 +132,7 @@ async def test_falcon_qlora_really_is_4bit_and_its_merged_export_matches(app, ho
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llm_mcp.train.model import load_4bit
+    from llm_mcp.train.model import load_base
 
     state, server = app
     template = make_tiny_model(tmp_path_factory.mktemp("falcon") / "falcon", architecture="FalconForCausalLM")
@@ -149,7 +149,7 @@ async def test_falcon_qlora_really_is_4bit_and_its_merged_export_matches(app, ho
     job_dir = state.store.job_dir(job_id)
     losses = [m["loss"] for m in read_metrics(job_dir) if "loss" in m]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
-    base = load_4bit(str(home / "models" / "FalconForCausalLM"), dtype=torch.float32, device_map={"": "cpu"})
+    base = load_base(str(home / "models" / "FalconForCausalLM"), dtype=torch.float32, quant_type="nf4")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()) == 2 * 4  # every linear layer of both layers
     assert not merged.is_error and merged.structured_content["state"] == "done", merged.content[0].text
     # The merge is exact: the adapter over the de-quantized 4-bit base gives the merged model's logits.
@@ -159,3 +159,45 @@ async def test_falcon_qlora_really_is_4bit_and_its_merged_export_matches(app, ho
         expected = reference(input_ids=ids).logits[0]
         got = AutoModelForCausalLM.from_pretrained(merged.structured_content["destination"]).eval()(input_ids=ids).logits[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"])
+async def test_vision_language_models_train_their_language_model_on_text(app, home, tmp_path_factory, arch):
+    """Loaded with the image-text class; adapters only in the language model; the merged export is a whole VLM."""
+    from transformers import AutoModelForImageTextToText
+
+    state, server = app
+    template = make_tiny_model(tmp_path_factory.mktemp("vlm") / arch, architecture=arch)
+    model = place(home, template, arch)
+    (home / "data" / "image.jsonl").write_text(json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]},
+                      {"role": "assistant", "content": "A cat."}]}) + "\n")
+    args = dict(model=model, method="lora", dataset="data/train.jsonl", max_steps=40, learning_rate=5e-3,
+                batch_size=4, max_seq_len=64)
+    async with Client(server) as client:
+        image = await client.call_tool("start_finetune", {**args, "dataset": "data/image.jsonl"})
+        started = await client.call_tool("start_finetune", args)
+        assert not started.is_error, started.content[0].text
+        job_id = started.structured_content["job_id"]
+        job = await wait_final(client, job_id, timeout=300)
+        assert job["state"] == "succeeded", job
+        sample = await client.call_tool("sample", {"job_id": job_id, "prompt": "The cat", "max_tokens": 5})
+        merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
+    assert image.is_error and "training on images is not supported yet" in image.content[0].text
+    assert not sample.is_error, sample.content[0].text
+    job_dir = state.store.job_dir(job_id)
+    losses = [m["loss"] for m in read_metrics(job_dir) if "loss" in m]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    tensors = load_file(str(job_dir / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(".language_model." in k for k in tensors), sorted(tensors)[:5]
+    assert not merged.is_error and merged.structured_content["state"] == "done", merged.content[0].text
+    whole = AutoModelForImageTextToText.from_pretrained(merged.structured_content["destination"]).eval()
+    base = AutoModelForImageTextToText.from_pretrained(home / "models" / arch)
+    vision = {n: p for n, p in base.named_parameters() if ".language_model." not in n and "lm_head" not in n
+              and "embed_tokens" not in n}
+    merged_params = dict(whole.named_parameters())
+    assert vision and all(torch.equal(merged_params[n], p) for n, p in vision.items())  # the vision tower is untouched
+    probe = load_file(str(job_dir / "probe.safetensors"))
+    with torch.no_grad():
+        logits = whole(input_ids=probe["input_ids"][None]).logits[0]
+    torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-4)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.core.rows import FIELDS, PREFERENCE_KEYS, check_messages, found_instead, preference_pair
+from llm_mcp.core.rows import FIELDS, PREFERENCE_KEYS, check_messages, check_no_images, found_instead, preference_pair
 
 FORMATS = ("messages", "prompt_completion", "text", "preference")
 SFT_FORMATS = FORMATS[:3]
@@ -98,6 +98,7 @@ def row_format(row: Any) -> str:
     """Detect a row's format; raise ValueError with what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    check_no_images(row)
     if any(k in row for k in PREFERENCE_KEYS):
         preference_pair(row)
         return "preference"

@@ -11,6 +11,21 @@ FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected")
 PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
 
 
+IMAGE_KEYS = ("image", "images", "image_url", "pixel_values")
+
+
+def check_no_images(row: dict[str, Any]) -> None:
+    """Image + text rows are not supported yet: say so, rather than fail on a content list later."""
+    keys = [k for k in IMAGE_KEYS if k in row]
+    messages = row.get("messages")
+    parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for p in m["content"]] if isinstance(messages, list) else []
+    if keys or any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in parts):
+        raise ValueError(f"the row has an image ({keys or 'an image content part'}): training on images is not "
+                         "supported yet; vision-language models fine-tune their language model on text rows "
+                         "(messages with string content, prompt+completion or text)")
+
+
 def check_messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
     """A checked message list (JSON text from CSV / Parquet columns is decoded)."""
     if isinstance(value, str):

@@ -112,20 +112,19 @@ def merge_main(lock_path: str) -> int:
     try:
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from llm_mcp.train.model import load_base
 
         cfg = JobConfig.parse(spec["job"]["config"])
         base_path = cfg.model.path
         trc = cfg.model.trust_remote_code
         if cfg.quantized:
             q = cfg.quantization
-            from llm_mcp.train.model import load_4bit
-
-            model = load_4bit(base_path, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trc,
-                              quant_type=q.bnb_4bit_quant_type, double_quant=q.bnb_4bit_use_double_quant).dequantize()
+            model = load_base(base_path, dtype=torch.float32, trust_remote_code=trc, quant_type=q.bnb_4bit_quant_type,
+                              double_quant=q.bnb_4bit_use_double_quant).dequantize()
         else:
-            model = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trc, dtype="auto",
-                                                         use_safetensors=True)
+            model = load_base(base_path, dtype="auto", trust_remote_code=trc)
         if spec["job"]["method"] == "sparse":
             from llm_mcp.train.sparse import merge_sparse_into_weights
 

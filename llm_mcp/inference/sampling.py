@@ -99,18 +99,14 @@ class TransformersSampler:
             del old
             _free_memory()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        if target.quantized:
-            from llm_mcp.train.model import load_4bit
+        from llm_mcp.train.model import load_base
 
-            model = load_4bit(target.base_path, dtype=dtype, device_map={"": "cpu" if device == "cpu" else 0},
-                              trust_remote_code=target.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(target.base_path, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=target.trust_remote_code)
+        model = load_base(target.base_path, dtype=dtype, trust_remote_code=target.trust_remote_code,
+                          device_map={"": "cpu" if device == "cpu" else 0}, quant_type="nf4" if target.quantized else None)
         if not target.quantized:
             model.to(device)
         model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 from pathlib import Path
@@ -46,40 +47,58 @@ def _falcon_linear_as_linear():
         falcon.FalconLinear = original
 
 
-def load_4bit(path: str, *, dtype: torch.dtype, device_map: dict, trust_remote_code: bool = False,
-              quant_type: str = "nf4", double_quant: bool = True):
-    """A base model with its linear layers in 4-bit (bitsandbytes): QLoRA training, sampling and merges load it here."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def is_vision_language(path: str, trust_remote_code: bool = False) -> bool:
+    """True for an image-text checkpoint (e.g. Gemma3ForConditionalGeneration, Qwen3-VL)."""
+    from transformers import AutoConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return any(a.endswith("ForConditionalGeneration") for a in getattr(config, "architectures", None) or [])
+
+
+def load_base(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, device_map: dict | None = None,
+              quant_type: str | None = None, double_quant: bool = True):
+    """The base model as training, sampling and merges load it: a vision-language checkpoint with its image-text
+    class (the whole model, vision tower included, so a merge stays a loadable VLM), any other with the causal-LM
+    class; `quant_type` (e.g. 'nf4'): linear layers in 4-bit (bitsandbytes, QLoRA)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    auto = AutoModelForImageTextToText if is_vision_language(path, trust_remote_code) else AutoModelForCausalLM
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quant_type is None:
+        return auto.from_pretrained(path, **kwargs)
+    kwargs.update(device_map=device_map or {"": "cpu"}, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype))
     with _falcon_linear_as_linear():
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map=device_map, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code, use_safetensors=True)
+        return auto.from_pretrained(path, **kwargs)
+
+
+def language_model_targets(model, names: list[str]) -> list[str] | str:
+    """LoRA target_modules: the names as given, or for a vision-language model a pattern that keeps the vision
+    tower untouched (its attention has layers of the same names)."""
+    if not any(".language_model." in n for n, _ in model.named_modules()):
+        return names
+    return r".*\.language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")$"
 
 
 def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     """The base model with LoRA / QLoRA / DoRA adapters or sparse deltas attached; only those train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     method = cfg.method
     dtype = compute_dtype(device)
-    if cfg.quantized:
-        q = cfg.quantization
-        model = load_4bit(cfg.model.path, dtype=dtype, device_map={"": "cpu" if device == "cpu" else device_index or 0},
-                          trust_remote_code=cfg.model.trust_remote_code, quant_type=q.bnb_4bit_quant_type,
-                          double_quant=q.bnb_4bit_use_double_quant)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=cfg.model.trust_remote_code)
+    q = cfg.quantization if cfg.quantized else None
+    model = load_base(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                      device_map={"": "cpu" if device == "cpu" else device_index or 0},
+                      quant_type=q.bnb_4bit_quant_type if q else None, double_quant=q.bnb_4bit_use_double_quant if q else True)
     if method == "sparse":
         from llm_mcp.train.sparse import attach_sparse_deltas
 
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed)
+        attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed,
+                             language_model_only=isinstance(language_model_targets(model, ["x"]), str))
         if cfg.init_adapter:  # start from another job's sparse delta (its mask and values)
             from llm_mcp.train.sparse import load_sparse_into
 
@@ -102,7 +121,8 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     lora = cfg.lora
     peft_config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, target_parameters=lora.target_parameters or None,
+        target_modules=language_model_targets(model, lora.target_modules),
+        target_parameters=lora.target_parameters or None,
         use_dora=lora.use_dora, bias=lora.bias, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)

@@ -250,13 +250,15 @@ def entries_for(shape: tuple[int, int], density: float | str, rank: int) -> int:
 
 
 def attach_sparse_deltas(model: nn.Module, target_modules: list[str], density: float | str, rank: int,
-                         seed: int) -> dict[str, SparseDeltaLinear]:
-    """Freeze the model and wrap every target linear layer in a SparseDeltaLinear."""
+                         seed: int, language_model_only: bool = False) -> dict[str, SparseDeltaLinear]:
+    """Freeze the model and wrap every target linear layer in a SparseDeltaLinear (of a vision-language
+    model's language model only, with `language_model_only`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     targets = [(name, m) for name, m in model.named_modules()
-               if name.split(".")[-1] in target_modules and hasattr(m, "in_features") and hasattr(m, "weight")]
+               if name.split(".")[-1] in target_modules and hasattr(m, "in_features") and hasattr(m, "weight")
+               and (not language_model_only or ".language_model." in name)]
     if not targets:
         raise ValueError(f"no linear layer named any of {target_modules} in this model")
     for name, module in targets:
