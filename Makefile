@@ -44,7 +44,7 @@ cluster-engines:
 CLUSTERS_READY = $(shell command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && echo 1)
 
 test: install cluster-engines
-	LLM_MCP_REQUIRE_CLUSTERS=$(if $(CLUSTERS_READY),1,0) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	LLM_MCP_REQUIRE_CLUSTERS=$(if $(CLUSTERS_READY),1,0) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -239,3 +239,16 @@ def test_usable_memory_does_not_drift_with_free_ram_and_a_tight_machine_is_warne
                                       store=JobStore(tmp_path), args=dict(args)).warnings
     assert any("free right now" in w for w in run(busy))
     assert not any("free right now" in w for w in run(idle))
+
+
+def test_each_method_says_what_it_adapts(matrix, defaults):
+    """An MoE model's LoRA / QLoRA adapt its experts too; DoRA and sparse the attention only."""
+    from llm_mcp.core.listing import describe_model
+
+    info = describe_model(matrix.get("Qwen/Qwen3-30B-A3B"), detect(), defaults, full=True)
+    adapts = {m.method: m.adapts for m in info.methods}
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert adapts["lora"] == adapts["qlora"] == ["q_proj", "k_proj", "v_proj", "o_proj", *experts]
+    assert adapts["dora"] == adapts["sparse"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    dense = describe_model(matrix.get("Qwen/Qwen3-8B"), detect(), defaults, full=True)
+    assert dense.methods[0].adapts == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

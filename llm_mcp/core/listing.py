@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.experts import expert_targets
 from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
@@ -41,6 +42,8 @@ class MethodInfo(BaseModel):
     fits: bool = Field(description="estimated_memory_gb (per process) <= what one process may use and the method is "
                                    "not unsupported: start_finetune at its defaults accepts it.")
     trainable_params: int
+    adapts: list[str] = Field(default_factory=list, description="The layers (and fused MoE expert parameters) the "
+                                                                 "method trains at its defaults.")
     distributed: str = Field("ddp", description="How it fits: 'ddp' (a whole replica per process, one GPU each) or "
                                                 "'fsdp' (sharded over `processes` GPUs, when one GPU is too small).")
     processes: int = 1
@@ -116,6 +119,7 @@ def describe_model(
                 min_gpu_memory_gb=support.min_gpu_memory_gb, vllm_adapter=support.vllm_adapter,
                 estimated_memory_gb=est.total_gb,
                 fits=support.status != "unsupported" and plan.fits, trainable_params=est.trainable_params,
+                adapts=list(entry.target_modules) + expert_targets(entry.dims, name),
                 distributed=plan.distributed, processes=plan.processes,
                 gradient_checkpointing=plan.gradient_checkpointing,
                 memory=MemoryBreakdown(**{k: v for k, v in est.to_dict().items() if k.endswith("_gb")}) if full else None,
@@ -249,7 +253,7 @@ def summarize_one(info: ModelInfo, hardware: HardwareInfo) -> str:
         lines.append(
             f"- {METHOD_TITLES[m.method]}: {m.status} ({m.note}). Min GPU {m.min_gpu_memory_gb:g} GB; "
             f"estimate here {m.estimated_memory_gb:g} GB per process ({_fits(m).strip() or 'does not fit'}); "
-            f"vLLM adapter: {'yes' if m.vllm_adapter else 'no (serve merged)'}."
+            f"vLLM adapter: {'yes' if m.vllm_adapter else 'no (serve merged)'}; adapts {', '.join(m.adapts)}."
         )
     if info.note:
         lines.append(f"Note: {info.note}")
