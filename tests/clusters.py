@@ -110,6 +110,7 @@ def stop_slurm(root: Path, env: dict[str, str]) -> None:
             os.kill(int((root / name).read_text().strip()), 15)
         except (OSError, ValueError):
             pass
+    stop_ray(root)  # and anything else still started from this directory (daemons whose pid file was lost)
 
 
 def start_ray(root: Path) -> str:
@@ -141,7 +142,7 @@ def start_ray(root: Path) -> str:
 
 
 def stop_ray(root: Path) -> None:
-    """Stop this Ray cluster only (not others the developer may run): its processes mention `root`."""
+    """Stop this cluster only (not others the developer may run): its processes mention `root`."""
     for p in psutil.process_iter(["cmdline"]):
         if str(root) in " ".join(p.info.get("cmdline") or []):
             try:

@@ -208,6 +208,12 @@ def estimate_memory(
         trainable += rigl_bytes(dims, target_modules, trainable_params, rigl_fraction)
 
     activations = activation_bytes(dims, batch_size * seq_len, elem, gradient_checkpointing)
+    if method in ("lora", "qlora") and train_experts and dims.num_experts:
+        # PEFT adds each expert's LoRA delta to a copy of the layer's fused expert weights (ParamWrapper), which
+        # the expert matmuls keep for backward: one layer's copy (and the recomputed one) under checkpointing,
+        # every layer's without it
+        copy = expert_param_count(dims) * elem
+        activations += 2 * copy / max(1, dims.num_layers - dims.dense_layers) if gradient_checkpointing else copy
     if method == "dora":
         activations *= 1.25  # the weight-norm path keeps extra tensors (PEFT: ~1.10x total)
     if shards > 1:

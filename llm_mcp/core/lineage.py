@@ -64,13 +64,17 @@ def init_from(store: JobStore, args: dict[str, Any], entry: ModelEntry | None,
         same = [m for m in family if family[m] == family[old.method]]
         problems.append(f"init_from={old.id!r} holds a {old.method} adapter, which method={method!r} cannot "
                         f"continue; use method in {same}")
-    fixed = [k for k in ("lora_rank", "lora_alpha", "target_modules", "density", "sparsity_ratio") if k in args]
+    fixed = [k for k in ("lora_rank", "lora_alpha", "target_modules", "density", "sparsity_ratio", "train_experts")
+             if k in args]
     if fixed:
         problems.append(f"{fixed} come from init_from={old.id!r}'s adapter; drop them (or train without init_from)")
     init: dict[str, Any] = {"init_from": old.id, "init_adapter": str(adapter),
                             "lora": old.config.lora.model_dump()}
     init["lora"]["use_dora"] = method == "dora"
     init["lora"]["dropout"] = args.get("lora_dropout", old.config.lora.dropout)  # training-time only: may change
+    if old.config.lora.target_parameters and init["lora"]["dropout"]:
+        problems.append(f"lora_dropout={init['lora']['dropout']!r}: init_from={old.id!r}'s adapter trains MoE experts, "
+                        "which PEFT trains without dropout; give lora_dropout=0")
     if method == "sparse" and old.config.sparse is not None:
         init["sparse_density"] = old.config.sparse.density
     return init

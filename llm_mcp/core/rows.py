@@ -16,7 +16,7 @@ IMAGE_KEYS = ("image", "images", "image_url", "pixel_values")
 
 def check_no_images(row: dict[str, Any]) -> None:
     """Image + text rows are not supported yet: say so, rather than fail on a content list later."""
-    keys = [k for k in IMAGE_KEYS if k in row]
+    keys = [k for k in IMAGE_KEYS if row.get(k)]  # an empty or null image column is no image
     messages = row.get("messages")
     parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
              for p in m["content"]] if isinstance(messages, list) else []

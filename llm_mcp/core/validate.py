@@ -87,14 +87,17 @@ def resolve_finetune(
     check_scheduler(args, settings, problems)
     init = init_from(store, args, entry, problems)
     lora_defaults, target_modules = _targets(args, entry, defaults, method, problems)
-    experts = check_experts(entry, method, args, problems, warnings)
+    experts = [] if base_cfg else check_experts(entry, method, args, problems, warnings)
     dataset, eval_set = _datasets(settings, args, problems)
     if problems or entry is None or dataset is None:
         raise InvalidArgumentError(problems)
 
     cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset,
                        eval_set.path if eval_set else None, hardware)
-    if experts and not init:
+    if base_cfg:  # a resume trains exactly the adapter its checkpoints hold
+        old = base_cfg["lora"]
+        cfg["lora"].update(target_parameters=old.get("target_parameters", []), dropout=old["dropout"])
+    elif experts and not init:
         cfg["lora"].update(target_parameters=experts, dropout=0.0)  # PEFT: no dropout on expert parameters
     if init is not None:
         density = init.pop("sparse_density", None)

@@ -27,6 +27,9 @@ from llm_mcp.inference.card import list_files, model_card
 MERGE_WAIT_S = 25  # tool calls must answer within 30 s; a longer merge returns state "running"
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
 def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, manifest: dict,
                result):
     """Start (or wait for) the detached merge process; up to MERGE_WAIT_S in this call.
@@ -135,6 +138,9 @@ def merge_main(lock_path: str) -> int:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok_src = Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trc).save_pretrained(tmp)
+        for name in PROCESSOR_FILES:  # a vision-language model's image processor: the merged VLM serves images too
+            if (Path(base_path) / name).is_file():
+                shutil.copy2(Path(base_path) / name, tmp / name)
         job = Job(id=spec["job"]["id"], name=spec["job"]["name"], state=spec["job"]["state"], model=spec["base"],
                   method=spec["job"]["method"], device_set="", created_at=spec["job"]["created_at"], config=cfg)
         (tmp / "README.md").write_text(model_card(job, spec["checkpoint"], "merged", spec["base"], Path(spec["job_dir"])))

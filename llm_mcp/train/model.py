@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager
 
 from pathlib import Path
@@ -32,45 +33,62 @@ def load_tokenizer(cfg: JobConfig):
     return tokenizer_for(cfg.model.path, cfg.model.trust_remote_code)
 
 
+_PATCH_LOCK = threading.Lock()  # model loads in the server's sampler threads must not interleave the patch
+
+
 @contextmanager
 def _falcon_linear_as_linear():
     """Falcon's layers are FalconLinear, an nn.Linear subclass with the same math, which transformers' bitsandbytes
     integration skips (it converts `type(module) is nn.Linear` only): a QLoRA Falcon would silently keep a
-    full-precision base. While a 4-bit model loads, Falcon builds plain nn.Linear layers instead."""
+    full-precision base. While a 4-bit Falcon loads, it builds plain nn.Linear layers instead."""
     import transformers.models.falcon.modeling_falcon as falcon
 
-    original = falcon.FalconLinear
-    falcon.FalconLinear = torch.nn.Linear
-    try:
-        yield
-    finally:
-        falcon.FalconLinear = original
+    with _PATCH_LOCK:
+        original = falcon.FalconLinear
+        falcon.FalconLinear = torch.nn.Linear
+        try:
+            yield
+        finally:
+            falcon.FalconLinear = original
 
 
-def is_vision_language(path: str, trust_remote_code: bool = False) -> bool:
-    """True for an image-text checkpoint (e.g. Gemma3ForConditionalGeneration, Qwen3-VL)."""
-    from transformers import AutoConfig
+# Modules of an image-text model that stay as they are: never quantized, never adapted.
+VISION_MODULES = ["vision_tower", "visual", "multi_modal_projector", "lm_head"]
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return any(a.endswith("ForConditionalGeneration") for a in getattr(config, "architectures", None) or [])
+
+def is_vision_language(config) -> bool:
+    """True for an image-text checkpoint's config (Gemma3ForConditionalGeneration, Qwen3-VL, ...)."""
+    return getattr(config, "vision_config", None) is not None
 
 
 def load_base(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, device_map: dict | None = None,
               quant_type: str | None = None, double_quant: bool = True):
     """The base model as training, sampling and merges load it: a vision-language checkpoint with its image-text
     class (the whole model, vision tower included, so a merge stays a loadable VLM), any other with the causal-LM
-    class; `quant_type` (e.g. 'nf4'): linear layers in 4-bit (bitsandbytes, QLoRA)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+    class; `quant_type` (e.g. 'nf4'): linear layers in 4-bit (bitsandbytes, QLoRA; a VLM's vision side stays)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
-    auto = AutoModelForImageTextToText if is_vision_language(path, trust_remote_code) else AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    vlm = is_vision_language(config)
+    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant_type is None:
         return auto.from_pretrained(path, **kwargs)
     kwargs.update(device_map=device_map or {"": "cpu"}, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=dtype))
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES if vlm else None))
+    if getattr(config, "model_type", "") != "falcon":
+        return auto.from_pretrained(path, **kwargs)
     with _falcon_linear_as_linear():
         return auto.from_pretrained(path, **kwargs)
+
+
+def keep_experts_in(model, dtype: torch.dtype) -> None:
+    """prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32, fused MoE experts included:
+    put them back in the compute dtype, so QLoRA's experts cost 16 bits on GPU as the estimate counts them."""
+    for name, param in model.named_parameters():
+        if ".experts." in name and not name.split(".")[-1].startswith("lora") and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def language_model_targets(model, names: list[str]) -> list[str] | str:
@@ -107,6 +125,7 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
         return model
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        keep_experts_in(model, dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

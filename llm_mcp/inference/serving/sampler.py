@@ -42,6 +42,8 @@ def needs_merge(target: Target) -> str | None:
     cfg = adapter_config(target.adapter_path)
     if cfg.get("use_dora"):
         return "DoRA adapters carry magnitude vectors vLLM does not load"
+    if isinstance(cfg.get("target_modules"), str):
+        return "the adapter targets a vision-language model's language model by pattern, which vLLM does not load"
     if cfg.get("target_parameters"):
         return ("the adapter trains fused MoE expert parameters (PEFT target_parameters); vLLM serving them as a LoRA "
                 "is untested here")
