@@ -46,8 +46,9 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def threads_per_process(num_processes: int, env: dict[str, str] | None = None) -> int:
-    """Intra-op threads for each training process: the user's OMP_NUM_THREADS if set, else cores // processes.
+def threads_per_process(num_processes: int, env: dict[str, str] | None = None, cores: int | None = None) -> int:
+    """Intra-op threads for each training process: the user's OMP_NUM_THREADS if set, else cores // processes
+    (`cores`: of the machine the processes run on; default this one's usable cores).
 
     `accelerate launch` passes OMP_NUM_THREADS on to its workers and sets it to 1 when it is unset, so
     the job's environment must carry this value or a CPU job trains on one core.
@@ -56,4 +57,4 @@ def threads_per_process(num_processes: int, env: dict[str, str] | None = None) -
     given = env.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
-    return max(1, usable_cores() // max(1, num_processes))
+    return max(1, (cores or usable_cores()) // max(1, num_processes))

@@ -60,15 +60,6 @@ class EngineJob:
         return f"{self.state} ({self.reason})" if self.reason and self.reason != "None" else self.state
 
 
-def job_environment(cfg: JobConfig | EvalConfig, cpus_per_node: int, home: Path) -> dict[str, str]:
-    """The variables every job process gets, wherever it runs (the local supervisor sets the same)."""
-    per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    threads = int(given) if given.isdigit() and int(given) > 0 else max(1, cpus_per_node // per_node)
-    return {"LLM_MCP_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": str(threads)}
-
-
 def local_filesystem(path: Path) -> str | None:
     """The filesystem type of `path` when it is one that only this machine sees, else None (Linux; None elsewhere)."""
     try:

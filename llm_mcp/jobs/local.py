@@ -21,7 +21,7 @@ import psutil
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.core.jobdir import log_tail
 from llm_mcp.core.hardware import detect
-from llm_mcp.core.procs import free_port
+from llm_mcp.core.procs import free_port, threads_per_process
 from llm_mcp.core.store import Job, JobStore
 from llm_mcp.jobs.outcome import finalize
 from llm_mcp.core.settings import data_path
@@ -54,6 +54,14 @@ def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path, *, python: st
     if cfg.nodes > 1:
         cmd += ["--num_machines", str(cfg.nodes), "--machine_rank", machine_rank, "--main_process_ip", main_ip]
     return cmd + ["-m", cfg.entry, str(job_dir)]
+
+
+def job_environment(cfg: JobConfig | EvalConfig, cores_per_node: int, home: Path) -> dict[str, str]:
+    """The variables every job process gets, wherever it runs: the local supervisor and the cluster executors."""
+    per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
+    return {"LLM_MCP_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "OMP_NUM_THREADS": str(threads_per_process(per_node, cores=cores_per_node))}
 
 
 def _process_alive(pid: int | None, started_at: float | None) -> bool:

@@ -19,8 +19,8 @@ from pathlib import Path
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, job_environment, local_filesystem, shell_join
-from llm_mcp.jobs.local import accelerate_command
+from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, local_filesystem, shell_join
+from llm_mcp.jobs.local import accelerate_command, job_environment
 
 FREE_PORT = "$({python} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
 

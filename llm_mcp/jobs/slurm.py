@@ -23,8 +23,8 @@ from pathlib import Path
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, job_environment, shell_join
-from llm_mcp.jobs.local import accelerate_command
+from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, shell_join
+from llm_mcp.jobs.local import accelerate_command, job_environment
 
 CALL_TIMEOUT_S = 15
 PENDING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD")

@@ -17,10 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-from llm_mcp.jobs.local import accelerate_command, schedule
+from llm_mcp.jobs.local import accelerate_command, job_environment, schedule
 from llm_mcp.jobs.outcome import finalize
 from llm_mcp.core.store import JobStore
-from llm_mcp.core.procs import become_subreaper, signal_descendants, threads_per_process
+from llm_mcp.core.procs import become_subreaper, signal_descendants, usable_cores
 
 import psutil
 
@@ -69,9 +69,7 @@ def main(home: str, job_id: str) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=watch_cancel, daemon=True).start()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads_per_process(job.config.num_processes)),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, **job_environment(job.config, usable_cores(), store.home)}
     cmd = accelerate_command(job.config, job_dir)
     with open(job_dir / "train.log", "ab") as log:
         log.write(f"[supervisor] {' '.join(cmd)}\n".encode())
