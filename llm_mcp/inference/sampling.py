@@ -137,8 +137,7 @@ class TransformersSampler:
                 config = json.loads((path / "sparse_config.json").read_text())
                 state = load_sparse_state(path)
                 if any(name not in sparse_modules(model) for name in state):
-                    attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0, language_model_only=any(
-                        ".language_model." in n for n, _ in model.named_modules()))
+                    attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0)
                 mods = sparse_modules(model)
                 unknown = sorted(set(state) - set(mods))
                 if unknown:

@@ -94,7 +94,9 @@ def keep_experts_in(model, dtype: torch.dtype) -> None:
 def language_model_targets(model, names: list[str]) -> list[str] | str:
     """LoRA target_modules: the names as given, or for a vision-language model a pattern that keeps the vision
     tower untouched (its attention has layers of the same names)."""
-    if not any(".language_model." in n for n, _ in model.named_modules()):
+    from llm_mcp.train.sparse import has_language_model
+
+    if not has_language_model(model):
         return names
     return r".*\.language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")$"
 
@@ -115,8 +117,7 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed,
-                             language_model_only=isinstance(language_model_targets(model, ["x"]), str))
+        attach_sparse_deltas(model, cfg.lora.target_modules, cfg.sparse.density, cfg.lora.rank, cfg.seed)
         if cfg.init_adapter:  # start from another job's sparse delta (its mask and values)
             from llm_mcp.train.sparse import load_sparse_into
 

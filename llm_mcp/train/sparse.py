@@ -249,16 +249,22 @@ def entries_for(shape: tuple[int, int], density: float | str, rank: int) -> int:
     return max(1, int(round(float(density) * out_f * in_f)))
 
 
+def has_language_model(model: nn.Module) -> bool:
+    """True for a vision-language model: its text layers live under a `language_model` submodule."""
+    return any(".language_model." in name for name, _ in model.named_modules())
+
+
 def attach_sparse_deltas(model: nn.Module, target_modules: list[str], density: float | str, rank: int,
-                         seed: int, language_model_only: bool = False) -> dict[str, SparseDeltaLinear]:
-    """Freeze the model and wrap every target linear layer in a SparseDeltaLinear (of a vision-language
-    model's language model only, with `language_model_only`)."""
+                         seed: int) -> dict[str, SparseDeltaLinear]:
+    """Freeze the model and wrap every target linear layer in a SparseDeltaLinear (in a vision-language
+    model, those of its language model only: the vision tower has layers of the same names)."""
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
+    scoped = has_language_model(model)
     targets = [(name, m) for name, m in model.named_modules()
                if name.split(".")[-1] in target_modules and hasattr(m, "in_features") and hasattr(m, "weight")
-               and (not language_model_only or ".language_model." in name)]
+               and (not scoped or ".language_model." in name)]
     if not targets:
         raise ValueError(f"no linear layer named any of {target_modules} in this model")
     for name, module in targets:
