@@ -222,12 +222,17 @@ class ClusterExecutor:
     def reattach(self) -> None:
         self.poll()
 
+    def node_count(self) -> int:
+        """Nodes a job of this engine may land on (the fit check's node count, unless the engine knows better)."""
+        return self.hardware().max_nodes
+
     def home_warning(self) -> str | None:
         """A warning when LLM_MCP_HOME is on a filesystem other nodes cannot see and the cluster has several."""
-        fstype = local_filesystem(self.settings.home)
-        if fstype and self.hardware().max_nodes > 1:
+        nodes = self.node_count()
+        fstype = local_filesystem(self.settings.home) if nodes > 1 else None
+        if fstype:
             return (f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but {self.engine} has "
-                    f"{self.hardware().max_nodes} nodes: jobs on other nodes will not find their directory. Put "
+                    f"{nodes} nodes: jobs on other nodes will not find their directory. Put "
                     "LLM_MCP_HOME on a filesystem every node mounts (NFS, Lustre, GPFS, ...)")
         return None
 

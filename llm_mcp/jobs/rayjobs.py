@@ -19,7 +19,7 @@ from pathlib import Path
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, local_filesystem, shell_join
+from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, shell_join
 from llm_mcp.jobs.local import accelerate_command, job_environment
 
 FREE_PORT = "$({python} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
@@ -111,13 +111,10 @@ class RayExecutor(ClusterExecutor):
             if "does not exist" not in str(exc):
                 raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
 
-    def home_warning(self) -> str | None:
+    def node_count(self) -> int:
+        """Every alive node: a job spans one, but Ray may start it on any (read with the hardware)."""
         self.hardware()
-        if self.alive_nodes > 1 and (fstype := local_filesystem(self.settings.home)):
-            return (f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but the Ray cluster has "
-                    f"{self.alive_nodes} nodes and may start the job on any: put LLM_MCP_HOME on a filesystem "
-                    "every node mounts")
-        return None
+        return self.alive_nodes
 
     def read_hardware(self) -> Hardware:
         """The largest alive node (a job runs on one)."""
