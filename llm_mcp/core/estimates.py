@@ -200,7 +200,7 @@ def estimate_memory(
     if method == "sparse":
         lora = sparse_param_count(dims, target_modules, density, rank)
     else:
-        lora = lora_param_count(dims, target_modules + (expert_targets(dims, method) if train_experts else []), rank)
+        lora = lora_param_count(dims, target_modules + expert_targets(dims, method, train_experts), rank)
     trainable_params = lora + (dora_magnitude_count(dims, target_modules) if method == "dora" else 0)
     # fp32 value + grad + two Adam moments; sparse deltas add their int64 flat index and int64 CSR column.
     trainable = trainable_params * (32 if method == "sparse" else 16)
@@ -208,7 +208,7 @@ def estimate_memory(
         trainable += rigl_bytes(dims, target_modules, trainable_params, rigl_fraction)
 
     activations = activation_bytes(dims, batch_size * seq_len, elem, gradient_checkpointing)
-    if method in ("lora", "qlora") and train_experts and dims.num_experts:
+    if expert_targets(dims, method, train_experts):
         # PEFT adds each expert's LoRA delta to a copy of the layer's fused expert weights (ParamWrapper), which
         # the expert matmuls keep for backward: one layer's copy (and the recomputed one) under checkpointing,
         # every layer's without it

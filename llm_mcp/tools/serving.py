@@ -41,7 +41,6 @@ def export_adapter(
     path, label = job_adapter(state.store, job, checkpoint)
     entry = state.matrix.find(job.model)
     servable = entry.methods[job.method].vllm_adapter if entry else job.method in ("lora", "qlora")
-    servable = servable and not (job.config.task == "train" and job.config.lora.target_parameters)
     answer = export(state.settings, job, state.store.job_dir(job.id), path, label, format, destination, servable)
     return result(summarize_export(answer), answer)
 
