@@ -172,7 +172,6 @@ async def test_a_second_adapter_on_the_same_base_does_not_reload_it(trained, sta
     assert second.structured_content["base_loaded"] is False and second.structured_content["adapter_loaded"] is True
     assert back.structured_content["adapter_loaded"] is False  # still cached: a set_adapter, not a load
     assert state.sampler.base_loads == 1 and state.sampler.adapter_loads == 2
-    assert second.structured_content["load_s"] < first.structured_content["load_s"]
 
 
 async def test_sample_argument_errors(trained, state):
