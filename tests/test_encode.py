@@ -46,3 +46,90 @@ def test_truncation_is_counted_and_empty_rows_dropped(tok):
     examples, stats = encode_rows(tok, rows, max_seq_len=8, train_on="completion")
     assert stats.truncated == 2 and stats.dropped_empty == 1 and len(examples) == 1
     assert all(len(e["input_ids"]) <= 8 for e in examples)
+
+
+# Each family's assistant turns, as the loss mask must cover them (CHAT above): the header stays out, the token that
+# closes the turn is in; Qwen3's last turn carries the empty think block its template writes; Mistral's answer
+# starts with the space after [/INST]; gpt-oss's turns are final-channel messages, the last one ending <|return|>.
+FAMILY_TURNS = {
+    "none": ["Hello!<|endoftext|>", "Goodbye.<|endoftext|>"],
+    "llama3": ["Hello!<|eot_id|>", "Goodbye.<|eot_id|>"],
+    "qwen3": ["Hello!<|im_end|>", "<think>\n\n</think>\n\nGoodbye.<|im_end|>"],
+    "gemma3": ["Hello!<end_of_turn>", "Goodbye.<end_of_turn>"],
+    "mistral": [" Hello!</s>", " Goodbye.</s>"],
+    "gptoss": ["<|channel|>final<|message|>Hello!<|end|>", "<|channel|>final<|message|>Goodbye.<|return|>"],
+}
+
+
+def family_tokenizer(family: str):
+    from llm_mcp.tiny import tiny_tokenizer
+    from llm_mcp.train.encode import DEFAULT_CHAT_TEMPLATE
+
+    tok = tiny_tokenizer(512, 0, family)
+    tok.chat_template = tok.chat_template or DEFAULT_CHAT_TEMPLATE  # as tokenizer_for does
+    return tok
+
+
+def label_runs(example) -> list[list[int]]:
+    """The labelled tokens, as runs of consecutive positions."""
+    runs, last = [], None
+    for i, t in enumerate(example["labels"]):
+        if t == IGNORE:
+            continue
+        if last != i - 1:
+            runs.append([])
+        runs[-1].append(t)
+        last = i
+    return runs
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TURNS))
+def test_every_assistant_turn_of_each_family_is_masked_token_by_token(family):
+    tok = family_tokenizer(family)
+    chat = CHAT
+    if family == "qwen3":  # its template drops an earlier turn's <think> block: the mask follows what is rendered
+        chat = {"messages": [*CHAT["messages"][:2], {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
+                             *CHAT["messages"][3:]]}
+    (example,), _ = encode_rows(tok, [chat], max_seq_len=512, train_on="completion")
+    assert example["input_ids"] == tok.apply_chat_template(chat["messages"], tokenize=True, return_dict=True)["input_ids"]
+    runs = label_runs(example)
+    assert [tok.decode(run) for run in runs] == FAMILY_TURNS[family]  # one contiguous run per turn, exactly its tokens
+    assert "hmm" not in tok.decode(example["input_ids"]) or family != "qwen3"
+
+
+def test_offsets_agree_with_generation_markers(tok):
+    """The default tiny template has {% generation %} markers: the offset-based mask without them is identical."""
+    plain = type(tok).from_pretrained(tok.name_or_path)
+    plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    (marked,), _ = encode_rows(tok, [CHAT], max_seq_len=512, train_on="completion")
+    (found,), _ = encode_rows(plain, [CHAT], max_seq_len=512, train_on="completion")
+    assert marked == found
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3", "mistral", "gptoss"])
+def test_preference_answers_end_with_the_turns_end_token(family):
+    from llm_mcp.train.encode import encode_pair
+
+    tok = family_tokenizer(family)
+    pair = {"prompt": [{"role": "user", "content": "Is snow white?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
+            "rejected": [{"role": "assistant", "content": "No."}]}
+    prompt, chosen, rejected = encode_pair(tok, pair)
+    end = FAMILY_TURNS[family][1].split("Goodbye.")[1]
+    assert tok.decode(chosen).endswith("Yes." + end) and tok.decode(rejected).endswith("No." + end)
+    assert tok.decode(prompt + chosen) == tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False).rstrip("\n")
+
+
+def test_generation_stops_on_every_end_of_turn_id_the_model_lists(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from llm_mcp.tiny import make_tiny_model
+    from llm_mcp.train.encode import end_of_turn_ids
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=2, chat_family="llama3")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+    ids = end_of_turn_ids(tok, model)
+    assert [tok.convert_ids_to_tokens(i) for i in ids] == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>")]  # no model: the tokenizer's eos

@@ -99,7 +99,6 @@ class TransformersSampler:
             del old
             _free_memory()
         import torch
-        from transformers import AutoTokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -110,9 +109,9 @@ class TransformersSampler:
         if not target.quantized:
             model.to(device)
         model.eval()
-        tok = AutoTokenizer.from_pretrained(target.base_path, trust_remote_code=target.trust_remote_code)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        from llm_mcp.train.encode import tokenizer_for
+
+        tok = tokenizer_for(target.base_path, target.trust_remote_code)  # as training saw it: a chat template, a pad
         entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device, "sparse": None,
                  "sparse_active": set()}
         self._bases[key] = entry
@@ -210,9 +209,10 @@ class TransformersSampler:
             base, base_loaded, adapter_loaded = self._activate(target)
             load_s = time.perf_counter() - t0
             model, tok = base["model"], base["tokenizer"]
-            if params.messages is not None:
-                from llm_mcp.train.encode import chat_ids
+            from llm_mcp.train.encode import chat_ids, end_of_turn_ids
 
+            stop_ids = end_of_turn_ids(tok, model)
+            if params.messages is not None:
                 ids = chat_ids(tok, params.messages, add_generation_prompt=True)
             else:
                 ids = tok(params.prompt, add_special_tokens=True)["input_ids"]
@@ -225,7 +225,7 @@ class TransformersSampler:
             sample = params.temperature > 0
             gen_kwargs: dict[str, Any] = dict(
                 max_new_tokens=params.max_tokens, do_sample=sample, num_return_sequences=params.n,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, eos_token_id=stop_ids,
                 output_scores=params.logprobs, return_dict_in_generate=True,
             )
             if sample:
@@ -249,7 +249,8 @@ class TransformersSampler:
                 scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
             completions, total = [], 0
             for i, row in enumerate(new.tolist()):
-                completions.append(self._completion(tok, row, params, scores[i].tolist() if scores is not None else None))
+                row_scores = scores[i].tolist() if scores is not None else None
+                completions.append(self._completion(tok, row, stop_ids, params, row_scores))
                 if bounds.timed_out and completions[-1].finish_reason == "length":
                     completions[-1].finish_reason = "time_limit"
                 total += completions[-1].completion_tokens
@@ -260,10 +261,11 @@ class TransformersSampler:
             )
 
     @staticmethod
-    def _completion(tok, row: list[int], params: SampleParams, scores: list[float] | None) -> Completion:
+    def _completion(tok, row: list[int], stop_ids: list[int], params: SampleParams,
+                    scores: list[float] | None) -> Completion:
         finish = "length"
-        if tok.eos_token_id in row:
-            row, finish = row[: row.index(tok.eos_token_id)], "stop"
+        if ends := [j for j, t in enumerate(row) if t in stop_ids]:
+            row, finish = row[: ends[0]], "stop"
         while row and row[-1] == tok.pad_token_id:
             row = row[:-1]
         text = tok.decode(row, skip_special_tokens=True)

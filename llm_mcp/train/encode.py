@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IGNORE = -100
-# Models without a chat template get ChatML with {% generation %} markers (exact assistant masks).
+# Models without a chat template get ChatML-style headers with {% generation %} markers (exact assistant masks);
+# each assistant turn ends with the tokenizer's own eos token, a real token the model learns to stop on.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
     "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -39,27 +40,81 @@ class EncodeStats:
 
 
 def _assistant_spans(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 mask of assistant tokens.
+    """Token ids and a 0/1 mask of the assistant tokens of every turn.
 
-    Templates with {% generation %} markers give the mask directly; otherwise each assistant
-    turn's span is found by rendering the conversation up to it with and without that turn.
+    Templates with {% generation %} markers give the mask directly. Otherwise the conversation is rendered
+    once and each assistant turn is located in that text (templates may render earlier turns differently
+    from the last one, e.g. Qwen3 drops their <think> blocks, so renders of message prefixes cannot be
+    diffed): a turn runs from the end of the assistant header (what add_generation_prompt appends) through
+    its content and the special token that closes it (<|eot_id|>, <end_of_turn>, </s>, <|im_end|>, <|end|> ...).
     """
     if "{% generation %}" in (tok.chat_template or ""):
         enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return list(enc["input_ids"]), list(enc["assistant_masks"])
-    ids = chat_ids(tok, messages)
-    mask = [0] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(chat_ids(tok, messages[:i], add_generation_prompt=True))
-        end = min(len(chat_ids(tok, messages[: i + 1])), len(ids))
-        span = ids[start:end]
-        if tok.eos_token_id in span:  # stop after the end-of-turn token, not the template's trailing newline
-            end = start + len(span) - span[::-1].index(tok.eos_token_id)
-        for j in range(start, end):
-            mask[j] = 1
-    return ids, mask
+    text = tok.apply_chat_template(messages, tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = assistant_char_spans(tok, messages, text)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def assistant_char_spans(tok, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of each assistant turn in `text`, the conversation rendered by the template."""
+    header = _generation_header(tok)
+    specials = sorted(tok.convert_ids_to_tokens(sorted(special_ids(tok))), key=len, reverse=True)
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        found = _find_content(text, message.get("content") or "", cursor)
+        if found is None:
+            if message["role"] != "assistant":
+                continue
+            raise ValueError(f"messages[{i}] (assistant): the chat template renders this turn in a form its content "
+                             "cannot be found in, so its tokens cannot be masked; add {% generation %} markers to the "
+                             "template or use prompt/completion rows")
+        start, end = found
+        if message["role"] == "assistant":
+            if header:
+                h = text.rfind(header, cursor, start)
+                start = h + len(header) if h >= 0 else start
+            else:  # no header (Mistral: '[/INST] answer</s>'): the turn starts after the last special token before it
+                start = max([cursor] + [at + len(t) for t in specials if (at := text.rfind(t, cursor, start)) >= 0])
+            end += next((len(t) for t in specials if text.startswith(t, end)), 0)
+            spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def special_ids(tok) -> set[int]:
+    """The ids of the tokenizer's special tokens, added control tokens (<end_of_turn>, <|eot_id|> ...) included."""
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | None:
+    """Where the template put `content` (as is, trimmed, or without a <think> block) at or after `cursor`."""
+    if not isinstance(content, str):  # a list of typed parts: their text
+        content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    candidates = [content, content.strip()]
+    if "</think>" in content:
+        candidates.append(content.split("</think>")[-1].strip())
+    for candidate in candidates:
+        if candidate and (at := text.find(candidate, cursor)) >= 0:
+            return at, at + len(candidate)
+    return None
+
+
+def _generation_header(tok) -> str:
+    """What add_generation_prompt appends after a user turn ('<|im_start|>assistant\\n', '' for Mistral)."""
+    probe = [{"role": "user", "content": "x"}]
+    plain = tok.apply_chat_template(probe, tokenize=False)
+    prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    return prompted[len(plain):] if prompted.startswith(plain) else ""
+
+
+def end_of_turn_ids(tok, model=None) -> list[int]:
+    """Every id generation stops on: the model's generation config eos ids (Llama 3 lists three) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
+    return [i for i in dict.fromkeys(ids + [tok.eos_token_id]) if i is not None]
 
 
 def chat_ids(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
@@ -130,13 +185,15 @@ def encode_pair(tok, pair: dict[str, Any]) -> tuple[list[int], list[int], list[i
         answer = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
         return list(p), answer(pair["chosen"]), answer(pair["rejected"])
     p = chat_ids(tok, prompt, add_generation_prompt=True)
+    specials = special_ids(tok)
     full = [chat_ids(tok, prompt + pair[key]) for key in ("chosen", "rejected")]
     n = min(_common_prefix(p, f) for f in full)  # templates may render the prompt differently once answered
     answers = []
     for ids in full:
         answer = ids[n:]
-        if tok.eos_token_id in answer:  # end after the end-of-turn token, not the template's trailing newline
-            answer = answer[:len(answer) - answer[::-1].index(tok.eos_token_id)]
+        special = [j for j, t in enumerate(answer) if t in specials]
+        if special:  # end after the end-of-turn token, not the template's trailing newline
+            answer = answer[:special[-1] + 1]
         answers.append(answer)
     return p[:n], answers[0], answers[1]
 
