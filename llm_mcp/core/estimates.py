@@ -97,10 +97,12 @@ def linear_names(dims: Dims, hf_architecture: str) -> list[str]:
     """The linear-layer names LoRA can target in this architecture, in model order."""
     if hf_architecture.startswith("Falcon"):
         return ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    if dims.kv_lora_rank is not None:
-        attn = (["q_a_proj", "q_b_proj"] if dims.q_lora_rank else ["q_proj"]) + ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-    else:
-        attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if dims.kv_lora_rank is not None:  # DeepSeek-V3 / Kimi-K2: PEFT 0.21 maps the names gate_proj / up_proj /
+        # down_proj on this architecture onto the fused experts (their transformers-4 names), so the dense and
+        # shared-expert MLPs cannot be targeted by name: attention only
+        query = ["q_a_proj", "q_b_proj"] if dims.q_lora_rank else ["q_proj"]
+        return query + ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
     has_mlp = (dims.intermediate_size and (not dims.num_experts or dims.dense_layers)) or dims.num_shared_experts
     return attn + (["gate_proj", "up_proj", "down_proj"] if has_mlp else [])
 

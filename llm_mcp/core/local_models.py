@@ -58,11 +58,14 @@ def _dims_from_config(cfg: dict[str, Any]) -> Dims:
     hidden = text["hidden_size"]
     heads = text["num_attention_heads"]
     experts = text.get("num_local_experts") or text.get("num_experts") or text.get("n_routed_experts") or 0
+    kv_heads = text.get("num_key_value_heads") or text.get("num_kv_heads") or heads
+    if text.get("multi_query") and not text.get("new_decoder_architecture"):  # Falcon-7B: one key-value head
+        kv_heads = 1
     return Dims(
         hidden_size=hidden,
         num_layers=text["num_hidden_layers"],
         num_attention_heads=heads,
-        num_key_value_heads=text.get("num_key_value_heads") or text.get("num_kv_heads") or heads,
+        num_key_value_heads=kv_heads,
         head_dim=text.get("head_dim") or hidden // heads,
         vocab_size=text["vocab_size"],
         intermediate_size=text.get("intermediate_size") or text.get("ffn_hidden_size") or (None if experts else 4 * hidden),

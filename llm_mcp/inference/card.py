@@ -50,6 +50,15 @@ def list_files(dest: Path) -> list[ExportedFile]:
     return out
 
 
+def auto_class(job: Job) -> str:
+    """The transformers class that loads the job's model: AutoModelForImageTextToText for a vision-language base."""
+    try:
+        vlm = "vision_config" in json.loads((Path(job.config.model.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        vlm = False
+    return "AutoModelForImageTextToText" if vlm else "AutoModelForCausalLM"
+
+
 def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     """README.md for an export: method, data, hyperparameters, losses, how to load."""
     cfg = job.config
@@ -82,24 +91,25 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
         lines.append(f"- eval loss: {evals[-1]:.4f}")
     if job.method == "qlora":
         lines.append("- base quantized to 4-bit NF4 (double quantization) during training")
+    auto = auto_class(job)
     lines += ["", "## Load", "", "```python"]
     if fmt == "merged":
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"]
+        lines += [f"from transformers import {auto}, AutoTokenizer",
+                  f"model = {auto}.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"]
     elif sparse:
         lines += ["# sparse_adapter.safetensors: '<module>.indices' (int64, sorted flat indices into the",
                   "# [out_features, in_features] weight) and '<module>.values' (float32); merged W = W + delta.",
                   "import torch",
                   "from safetensors.torch import load_file",
-                  "from transformers import AutoModelForCausalLM",
-                  f"model = AutoModelForCausalLM.from_pretrained({base!r})",
+                  f"from transformers import {auto}",
+                  f"model = {auto}.from_pretrained({base!r})",
                   "delta = load_file('sparse_adapter.safetensors')",
                   "for name in {k.rsplit('.', 1)[0] for k in delta}:",
                   "    w = model.get_submodule(name).weight",
                   "    w.data.view(-1).index_add_(0, delta[name + '.indices'], delta[name + '.values'].to(w.dtype))"]
     else:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"base = AutoModelForCausalLM.from_pretrained({base!r})", "model = PeftModel.from_pretrained(base, '.')",
+        lines += ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer",
+                  f"base = {auto}.from_pretrained({base!r})", "model = PeftModel.from_pretrained(base, '.')",
                   "tokenizer = AutoTokenizer.from_pretrained('.')"]
     lines += ["```", ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.inference.card import ExportedFile, list_files, model_card, sha256_file
+from llm_mcp.inference.card import ExportedFile, auto_class, list_files, model_card, sha256_file
 from llm_mcp.inference.merge import run_merge
 from llm_mcp.inference.targets import weights_file
 from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
@@ -96,16 +96,17 @@ def _write_peft(job: Job, label: str, adapter: Path, base: str, out: Path, job_d
 
 
 def snippets(job: Job, fmt: str, dest: Path, base: str, vllm_adapter: bool) -> dict[str, str]:
+    auto = auto_class(job)
     if fmt == "merged":
-        return {"transformers": f"AutoModelForCausalLM.from_pretrained({str(dest)!r})",
+        return {"transformers": f"{auto}.from_pretrained({str(dest)!r})",
                 "vllm": f"vllm serve {dest}"}
     path = str(dest) if fmt == "peft" else f"<extracted {dest.name}>"
     if job.method == "sparse":
         return {"llm_mcp": f"sample(adapter={path!r}, prompt=...)  # README.md shows how to apply it by hand",
                 "vllm": f"sparse deltas are not LoRA adapters: export_adapter(job_id={job.id!r}, format='merged') "
                         "and run `vllm serve <merged dir>`"}
-    out = {"peft": (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                    f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {path!r})")}
+    out = {"peft": (f"from peft import PeftModel\nfrom transformers import {auto}\n"
+                    f"model = PeftModel.from_pretrained({auto}.from_pretrained({base!r}), {path!r})")}
     rank = job.config.lora.rank
     max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
     if job.config.lora.target_parameters:

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from llm_mcp.jobs.local import accelerate_command, job_environment, schedule
+from llm_mcp.jobs.local import accelerate_command, job_environment, max_jobs, schedule
 from llm_mcp.jobs.outcome import finalize
 from llm_mcp.core.store import JobStore
 from llm_mcp.core.procs import become_subreaper, signal_descendants, usable_cores
@@ -69,7 +69,9 @@ def main(home: str, job_id: str) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=watch_cancel, daemon=True).start()
-    env = {**os.environ, **job_environment(job.config, usable_cores(), store.home)}
+    # LLM_MCP_MAX_JOBS jobs share the machine's cores: each gets its share of threads, never more threads than
+    # cores (oversubscribed OpenMP threads spin and slow every job down several-fold)
+    env = {**os.environ, **job_environment(job.config, max(1, usable_cores() // max_jobs()), store.home)}
     cmd = accelerate_command(job.config, job_dir)
     with open(job_dir / "train.log", "ab") as log:
         log.write(f"[supervisor] {' '.join(cmd)}\n".encode())

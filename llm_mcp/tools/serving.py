@@ -25,7 +25,8 @@ def export_adapter(
     job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
     format: Annotated[choice("peft", "archive", "merged"), Field(
         description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
-                    "merged: a full model AutoModelForCausalLM.from_pretrained loads.")] = "peft",
+                    "merged: a full model AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) "
+                    "loads.")] = "peft",
     checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
     destination: Annotated[str | None, Field(description="Where to write: relative to LLM_MCP_HOME/exports, or "
                                                          "an absolute path under an allowed root.")] = None,

@@ -52,8 +52,9 @@ def _falcon_linear_as_linear():
             falcon.FalconLinear = original
 
 
-# Modules of an image-text model that stay as they are: never quantized, never adapted.
-VISION_MODULES = ["vision_tower", "visual", "multi_modal_projector", "lm_head"]
+# Modules of an image-text model that stay as they are under QLoRA. transformers anchors these patterns at the
+# start of a module's full name (re.match), so a bare "vision_tower" would miss "model.vision_tower.encoder...".
+VISION_MODULES = [r".*\bvision_tower", r".*\bvisual", r".*\bmulti_modal_projector", "lm_head"]
 
 
 def is_vision_language(config) -> bool:
@@ -99,6 +100,14 @@ def language_model_targets(model, names: list[str]) -> list[str] | str:
     if not has_language_model(model):
         return names
     return r".*\.language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")$"
+
+
+def four_bit_layers(model) -> int:
+    """How many linear layers of `model` are bitsandbytes 4-bit (0 without bitsandbytes loaded)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) if bnb else 0
 
 
 def load_model(cfg: JobConfig, device: str, device_index: int | None = None):

@@ -277,6 +277,8 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
 
 
 def train(run: Run) -> None:
+    from llm_mcp.train.model import four_bit_layers
+
     s = setup(run)
     cfg, acc = run.cfg, run.accelerator
     stats = s.stats
@@ -285,7 +287,7 @@ def train(run: Run) -> None:
                 "eval_examples": len(s.eval_examples), "truncated": stats.truncated, "dropped": stats.dropped_empty,
                 "trainable_params": sum(p.numel() for p in s.trainable), "target_tokens": stats.target_tokens,
                 "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name,
-                "threads": torch.get_num_threads()})
+                "threads": torch.get_num_threads(), "four_bit_layers": four_bit_layers(s.model)})
     run.log(f"{stats.examples} examples ({stats.target_tokens} trainable tokens), {s.total_steps} steps, "
             f"{sum(p.numel() for p in s.trainable):,} trainable params")
     s.loss_model.train()
