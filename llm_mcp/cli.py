@@ -232,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from llm_mcp.bench.sample import bench_sample
 
-        anyio.run(bench_sample, out, 4 if args.tiny else 32, 8 if args.tiny else 32, args.tiny)
+        anyio.run(bench_sample, out, 4 if args.tiny else 32, 8 if args.tiny else 32, args.tiny, not args.no_vllm)
     return 0
 
 
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="train: cuda runs Qwen2.5-0.5B-shaped models in bf16 and adds TRL's SFTTrainer, MFU and "
                             "the memory estimate vs the measured peak")
+    bench.add_argument("--no-vllm", action="store_true", help="sample: the in-process side only, no vLLM server")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")

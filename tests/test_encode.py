@@ -133,3 +133,40 @@ def test_generation_stops_on_every_end_of_turn_id_the_model_lists(tmp_path):
     ids = end_of_turn_ids(tok, model)
     assert [tok.convert_ids_to_tokens(i) for i in ids] == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
     assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>")]  # no model: the tokenizer's eos
+
+
+MIXTRAL_V01 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+               "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+               "{% endfor %}")  # Mixtral-8x7B-Instruct-v0.1: no header, [INST] as plain text
+
+
+@pytest.mark.parametrize("family,messages,turns", [
+    ("llama3", [{"role": "user", "content": "Pick a or b"}, {"role": "assistant", "content": "a"}], ["a<|eot_id|>"]),
+    ("llama3", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure! "},
+                {"role": "user", "content": "Sure! Now go"}, {"role": "assistant", "content": "Ok."}],
+     ["Sure!<|eot_id|>", "Ok.<|eot_id|>"]),
+    ("mistral", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Ok. Hi."}, {"role": "user", "content": "Bye"},
+                 {"role": "assistant", "content": "Be brief."}], [" Ok. Hi.</s>", " Be brief.</s>"]),
+    ("qwen3", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>r</think>Hello!\n"}],
+     ["<think>\nr\n</think>\n\nHello!\n<|im_end|>"]),
+    ("mixtral_v01", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                     {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
+     ["Hello!<|eot_id|>", "Goodbye.<|eot_id|>"]),
+])
+def test_a_turn_is_found_after_its_header_never_in_other_text(family, messages, turns):
+    """Short answers that also occur in the template's own text, in a user turn or in a dropped system message."""
+    tok = family_tokenizer("llama3" if family == "mixtral_v01" else family)
+    if family == "mixtral_v01":
+        tok.chat_template = MIXTRAL_V01
+    (example,), _ = encode_rows(tok, [{"messages": messages}], max_seq_len=512, train_on="completion")
+    assert [tok.decode(run) for run in label_runs(example)] == turns
+
+
+def test_a_base_model_whose_turns_close_with_another_token_stops_on_it():
+    """Qwen3-Base: eos <|endoftext|>, but its template closes each turn with <|im_end|>."""
+    from llm_mcp.train.encode import end_of_turn_ids
+
+    tok = family_tokenizer("qwen3")
+    tok.eos_token = "<|endoftext|>"
+    assert tok.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(tok)

@@ -28,9 +28,9 @@ VLLM_READY_TIMEOUT_S = 900.0  # serve_adapter until 'ready', in all
 SERVE_CALL_TIMEOUT_S = 300.0  # one serve_adapter call (it answers within ~25 s when the server is healthy)
 
 
-async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool) -> dict[str, Any]:
+async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vllm: bool = True) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
-    with_vllm = importlib.util.find_spec("vllm") is not None
+    with_vllm = vllm and importlib.util.find_spec("vllm") is not None
     texts = [f"the cat sees item {i} and" for i in range(prompts)]
     try:
         build_model(home, tiny)
@@ -54,7 +54,8 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool) -> 
                     t1 = time.perf_counter()
                     r = await call(client, "sample", {"job_id": job, "prompt": "hi", "max_tokens": 1})
                     (swaps if r["adapter_loaded"] else switches).append(time.perf_counter() - t1)
-        vllm = await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens) if with_vllm else "not installed"
+        vllm = (await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens) if with_vllm
+                else "not installed" if vllm else "skipped (--no-vllm)")
     finally:
         wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)

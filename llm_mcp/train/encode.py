@@ -59,29 +59,66 @@ def _assistant_spans(tok, messages: list[dict[str, str]]) -> tuple[list[int], li
 
 
 def assistant_char_spans(tok, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of each assistant turn in `text`, the conversation rendered by the template."""
-    header = _generation_header(tok)
-    specials = sorted(tok.convert_ids_to_tokens(sorted(special_ids(tok))), key=len, reverse=True)
+    """[start, end) character spans of each assistant turn in `text`, the conversation rendered by the template.
+
+    A turn starts after the next assistant header (for a template without one, Mistral / Llama 2, where the
+    render of the messages before it ends), holds the message's content, and ends with the first special
+    token after that content (tokens inside the turn, like gpt-oss' <|channel|>, come before the content).
+    """
+    header, specials, _ = _template_facts(tok)
     spans, cursor = [], 0
     for i, message in enumerate(messages):
-        found = _find_content(text, message.get("content") or "", cursor)
+        if message["role"] != "assistant":
+            continue
+        start = cursor
+        if header:
+            at = text.find(header, cursor)
+            start = at + len(header) if at >= 0 else len(text)
+        else:
+            prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            start = len(prompt) if i and text.startswith(prompt) and len(prompt) >= cursor else cursor
+        found = _find_content(text, message.get("content") or "", start)
         if found is None:
-            if message["role"] != "assistant":
-                continue
             raise ValueError(f"messages[{i}] (assistant): the chat template renders this turn in a form its content "
                              "cannot be found in, so its tokens cannot be masked; add {% generation %} markers to the "
                              "template or use prompt/completion rows")
-        start, end = found
-        if message["role"] == "assistant":
-            if header:
-                h = text.rfind(header, cursor, start)
-                start = h + len(header) if h >= 0 else start
-            else:  # no header (Mistral: '[/INST] answer</s>'): the turn starts after the last special token before it
-                start = max([cursor] + [at + len(t) for t in specials if (at := text.rfind(t, cursor, start)) >= 0])
-            end += next((len(t) for t in specials if text.startswith(t, end)), 0)
-            spans.append((start, end))
+        if not header and start == cursor:  # a template that drops a message (Mistral's system): after [/INST]
+            start = max([cursor] + [at + len(t) for t in specials if (at := text.rfind(t, cursor, found[0])) >= 0])
+        end = found[1]
+        limit = text.find(header, end) if header else -1
+        closing = [(at, -len(t)) for t in specials if (at := text.find(t, end, len(text) if limit < 0 else limit)) >= 0]
+        if closing:
+            at, minus_len = min(closing)
+            end = at - minus_len
+        spans.append((start, end))
         cursor = end
     return spans
+
+
+_FACTS: dict[tuple[int, str], tuple[str, list[str], str | None]] = {}
+
+
+def _template_facts(tok) -> tuple[str, list[str], str | None]:
+    """(the assistant header add_generation_prompt appends, the special tokens longest first, the token that closes
+    an assistant turn), once per tokenizer and template."""
+    key = (id(tok), tok.chat_template or "")
+    if key not in _FACTS:
+        probe = [{"role": "user", "content": "Hi"}]
+        plain = tok.apply_chat_template(probe, tokenize=False)
+        prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        header = prompted[len(plain):] if prompted.startswith(plain) else ""
+        specials = sorted(tok.convert_ids_to_tokens(sorted(special_ids(tok))), key=len, reverse=True)
+        _FACTS[key] = (header, specials, None)
+        closing = None
+        try:
+            turn = [*probe, {"role": "assistant", "content": "Hello"}]
+            text = tok.apply_chat_template(turn, tokenize=False)
+            end = assistant_char_spans(tok, turn, text)[-1][1]
+            closing = next((t for t in specials if text.endswith(t, 0, end)), None)
+        except Exception:  # noqa: BLE001 - a template that cannot render the probe has no known closing token
+            pass
+        _FACTS[key] = (header, specials, closing)
+    return _FACTS[key]
 
 
 def special_ids(tok) -> set[int]:
@@ -90,31 +127,27 @@ def special_ids(tok) -> set[int]:
 
 
 def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | None:
-    """Where the template put `content` (as is, trimmed, or without a <think> block) at or after `cursor`."""
+    """Where the template put `content` (as is, trimmed, or without a <think> block): the first at or after `cursor`."""
     if not isinstance(content, str):  # a list of typed parts: their text
         content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
     candidates = [content, content.strip()]
     if "</think>" in content:
         candidates.append(content.split("</think>")[-1].strip())
-    for candidate in candidates:
-        if candidate and (at := text.find(candidate, cursor)) >= 0:
-            return at, at + len(candidate)
-    return None
-
-
-def _generation_header(tok) -> str:
-    """What add_generation_prompt appends after a user turn ('<|im_start|>assistant\\n', '' for Mistral)."""
-    probe = [{"role": "user", "content": "x"}]
-    plain = tok.apply_chat_template(probe, tokenize=False)
-    prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    return prompted[len(plain):] if prompted.startswith(plain) else ""
+    found = [(at, -len(c)) for c in candidates if c and (at := text.find(c, cursor)) >= 0]
+    if not found:
+        return None
+    at, minus_len = min(found)  # the first place any form occurs (a later user turn may repeat the content)
+    return at, at - minus_len
 
 
 def end_of_turn_ids(tok, model=None) -> list[int]:
-    """Every id generation stops on: the model's generation config eos ids (Llama 3 lists three) and the tokenizer's."""
+    """Every id generation stops on: the model's generation config eos ids (Llama 3 lists three), the tokenizer's,
+    and the token the chat template closes an assistant turn with (Qwen3-Base: <|im_end|>, its eos <|endoftext|>)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
-    return [i for i in dict.fromkeys(ids + [tok.eos_token_id]) if i is not None]
+    closing = _template_facts(tok)[2] if tok.chat_template else None
+    ids += [tok.eos_token_id] + ([tok.convert_tokens_to_ids(closing)] if closing else [])
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def chat_ids(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
@@ -184,25 +217,17 @@ def encode_pair(tok, pair: dict[str, Any]) -> tuple[list[int], list[int], list[i
         p = tok(prompt, add_special_tokens=True)["input_ids"]
         answer = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
         return list(p), answer(pair["chosen"]), answer(pair["rejected"])
-    p = chat_ids(tok, prompt, add_generation_prompt=True)
-    specials = special_ids(tok)
-    full = [chat_ids(tok, prompt + pair[key]) for key in ("chosen", "rejected")]
-    n = min(_common_prefix(p, f) for f in full)  # templates may render the prompt differently once answered
-    answers = []
-    for ids in full:
-        answer = ids[n:]
-        special = [j for j, t in enumerate(answer) if t in specials]
-        if special:  # end after the end-of-turn token, not the template's trailing newline
-            answer = answer[:special[-1] + 1]
-        answers.append(answer)
-    return p[:n], answers[0], answers[1]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    prompt_turns = sum(m["role"] == "assistant" for m in prompt)
+    sides = []
+    for key in ("chosen", "rejected"):  # the answer: the conversation's assistant turns after the prompt's
+        ids, mask = _assistant_spans(tok, prompt + pair[key])
+        runs = [j for j in range(len(mask)) if mask[j] and (j == 0 or not mask[j - 1])]
+        ends = [j + 1 for j in range(len(mask)) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
+        sides.append((ids[:runs[prompt_turns]], ids[runs[prompt_turns]:ends[-1]]))
+    (p, chosen), (p_rejected, rejected) = sides
+    if p != p_rejected:
+        raise ValueError("the chat template renders the prompt differently before the chosen and the rejected answer")
+    return p, chosen, rejected
 
 
 def encode_pairs(tok, rows: list[dict[str, Any]], max_seq_len: int) -> tuple[list[dict], EncodeStats]:
