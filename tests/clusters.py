@@ -142,10 +142,16 @@ def start_ray(root: Path) -> str:
 
 
 def stop_ray(root: Path) -> None:
-    """Stop this cluster only (not others the developer may run): its processes mention `root`."""
-    for p in psutil.process_iter(["cmdline"]):
-        if str(root) in " ".join(p.info.get("cmdline") or []):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+    """Stop this cluster only (not others the developer may run): its processes mention `root`, and their children
+    (Ray's agents retitle themselves 'ray::DashboardAgent', so their command lines no longer do)."""
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(root) in " ".join(p.info.get("cmdline") or [])]
+    for p in list(procs):
+        try:
+            procs += p.children(recursive=True)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
