@@ -108,7 +108,7 @@ def _template_facts(tok) -> tuple[str, list[str], str | None]:
         prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         header = prompted[len(plain):] if prompted.startswith(plain) else ""
         specials = sorted(tok.convert_ids_to_tokens(sorted(special_ids(tok))), key=len, reverse=True)
-        _FACTS[key] = (header, specials, None)
+        _FACTS[key] = (header, specials, None)  # what finding the probe's turn below needs (it calls back here)
         closing = None
         try:
             turn = [*probe, {"role": "assistant", "content": "Hello"}]
@@ -128,8 +128,6 @@ def special_ids(tok) -> set[int]:
 
 def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | None:
     """Where the template put `content` (as is, trimmed, or without a <think> block): the first at or after `cursor`."""
-    if not isinstance(content, str):  # a list of typed parts: their text
-        content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
     candidates = [content, content.strip()]
     if "</think>" in content:
         candidates.append(content.split("</think>")[-1].strip())
