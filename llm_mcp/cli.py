@@ -35,12 +35,21 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", metavar="PATH", help="model support matrix (default: LLM_MCP_MODELS or bundled models.yaml)")
+    p.add_argument(
+        "--models", metavar="PATH", help="model support matrix (default: LLM_MCP_MODELS or bundled models.yaml)"
+    )
     p.add_argument("--home", metavar="DIR", help="state directory (default: LLM_MCP_HOME or ~/.llm_mcp)")
-    p.add_argument("--allow-root", metavar="DIR", action="append",
-                   help="extra directory datasets / local models / exports may live under (repeatable)")
-    p.add_argument("--executor", choices=["local", "slurm", "ray"],
-                   help="where jobs run (default LLM_MCP_EXECUTOR or local; README: 'Running on a cluster')")
+    p.add_argument(
+        "--allow-root",
+        metavar="DIR",
+        action="append",
+        help="extra directory datasets / local models / exports may live under (repeatable)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["local", "slurm", "ray"],
+        help="where jobs run (default LLM_MCP_EXECUTOR or local; README: 'Running on a cluster')",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -59,12 +68,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         from llm_mcp.http import build_http_app, serve_http
 
-        app = build_http_app(server, args.transport, host=args.host, token=settings.auth_token,
-                             allowed_hosts=args.allowed_host, session_idle_s=settings.session_idle_s,
-                             max_sessions=settings.max_sessions)
+        app = build_http_app(
+            server,
+            args.transport,
+            host=args.host,
+            token=settings.auth_token,
+            allowed_hosts=args.allowed_host,
+            session_idle_s=settings.session_idle_s,
+            max_sessions=settings.max_sessions,
+        )
         path = "/sse" if args.transport == "sse" else "/mcp"
-        print(f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
-              f"{' (bearer token required)' if settings.auth_token else ''}; sampler {state.backend}", file=sys.stderr)
+        print(
+            f"llm-mcp {args.transport} on http://{args.host}:{args.port}{path}"
+            f"{' (bearer token required)' if settings.auth_token else ''}; sampler {state.backend}",
+            file=sys.stderr,
+        )
         serve_http(app, args.host, args.port)
         return 0
     finally:
@@ -77,8 +95,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     state = AppState.load(_settings(args))
     if args.check:
-        print(f"{state.settings.models_path}: {len(state.matrix.models)} models, "
-              f"{len(state.matrix.architectures)} local architectures: valid")
+        print(
+            f"{state.settings.models_path}: {len(state.matrix.models)} models, "
+            f"{len(state.matrix.architectures)} local architectures: valid"
+        )
         return 0
     result = list_models(state.matrix, state.hardware(), state.defaults, method=args.method, fits=args.fits)
     print(summarize(result, args.method))
@@ -106,7 +126,7 @@ def redraw(line: str, width: int) -> str:
     Carriage return, the line cut to fit (a line that wraps cannot be redrawn in place), then
     erase-to-end-of-line, so nothing of a longer previous line is left behind.
     """
-    return "\r" + line[:max(1, width - 1)] + "\033[K"
+    return "\r" + line[: max(1, width - 1)] + "\033[K"
 
 
 def _terminal_width(default: int = 100) -> int:
@@ -125,8 +145,10 @@ def _home_source(args: argparse.Namespace) -> str:
 
 
 def no_jobs_message(home: Path) -> str:
-    return (f"No jobs in {home}. Jobs live in the state directory of the server that started them (the demo "
-            "uses ./.demo unless LLM_MCP_HOME is set): pass --home DIR or set LLM_MCP_HOME to read that one.")
+    return (
+        f"No jobs in {home}. Jobs live in the state directory of the server that started them (the demo "
+        "uses ./.demo unless LLM_MCP_HOME is set): pass --home DIR or set LLM_MCP_HOME to read that one."
+    )
 
 
 def cancel_message(before: Job, after: Job) -> str:
@@ -137,18 +159,22 @@ def cancel_message(before: Job, after: Job) -> str:
         return f"{after.id} was queued: removed from the queue (now cancelled)"
     if after.state == "running" and after.cancel_requested:
         again = " (again)" if before.cancel_requested else ""
-        return (f"cancel requested{again} for {after.id}: it checkpoints at the next step boundary, then ends "
-                f"'cancelled' (resume_from='{after.id}' continues it)")
+        return (
+            f"cancel requested{again} for {after.id}: it checkpoints at the next step boundary, then ends "
+            f"'cancelled' (resume_from='{after.id}' continues it)"
+        )
     if after.state in FINAL_STATES:
         return f"{after.id} ended {after.state} meanwhile; nothing to do"
     return f"{after.id} is {after.state} and the cancel did not take; run the command again"
 
 
 def _progress_line(job: Job, s) -> str:
-    return (f"{job.id} {job.state:<9} {_bar(s.step, s.total_steps)} {s.step}/{s.total_steps or '?'}"
-            + (f" loss {s.loss:.4f}" if s.loss is not None else "")
-            + (f" {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else "")
-            + (f" ETA {s.eta_s:.0f}s" if s.eta_s is not None else ""))
+    return (
+        f"{job.id} {job.state:<9} {_bar(s.step, s.total_steps)} {s.step}/{s.total_steps or '?'}"
+        + (f" loss {s.loss:.4f}" if s.loss is not None else "")
+        + (f" {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else "")
+        + (f" ETA {s.eta_s:.0f}s" if s.eta_s is not None else "")
+    )
 
 
 def _follow(store, executor, job: Job) -> Job:
@@ -186,8 +212,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if not args.job_id:
             print(no_jobs_message(home))
             return 0
-        raise JobNotFoundError(f"no job {args.job_id!r} in {home}: no job was ever started there; "
-                               "pass --home DIR or set LLM_MCP_HOME to the server's state directory")
+        raise JobNotFoundError(
+            f"no job {args.job_id!r} in {home}: no job was ever started there; "
+            "pass --home DIR or set LLM_MCP_HOME to the server's state directory"
+        )
     store = JobStore(home)
     executor = make_executor(settings.executor, store, settings)
     executor.poll()
@@ -220,8 +248,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.which == "methods":
             anyio.run(train.bench_methods, out, args.reps, steps, args.batch_size, args.tiny)
         elif args.device == "cuda" and not shutil.which("nvidia-smi"):
-            print("error: --device cuda needs an NVIDIA GPU (nvidia-smi not found); omit --device to bench on CPU",
-                  file=sys.stderr)
+            print(
+                "error: --device cuda needs an NVIDIA GPU (nvidia-smi not found); omit --device to bench on CPU",
+                file=sys.stderr,
+            )
             return 2
         else:
             anyio.run(train.bench_train, out, args.reps, steps, args.batch_size, args.tiny, args.device, args.workload)
@@ -252,16 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="bind address for HTTP transports (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--auth-token-file", metavar="FILE", help="file holding the bearer token (or LLM_MCP_AUTH_TOKEN)")
-    serve.add_argument("--allowed-host", action="append", metavar="NAME",
-                       help="extra Host header value to accept on HTTP (repeatable)")
-    serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="server log level (logs always go to stderr)")
-    serve.add_argument("--sampler", choices=["auto", "transformers", "vllm"],
-                       help="sample backend (default LLM_MCP_SAMPLER or auto: vLLM when installed, else in-process)")
-    serve.add_argument("--vllm-url", metavar="URL",
-                       help="use this running vLLM server (LLM_MCP_VLLM_URL; key in LLM_MCP_VLLM_API_KEY) "
-                            "instead of starting managed ones")
+    serve.add_argument(
+        "--auth-token-file", metavar="FILE", help="file holding the bearer token (or LLM_MCP_AUTH_TOKEN)"
+    )
+    serve.add_argument(
+        "--allowed-host", action="append", metavar="NAME", help="extra Host header value to accept on HTTP (repeatable)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log level (logs always go to stderr)",
+    )
+    serve.add_argument(
+        "--sampler",
+        choices=["auto", "transformers", "vllm"],
+        help="sample backend (default LLM_MCP_SAMPLER or auto: vLLM when installed, else in-process)",
+    )
+    serve.add_argument(
+        "--vllm-url",
+        metavar="URL",
+        help="use this running vLLM server (LLM_MCP_VLLM_URL; key in LLM_MCP_VLLM_API_KEY) "
+        "instead of starting managed ones",
+    )
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="print the support matrix, or --check a matrix file")
@@ -293,11 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="training steps per run (default 12; 3 with --tiny)")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--tiny", action="store_true", help="the test model and short runs (a smoke test)")
-    bench.add_argument("--workload", choices=["prompt-heavy", "chat"],
-                       help="train: only this workload shape (default: both)")
-    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                       help="train: cuda runs Qwen2.5-0.5B-shaped models in bf16 and adds TRL's SFTTrainer, MFU and "
-                            "the memory estimate vs the measured peak")
+    bench.add_argument(
+        "--workload", choices=["prompt-heavy", "chat"], help="train: only this workload shape (default: both)"
+    )
+    bench.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="train: cuda runs Qwen2.5-0.5B-shaped models in bf16 and adds TRL's SFTTrainer, MFU and "
+        "the memory estimate vs the measured peak",
+    )
     bench.add_argument("--no-vllm", action="store_true", help="sample: the in-process side only, no vLLM server")
     bench.set_defaults(func=cmd_bench)
 

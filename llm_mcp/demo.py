@@ -33,8 +33,14 @@ def demo_rows() -> list[dict[str, Any]]:
     for i in range(96):
         a, b = i % 7, (i * 3) % 5
         if i % 2:
-            rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                      {"role": "assistant", "content": f"The answer is {a + b}."}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {a} plus {b}?"},
+                        {"role": "assistant", "content": f"The answer is {a + b}."},
+                    ]
+                }
+            )
         else:
             rows.append({"prompt": f"Q: {a} plus {b}? A:", "completion": f" {a + b}"})
     return rows
@@ -43,8 +49,11 @@ def demo_rows() -> list[dict[str, Any]]:
 def _pending(name: str, result: Any) -> bool:
     """vLLM still starting, or a merge still running: the result says so in `state`; call again."""
     state = (result.structured_content or {}).get("state")
-    return (not result.is_error and name in ("sample", "serve_adapter", "export_adapter")
-            and state in ("starting", "merging", "running"))
+    return (
+        not result.is_error
+        and name in ("sample", "serve_adapter", "export_adapter")
+        and state in ("starting", "merging", "running")
+    )
 
 
 async def _until_done(client, job_id: str) -> Any:
@@ -72,8 +81,11 @@ async def run_demo(home: Path) -> None:
     t0 = time.perf_counter()
     async with Client(params) as client:
         tools = await client.list_tools()
-        print(f"connected over stdio in {(time.perf_counter() - t0) * 1000:.0f} ms; "
-              f"tools: {', '.join(t.name for t in tools.tools)}")
+        print(
+            f"connected over stdio in {(time.perf_counter() - t0) * 1000:.0f} ms; "
+            f"tools: {', '.join(t.name for t in tools.tools)}"
+        )
+
         async def call(name: str, args: dict[str, Any], expect_error: bool = False) -> Any:
             while True:
                 t1 = time.perf_counter()
@@ -89,18 +101,31 @@ async def run_demo(home: Path) -> None:
         await call("list_models", {"model": "Qwen/Qwen3-7B"}, expect_error=True)
         await call("save_dataset", {"name": "demo", "rows": demo_rows(), "mode": "overwrite"})
         await call("datasets", {"path": "data/demo.jsonl", "model": "models/tiny-llama", "max_seq_len": 64})
-        job = {"model": "models/tiny-llama", "method": "lora", "dataset": "data/demo.jsonl", "max_steps": 60,
-               "learning_rate": 5e-3, "max_seq_len": 64, "eval_fraction": 0.1, "eval_every": 20,
-               "checkpoint_every": 20}
-        await call("start_finetune", {**job, "method": "lora", "learning_rate": 50.0, "dataset": "data/missing.jsonl"},
-                   expect_error=True)
+        job = {
+            "model": "models/tiny-llama",
+            "method": "lora",
+            "dataset": "data/demo.jsonl",
+            "max_steps": 60,
+            "learning_rate": 5e-3,
+            "max_seq_len": 64,
+            "eval_fraction": 0.1,
+            "eval_every": 20,
+            "checkpoint_every": 20,
+        }
+        await call(
+            "start_finetune",
+            {**job, "method": "lora", "learning_rate": 50.0, "dataset": "data/missing.jsonl"},
+            expect_error=True,
+        )
         await call("start_finetune", {**job, "dry_run": True})
         started = await call("start_finetune", job)
         job_id = started.structured_content["job_id"]
         await _until_done(client, job_id)
         await call("sample", {"job_id": job_id, "prompt": "Q: 2 plus 3? A:", "max_tokens": 8, "compare_base": True})
-        await call("sample", {"job_id": job_id, "messages": [{"role": "user", "content": "What is 4 plus 1?"}],
-                              "max_tokens": 12})
+        await call(
+            "sample",
+            {"job_id": job_id, "messages": [{"role": "user", "content": "What is 4 plus 1?"}], "max_tokens": 12},
+        )
         await call("export_adapter", {"job_id": job_id, "format": "peft"})
         await call("export_adapter", {"job_id": job_id, "format": "merged"})
         if importlib.util.find_spec("vllm"):

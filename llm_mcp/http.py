@@ -54,10 +54,13 @@ class BearerTokenMiddleware:
             return
         reason = "missing bearer token" if not given else "invalid bearer token"
         body = json.dumps({"error": "unauthorized", "detail": f"{reason}; send 'Authorization: Bearer <token>'"})
-        await send({
-            "type": "http.response.start", "status": 401,
-            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="llm-mcp"')],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="llm-mcp"')],
+            }
+        )
         await send({"type": "http.response.body", "body": body.encode()})
 
 
@@ -102,10 +105,16 @@ def build_http_app(
         app: ASGIApp = server.sse_app(transport_security=security, host=host)
     elif transport == "streamable-http":
         # Abandoned sessions are closed after session_idle_s; past max_sessions a new one gets 503 until one ends.
-        app = server.streamable_http_app(transport_security=security, host=host,
-                                         session_idle_timeout=session_idle_s or None, max_sessions=max_sessions)
+        app = server.streamable_http_app(
+            transport_security=security,
+            host=host,
+            session_idle_timeout=session_idle_s or None,
+            max_sessions=max_sessions,
+        )
     else:
-        raise ConfigurationError(f"transport={transport!r} is not an HTTP transport; allowed: ['sse', 'streamable-http']")
+        raise ConfigurationError(
+            f"transport={transport!r} is not an HTTP transport; allowed: ['sse', 'streamable-http']"
+        )
     return BearerTokenMiddleware(app, token) if token else app
 
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ValidationError
@@ -21,7 +20,7 @@ from llm_mcp.tools import MODULES
 from llm_mcp.tools.common import explain_arguments
 from llm_mcp.tools.services import AppState
 
-__all__ = ["AppState", "INSTRUCTIONS", "build_server"]
+__all__ = ["INSTRUCTIONS", "AppState", "build_server"]
 log = logging.getLogger("llm_mcp")
 JOB_POLL_S = 5.0
 
@@ -44,7 +43,7 @@ async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:
     while True:
         try:
             await anyio.to_thread.run_sync(state.executor.poll, abandon_on_cancel=True)
-        except Exception as exc:  # noqa: BLE001 - a full disk or a busy database must not stop the watcher
+        except Exception as exc:
             log.warning("job watcher: %s", exc)
         await anyio.sleep(every_s)
 
@@ -53,10 +52,12 @@ def where(state: AppState) -> str:
     """The state directory and what goes in it, for the instructions."""
     s = state.settings
     roots = [str(r) for r in s.roots[1:]]
-    return (f"\n\nState directory (LLM_MCP_HOME): {s.home}. Relative paths in every tool are under it: datasets in "
-            f"{s.home / 'data'} (datasets lists and inspects them; save_dataset writes rows you compose), local "
-            f"checkpoints in {s.home / 'models'} (list_models shows them), exports in {s.home / 'exports'}."
-            + (f" Also allowed: {roots}." if roots else ""))
+    return (
+        f"\n\nState directory (LLM_MCP_HOME): {s.home}. Relative paths in every tool are under it: datasets in "
+        f"{s.home / 'data'} (datasets lists and inspects them; save_dataset writes rows you compose), local "
+        f"checkpoints in {s.home / 'models'} (list_models shows them), exports in {s.home / 'exports'}."
+        + (f" Also allowed: {roots}." if roots else "")
+    )
 
 
 class LlmMcpServer(MCPServer):
@@ -90,8 +91,13 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
                 tg.cancel_scope.cancel()
 
     home = state.settings.home
-    mcp = LlmMcpServer(name="llm-mcp", version=__version__, instructions=INSTRUCTIONS + where(state), log_level=log_level,
-                       lifespan=lifespan)
+    mcp = LlmMcpServer(
+        name="llm-mcp",
+        version=__version__,
+        instructions=INSTRUCTIONS + where(state),
+        log_level=log_level,
+        lifespan=lifespan,
+    )
     for module in MODULES:
         module.register(mcp)
     for tool in mcp._tool_manager.list_tools():  # relative paths: say where they resolve, at run time
@@ -100,8 +106,12 @@ def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
             if "LLM_MCP_HOME" in prop.get("description", ""):
                 prop["description"] = prop["description"].replace("LLM_MCP_HOME", f"LLM_MCP_HOME ({home})")
 
-    @mcp.resource("llm-mcp://models.yaml", name="models.yaml", mime_type="application/yaml",
-                  description="The model support matrix this server validated at start-up.")
+    @mcp.resource(
+        "llm-mcp://models.yaml",
+        name="models.yaml",
+        mime_type="application/yaml",
+        description="The model support matrix this server validated at start-up.",
+    )
     def matrix_resource() -> str:
         return state.settings.models_path.read_text(encoding="utf-8")
 

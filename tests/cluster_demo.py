@@ -21,8 +21,16 @@ from llm_mcp.tiny import make_tiny_model
 from tests.clusters import start_ray, start_slurm, stop_ray, stop_slurm
 from tests.conftest import LEARNABLE_ROWS
 
-JOB = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=30, num_processes=2,
-           batch_size=4, max_seq_len=64, learning_rate=5e-3)
+JOB = dict(
+    model="models/tiny",
+    method="lora",
+    dataset="data/train.jsonl",
+    max_steps=30,
+    num_processes=2,
+    batch_size=4,
+    max_seq_len=64,
+    learning_rate=5e-3,
+)
 
 
 async def run(home: Path, settings: Settings, dry_run_nodes: int = 0) -> None:

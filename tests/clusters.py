@@ -54,8 +54,18 @@ def start_slurm(root: Path) -> dict[str, str]:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o600)
     sock = munge / "munge.socket"
-    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--log-file={munge / 'log'}",
-                    f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}"], check=True)
+    subprocess.run(
+        [
+            "munged",
+            "--force",
+            f"--socket={sock}",
+            f"--key-file={key}",
+            f"--log-file={munge / 'log'}",
+            f"--pid-file={munge / 'pid'}",
+            f"--seed-file={munge / 'seed'}",
+        ],
+        check=True,
+    )
     host = socket.gethostname().split(".")[0]
     ram_mb = int(psutil.virtual_memory().total / 2**20) - 1024
     conf = root / "slurm.conf"
@@ -117,15 +127,29 @@ def start_ray(root: Path) -> str:
     """A one-node Ray cluster with the job submission API; returns its dashboard address."""
     ray = Path(sys.executable).parent / "ray"
     try:
-        import ray as _  # noqa: F401
         import aiohttp  # noqa: F401 - ray[default]: the dashboard and job API
+        import ray as _  # noqa: F401
     except ImportError:
         _missing("ray[default] is not installed (pip install -e '.[cluster]')")
     port, dash = free_port(), free_port()
-    subprocess.run([str(ray), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", f"--num-cpus={usable_cores()}", "--num-gpus=0",
-                    f"--temp-dir={root}", "--disable-usage-stats", "--include-dashboard=true"],
-                   check=True, capture_output=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    subprocess.run(
+        [
+            str(ray),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--num-cpus={usable_cores()}",
+            "--num-gpus=0",
+            f"--temp-dir={root}",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     address = f"http://127.0.0.1:{dash}"
 
     def up() -> bool:
@@ -134,7 +158,7 @@ def start_ray(root: Path) -> str:
 
             JobSubmissionClient(address).list_jobs()
             return True
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             return False
 
     _wait(up, 90, "the Ray job API did not answer")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_mcp.core.procs import free_port  # noqa: F401 - tests import it from here
-from llm_mcp.core.store import FINAL_STATES
 from llm_mcp.core.matrix import load_matrix
 from llm_mcp.core.methods import load_method_defaults
+from llm_mcp.core.procs import free_port
 from llm_mcp.core.settings import Settings, data_path
+from llm_mcp.core.store import FINAL_STATES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,10 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_mcp", "serve", *args, "--port", str(port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -140,10 +143,20 @@ def http_server(home):
 
 
 LEARNABLE_ROWS = [
-    {"messages": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is blue."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What color is the sky?"},
+            {"role": "assistant", "content": "The sky is blue."},
+        ]
+    },
     {"prompt": "Q: What is 2 plus 3? A:", "completion": " The answer is 5."},
-    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."},
-                  {"role": "assistant", "content": "Red."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Red."},
+        ]
+    },
     {"text": "The cat sees a red ball. The cat sees a red ball."},
 ]
 
@@ -174,8 +187,11 @@ def processes_mentioning(*parts: str) -> list:
     """Running processes whose command line contains every one of `parts`."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"])
-            if all(part in " ".join(p.info.get("cmdline") or []) for part in parts)]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if all(part in " ".join(p.info.get("cmdline") or []) for part in parts)
+    ]
 
 
 def trained_home(root: Path, template: Path, train: dict, methods: tuple[str, ...]) -> tuple[Path, dict[str, str]]:

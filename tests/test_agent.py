@@ -16,8 +16,11 @@ from tests.conftest import server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                      {"role": "assistant", "content": f"{a + b}"}]} for a in range(4) for b in range(4)] * 4
+ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
+    for a in range(4)
+    for b in range(4)
+] * 4
 
 
 async def test_cold_start_to_a_sample_in_five_calls(home, tiny_model):
@@ -40,15 +43,30 @@ async def test_cold_start_to_a_sample_in_five_calls(home, tiny_model):
         model = local[0]["path"]
 
         saved = await call("save_dataset", {"name": "sums", "rows": ROWS})  # 2: the data, from the conversation
-        job = await call("start_finetune", {"model": model, "method": "lora", "dataset": saved["path"],  # 3
-                                            "max_steps": 20, "learning_rate": 5e-3, "max_seq_len": 64})
+        job = await call(
+            "start_finetune",
+            {
+                "model": model,
+                "method": "lora",
+                "dataset": saved["path"],  # 3
+                "max_steps": 20,
+                "learning_rate": 5e-3,
+                "max_seq_len": 64,
+            },
+        )
         assert job["next_step"].startswith("job_status(")
         status = (await call("job_status", {"job_id": job["job_id"], "wait_seconds": 30}))["job"]  # 4
         while status["state"] not in ("succeeded", "failed", "cancelled"):  # only on a slow machine
             status = (await call("job_status", {"job_id": job["job_id"], "wait_seconds": 30}))["job"]
         assert status["state"] == "succeeded", status
-        out = await call("sample", {"job_id": job["job_id"], "max_tokens": 4,  # 5
-                                    "messages": [{"role": "user", "content": "What is 2 plus 1?"}]})
+        out = await call(
+            "sample",
+            {
+                "job_id": job["job_id"],
+                "max_tokens": 4,  # 5
+                "messages": [{"role": "user", "content": "What is 2 plus 1?"}],
+            },
+        )
     assert out["state"] == "done" and out["completions"][0]["completion_tokens"] > 0
     assert calls == 5, calls  # list, save, start, one 30 s wait, sample
 

@@ -55,12 +55,25 @@ def suite(tmp_path_factory, request):
     home = tmp_path_factory.mktemp("suite") / "home"
     (home / "data").mkdir(parents=True)
     (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
-    (home / "data" / "image.jsonl").write_text(json.dumps(
-        {"messages": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]},
-                      {"role": "assistant", "content": "A cat."}]}) + "\n")
-    cells = {(item.callspec.params["arch"], item.callspec.params["method"]) for item in request.session.items
-             if item.originalname == "test_cell"}  # the selected cells only (pytest -k Gemma: Gemma's)
-    architectures = [arch for arch in TINY_ARCHITECTURES if arch in {a for a, _ in cells} or arch == "Qwen3MoeForCausalLM"]
+    (home / "data" / "image.jsonl").write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": "A cat."},
+                ]
+            }
+        )
+        + "\n"
+    )
+    cells = {
+        (item.callspec.params["arch"], item.callspec.params["method"])
+        for item in request.session.items
+        if item.originalname == "test_cell"
+    }  # the selected cells only (pytest -k Gemma: Gemma's)
+    architectures = [
+        arch for arch in TINY_ARCHITECTURES if arch in {a for a, _ in cells} or arch == "Qwen3MoeForCausalLM"
+    ]
     for arch in architectures:
         make_tiny_model(home / "models" / arch, architecture=arch, chat_family=ARCHITECTURE_FAMILY[arch])
     ids: dict[str, dict] = {arch: {} for arch in TINY_ARCHITECTURES}
@@ -101,7 +114,9 @@ def app_state(home):
     from llm_mcp.core.settings import Settings, data_path
     from llm_mcp.server import AppState
 
-    return AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers", max_queued=64))
+    return AppState.load(
+        Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers", max_queued=64)
+    )
 
 
 def adapted_modules(tensors: dict, method: str) -> set[str]:
@@ -109,7 +124,11 @@ def adapted_modules(tensors: dict, method: str) -> set[str]:
     out = set()
     for key in tensors:
         key = key.removeprefix("base_model.model.")
-        name = key.rsplit(".", 1)[0] if method == "sparse" else re.split(r"\.(lora_A|lora_B|lora_magnitude_vector)", key)[0]
+        name = (
+            key.rsplit(".", 1)[0]
+            if method == "sparse"
+            else re.split(r"\.(lora_A|lora_B|lora_magnitude_vector)", key)[0]
+        )
         out.add(name.removesuffix(".base_layer"))  # an expert adapter wraps the fused parameters' owner twice
     return out
 
@@ -122,9 +141,7 @@ def promised_modules(model, targets: list[str], experts: bool, vlm: bool) -> set
         if vlm and ".language_model." not in f".{name}.":
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and leaf in targets:
-            out.add(name)
-        elif experts and leaf == "experts" and hasattr(module, "gate_up_proj"):
+        if (isinstance(module, torch.nn.Linear) and leaf in targets) or (experts and leaf == "experts" and hasattr(module, "gate_up_proj")):
             out.add(name)
     return out
 
@@ -134,7 +151,9 @@ def promised_modules(model, targets: list[str], experts: bool, vlm: bool) -> set
 async def test_cell(arch, method, suite, matrix):
     profile = matrix.profile(arch)
     if profile.methods[method].status == "unsupported":
-        pytest.skip("no architecture profile marks a method unsupported today; named models: test_unsupported_cells_...")
+        pytest.skip(
+            "no architecture profile marks a method unsupported today; named models: test_unsupported_cells_..."
+        )
     home, ids, dry = suite
     job_id, dry = ids[arch][method], dry[arch]
     state = app_state(home)
@@ -154,7 +173,9 @@ async def test_cell(arch, method, suite, matrix):
     auto = _auto(vlm)
     base = auto.from_pretrained(home / "models" / arch)
     experts = method in ("lora", "qlora")  # the profiles promise every MoE layer's experts to LoRA and QLoRA
-    adapter_file = job_dir / "adapter" / ("sparse_adapter.safetensors" if method == "sparse" else "adapter_model.safetensors")
+    adapter_file = (
+        job_dir / "adapter" / ("sparse_adapter.safetensors" if method == "sparse" else "adapter_model.safetensors")
+    )
     adapted = adapted_modules(load_file(str(adapter_file)), method)
     promised = promised_modules(base, profile.target_modules, experts, vlm)
     assert adapted == promised, (sorted(adapted - promised)[:5], sorted(promised - adapted)[:5])
@@ -165,17 +186,22 @@ async def test_cell(arch, method, suite, matrix):
         by_prompt = await client.call_tool("sample", {"job_id": job_id, "prompt": "The cat", "max_tokens": 4})
         by_messages = await client.call_tool("sample", {"job_id": job_id, "messages": QUESTION, "max_tokens": 12})
         peft = await client.call_tool("export_adapter", {"job_id": job_id})
-        from_export = await client.call_tool("sample", {"adapter": peft.structured_content["destination"],
-                                                        "messages": QUESTION, "max_tokens": 12})
+        from_export = await client.call_tool(
+            "sample", {"adapter": peft.structured_content["destination"], "messages": QUESTION, "max_tokens": 12}
+        )
         merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
-        image = await client.call_tool("start_finetune", {**TRAIN, "model": f"models/{arch}", "method": method,
-                                                          "dataset": "data/image.jsonl", "dry_run": True})
+        image = await client.call_tool(
+            "start_finetune",
+            {**TRAIN, "model": f"models/{arch}", "method": method, "dataset": "data/image.jsonl", "dry_run": True},
+        )
     assert image.is_error and "training on images is not supported yet" in image.content[0].text
     for result in (by_prompt, by_messages, peft, from_export, merged):
         assert not result.is_error, result.content[0].text
     answer = by_messages.structured_content["completions"][0]
     if (arch, method) in STOP_CELLS:
-        assert answer["finish_reason"] == "stop" and answer["text"] in ("The sky is blue.", "Red."), answer  # trained answers
+        assert answer["finish_reason"] == "stop" and answer["text"] in ("The sky is blue.", "Red."), (
+            answer
+        )  # trained answers
     assert from_export.structured_content["completions"][0]["text"] == answer["text"]  # the export is the adapter
 
     probe = load_file(str(job_dir / "probe.safetensors"))
@@ -187,10 +213,13 @@ async def test_cell(arch, method, suite, matrix):
         reloaded = PeftModel.from_pretrained(reference, peft.structured_content["destination"]).eval()
         with torch.no_grad():
             got = reloaded(input_ids=ids_).logits[0]
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 if method != "qlora" else 2e-2 * expected.abs().max())
+        torch.testing.assert_close(
+            got, expected, rtol=0, atol=1e-5 if method != "qlora" else 2e-2 * expected.abs().max()
+        )
         if method == "qlora":  # the merge is exact against the adapter over the de-quantized 4-bit base
-            reloaded = PeftModel.from_pretrained(_quantized(home / "models" / arch).dequantize(),
-                                                 peft.structured_content["destination"]).eval()
+            reloaded = PeftModel.from_pretrained(
+                _quantized(home / "models" / arch).dequantize(), peft.structured_content["destination"]
+            ).eval()
             with torch.no_grad():
                 expected = reloaded(input_ids=ids_).logits[0]
     assert merged.structured_content["state"] == "done", merged.content[0].text
@@ -199,8 +228,11 @@ async def test_cell(arch, method, suite, matrix):
         torch.testing.assert_close(whole(input_ids=ids_).logits[0], expected, rtol=0, atol=1e-4)
     if vlm:  # the merged export is a whole VLM whose vision tower is the base's, untouched
         merged_params = dict(whole.named_parameters())
-        vision = {n: p for n, p in base.named_parameters() if ".language_model." not in n and "lm_head" not in n
-                  and "embed_tokens" not in n}
+        vision = {
+            n: p
+            for n, p in base.named_parameters()
+            if ".language_model." not in n and "lm_head" not in n and "embed_tokens" not in n
+        }
         assert vision and all(torch.equal(merged_params[n], p) for n, p in vision.items())
 
 
@@ -223,8 +255,9 @@ async def test_unsupported_cells_are_refused_with_their_reason(app, matrix):
     assert cells
     async with Client(server) as client:
         for model, method, note in cells:
-            result = await client.call_tool("start_finetune", {"model": model.id, "method": method,
-                                                               "dataset": "data/train.jsonl", "dry_run": True})
+            result = await client.call_tool(
+                "start_finetune", {"model": model.id, "method": method, "dataset": "data/train.jsonl", "dry_run": True}
+            )
             assert result.is_error and note[:60] in result.content[0].text, (model.id, method, result.content[0].text)
 
 
@@ -238,9 +271,14 @@ async def test_expert_adapters_refuse_dropout_and_stay_16bit_under_qlora(suite):
     home, _, dry = suite
     dry = dry["Qwen3MoeForCausalLM"]
     async with Client(build_server(app_state(home))) as client:
-        dropout = await client.call_tool("start_finetune", {**TRAIN, "model": "models/Qwen3MoeForCausalLM", "method": "lora",
-                                                            "lora_dropout": 0.1})
-    assert dropout.is_error and "lora_dropout=0.1" in dropout.content[0].text and "train_experts=false" in dropout.content[0].text
+        dropout = await client.call_tool(
+            "start_finetune", {**TRAIN, "model": "models/Qwen3MoeForCausalLM", "method": "lora", "lora_dropout": 0.1}
+        )
+    assert (
+        dropout.is_error
+        and "lora_dropout=0.1" in dropout.content[0].text
+        and "train_experts=false" in dropout.content[0].text
+    )
     assert any("experts per layer stay frozen" in w for w in dry["dora"]["warnings"] + dry["sparse"]["warnings"])
     loaded = load_model(JobConfig.parse({**dry["qlora"]["config"], "job_id": "x"}, "test"), "cpu")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules()) == 2 * 4  # q/k/v/o in both layers

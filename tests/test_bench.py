@@ -15,18 +15,25 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("which,keys", [
-    ("train", ["workloads", "device"]),
-    ("methods", ["methods"]),
-    ("server", ["cold_start_s", "stdio", "streamable_http", "start_finetune_ms"]),
-    ("sample", ["transformers", "adapter_switch_ms"]),
-])
+@pytest.mark.parametrize(
+    "which,keys",
+    [
+        ("train", ["workloads", "device"]),
+        ("methods", ["methods"]),
+        ("server", ["cold_start_s", "stdio", "streamable_http", "start_finetune_ms"]),
+        ("sample", ["transformers", "adapter_switch_ms"]),
+    ],
+)
 def test_benchmark_runs_on_a_tiny_setting(tmp_path, which, keys):
     """`sample` runs without its vLLM side here: tests/test_vllm.py drives vLLM serving itself."""
     out = tmp_path / which
     extra = ["--no-vllm"] if which == "sample" else []
-    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "bench", which, "--tiny", "--reps", "1", "--out", str(out),
-                           *extra], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_mcp", "bench", which, "--tiny", "--reps", "1", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert all(k in results for k in keys)
@@ -46,6 +53,10 @@ def test_benchmark_runs_on_a_tiny_setting(tmp_path, which, keys):
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
 def test_gpu_benchmark_without_a_gpu_says_so():
-    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "bench", "train", "--device", "cuda", "--tiny"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_mcp", "bench", "train", "--device", "cuda", "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr and "omit --device" in proc.stderr

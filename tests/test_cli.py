@@ -7,28 +7,48 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import server_env
-
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.store import Job, JobStore
+from tests.conftest import server_env
 
 CONFIG = {
-    "model": {"id": "tiny", "path": "/unused"}, "method": "lora", "dataset": "unused.jsonl",
-    "learning_rate": 1e-3, "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 0,
-    "keep_checkpoints": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+    "model": {"id": "tiny", "path": "/unused"},
+    "method": "lora",
+    "dataset": "unused.jsonl",
+    "learning_rate": 1e-3,
+    "batch_size": 1,
+    "gradient_accumulation": 1,
+    "max_seq_len": 64,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 1,
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
     "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
 }
 
 
 def llm_mcp(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llm_mcp", *args], env=server_env(home), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llm_mcp", *args], env=server_env(home), capture_output=True, text=True, timeout=120
+    )
 
 
 def insert_job(store: JobStore, job_id: str, state: str, **fields) -> None:
     config = JobConfig.parse({**CONFIG, "job_id": job_id})
-    store.insert(Job(id=job_id, name=job_id, state=state, model="tiny", method="lora", device_set="cpu",
-                     created_at=time.time(), config=config, **fields))
+    store.insert(
+        Job(
+            id=job_id,
+            name=job_id,
+            state=state,
+            model="tiny",
+            method="lora",
+            device_set="cpu",
+            created_at=time.time(),
+            config=config,
+            **fields,
+        )
+    )
 
 
 def test_jobs_names_its_state_dir_and_says_when_there_are_none(home, tmp_path):
@@ -112,15 +132,26 @@ def test_follow_redraw_leaves_nothing_of_the_previous_line():
 
 def test_broken_pipe_is_quiet(home):
     # The reader is gone before the first write: deterministic EPIPE.
-    proc = subprocess.Popen([sys.executable, "-m", "llm_mcp", "models"], env=server_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_mcp", "models"],
+        env=server_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     proc.wait(120)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode in (0, 141)
 
-    r = subprocess.run(f"'{sys.executable}' -m llm_mcp models | head -1", shell=True, env=server_env(home),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        f"'{sys.executable}' -m llm_mcp models | head -1",
+        shell=True,
+        env=server_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
     assert r.stdout.count("\n") == 1

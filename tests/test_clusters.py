@@ -25,8 +25,18 @@ from tests.clusters import start_ray, start_slurm, stop_ray, stop_slurm
 from tests.conftest import LEARNABLE_ROWS, server_env, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.cluster]
-ARGS = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", learning_rate=5e-3, lora_dropout=0.1,
-            batch_size=4, max_seq_len=64, max_steps=120, num_processes=2, checkpoint_every=0)
+ARGS = dict(
+    model="models/tiny",
+    method="lora",
+    dataset="data/train.jsonl",
+    learning_rate=5e-3,
+    lora_dropout=0.1,
+    batch_size=4,
+    max_seq_len=64,
+    max_steps=120,
+    num_processes=2,
+    checkpoint_every=0,
+)
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +70,13 @@ def engine(request, monkeypatch):
 def cluster_app(home, name: str, env: dict[str, str]):
     from llm_mcp.server import AppState, build_server
 
-    settings = Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers", executor=name,
-                        ray_address=env.get("LLM_MCP_RAY_ADDRESS", "http://127.0.0.1:8265"))
+    settings = Settings(
+        home=home,
+        models_path=data_path("models.yaml"),
+        sampler="transformers",
+        executor=name,
+        ray_address=env.get("LLM_MCP_RAY_ADDRESS", "http://127.0.0.1:8265"),
+    )
     state = AppState.load(settings)
     state.startup()
     return state, build_server(state)
@@ -108,8 +123,9 @@ def local_reference(tmp_path_factory, tiny_model_template):
     return anyio.run(run)
 
 
-async def test_a_job_runs_on_the_cluster_like_locally_and_cancel_resume_is_exact(engine, home, tiny_model, dataset,
-                                                                                   local_reference):
+async def test_a_job_runs_on_the_cluster_like_locally_and_cancel_resume_is_exact(
+    engine, home, tiny_model, dataset, local_reference
+):
     name, env = engine
     state, server = cluster_app(home, name, env)
     async with Client(server) as client:
@@ -147,13 +163,16 @@ async def test_a_job_runs_on_the_cluster_like_locally_and_cancel_resume_is_exact
 
 async def test_a_restarted_server_reattaches_and_an_outside_cancel_fails_the_job(engine, home, tiny_model, dataset):
     name, env = engine
-    params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve", "--executor", name],
-                                   env=server_env(home, **env))
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "llm_mcp", "serve", "--executor", name], env=server_env(home, **env)
+    )
     async with Client(params) as client:
         job_id = await started(client, **{**ARGS, "num_processes": 1, "max_steps": 2000, "checkpoint_every": 3})
     async with Client(params) as client:  # a new server process
         for _ in range(120):
-            status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content["job"]
+            status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content[
+                "job"
+            ]
             if status["state"] == "running" and status["checkpoints"]:
                 break
         assert status["state"] == "running" and status["engine_job_id"], status
@@ -161,24 +180,40 @@ async def test_a_restarted_server_reattaches_and_an_outside_cancel_fails_the_job
         if name == "slurm":
             subprocess.run(["scancel", engine_id], check=True)
         else:
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop",
-                            "--address", env["LLM_MCP_RAY_ADDRESS"], "--no-wait", engine_id], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "job",
+                    "stop",
+                    "--address",
+                    env["LLM_MCP_RAY_ADDRESS"],
+                    "--no-wait",
+                    engine_id,
+                ],
+                check=True,
+                capture_output=True,
+            )
         job = await wait_final(client, job_id, timeout=180)
     assert job["state"] == "failed", job
     assert ("scancel" if name == "slurm" else "ray job stop") in job["error"], job
     assert f"resume_from='{job_id}'" in job["next_step"], job
 
 
-async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancelled(slurm, monkeypatch, home,
-                                                                                      tiny_model, dataset):
+async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancelled(
+    slurm, monkeypatch, home, tiny_model, dataset
+):
     """Partition `multi` has 2 nodes, one never up: a 2-node job is accepted and waits in Slurm's queue."""
     from llm_mcp.server import AppState, build_server
 
     for k, v in slurm.items():
         monkeypatch.setenv(k, v)
-    settings = Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers", executor="slurm",
-                        slurm={"partition": "multi", "time_limit": "00:30:00"})
+    settings = Settings(
+        home=home,
+        models_path=data_path("models.yaml"),
+        sampler="transformers",
+        executor="slurm",
+        slurm={"partition": "multi", "time_limit": "00:30:00"},
+    )
     state = AppState.load(settings)
     args = {**ARGS, "num_processes": 2, "nodes": 2, "max_steps": 5}
     async with Client(build_server(state)) as client:
@@ -187,8 +222,12 @@ async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancel
         dry = await client.call_tool("start_finetune", {**args, "dry_run": True, "scheduler": {"account": "lab-1"}})
         assert not dry.is_error, dry.content[0].text
         script = dry.structured_content["submission"]["script"]
-        for line in ("#SBATCH --nodes=2", "#SBATCH --partition=multi", "#SBATCH --time=00:30:00",
-                     "#SBATCH --account=lab-1"):
+        for line in (
+            "#SBATCH --nodes=2",
+            "#SBATCH --partition=multi",
+            "#SBATCH --time=00:30:00",
+            "#SBATCH --account=lab-1",
+        ):
             assert line in script.splitlines(), script
         srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
         words = shlex.split(srun)
@@ -203,12 +242,16 @@ async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancel
 
         job_id = await started(client, **args)
         for _ in range(30):  # the server's job watcher reads squeue every few seconds
-            status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content["job"]
+            status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content[
+                "job"
+            ]
             if (status["queue_state"] or "").startswith("PENDING"):
                 break
         assert status["state"] == "queued" and status["queue_state"].startswith("PENDING"), status
-        assert f"slurm job {status['engine_job_id']}: PENDING" in (
-            await client.call_tool("job_status", {"job_id": job_id})).content[0].text
+        assert (
+            f"slurm job {status['engine_job_id']}: PENDING"
+            in (await client.call_tool("job_status", {"job_id": job_id})).content[0].text
+        )
         cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
         assert cancelled.structured_content["job"]["state"] == "cancelled"
     out = subprocess.run(["squeue", "-h", "-j", status["engine_job_id"], "-o", "%T"], capture_output=True, text=True)

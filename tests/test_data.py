@@ -9,8 +9,13 @@ import pytest
 
 from llm_mcp.core.data import DataError, load_rows, validate_dataset
 
-CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "Hello!"}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
 PC = {"prompt": "2+2=", "completion": "4"}
 TEXT = {"text": "plain text"}
 
@@ -27,9 +32,19 @@ def test_formats_are_detected_per_row(tmp_path):
 
 
 def test_bad_rows_are_reported_with_line_numbers(tmp_path):
-    rows = [PC, "{not json", {"prompt": "x"}, {"foo": 1}, "", CHAT,
-            {"messages": [{"role": "robot", "content": "x"}]}, {"messages": [{"role": "user", "content": "q"}]},
-            {"text": ""}, {"prompt": "a", "completion": "b"}, [1, 2]]
+    rows = [
+        PC,
+        "{not json",
+        {"prompt": "x"},
+        {"foo": 1},
+        "",
+        CHAT,
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"text": ""},
+        {"prompt": "a", "completion": "b"},
+        [1, 2],
+    ]
     with pytest.raises(DataError) as err:
         validate_dataset(write_jsonl(tmp_path / "d.jsonl", rows))
     problems = err.value.problems

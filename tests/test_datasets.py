@@ -32,9 +32,17 @@ async def test_save_dataset_writes_validated_rows_and_never_overwrites_by_accide
     assert again.is_error and "not overwritten" in again.content[0].text and "mode='append'" in again.content[0].text
     more = await call(server, "save_dataset", name="chats.jsonl", rows=rows[:3], mode="APPEND")
     assert not more.is_error and more.structured_content["total_rows"] == 11
-    bad = await call(server, "save_dataset", name="chats", mode="append",
-                     rows=[rows[0], {"promt": "hi", "completion": "x"}, {"messages": [{"role": "user", "content": "x"},
-                                                                                      {"role": "assistant", "content": ""}]}])
+    bad = await call(
+        server,
+        "save_dataset",
+        name="chats",
+        mode="append",
+        rows=[
+            rows[0],
+            {"promt": "hi", "completion": "x"},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+        ],
+    )
     text = bad.content[0].text
     assert bad.is_error and "2 of 3 rows are bad; nothing was written" in text
     assert "rows[1]: missing 'prompt' (found 'promt')" in text and "rows[2]: messages[1] is an empty assistant" in text
@@ -60,8 +68,13 @@ async def test_save_dataset_refuses_bad_names_symlinks_and_unbounded_input(app, 
 async def test_datasets_lists_and_inspects_with_token_counts(app, home, tiny_model):
     _, server = app
     long_row = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
-    unanswered = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                               {"role": "user", "content": "and?"}]}
+    unanswered = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"},
+        ]
+    }
     r = await call(server, "save_dataset", name="mixed", rows=LEARNABLE_ROWS * 4 + [long_row, unanswered])
     assert any("end on a user or system turn" in w for w in r.structured_content["warnings"])
     listed = await call(server, "datasets")
@@ -71,7 +84,9 @@ async def test_datasets_lists_and_inspects_with_token_counts(app, home, tiny_mod
     assert not r.is_error and info["usable"] and info["rows"] == 18
     assert info["formats"] == {"messages": 10, "prompt_completion": 4, "text": 4}
     tokens = info["tokens"]
-    assert tokens["truncated"] == 1 and tokens["dropped"] == 1 and tokens["longest"] > 64  # the long row: answer cut off
+    assert (
+        tokens["truncated"] == 1 and tokens["dropped"] == 1 and tokens["longest"] > 64
+    )  # the long row: answer cut off
     assert sum(tokens["histogram"].values()) == 18
     assert any("truncated" in w and "row 17" in w.replace("rows [17]", "row 17") for w in info["warnings"])
     assert "[[The sky is blue." in info["preview"] and "What color is the sky?" in info["preview"]
@@ -94,8 +109,16 @@ async def test_dry_run_reports_truncation_suspicious_rows_and_eval_rows(app, hom
     long_row = {"prompt": "word " * 300, "completion": " done"}
     await call(server, "save_dataset", name="train", rows=LEARNABLE_ROWS * 4 + [long_row])
     await call(server, "save_dataset", name="held", rows=LEARNABLE_ROWS * 5)
-    r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="data/train.jsonl",
-                   eval_dataset="data/held.jsonl", max_seq_len=64, dry_run=True)
+    r = await call(
+        server,
+        "start_finetune",
+        model="models/tiny",
+        method="lora",
+        dataset="data/train.jsonl",
+        eval_dataset="data/held.jsonl",
+        max_seq_len=64,
+        dry_run=True,
+    )
     assert not r.is_error, r.content[0].text
     out = r.structured_content
     assert out["estimates"]["eval_rows"] == 20 and "(20 eval)" in r.content[0].text
@@ -110,8 +133,16 @@ async def test_a_hub_model_that_cannot_be_fetched_is_refused_by_the_dry_run(app,
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # deterministic with or without a network
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     _, server = app
-    r = await call(server, "start_finetune", model="meta-llama/Llama-3.2-1B", method="qlora", dataset=str(dataset),
-                   max_seq_len=256, batch_size=1, dry_run=True)
+    r = await call(
+        server,
+        "start_finetune",
+        model="meta-llama/Llama-3.2-1B",
+        method="qlora",
+        dataset=str(dataset),
+        max_seq_len=256,
+        batch_size=1,
+        dry_run=True,
+    )
     text = r.content[0].text
     assert r.is_error and "cannot be loaded here" in text and "not in the local cache" in text
     assert "huggingface-cli download meta-llama/Llama-3.2-1B" in text and "LLM_MCP_HOME" in text
@@ -153,8 +184,9 @@ async def main():
 anyio.run(main)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_MCP_")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert status["state"] == "succeeded", status
@@ -166,9 +198,17 @@ def test_suspicious_rows_are_counted_with_their_lines(tmp_path):
     from llm_mcp.core.data import validate_dataset
 
     path = tmp_path / "d.jsonl"
-    rows = [{"text": "ok"}, {"text": "x" * 200_000},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                          {"role": "user", "content": "?"}]}]
+    rows = [
+        {"text": "ok"},
+        {"text": "x" * 200_000},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "?"},
+            ]
+        },
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     warnings = validate_dataset(path).warnings
     assert any("1 row(s) are over 100,000 characters" in w and "line 2" in w for w in warnings), warnings
@@ -184,17 +224,42 @@ def test_job_status_lists_what_the_trainer_truncated_and_dropped(app, tiny_model
     from llm_mcp.jobs.status import build_status
 
     state, _ = app
-    config = JobConfig.parse({
-        "job_id": "ft-x", "model": {"id": "tiny", "path": str(tiny_model)}, "method": "lora", "dataset": str(dataset),
-        "learning_rate": 1e-3, "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 0,
-        "keep_checkpoints": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]}})
-    state.store.insert(Job(id="ft-x", name="x", state="succeeded", model="tiny", method="lora", device_set="cpu",
-                           created_at=time.time(), config=config, warnings=["from the dry run"]))
+    config = JobConfig.parse(
+        {
+            "job_id": "ft-x",
+            "model": {"id": "tiny", "path": str(tiny_model)},
+            "method": "lora",
+            "dataset": str(dataset),
+            "learning_rate": 1e-3,
+            "batch_size": 1,
+            "gradient_accumulation": 1,
+            "max_seq_len": 64,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]},
+        }
+    )
+    state.store.insert(
+        Job(
+            id="ft-x",
+            name="x",
+            state="succeeded",
+            model="tiny",
+            method="lora",
+            device_set="cpu",
+            created_at=time.time(),
+            config=config,
+            warnings=["from the dry run"],
+        )
+    )
     job_dir = state.store.job_dir("ft-x")
     job_dir.mkdir(parents=True)
-    (job_dir / "metrics.jsonl").write_text(json.dumps({"event": "start", "total_steps": 5, "examples": 60,
-                                                       "truncated": 3, "dropped": 4}) + "\n")
+    (job_dir / "metrics.jsonl").write_text(
+        json.dumps({"event": "start", "total_steps": 5, "examples": 60, "truncated": 3, "dropped": 4}) + "\n"
+    )
     warnings = build_status(state.store, state.store.get("ft-x")).warnings
     assert warnings[0] == "from the dry run"
     assert "truncated 3 of 64 training sequences" in warnings[1] and "dropped 4" in warnings[1]

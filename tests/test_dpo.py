@@ -18,10 +18,17 @@ pytestmark = pytest.mark.anyio
 
 
 def pair(thing: str, adjective: str, chat: bool) -> dict:
-    prompt, chosen, rejected = f"Is {thing} {adjective}?", f"Yes, {thing} is {adjective}.", f"No, {thing} is not {adjective}."
+    prompt, chosen, rejected = (
+        f"Is {thing} {adjective}?",
+        f"Yes, {thing} is {adjective}.",
+        f"No, {thing} is not {adjective}.",
+    )
     if chat:
-        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}]}
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -44,13 +51,20 @@ def preference_data(home):
 def test_three_preference_shapes_normalize_to_one(tmp_path):
     rows = [
         {"prompt": "Is ice cold?", "chosen": "Yes.", "rejected": "No."},
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is ice cold?"}],
-         "chosen": [{"role": "assistant", "content": "Yes."}], "rejected": "No."},
-        {"chosen": [{"role": "user", "content": "Is ice cold?"}, {"role": "assistant", "content": "Yes."}],
-         "rejected": [{"role": "user", "content": "Is ice cold?"}, {"role": "assistant", "content": "No."}]},
-        {"input": {"messages": [{"role": "user", "content": "Is ice cold?"}]},
-         "preferred_output": [{"role": "assistant", "content": "Yes."}],
-         "non_preferred_output": [{"role": "assistant", "content": "No."}]},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is ice cold?"}],
+            "chosen": [{"role": "assistant", "content": "Yes."}],
+            "rejected": "No.",
+        },
+        {
+            "chosen": [{"role": "user", "content": "Is ice cold?"}, {"role": "assistant", "content": "Yes."}],
+            "rejected": [{"role": "user", "content": "Is ice cold?"}, {"role": "assistant", "content": "No."}],
+        },
+        {
+            "input": {"messages": [{"role": "user", "content": "Is ice cold?"}]},
+            "preferred_output": [{"role": "assistant", "content": "Yes."}],
+            "non_preferred_output": [{"role": "assistant", "content": "No."}],
+        },
     ]
     path = tmp_path / "pref.jsonl"
     write_jsonl(path, rows)
@@ -64,18 +78,30 @@ def test_three_preference_shapes_normalize_to_one(tmp_path):
     assert loaded[2] == loaded[3] == {"prompt": user, "chosen": yes, "rejected": no}
 
 
-@pytest.mark.parametrize("row, objective, expected", [
-    ({"prompt": "Q", "chosen": "A"}, "dpo", "line 2: missing 'rejected'"),
-    ({"prompt": "Q", "chosen": "A", "rejected": "A"}, "dpo", "line 2: 'chosen' and 'rejected' are the same"),
-    ({"prompt": "Q", "chosen": [{"role": "user", "content": "A"}], "rejected": "B"}, "dpo",
-     "line 2: 'chosen' must hold the assistant's answer only"),
-    ({"chosen": [{"role": "assistant", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]}, "dpo",
-     "line 2: 'chosen' and 'rejected' must be the same conversation up to the final assistant answer"),
-    ({"input": {"messages": []}, "preferred_output": []}, "dpo", "line 2: missing 'non_preferred_output'"),
-    ({"prompt": "Q", "completion": "A"}, "dpo", "line 2: a prompt_completion row in a DPO job"),
-    ({"prompt": "Q", "chosen": "A", "rejected": "B"}, "causal_lm",
-     "line 2: a preference row (chosen / rejected) in a causal_lm job; train on it with objective='dpo'"),
-])
+@pytest.mark.parametrize(
+    "row, objective, expected",
+    [
+        ({"prompt": "Q", "chosen": "A"}, "dpo", "line 2: missing 'rejected'"),
+        ({"prompt": "Q", "chosen": "A", "rejected": "A"}, "dpo", "line 2: 'chosen' and 'rejected' are the same"),
+        (
+            {"prompt": "Q", "chosen": [{"role": "user", "content": "A"}], "rejected": "B"},
+            "dpo",
+            "line 2: 'chosen' must hold the assistant's answer only",
+        ),
+        (
+            {"chosen": [{"role": "assistant", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]},
+            "dpo",
+            "line 2: 'chosen' and 'rejected' must be the same conversation up to the final assistant answer",
+        ),
+        ({"input": {"messages": []}, "preferred_output": []}, "dpo", "line 2: missing 'non_preferred_output'"),
+        ({"prompt": "Q", "completion": "A"}, "dpo", "line 2: a prompt_completion row in a DPO job"),
+        (
+            {"prompt": "Q", "chosen": "A", "rejected": "B"},
+            "causal_lm",
+            "line 2: a preference row (chosen / rejected) in a causal_lm job; train on it with objective='dpo'",
+        ),
+    ],
+)
 def test_bad_preference_rows_are_named_by_line(tmp_path, row, objective, expected):
     good = {"prompt": "Q", "chosen": "A", "rejected": "B"} if objective == "dpo" else {"text": "hello"}
     path = tmp_path / "data.jsonl"
@@ -91,8 +117,11 @@ def test_pair_labels_cover_exactly_the_answer_tokens(tiny_model_template):
 
     tok = tokenizer_for(str(tiny_model_template))
     obj = DPOObjective()
-    row = {"prompt": [{"role": "user", "content": "Is ice cold?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
-           "rejected": [{"role": "assistant", "content": "No, it is not."}]}
+    row = {
+        "prompt": [{"role": "user", "content": "Is ice cold?"}],
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "No, it is not."}],
+    }
     (example,), stats = obj.encode(tok, [row], _cfg(max_seq_len=64))
     assert example["prompt"] == chat_ids(tok, row["prompt"], add_generation_prompt=True)
     batch = obj.collate([example], tok.pad_token_id)
@@ -100,7 +129,7 @@ def test_pair_labels_cover_exactly_the_answer_tokens(tiny_model_template):
     for i, text in enumerate(["Yes.", "No, it is not."]):
         trained = [t for t in batch["labels"][i].tolist() if t != IGNORE]
         assert tok.decode(trained) == text + tok.eos_token
-        assert batch["input_ids"][i, :len(example["prompt"])].tolist() == example["prompt"]
+        assert batch["input_ids"][i, : len(example["prompt"])].tolist() == example["prompt"]
     assert stats.target_tokens == len(example["chosen"]) + len(example["rejected"])
 
 
@@ -112,7 +141,9 @@ def test_label_smoothing_is_conservative_dpo():
     policy, reference = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0])
     losses, chosen, rejected = dpo_losses(policy, reference, beta=0.5, label_smoothing=0.2)
     d = 0.5 * ((-3.0 + 4.0) - (-5.0 + 4.0))
-    expected = -0.8 * torch.nn.functional.logsigmoid(torch.tensor(d)) - 0.2 * torch.nn.functional.logsigmoid(torch.tensor(-d))
+    expected = -0.8 * torch.nn.functional.logsigmoid(torch.tensor(d)) - 0.2 * torch.nn.functional.logsigmoid(
+        torch.tensor(-d)
+    )
     assert losses.item() == pytest.approx(expected.item(), abs=1e-7)
     assert (chosen.item(), rejected.item()) == (pytest.approx(0.5), pytest.approx(-0.5))
 
@@ -120,10 +151,23 @@ def test_label_smoothing_is_conservative_dpo():
 def _cfg(**overrides):
     from llm_mcp.core.jobconfig import JobConfig
 
-    base = dict(model={"id": "tiny", "path": "tiny"}, method="lora", objective="dpo", dpo={"beta": 0.1},
-                dataset="d.jsonl", learning_rate=1e-4, batch_size=2, gradient_accumulation=1, max_seq_len=64,
-                checkpoint_every=0, keep_checkpoints=1, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-                lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    base = dict(
+        model={"id": "tiny", "path": "tiny"},
+        method="lora",
+        objective="dpo",
+        dpo={"beta": 0.1},
+        dataset="d.jsonl",
+        learning_rate=1e-4,
+        batch_size=2,
+        gradient_accumulation=1,
+        max_seq_len=64,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    )
     return JobConfig.parse({**base, **overrides})
 
 
@@ -141,16 +185,25 @@ def test_dpo_loss_and_rewards_match_trl(tiny_model_template, tmp_path):
     tok = tokenizer_for(str(tiny_model_template))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_template), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                             target_modules=["q_proj", "v_proj"]))
-    rows = [pair("ice", "cold", chat=False), pair("the sea", "big", chat=True),
-            {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Seven, I think, or maybe eight."}]
+    model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+    )
+    rows = [
+        pair("ice", "cold", chat=False),
+        pair("the sea", "big", chat=True),
+        {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Seven, I think, or maybe eight."},
+    ]
     obj = DPOObjective(beta=0.3)
     examples, _ = obj.encode(tok, rows, _cfg(max_seq_len=64))
     wrapped = obj.wrap(model)
     obj.reference(wrapped, examples, tok.pad_token_id, 8, "cpu")  # the starting model, as a job does
-    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows[:1] * 2),
-                         args=DPOConfig(output_dir=str(tmp_path), beta=0.3, report_to=[], use_cpu=True))
+    trainer = DPOTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=Dataset.from_list(rows[:1] * 2),
+        args=DPOConfig(output_dir=str(tmp_path), beta=0.3, report_to=[], use_cpu=True),
+    )
     with torch.no_grad():  # training moved the adapter away from the reference
         g = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -161,9 +214,15 @@ def test_dpo_loss_and_rewards_match_trl(tiny_model_template, tmp_path):
     ours = (obj.loss_sum(wrapped, batch) / obj.targets(batch)).item()
     metrics = obj.pop_metrics(lambda t: t)
     trainer.model.eval()
-    theirs = trainer._compute_loss(trainer.model, {"input_ids": batch["input_ids"],
-                                                   "attention_mask": batch["attention_mask"],
-                                                   "completion_mask": (batch["labels"] != -100).long()}, False)
+    theirs = trainer._compute_loss(
+        trainer.model,
+        {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "completion_mask": (batch["labels"] != -100).long(),
+        },
+        False,
+    )
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
     assert abs(ours - 0.6931) > 1e-3  # policy and reference differ: the comparison is not trivially equal
     assert ours == pytest.approx(theirs.item(), abs=1e-5)
@@ -176,6 +235,7 @@ async def test_dpo_arguments_are_checked(app, tiny_model, preference_data, datas
     _, server = app
     base = dict(model="models/tiny", method="lora", dataset="data/pref.jsonl", dry_run=True)
     async with Client(server) as client:
+
         async def problems(**args) -> str:
             result = await client.call_tool("start_finetune", {**base, **args})
             assert result.is_error
@@ -208,14 +268,28 @@ async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, pr
     uninterrupted run step for step (same reference log-probs, same batches)."""
     state, server = app
     async with Client(server) as client:
-        sft = await client.call_tool("start_finetune", dict(model="models/tiny", method="lora", dataset="data/sft.jsonl",
-                                                            max_steps=12, learning_rate=3e-3, **FAST))
+        sft = await client.call_tool(
+            "start_finetune",
+            dict(
+                model="models/tiny", method="lora", dataset="data/sft.jsonl", max_steps=12, learning_rate=3e-3, **FAST
+            ),
+        )
         sft_id = sft.structured_content["job_id"]
         assert (await wait_final(client, sft_id))["state"] == "succeeded"
         after_sft = await evaluate(client, targets=["base", sft_id], dataset="data/sft_eval.jsonl", max_tokens=8)
-        args = dict(model="models/tiny", method="lora", objective="dpo", dataset="data/pref.jsonl",
-                    eval_dataset="data/pref_eval.jsonl", init_from=sft_id, learning_rate=2e-3, max_steps=60,
-                    checkpoint_every=0, batch_size=4, max_seq_len=64)
+        args = dict(
+            model="models/tiny",
+            method="lora",
+            objective="dpo",
+            dataset="data/pref.jsonl",
+            eval_dataset="data/pref_eval.jsonl",
+            init_from=sft_id,
+            learning_rate=2e-3,
+            max_steps=60,
+            checkpoint_every=0,
+            batch_size=4,
+            max_seq_len=64,
+        )
         refused = await client.call_tool("start_finetune", {**args, "method": "sparse", "lora_rank": 8})
         assert refused.is_error
         assert "holds a lora adapter, which method='sparse' cannot continue" in refused.content[0].text
@@ -230,8 +304,9 @@ async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, pr
         await client.call_tool("cancel_job", {"job_id": interrupted})
         stopped = await wait_final(client, interrupted)
         stopped_at = stopped["checkpoints"][-1]["step"]
-        after_dpo = await evaluate(client, targets=["base", sft_id, full, f"{interrupted}@{stopped_at}"],
-                                   dataset="data/pref_eval.jsonl")
+        after_dpo = await evaluate(
+            client, targets=["base", sft_id, full, f"{interrupted}@{stopped_at}"], dataset="data/pref_eval.jsonl"
+        )
         resumed = (await client.call_tool("start_finetune", {**args, "resume_from": interrupted})).structured_content
         finished = await wait_final(client, resumed["job_id"])
     base, tuned = after_sft["targets"]
@@ -245,7 +320,9 @@ async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, pr
     assert start["reward_accuracy"] == 0.0  # step 1: the policy still equals the reference, every pair ties
     base, sft_scores, dpo, checkpoint = after_dpo["targets"]
     assert base["preference_accuracy"] <= 0.7 and sft_scores["preference_accuracy"] <= 0.7, after_dpo  # ~chance
-    assert dpo["preference_accuracy"] >= 0.8 and dpo["preference_margin"] > sft_scores["preference_margin"] + 1, after_dpo
+    assert dpo["preference_accuracy"] >= 0.8 and dpo["preference_margin"] > sft_scores["preference_margin"] + 1, (
+        after_dpo
+    )
     assert checkpoint["preference_margin"] > sft_scores["preference_margin"]
     assert checkpoint["target"] == f"{interrupted}@{stopped_at}" and dpo["preference_rows"] == 32
     assert stopped["state"] == "cancelled" and 10 <= stopped_at < 60, stopped
@@ -272,9 +349,20 @@ async def test_dpo_trains_with_every_method(app, tiny_model, preference_data, me
     _, server = app
     extra = {"density": 0.05} if method == "sparse" else {}
     async with Client(server) as client:
-        started = await client.call_tool("start_finetune", dict(
-            model="models/tiny", method=method, objective="dpo", dataset="data/pref.jsonl", max_steps=20,
-            learning_rate=2e-3 if method != "sparse" else 1e-2, checkpoint_every=10, **FAST, **extra))
+        started = await client.call_tool(
+            "start_finetune",
+            dict(
+                model="models/tiny",
+                method=method,
+                objective="dpo",
+                dataset="data/pref.jsonl",
+                max_steps=20,
+                learning_rate=2e-3 if method != "sparse" else 1e-2,
+                checkpoint_every=10,
+                **FAST,
+                **extra,
+            ),
+        )
         assert not started.is_error, started.content[0].text
         job = await wait_final(client, started.structured_content["job_id"])
         exported = await client.call_tool("export_adapter", {"job_id": job["job_id"], "format": "peft"})
@@ -289,7 +377,9 @@ async def test_preference_rows_go_through_save_dataset_and_datasets(app, tiny_mo
     rows = preference_rows(PREFERENCE_THINGS[:2])["pairs"]
     async with Client(server) as client:
         saved = await client.call_tool("save_dataset", {"name": "prefs", "rows": rows})
-        seen = await client.call_tool("datasets", {"path": "data/prefs.jsonl", "model": "models/tiny", "preview_row": 1})
+        seen = await client.call_tool(
+            "datasets", {"path": "data/prefs.jsonl", "model": "models/tiny", "preview_row": 1}
+        )
     assert not saved.is_error, saved.content[0].text
     assert not seen.is_error, seen.content[0].text
     text = seen.content[0].text

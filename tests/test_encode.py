@@ -6,9 +6,15 @@ import pytest
 
 from llm_mcp.train.encode import IGNORE, encode_rows
 
-CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                     {"role": "assistant", "content": "Goodbye."}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +94,17 @@ def test_every_assistant_turn_of_each_family_is_masked_token_by_token(family):
     tok = family_tokenizer(family)
     chat = CHAT
     if family == "qwen3":  # its template drops an earlier turn's <think> block: the mask follows what is rendered
-        chat = {"messages": [*CHAT["messages"][:2], {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
-                             *CHAT["messages"][3:]]}
+        chat = {
+            "messages": [
+                *CHAT["messages"][:2],
+                {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
+                *CHAT["messages"][3:],
+            ]
+        }
     (example,), _ = encode_rows(tok, [chat], max_seq_len=512, train_on="completion")
-    assert example["input_ids"] == tok.apply_chat_template(chat["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        example["input_ids"] == tok.apply_chat_template(chat["messages"], tokenize=True, return_dict=True)["input_ids"]
+    )
     runs = label_runs(example)
     assert [tok.decode(run) for run in runs] == FAMILY_TURNS[family]  # one contiguous run per turn, exactly its tokens
     assert "hmm" not in tok.decode(example["input_ids"]) or family != "qwen3"
@@ -111,12 +124,17 @@ def test_preference_answers_end_with_the_turns_end_token(family):
     from llm_mcp.train.encode import encode_pair
 
     tok = family_tokenizer(family)
-    pair = {"prompt": [{"role": "user", "content": "Is snow white?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
-            "rejected": [{"role": "assistant", "content": "No."}]}
+    pair = {
+        "prompt": [{"role": "user", "content": "Is snow white?"}],
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
     prompt, chosen, rejected = encode_pair(tok, pair)
     end = FAMILY_TURNS[family][1].split("Goodbye.")[1]
     assert tok.decode(chosen).endswith("Yes." + end) and tok.decode(rejected).endswith("No." + end)
-    assert tok.decode(prompt + chosen) == tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False).rstrip("\n")
+    assert tok.decode(prompt + chosen) == tok.apply_chat_template(
+        pair["prompt"] + pair["chosen"], tokenize=False
+    ).rstrip("\n")
 
 
 def test_generation_stops_on_every_end_of_turn_id_the_model_lists(tmp_path):
@@ -135,25 +153,59 @@ def test_generation_stops_on_every_end_of_turn_id_the_model_lists(tmp_path):
     assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>")]  # no model: the tokenizer's eos
 
 
-MIXTRAL_V01 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-               "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
-               "{% endfor %}")  # Mixtral-8x7B-Instruct-v0.1: no header, [INST] as plain text
+MIXTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)  # Mixtral-8x7B-Instruct-v0.1: no header, [INST] as plain text
 
 
-@pytest.mark.parametrize("family,messages,turns", [
-    ("llama3", [{"role": "user", "content": "Pick a or b"}, {"role": "assistant", "content": "a"}], ["a<|eot_id|>"]),
-    ("llama3", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure! "},
-                {"role": "user", "content": "Sure! Now go"}, {"role": "assistant", "content": "Ok."}],
-     ["Sure!<|eot_id|>", "Ok.<|eot_id|>"]),
-    ("mistral", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                 {"role": "assistant", "content": "Ok. Hi."}, {"role": "user", "content": "Bye"},
-                 {"role": "assistant", "content": "Be brief."}], [" Ok. Hi.</s>", " Be brief.</s>"]),
-    ("qwen3", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>r</think>Hello!\n"}],
-     ["<think>\nr\n</think>\n\nHello!\n<|im_end|>"]),
-    ("mixtral_v01", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                     {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
-     ["Hello!<|eot_id|>", "Goodbye.<|eot_id|>"]),
-])
+@pytest.mark.parametrize(
+    "family,messages,turns",
+    [
+        (
+            "llama3",
+            [{"role": "user", "content": "Pick a or b"}, {"role": "assistant", "content": "a"}],
+            ["a<|eot_id|>"],
+        ),
+        (
+            "llama3",
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Sure! "},
+                {"role": "user", "content": "Sure! Now go"},
+                {"role": "assistant", "content": "Ok."},
+            ],
+            ["Sure!<|eot_id|>", "Ok.<|eot_id|>"],
+        ),
+        (
+            "mistral",
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Ok. Hi."},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Be brief."},
+            ],
+            [" Ok. Hi.</s>", " Be brief.</s>"],
+        ),
+        (
+            "qwen3",
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>r</think>Hello!\n"}],
+            ["<think>\nr\n</think>\n\nHello!\n<|im_end|>"],
+        ),
+        (
+            "mixtral_v01",
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."},
+            ],
+            ["Hello!<|eot_id|>", "Goodbye.<|eot_id|>"],
+        ),
+    ],
+)
 def test_a_turn_is_found_after_its_header_never_in_other_text(family, messages, turns):
     """Short answers that also occur in the template's own text, in a user turn or in a dropped system message."""
     tok = family_tokenizer("llama3" if family == "mixtral_v01" else family)

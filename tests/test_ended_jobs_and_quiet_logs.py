@@ -15,16 +15,33 @@ from llm_mcp.core.store import Job, JobStore
 from llm_mcp.inference.targets import job_adapter
 
 CONFIG = {
-    "model": {"id": "tiny", "path": "/unused"}, "method": "lora", "dataset": "unused.jsonl",
-    "learning_rate": 1e-3, "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 10,
-    "keep_checkpoints": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+    "model": {"id": "tiny", "path": "/unused"},
+    "method": "lora",
+    "dataset": "unused.jsonl",
+    "learning_rate": 1e-3,
+    "batch_size": 1,
+    "gradient_accumulation": 1,
+    "max_seq_len": 64,
+    "checkpoint_every": 10,
+    "keep_checkpoints": 1,
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
     "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
 }
 
 
 def job(store: JobStore, job_id: str, state: str) -> Job:
-    j = Job(id=job_id, name=job_id, state=state, model="tiny", method="lora", device_set="cpu",
-            created_at=time.time(), config=JobConfig.parse({**CONFIG, "job_id": job_id}))
+    j = Job(
+        id=job_id,
+        name=job_id,
+        state=state,
+        model="tiny",
+        method="lora",
+        device_set="cpu",
+        created_at=time.time(),
+        config=JobConfig.parse({**CONFIG, "job_id": job_id}),
+    )
     store.insert(j)
     return j
 
@@ -82,17 +99,24 @@ ENTRIES = {  # every process we start that may import bitsandbytes, up to where 
     "sampler": "from llm_mcp.inference.sampling import TransformersSampler; TransformersSampler()",
     # the merge worker, as far as its first line (the lock file is missing, so it stops there)
     "merge": "from llm_mcp.inference.merge import merge_main\ntry:\n    merge_main('/nonexistent/lock')\n"
-             "except OSError:\n    pass",
+    "except OSError:\n    pass",
 }
 
 
 def test_every_entry_point_installs_the_filter():
     # One process, bitsandbytes never imported: between entries, take the filter off again.
-    code = ["import logging", "from llm_mcp.core import quiet",
-            "def on():\n    return all(quiet._FILTER in logging.getLogger(n).filters for n in quiet._BNB_LOGGERS)"]
+    code = [
+        "import logging",
+        "from llm_mcp.core import quiet",
+        "def on():\n    return all(quiet._FILTER in logging.getLogger(n).filters for n in quiet._BNB_LOGGERS)",
+    ]
     for name, entry in ENTRIES.items():
-        code += [f"assert not on(), {name!r}", entry, f"assert on(), {name!r}",
-                 "for n in quiet._BNB_LOGGERS:\n    logging.getLogger(n).removeFilter(quiet._FILTER)"]
+        code += [
+            f"assert not on(), {name!r}",
+            entry,
+            f"assert on(), {name!r}",
+            "for n in quiet._BNB_LOGGERS:\n    logging.getLogger(n).removeFilter(quiet._FILTER)",
+        ]
     code.append("import sys\nassert 'bitsandbytes' not in sys.modules")
     _stderr("\n".join(code))
 
@@ -104,7 +128,9 @@ def test_bitsandbytes_kernels_notice_is_silenced():
         pytest.skip("bitsandbytes is not installed")
     if _avx512_bf16():  # precondition: without the filter, importing bitsandbytes does log it on this CPU
         assert NOISE in _stderr("import bitsandbytes")
-    err = _stderr(f"{ENTRIES['trainer']}\nimport peft, bitsandbytes\nimport logging\n"
-                  "logging.getLogger('bitsandbytes').warning('other bitsandbytes warnings still show')")
+    err = _stderr(
+        f"{ENTRIES['trainer']}\nimport peft, bitsandbytes\nimport logging\n"
+        "logging.getLogger('bitsandbytes').warning('other bitsandbytes warnings still show')"
+    )
     assert NOISE not in err, err
     assert "other bitsandbytes warnings still show" in err

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
 from mcp import Client
-
 
 pytestmark = pytest.mark.anyio
 
@@ -23,13 +21,30 @@ async def test_every_problem_is_reported_together_and_no_job_is_made(app, home, 
     state, server = app
     bad = home / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"oops": 1}\n')
-    result = await call(server, model="models/tiny", method="lora", dataset=str(bad), learning_rate=5.0,
-                        lora_rank=0, batch_size=100000, max_steps=10, epochs=2, target_modules=["q_proj", "wq"])
+    result = await call(
+        server,
+        model="models/tiny",
+        method="lora",
+        dataset=str(bad),
+        learning_rate=5.0,
+        lora_rank=0,
+        batch_size=100000,
+        max_steps=10,
+        epochs=2,
+        target_modules=["q_proj", "wq"],
+    )
     assert result.is_error
     text = result.content[0].text
-    for fragment in ["learning_rate=5.0 is out of range", "lora_rank=0 is out of range", "batch_size=100000",
-                     "give max_steps or epochs, not both", "'wq'", "allowed: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj'",
-                     "dataset line 2: no 'messages'", "found keys ['oops']"]:
+    for fragment in [
+        "learning_rate=5.0 is out of range",
+        "lora_rank=0 is out of range",
+        "batch_size=100000",
+        "give max_steps or epochs, not both",
+        "'wq'",
+        "allowed: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj'",
+        "dataset line 2: no 'messages'",
+        "found keys ['oops']",
+    ]:
         assert fragment in text, (fragment, text)
     assert no_jobs(state)
 
@@ -63,8 +78,9 @@ async def test_dataset_outside_allowed_roots_is_refused(app, tiny_model, tmp_pat
 
 async def test_dry_run_returns_config_and_estimates_and_starts_nothing(app, tiny_model, dataset):
     state, server = app
-    result = await call(server, model="models/tiny", method="dora", dataset="data/train.jsonl", max_steps=7,
-                        batch_size=2, dry_run=True)
+    result = await call(
+        server, model="models/tiny", method="dora", dataset="data/train.jsonl", max_steps=7, batch_size=2, dry_run=True
+    )
     assert not result.is_error, result.content[0].text
     data = result.structured_content
     assert data["dry_run"] and data.get("job_id") is None and data["state"] == "dry_run"
@@ -82,8 +98,16 @@ async def test_experimental_method_is_allowed_with_a_warning(app, tmp_path, data
     # A local Mixtral-architecture checkpoint: its QLoRA status is experimental in `architectures`.
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    cfg = MixtralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
     MixtralForCausalLM(cfg).save_pretrained(home / "models" / "moe")
     _, server = app
     result = await call(server, model="models/moe", method="qlora", dataset=str(dataset), dry_run=True)
@@ -106,8 +130,18 @@ async def test_resume_must_go_past_the_checkpoint(app, tiny_model, dataset):
     state, server = app
     ok = await call(server, model="models/tiny", method="lora", dataset=str(dataset), max_steps=50, dry_run=True)
     config = JobConfig.parse({**ok.structured_content["config"], "job_id": "ft-old"})
-    state.store.insert(Job(id="ft-old", name="old", state="cancelled", model="tiny", method="lora", device_set="cpu",
-                           created_at=time.time(), config=config))
+    state.store.insert(
+        Job(
+            id="ft-old",
+            name="old",
+            state="cancelled",
+            model="tiny",
+            method="lora",
+            device_set="cpu",
+            created_at=time.time(),
+            config=config,
+        )
+    )
     (state.store.job_dir("ft-old") / "checkpoints" / "step-000030").mkdir(parents=True)
     same = dict(model="models/tiny", method="lora", dataset=str(dataset))
     result = await call(server, **same, resume_from="ft-old", max_steps=20)
@@ -141,8 +175,17 @@ def test_a_trainer_stopped_by_a_signal_nobody_sent_fails_with_a_resume_step(home
     from tests.test_jobconfig import V0
 
     store = JobStore(home)
-    job = Job(id="ft-x", name="x", state="running", model="m", method="lora", device_set="cpu",
-              created_at=time.time(), config=parse_config(dict(V0), "test"), engine="slurm")
+    job = Job(
+        id="ft-x",
+        name="x",
+        state="running",
+        model="m",
+        method="lora",
+        device_set="cpu",
+        created_at=time.time(),
+        config=parse_config(dict(V0), "test"),
+        engine="slurm",
+    )
     store.insert(job)
     (store.job_dir("ft-x") / "checkpoints" / "step-000004").mkdir(parents=True)
     write_result(store.job_dir("ft-x"), {"state": "cancelled", "step": 4})

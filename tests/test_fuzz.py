@@ -20,27 +20,65 @@ from mcp import Client
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=300),
-    st.text(alphabet="/.\\\x00~ ", max_size=40), st.sampled_from(["../../etc/passwd", "/dev/zero", "", "lora", "final"]),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=300),
+    st.text(alphabet="/.\\\x00~ ", max_size=40),
+    st.sampled_from(["../../etc/passwd", "/dev/zero", "", "lora", "final"]),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 TOOLS = {
     "list_models": ["model", "method", "type", "family", "fits", "gpu_memory_gb", "num_gpus"],
-    "start_finetune": ["model", "method", "dataset", "max_steps", "epochs", "learning_rate", "lora_rank",
-                       "batch_size", "max_seq_len", "target_modules", "density", "sparsity_ratio", "resume_from",
-                       "eval_fraction", "name", "num_processes"],
+    "start_finetune": [
+        "model",
+        "method",
+        "dataset",
+        "max_steps",
+        "epochs",
+        "learning_rate",
+        "lora_rank",
+        "batch_size",
+        "max_seq_len",
+        "target_modules",
+        "density",
+        "sparsity_ratio",
+        "resume_from",
+        "eval_fraction",
+        "name",
+        "num_processes",
+    ],
     "job_status": ["job_id"],
     "cancel_job": ["job_id"],
-    "sample": ["job_id", "adapter", "model", "prompt", "max_tokens", "temperature", "n", "checkpoint", "messages",
-               "stop", "top_p"],
+    "sample": [
+        "job_id",
+        "adapter",
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "n",
+        "checkpoint",
+        "messages",
+        "stop",
+        "top_p",
+    ],
     "export_adapter": ["job_id", "format", "destination", "checkpoint"],
     "serve_adapter": ["job_id", "checkpoint"],
 }
 
 
-TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=4, learning_rate=5e-3, lora_dropout=0.0,
-             max_seq_len=32, checkpoint_every=2)
+TRAIN = dict(
+    model="models/tiny",
+    dataset="data/train.jsonl",
+    max_steps=4,
+    learning_rate=5e-3,
+    lora_dropout=0.0,
+    max_seq_len=32,
+    checkpoint_every=2,
+)
 METHODS = ("lora", "qlora", "dora", "sparse")
 PATH = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+[\w.@+-]*")
 URL_OR_HTTP_PATH = re.compile(r"\bhttps?://\S+|\b(?:GET|POST|PUT|DELETE) /\S*")
@@ -54,8 +92,15 @@ def fuzz_server(tmp_path_factory, tiny_model_template):
     from tests.conftest import trained_home
 
     home, ids = trained_home(tmp_path_factory.mktemp("fuzz"), tiny_model_template, TRAIN, METHODS)
-    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers",
-                                   vllm_url="http://127.0.0.1:9", sample_timeout_s=0.5))
+    state = AppState.load(
+        Settings(
+            home=home,
+            models_path=data_path("models.yaml"),
+            sampler="transformers",
+            vllm_url="http://127.0.0.1:9",
+            sample_timeout_s=0.5,
+        )
+    )
     return state, build_server(state), list(ids.values())
 
 
@@ -66,8 +111,14 @@ def _foreign_paths(text: str, args: dict, home: str) -> list[str]:
     given = " ".join(str(v) for v in args.values())
     mine = (home, os.path.expanduser("~")) if "~" in given else (home,)
     text = URL_OR_HTTP_PATH.sub(" ", text)  # "vLLM at http://host:9 did not answer GET /v1/models" names no file
-    return [p for p in PATH.findall(text) if not p.startswith(mine) and p not in given and p.rstrip(".") not in given
-            and not (".." in given and home.startswith(p))]  # '..' from the state dir resolves to its parent
+    return [
+        p
+        for p in PATH.findall(text)
+        if not p.startswith(mine)
+        and p not in given
+        and p.rstrip(".") not in given
+        and not (".." in given and home.startswith(p))
+    ]  # '..' from the state dir resolves to its parent
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

@@ -18,16 +18,25 @@ from tests.conftest import trained_home
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.anyio]
 METHODS = ("lora", "qlora", "dora", "sparse")
-TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=40, learning_rate=2e-3, lora_dropout=0.0,
-             batch_size=4, max_seq_len=128, checkpoint_every=20)
+TRAIN = dict(
+    model="models/tiny",
+    dataset="data/train.jsonl",
+    max_steps=40,
+    learning_rate=2e-3,
+    lora_dropout=0.0,
+    batch_size=4,
+    max_seq_len=128,
+    checkpoint_every=20,
+)
 
 
 @pytest.fixture(scope="module")
 def qwen_shaped(tmp_path_factory):
     from llm_mcp.tiny import QWEN25_05B, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("qwen") / "qwen2.5-0.5b-shaped", **QWEN25_05B,
-                           model_vocab_size=151936)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("qwen") / "qwen2.5-0.5b-shaped", **QWEN25_05B, model_vocab_size=151936
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +68,18 @@ async def test_every_method_trains_in_bf16_on_cuda_within_its_estimate(trained, 
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # from ~ln(151936) = 11.9
     entry = resolve_model(state.matrix, state.settings, "models/tiny")
     cfg = state.store.get(ids[method]).config
-    est = estimate_memory(entry.dims, entry.params_b, method, target_modules=entry.target_modules, batch_size=4,
-                          seq_len=128, device="cuda", gradient_checkpointing=cfg.gradient_checkpointing,
-                          quantized=cfg.quantized, rigl_fraction=cfg.sparse.mask_update_fraction if cfg.sparse else 0.0)
+    est = estimate_memory(
+        entry.dims,
+        entry.params_b,
+        method,
+        target_modules=entry.target_modules,
+        batch_size=4,
+        seq_len=128,
+        device="cuda",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        quantized=cfg.quantized,
+        rigl_fraction=cfg.sparse.mask_update_fraction if cfg.sparse else 0.0,
+    )
     measured_gb = end["peak_memory_mb"] / 1024
     assert measured_gb <= est.total_gb, (measured_gb, est)  # the estimate may be generous, never short
     print(f"{method}: measured peak {measured_gb:.2f} GB, estimate {est.total_gb:.2f} GB")
@@ -82,8 +100,11 @@ async def test_export_and_reload_on_cuda(trained, server, method):
             assert not adapter.is_error, adapter.content[0].text
         sampled = await client.call_tool("sample", {"job_id": ids[method], "prompt": "The cat", "max_tokens": 4})
         assert not sampled.is_error, sampled.content[0].text
-    model = AutoModelForCausalLM.from_pretrained(merged.structured_content["destination"],
-                                                 dtype=torch.bfloat16).to("cuda").eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(merged.structured_content["destination"], dtype=torch.bfloat16)
+        .to("cuda")
+        .eval()
+    )
     probe = load_file(str(state.store.job_dir(ids[method]) / "probe.safetensors"))
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"][None].to("cuda")).logits[0].float().cpu()
@@ -142,13 +163,30 @@ def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_pa
     data.write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)) + "\n")
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    cfg = JobConfig.parse({
-        "version": 1, "job_id": "fsdp-test", "model": {"id": "qwen", "path": str(qwen_shaped)}, "method": "lora",
-        "dataset": str(data), "eval_fraction": 0.1, "max_steps": 6, "learning_rate": 2e-3, "batch_size": 4,
-        "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 3, "keep_checkpoints": 2,
-        "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "device": "cuda", "distributed": "fsdp",
-        "num_processes": min(2, torch.cuda.device_count()),  # two-way sharding where two GPUs exist
-        "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
+    cfg = JobConfig.parse(
+        {
+            "version": 1,
+            "job_id": "fsdp-test",
+            "model": {"id": "qwen", "path": str(qwen_shaped)},
+            "method": "lora",
+            "dataset": str(data),
+            "eval_fraction": 0.1,
+            "max_steps": 6,
+            "learning_rate": 2e-3,
+            "batch_size": 4,
+            "gradient_accumulation": 1,
+            "max_seq_len": 64,
+            "checkpoint_every": 3,
+            "keep_checkpoints": 2,
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "device": "cuda",
+            "distributed": "fsdp",
+            "num_processes": min(2, torch.cuda.device_count()),  # two-way sharding where two GPUs exist
+            "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
     cfg.write(job_dir)
     cmd = accelerate_command(cfg, job_dir)
     assert "fsdp.yaml" in " ".join(cmd)

@@ -45,8 +45,15 @@ def losses(state, job_id: str) -> dict[int, float]:
 async def test_each_method_trains_and_the_loss_falls(app, tiny_model, dataset, method):
     state, server = app
     async with Client(server) as client:
-        job_id = await start(client, model="models/tiny", method=method, dataset="data/train.jsonl",
-                             max_steps=40, checkpoint_every=10, **FAST)
+        job_id = await start(
+            client,
+            model="models/tiny",
+            method=method,
+            dataset="data/train.jsonl",
+            max_steps=40,
+            checkpoint_every=10,
+            **FAST,
+        )
         job = await wait_final(client, job_id)
         plotted = await client.call_tool("job_status", {"job_id": job_id, "plot": True})
     assert job["state"] == "succeeded", job
@@ -95,12 +102,24 @@ def test_qlora_base_is_4bit(tiny_model):
     from llm_mcp.core.jobconfig import JobConfig
     from llm_mcp.train.model import load_model
 
-    cfg = JobConfig.parse({
-        "model": {"id": "tiny", "path": str(tiny_model)}, "method": "qlora", "dataset": "unused.jsonl",
-        "learning_rate": 1e-3, "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 64, "checkpoint_every": 0,
-        "keep_checkpoints": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "quantization": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-        "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
+    cfg = JobConfig.parse(
+        {
+            "model": {"id": "tiny", "path": str(tiny_model)},
+            "method": "qlora",
+            "dataset": "unused.jsonl",
+            "learning_rate": 1e-3,
+            "batch_size": 1,
+            "gradient_accumulation": 1,
+            "max_seq_len": 64,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "quantization": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+            "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
     model = load_model(cfg, "cpu")
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # 2 layers x 7 linear layers, all quantized
@@ -112,8 +131,14 @@ def test_qlora_base_is_4bit(tiny_model):
 @pytest.mark.slow
 async def test_resume_reproduces_an_uninterrupted_run(app, tiny_model, dataset):
     state, server = app
-    args = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=150, checkpoint_every=0,
-                **{**FAST, "lora_dropout": 0.1, "learning_rate": 3e-3})
+    args = dict(
+        model="models/tiny",
+        method="lora",
+        dataset="data/train.jsonl",
+        max_steps=150,
+        checkpoint_every=0,
+        **{**FAST, "lora_dropout": 0.1, "learning_rate": 3e-3},
+    )
     async with Client(server) as client:
         full = await start(client, **args)
         assert (await wait_final(client, full))["state"] == "succeeded"
@@ -138,13 +163,17 @@ async def test_resume_reproduces_an_uninterrupted_run(app, tiny_model, dataset):
 async def test_killing_the_trainer_fails_the_job_with_its_cause_then_it_resumes(app, tiny_model, dataset):
     state, server = app
     async with Client(server) as client:
-        args = dict(model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=200,
-                    checkpoint_every=10, **FAST)
+        args = dict(
+            model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=200, checkpoint_every=10, **FAST
+        )
         job_id = await start(client, **args)
         await wait_step(state, job_id, 15)
         job_dir = str(state.store.job_dir(job_id))
-        trainers = [p for p in psutil.process_iter(["cmdline"])
-                    if "llm_mcp.train.run" in (p.info["cmdline"] or []) and job_dir in p.info["cmdline"]]
+        trainers = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "llm_mcp.train.run" in (p.info["cmdline"] or []) and job_dir in p.info["cmdline"]
+        ]
         assert trainers
         killed_at = time.monotonic()
         for p in trainers:
@@ -185,8 +214,9 @@ async def test_queue_cancel_and_the_queue_drains_without_a_server(app, tiny_mode
 async def test_a_second_server_process_sees_a_job_started_by_the_first(home, tiny_model, dataset):
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp"], env=server_env(home))
     async with Client(params) as client:
-        job_id = await start(client, model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=10,
-                             **FAST)
+        job_id = await start(
+            client, model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=10, **FAST
+        )
     async with Client(params) as client:  # a new server process
         listing = await client.call_tool("job_status", {})
         assert job_id in listing.content[0].text
@@ -204,8 +234,17 @@ async def test_two_process_data_parallel_run_on_cpu(app, tiny_model, dataset):
     state, server = app
     (dataset.parent / "eval.jsonl").write_text("\n".join(dataset.read_text().splitlines()[:9]) + "\n")
     async with Client(server) as client:
-        job_id = await start(client, model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=6,
-                             num_processes=2, eval_dataset="data/eval.jsonl", eval_every=3, **FAST)
+        job_id = await start(
+            client,
+            model="models/tiny",
+            method="lora",
+            dataset="data/train.jsonl",
+            max_steps=6,
+            num_processes=2,
+            eval_dataset="data/eval.jsonl",
+            eval_every=3,
+            **FAST,
+        )
         job = await wait_final(client, job_id, timeout=300)
     assert job["state"] == "succeeded", job
     assert job["eval_loss"] is not None

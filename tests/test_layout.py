@@ -19,12 +19,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llm_mcp"
 
 # layer of each top-level part of the package, lowest first; a module may import its own layer and below
 LAYERS = {
-    "core": 0, "tiny": 0, "__init__": 0,
+    "core": 0,
+    "tiny": 0,
+    "__init__": 0,
     "train": 1,
     "inference": 2,
     "jobs": 3,
-    "tools": 4, "server": 4, "http": 4,
-    "cli": 5, "__main__": 5, "demo": 5, "bench": 5,
+    "tools": 4,
+    "server": 4,
+    "http": 4,
+    "cli": 5,
+    "__main__": 5,
+    "demo": 5,
+    "bench": 5,
 }
 # parts that may import the MCP SDK (the training process, samplers and merges never do)
 MCP_ALLOWED = {"tools", "server", "http", "cli", "demo", "bench"}
@@ -90,7 +97,7 @@ def test_no_import_cycles():
 
     def visit(m: str) -> None:
         if m in stack:
-            cycles.append(" -> ".join(stack[stack.index(m):] + [m]))
+            cycles.append(" -> ".join(stack[stack.index(m) :] + [m]))
             return
         if m in seen:
             return
@@ -107,17 +114,31 @@ def test_no_import_cycles():
 
 
 def test_only_the_tool_layer_and_above_import_the_mcp_sdk():
-    wrong = [f"{m} imports {i}" for m, p in _modules().items() if _part(m) not in MCP_ALLOWED
-             for i in _imports(p, m) if i == "mcp" or i.startswith(("mcp.", "mcp_types"))]
+    wrong = [
+        f"{m} imports {i}"
+        for m, p in _modules().items()
+        if _part(m) not in MCP_ALLOWED
+        for i in _imports(p, m)
+        if i == "mcp" or i.startswith(("mcp.", "mcp_types"))
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_nothing_in_the_runtime_or_the_tests_imports_the_benchmarks():
-    wrong = [f"{m} imports {i}" for m, deps in _graph().items() if _part(m) not in ("bench", "cli")
-             for i in deps if _part(i) == "bench"]
+    wrong = [
+        f"{m} imports {i}"
+        for m, deps in _graph().items()
+        if _part(m) not in ("bench", "cli")
+        for i in deps
+        if _part(i) == "bench"
+    ]
     tests = Path(__file__).parent
-    wrong += [f"{p.name} imports {i}" for p in tests.glob("*.py") for i in _imports(p, "tests." + p.stem)
-              if i.startswith("llm_mcp.bench")]
+    wrong += [
+        f"{p.name} imports {i}"
+        for p in tests.glob("*.py")
+        for i in _imports(p, "tests." + p.stem)
+        if i.startswith("llm_mcp.bench")
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -133,12 +154,16 @@ def test_modules_and_functions_stay_small():
     assert not big, "split these (a newcomer reads a file in one sitting):\n" + "\n".join(big)
 
 
-@pytest.mark.parametrize("entry", ["llm_mcp.train.run", "llm_mcp.jobs.supervisor", "llm_mcp.inference.merge",
-                                   "llm_mcp.inference.serving.watch"])
+@pytest.mark.parametrize(
+    "entry",
+    ["llm_mcp.train.run", "llm_mcp.jobs.supervisor", "llm_mcp.inference.merge", "llm_mcp.inference.serving.watch"],
+)
 def test_job_processes_import_neither_the_sdk_nor_the_server(entry):
     """The trainer, the job supervisor, the merge worker and the vLLM watcher run as their own processes."""
-    code = (f"import sys, {entry}; bad = sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.') "
-            "or m in ('llm_mcp.server', 'llm_mcp.tools')); print(bad)")
+    code = (
+        f"import sys, {entry}; bad = sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.') "
+        "or m in ('llm_mcp.server', 'llm_mcp.tools')); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout

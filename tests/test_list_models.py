@@ -44,8 +44,15 @@ def test_a_gpu_of_the_listed_minimum_fits_and_the_next_smaller_does_not(matrix, 
             support = entry.methods[method]
             if support.status == "unsupported" or support.min_gpu_memory_gb > 80:
                 continue
-            est = estimate_memory(entry.dims, entry.params_b, method, target_modules=entry.target_modules,
-                                  batch_size=1, seq_len=2048, device="cuda").total_gb
+            est = estimate_memory(
+                entry.dims,
+                entry.params_b,
+                method,
+                target_modules=entry.target_modules,
+                batch_size=1,
+                seq_len=2048,
+                device="cuda",
+            ).total_gb
             assert est <= Hardware.hypothetical(support.min_gpu_memory_gb).usable_gb(), (entry.id, method)
             smaller = [c for c in GPU_CLASSES_GB if c < support.min_gpu_memory_gb]
             if smaller:
@@ -70,9 +77,14 @@ def test_fits_in_list_models_is_what_start_finetune_accepts_at_its_defaults(matr
             if entry.methods[method].status == "unsupported":
                 continue
             with pytest.raises(InvalidArgumentError) as err:  # no hub here: refused either way, for memory or access
-                resolve_finetune(matrix=matrix, settings=settings, defaults=defaults, hardware=hw,
-                                 store=JobStore(tmp_path), args={"model": entry.id, "method": method,
-                                                                 "dataset": str(data)})
+                resolve_finetune(
+                    matrix=matrix,
+                    settings=settings,
+                    defaults=defaults,
+                    hardware=hw,
+                    store=JobStore(tmp_path),
+                    args={"model": entry.id, "method": method, "dataset": str(data)},
+                )
             refused_for_memory = "estimated memory" in str(err.value)
             assert refused_for_memory is (method not in fits), (entry.id, method, str(err.value)[:200])
             checked += 1
@@ -94,8 +106,10 @@ def test_multi_gpu_fits_per_device_and_only_fsdp_counts_the_sum(matrix, defaults
     assert lora.estimated_memory_gb <= Hardware.hypothetical(80).usable_gb()  # per GPU, not the 304 GB sum
     qlora = next(m for m in big.methods if m.method == "qlora")
     assert qlora.fits and qlora.distributed == "ddp" and qlora.processes == 1  # fits one GPU: no sharding
-    assert "lora" not in describe_model(matrix.get("meta-llama/Llama-3.1-70B"), Hardware.hypothetical(80),
-                                        defaults).fits_methods
+    assert (
+        "lora"
+        not in describe_model(matrix.get("meta-llama/Llama-3.1-70B"), Hardware.hypothetical(80), defaults).fits_methods
+    )
 
 
 def test_fsdp_is_chosen_by_validation_and_launches_with_the_fsdp_config(matrix, defaults, tmp_path):
@@ -109,13 +123,26 @@ def test_fsdp_is_chosen_by_validation_and_launches_with_the_fsdp_config(matrix, 
     assert (plan.distributed, plan.processes, plan.fits) == ("fsdp", 4, True)
     assert plan.estimate.shards == 4
     # with the processes given, replicated DDP is tried first and fails per device; 2 shards are still too few
-    assert plan_memory(entry, "lora", Hardware.hypothetical(80, num_gpus=8), num_processes=4, **kw).distributed == "fsdp"
+    assert (
+        plan_memory(entry, "lora", Hardware.hypothetical(80, num_gpus=8), num_processes=4, **kw).distributed == "fsdp"
+    )
     assert not plan_memory(entry, "lora", Hardware.hypothetical(80, num_gpus=4), num_processes=2, **kw).fits
     assert not plan_memory(entry, "qlora", Hardware.hypothetical(16, num_gpus=8), **kw).fits  # 4-bit: never sharded
-    base = {"model": {"id": "m", "path": "m"}, "method": "lora", "dataset": "d", "learning_rate": 1e-4,
-            "batch_size": 1, "gradient_accumulation": 1, "max_seq_len": 8, "checkpoint_every": 0, "keep_checkpoints": 1,
-            "warmup_ratio": 0, "weight_decay": 0, "max_grad_norm": 1, "lora": {"rank": 8, "alpha": 8, "dropout": 0,
-                                                                              "target_modules": ["q_proj"]}}
+    base = {
+        "model": {"id": "m", "path": "m"},
+        "method": "lora",
+        "dataset": "d",
+        "learning_rate": 1e-4,
+        "batch_size": 1,
+        "gradient_accumulation": 1,
+        "max_seq_len": 8,
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "warmup_ratio": 0,
+        "weight_decay": 0,
+        "max_grad_norm": 1,
+        "lora": {"rank": 8, "alpha": 8, "dropout": 0, "target_modules": ["q_proj"]},
+    }
     old = JobConfig.parse({**base, "num_processes": 2})  # a config.json written before the field existed
     assert old.distributed == "ddp" and "ddp.yaml" in " ".join(accelerate_command(old, tmp_path))
     fsdp = JobConfig.parse({**base, "version": 1, "num_processes": 4, "distributed": "fsdp"})
@@ -139,7 +166,12 @@ def test_gradient_checkpointing_is_decided_by_the_estimate_without_it(matrix, de
         assert plan.fits and plan.gradient_checkpointing is (not fits_without), gpu_gb
         assert plan.estimate == (on if plan.gradient_checkpointing else off)
     # 32 GB: the old rule (checkpointed estimate <= 70% of usable -> off) switched it off, and the job needs ~35 GB
-    assert on.total_gb <= 0.7 * Hardware.hypothetical(32).usable_gb() < Hardware.hypothetical(32).usable_gb() < off.total_gb
+    assert (
+        on.total_gb
+        <= 0.7 * Hardware.hypothetical(32).usable_gb()
+        < Hardware.hypothetical(32).usable_gb()
+        < off.total_gb
+    )
     assert plan_memory(entry, "lora", Hardware.hypothetical(32), **kw).gradient_checkpointing is True
     forced = plan_memory(entry, "lora", Hardware.hypothetical(40), gradient_checkpointing=True, **kw)
     assert forced.gradient_checkpointing and forced.estimate == on
@@ -191,8 +223,20 @@ def test_vllm_servers_claim_gpu_memory_and_free_memory_is_reread(tmp_path):
     assert Hardware(gpus=[hardware.GPU("x", 80.0)], claimed_fraction=1.0).usable_gb() == 0.0
     before = hardware.vllm_claimed_fraction()
     # two processes whose command lines are those of vLLM servers started at 0.5 (what the managed pool uses)
-    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", hardware.VLLM_ENTRY,
-                               "--gpu-memory-utilization", "0.5"]) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time; time.sleep(60)",
+                "-m",
+                hardware.VLLM_ENTRY,
+                "--gpu-memory-utilization",
+                "0.5",
+            ]
+        )
+        for _ in range(2)
+    ]
     try:
         deadline = time.monotonic() + 10
         while hardware.vllm_claimed_fraction() < min(1.0, before + 1.0) and time.monotonic() < deadline:
@@ -235,8 +279,16 @@ def test_usable_memory_does_not_drift_with_free_ram_and_a_tight_machine_is_warne
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
     settings = Settings(home=tmp_path, models_path=data_path("models.yaml"))
     args = {"model": str(model), "method": "lora", "dataset": str(data)}
-    run = lambda hw: resolve_finetune(matrix=matrix, settings=settings, defaults=defaults, hardware=hw,  # noqa: E731
-                                      store=JobStore(tmp_path), args=dict(args)).warnings
+    run = lambda hw: (
+        resolve_finetune(
+            matrix=matrix,
+            settings=settings,
+            defaults=defaults,
+            hardware=hw,
+            store=JobStore(tmp_path),
+            args=dict(args),
+        ).warnings
+    )
     assert any("free right now" in w for w in run(busy))
     assert not any("free right now" in w for w in run(idle))
 

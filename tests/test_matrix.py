@@ -14,25 +14,58 @@ from llm_mcp.core.settings import data_path
 
 SEED_MODELS = [
     # seed 000, Tinker lineup
-    "Qwen/Qwen3-VL-235B-A22B-Instruct", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-235B-A22B-Instruct-2507",
-    "Qwen/Qwen3-30B-A3B-Instruct-2507", "Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Base", "Qwen/Qwen3-32B",
-    "Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base", "Qwen/Qwen3-4B-Instruct-2507", "openai/gpt-oss-120b", "openai/gpt-oss-20b",
-    "deepseek-ai/DeepSeek-V3.1", "deepseek-ai/DeepSeek-V3.1-Base", "meta-llama/Llama-3.1-8B",
-    "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.3-70B-Instruct", "meta-llama/Llama-3.1-70B",
-    "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-1B", "moonshotai/Kimi-K2-Thinking",
+    "Qwen/Qwen3-VL-235B-A22B-Instruct",
+    "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    "Qwen/Qwen3-235B-A22B-Instruct-2507",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "Qwen/Qwen3-30B-A3B",
+    "Qwen/Qwen3-30B-A3B-Base",
+    "Qwen/Qwen3-32B",
+    "Qwen/Qwen3-8B",
+    "Qwen/Qwen3-8B-Base",
+    "Qwen/Qwen3-4B-Instruct-2507",
+    "openai/gpt-oss-120b",
+    "openai/gpt-oss-20b",
+    "deepseek-ai/DeepSeek-V3.1",
+    "deepseek-ai/DeepSeek-V3.1-Base",
+    "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "meta-llama/Llama-3.3-70B-Instruct",
+    "meta-llama/Llama-3.1-70B",
+    "meta-llama/Llama-3.2-3B",
+    "meta-llama/Llama-3.2-1B",
+    "moonshotai/Kimi-K2-Thinking",
     # seed 004
     "Qwen/Qwen3-1.7B",
     # seed 002 matrix, by the names the document uses
-    "meta-llama/Llama-2-7b", "meta-llama/Llama-2-13b", "meta-llama/Llama-2-70b", "mistralai/Mistral-7B",
-    "mistralai/Mixtral-8x7B", "tiiuae/falcon-7b", "tiiuae/falcon-40b",
+    "meta-llama/Llama-2-7b",
+    "meta-llama/Llama-2-13b",
+    "meta-llama/Llama-2-70b",
+    "mistralai/Mistral-7B",
+    "mistralai/Mixtral-8x7B",
+    "tiiuae/falcon-7b",
+    "tiiuae/falcon-40b",
     # seed 002 vLLM lists
-    "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-70b-chat-hf",
-    "meta-llama/Llama-3-8b-instruct", "meta-llama/Llama-3-70b-instruct", "mistralai/Mistral-7B-v0.1",
-    "mistralai/Mistral-7B-Instruct-v0.2", "mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "codellama/CodeLlama-7b-hf",
-    "codellama/CodeLlama-13b-hf", "codellama/CodeLlama-34b-hf",
+    "meta-llama/Llama-2-7b-chat-hf",
+    "meta-llama/Llama-2-13b-chat-hf",
+    "meta-llama/Llama-2-70b-chat-hf",
+    "meta-llama/Llama-3-8b-instruct",
+    "meta-llama/Llama-3-70b-instruct",
+    "mistralai/Mistral-7B-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.2",
+    "mistralai/Mixtral-8x7B-v0.1",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-2-13b-hf",
+    "codellama/CodeLlama-7b-hf",
+    "codellama/CodeLlama-13b-hf",
+    "codellama/CodeLlama-34b-hf",
     # seed 001
-    "google/gemma-3-270m", "google/gemma-3-1b-pt", "google/gemma-3-1b-it", "google/gemma-3-4b-pt", "google/gemma-3-4b-it",
+    "google/gemma-3-270m",
+    "google/gemma-3-1b-pt",
+    "google/gemma-3-1b-it",
+    "google/gemma-3-4b-pt",
+    "google/gemma-3-4b-it",
 ]
 
 S, E, U = "supported", "experimental", "unsupported"
@@ -67,11 +100,20 @@ def test_seed_002_statuses_are_kept(matrix, model_id, statuses):
     assert tuple(entry.methods[m].status for m in METHODS) == statuses
 
 
-@pytest.mark.parametrize("model_id,lr", [
-    ("Qwen/Qwen3-8B", 1e-3), ("Qwen/Qwen3-30B-A3B-Base", 1e-3), ("meta-llama/Llama-3.2-1B", 1e-3),
-    ("Qwen/Qwen3-32B", 3e-4), ("meta-llama/Llama-3.1-8B-Instruct", 3e-4), ("moonshotai/Kimi-K2-Thinking", 3e-4),
-    ("deepseek-ai/DeepSeek-V3.1", 4e-4), ("openai/gpt-oss-20b", 1e-4), ("openai/gpt-oss-120b", 3e-4),
-])
+@pytest.mark.parametrize(
+    "model_id,lr",
+    [
+        ("Qwen/Qwen3-8B", 1e-3),
+        ("Qwen/Qwen3-30B-A3B-Base", 1e-3),
+        ("meta-llama/Llama-3.2-1B", 1e-3),
+        ("Qwen/Qwen3-32B", 3e-4),
+        ("meta-llama/Llama-3.1-8B-Instruct", 3e-4),
+        ("moonshotai/Kimi-K2-Thinking", 3e-4),
+        ("deepseek-ai/DeepSeek-V3.1", 4e-4),
+        ("openai/gpt-oss-20b", 1e-4),
+        ("openai/gpt-oss-120b", 3e-4),
+    ],
+)
 def test_learning_rates_follow_the_measured_sweep(matrix, model_id, lr):
     assert matrix.get(model_id).recommended_lr == lr
 

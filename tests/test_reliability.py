@@ -26,11 +26,18 @@ from llm_mcp.core.data import DataError, validate_dataset
 from tests.conftest import RunningServer, free_port, processes_mentioning, server_env, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.reliability]
-JOB = {"model": "models/tiny", "method": "lora", "dataset": "data/train.jsonl", "learning_rate": 5e-3,
-       "max_seq_len": 64, "lora_dropout": 0.0}
+JOB = {
+    "model": "models/tiny",
+    "method": "lora",
+    "dataset": "data/train.jsonl",
+    "learning_rate": 5e-3,
+    "max_seq_len": 64,
+    "lora_dropout": 0.0,
+}
 
 
 # --- bad datasets ----------------------------------------------------------------------------------
+
 
 def test_a_1gb_dataset_is_streamed_in_bounded_memory(tmp_path):
     """1,000 good rows, then 1 GB without a newline (a sparse file): a line-numbered error, < 64 MB held."""
@@ -68,8 +75,12 @@ async def test_special_files_and_links_out_are_refused(app, tiny_model, dataset)
     home = state.settings.home
     os.mkfifo(home / "data" / "fifo.jsonl")
     (home / "data" / "passwd.jsonl").symlink_to("/etc/passwd")
-    cases = {"data/fifo.jsonl": "not a regular file", "data/passwd.jsonl": "outside the allowed roots",
-             "/dev/zero": "outside the allowed roots", "../../etc/passwd": "outside the allowed roots"}
+    cases = {
+        "data/fifo.jsonl": "not a regular file",
+        "data/passwd.jsonl": "outside the allowed roots",
+        "/dev/zero": "outside the allowed roots",
+        "../../etc/passwd": "outside the allowed roots",
+    }
     async with Client(server) as client:
         for path, message in cases.items():
             with anyio.fail_after(10):  # a FIFO must not be opened (it would block)
@@ -80,13 +91,23 @@ async def test_special_files_and_links_out_are_refused(app, tiny_model, dataset)
 
 # --- faults ----------------------------------------------------------------------------------------
 
+
 def test_an_unusable_state_dir_stops_start_up_with_a_clear_error(tmp_path):
-    for home, why in ((Path("/proc/llm-mcp-state"), "cannot create the state directory"),
-                      (tmp_path / "a-file", "cannot create the state directory")):
+    for home, why in (
+        (Path("/proc/llm-mcp-state"), "cannot create the state directory"),
+        (tmp_path / "a-file", "cannot create the state directory"),
+    ):
         if home.parent == tmp_path:
             home.write_text("x")
-        proc = subprocess.run([sys.executable, "-m", "llm_mcp", "serve"], env=server_env(home), capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm_mcp", "serve"],
+            env=server_env(home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert proc.returncode == 2 and why in proc.stderr and "LLM_MCP_HOME" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
@@ -107,7 +128,7 @@ async def test_a_full_disk_is_a_clear_error_and_leaves_the_store_intact(home, ti
             assert r.is_error and "could not read or write the state directory" in r.content[0].text, r.content[0].text
             assert "Traceback" not in r.content[0].text and "LLM_MCP_HOME" in r.content[0].text
             status = await client.call_tool("job_status", {"job_id": first})  # SQLite may need to write to read
-            assert (not status.is_error or "could not read or write the state directory" in status.content[0].text)
+            assert not status.is_error or "could not read or write the state directory" in status.content[0].text
             resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             status = await client.call_tool("job_status", {"job_id": first})  # space again: the same server recovers
             assert not status.is_error and status.structured_content["job"]["state"] == "succeeded"
@@ -156,6 +177,7 @@ async def test_killing_the_server_20_times_loses_nothing(home, tiny_model, datas
 
 # --- resources and load ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 async def test_cancelled_and_finished_jobs_leave_no_processes(app, tiny_model, dataset):
     state, server = app
@@ -163,8 +185,9 @@ async def test_cancelled_and_finished_jobs_leave_no_processes(app, tiny_model, d
         done = (await client.call_tool("start_finetune", {**JOB, "max_steps": 3})).structured_content["job_id"]
         await wait_final(client, done)
         running = (await client.call_tool("start_finetune", {**JOB, "max_steps": 5000})).structured_content["job_id"]
-        while (await client.call_tool("job_status", {"job_id": running, "wait_seconds": 5})).structured_content[
-                "job"]["step"] < 2:
+        while (await client.call_tool("job_status", {"job_id": running, "wait_seconds": 5})).structured_content["job"][
+            "step"
+        ] < 2:
             pass
         assert processes_mentioning(str(state.store.job_dir(running)))  # it is running now
         await client.call_tool("cancel_job", {"job_id": running})
@@ -207,7 +230,8 @@ async def test_50_concurrent_http_clients_while_a_job_trains(home, tiny_model, d
         async with Client(f"{server.url}/mcp") as client:
             job_id = (await client.call_tool("start_finetune", {**JOB, "max_steps": 5000})).structured_content["job_id"]
             while (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 5})).structured_content[
-                    "job"]["step"] < 1:
+                "job"
+            ]["step"] < 1:
                 pass
             load = await _load(f"{server.url}/mcp", job_id, server_env(home), clients=50, calls=10, think_s=1.0)
             state = (await client.call_tool("job_status", {"job_id": job_id})).structured_content["job"]["state"]
@@ -216,16 +240,33 @@ async def test_50_concurrent_http_clients_while_a_job_trains(home, tiny_model, d
         server.stop()
     assert load["errors"] == 0 and state == "running", load
     with capsys.disabled():
-        print(f"\n50 HTTP clients x 10 calls (think 0.5-1.5 s) while a job trains: p50 {load['all_p50_ms']} ms, "
-              f"p95 {load['all_p95_ms']} ms (list_models {load['list_models_p95_ms']}, job_status "
-              f"{load['job_status_p95_ms']})")
+        print(
+            f"\n50 HTTP clients x 10 calls (think 0.5-1.5 s) while a job trains: p50 {load['all_p50_ms']} ms, "
+            f"p95 {load['all_p95_ms']} ms (list_models {load['list_models_p95_ms']}, job_status "
+            f"{load['job_status_p95_ms']})"
+        )
 
 
 async def _load(url: str, job_id: str, env: dict[str, str], clients: int, calls: int, think_s: float) -> dict:
     """Run the load generator as a subprocess (the event loop stays free for this test's open session)."""
     with anyio.fail_after(300):
         proc = await anyio.run_process(
-            [sys.executable, "-m", "llm_mcp.bench.server", "load", url, job_id, "--clients", str(clients),
-             "--calls", str(calls), "--think-s", str(think_s)], env=env, check=False)
+            [
+                sys.executable,
+                "-m",
+                "llm_mcp.bench.server",
+                "load",
+                url,
+                job_id,
+                "--clients",
+                str(clients),
+                "--calls",
+                str(calls),
+                "--think-s",
+                str(think_s),
+            ],
+            env=env,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])

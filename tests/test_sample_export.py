@@ -13,13 +13,20 @@ import torch
 from mcp import Client
 from safetensors.torch import load_file
 
-from llm_mcp.server import AppState, build_server
 from llm_mcp.core.settings import Settings, data_path
+from llm_mcp.server import AppState, build_server
 from tests.conftest import trained_home
 
 pytestmark = pytest.mark.anyio
-TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=25, learning_rate=5e-3, lora_dropout=0.0,
-             max_seq_len=64, checkpoint_every=10)
+TRAIN = dict(
+    model="models/tiny",
+    dataset="data/train.jsonl",
+    max_steps=25,
+    learning_rate=5e-3,
+    lora_dropout=0.0,
+    max_seq_len=64,
+    checkpoint_every=10,
+)
 QUESTION = [{"role": "user", "content": "What color is the sky?"}]
 
 
@@ -55,7 +62,9 @@ async def test_exported_peft_adapter_gives_the_trained_models_logits(trained, st
         dest = result.structured_content["destination"]
         files = {os.path.basename(f["path"]) for f in result.structured_content["files"]}
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= files
-        assert json.loads(open(f"{dest}/adapter_config.json").read())["base_model_name_or_path"] == str(home / "models" / "tiny")
+        assert json.loads(open(f"{dest}/adapter_config.json").read())["base_model_name_or_path"] == str(
+            home / "models" / "tiny"
+        )
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(home / "models" / "tiny"), dest).eval()
         input_ids, expected = probe(state, ids[method])
         with torch.no_grad():
@@ -65,7 +74,7 @@ async def test_exported_peft_adapter_gives_the_trained_models_logits(trained, st
         assert "train loss" in card and "PeftModel.from_pretrained" in card
 
 
-BF16_UNIT_ROUNDOFF = 2.0 ** -8
+BF16_UNIT_ROUNDOFF = 2.0**-8
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
@@ -89,10 +98,15 @@ async def test_merged_export_matches_the_adapter(trained, state, method):
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(home / "models" / "tiny", quantization_config=quant,
-                                                device_map={"": "cpu"}, dtype=torch.float32).dequantize()
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        home / "models" / "tiny", quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+    ).dequantize()
     adapter = PeftModel.from_pretrained(base, str(state.store.job_dir(ids[method]) / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits, adapter(input_ids=input_ids[None]).logits[0], rtol=0, atol=1e-4)
@@ -111,8 +125,13 @@ async def test_archive_export_is_loadable_and_exporting_twice_is_safe(trained, s
     with tarfile.open(first.structured_content["destination"]) as tar:
         tar.extractall(tmp_path / "x", filter="data")
     assert (tmp_path / "x" / "adapter_model.safetensors").exists()
-    other = await call(server, "export_adapter", job_id=ids["dora"], format="archive",
-                       destination=os.path.basename(first.structured_content["destination"]))
+    other = await call(
+        server,
+        "export_adapter",
+        job_id=ids["dora"],
+        format="archive",
+        destination=os.path.basename(first.structured_content["destination"]),
+    )
     assert other.is_error and "already holds an export of job" in other.content[0].text
     assert "sha256" in first.content[0].text and "vllm serve" in first.structured_content["snippets"]["vllm"]
     dora = await call(server, "export_adapter", job_id=ids["dora"])
@@ -140,13 +159,26 @@ async def test_greedy_is_deterministic_seed_repeats_and_compare_base(trained, st
     _, ids = trained
     server = build_server(state)
     async with Client(server) as client:
-        a = await client.call_tool("sample", {"job_id": ids["lora"], "messages": QUESTION, "max_tokens": 12,
-                                              "compare_base": True})
+        a = await client.call_tool(
+            "sample", {"job_id": ids["lora"], "messages": QUESTION, "max_tokens": 12, "compare_base": True}
+        )
         b = await client.call_tool("sample", {"job_id": ids["lora"], "messages": QUESTION, "max_tokens": 12})
-        s1 = await client.call_tool("sample", {"job_id": ids["lora"], "prompt": "The cat", "max_tokens": 10,
-                                               "temperature": 1.0, "n": 3, "seed": 7})
-        s2 = await client.call_tool("sample", {"job_id": ids["lora"], "prompt": "The cat", "max_tokens": 10,
-                                               "temperature": 1.0, "n": 3, "seed": 7, "logprobs": True})
+        s1 = await client.call_tool(
+            "sample",
+            {"job_id": ids["lora"], "prompt": "The cat", "max_tokens": 10, "temperature": 1.0, "n": 3, "seed": 7},
+        )
+        s2 = await client.call_tool(
+            "sample",
+            {
+                "job_id": ids["lora"],
+                "prompt": "The cat",
+                "max_tokens": 10,
+                "temperature": 1.0,
+                "n": 3,
+                "seed": 7,
+                "logprobs": True,
+            },
+        )
     assert not a.is_error, a.content[0].text
     da, db = a.structured_content, b.structured_content
     assert da["completions"][0]["text"] == db["completions"][0]["text"]
@@ -177,13 +209,18 @@ async def test_a_second_adapter_on_the_same_base_does_not_reload_it(trained, sta
 async def test_sample_argument_errors(trained, state):
     _, ids = trained
     server = build_server(state)
-    cases = [({"prompt": "x"}, "exactly one of job_id, adapter or model"),
-             ({"job_id": ids["lora"]}, "exactly one of prompt or messages"),
-             ({"job_id": ids["lora"], "prompt": "x", "max_tokens": 10**6}, "max_tokens=1000000 is out of range"),
-             ({"job_id": ids["lora"], "prompt": "x", "n": 4}, "n > 1 needs temperature > 0"),
-             ({"job_id": ids["lora"], "prompt": "x", "checkpoint": "99"}, "allowed: 'final', 'latest' or a step in [10, 20]"),
-             ({"job_id": ids["lora"], "messages": [{"role": "wizard", "content": "x"}]}, "role in"),
-             ({"model": "Qwen/Qwen3-7B", "prompt": "x"}, "Did you mean")]
+    cases = [
+        ({"prompt": "x"}, "exactly one of job_id, adapter or model"),
+        ({"job_id": ids["lora"]}, "exactly one of prompt or messages"),
+        ({"job_id": ids["lora"], "prompt": "x", "max_tokens": 10**6}, "max_tokens=1000000 is out of range"),
+        ({"job_id": ids["lora"], "prompt": "x", "n": 4}, "n > 1 needs temperature > 0"),
+        (
+            {"job_id": ids["lora"], "prompt": "x", "checkpoint": "99"},
+            "allowed: 'final', 'latest' or a step in [10, 20]",
+        ),
+        ({"job_id": ids["lora"], "messages": [{"role": "wizard", "content": "x"}]}, "role in"),
+        ({"model": "Qwen/Qwen3-7B", "prompt": "x"}, "Did you mean"),
+    ]
     for args, fragment in cases:
         result = await call(server, "sample", **args)
         assert result.is_error and fragment in result.content[0].text, (args, result.content[0].text)
@@ -193,8 +230,9 @@ async def test_sample_by_adapter_path_and_base_model(trained, state):
     _, ids = trained
     server = build_server(state)
     exported = await call(server, "export_adapter", job_id=ids["dora"])
-    by_path = await call(server, "sample", adapter=exported.structured_content["destination"], messages=QUESTION,
-                         max_tokens=8)
+    by_path = await call(
+        server, "sample", adapter=exported.structured_content["destination"], messages=QUESTION, max_tokens=8
+    )
     by_job = await call(server, "sample", job_id=ids["dora"], messages=QUESTION, max_tokens=8)
     base = await call(server, "sample", model="models/tiny", messages=QUESTION, max_tokens=8)
     assert by_path.structured_content["completions"] == by_job.structured_content["completions"]
@@ -205,16 +243,18 @@ async def test_sample_by_adapter_path_and_base_model(trained, state):
 async def test_sampling_a_running_jobs_latest_checkpoint(trained, state):
     server = build_server(state)
     async with Client(server) as client:
-        started = await client.call_tool("start_finetune", {**TRAIN, "method": "lora", "max_steps": 3000,
-                                                            "checkpoint_every": 5})
+        started = await client.call_tool(
+            "start_finetune", {**TRAIN, "method": "lora", "max_steps": 3000, "checkpoint_every": 5}
+        )
         job_id = started.structured_content["job_id"]
         deadline = time.monotonic() + 90
         while not list((state.store.job_dir(job_id) / "checkpoints").glob("step-*[0-9]")):
             assert time.monotonic() < deadline
             await anyio.sleep(0.2)
         final = await client.call_tool("sample", {"job_id": job_id, "prompt": "Hi", "max_tokens": 3})
-        latest = await client.call_tool("sample", {"job_id": job_id, "prompt": "Hi", "max_tokens": 3,
-                                                   "checkpoint": "latest"})
+        latest = await client.call_tool(
+            "sample", {"job_id": job_id, "prompt": "Hi", "max_tokens": 3, "checkpoint": "latest"}
+        )
         await client.call_tool("cancel_job", {"job_id": job_id})
     assert final.is_error and "checkpoint='latest'" in final.content[0].text
     assert not latest.is_error, latest.content[0].text

@@ -19,8 +19,15 @@ from mcp import Client, StdioServerParameters
 from tests.conftest import LEARNABLE_ROWS, processes_mentioning, server_env, trained_home
 
 pytestmark = [pytest.mark.anyio, pytest.mark.reliability]
-TRAIN = dict(model="models/tiny", dataset="data/train.jsonl", max_steps=12, learning_rate=5e-3, lora_dropout=0.0,
-             max_seq_len=64, checkpoint_every=6)
+TRAIN = dict(
+    model="models/tiny",
+    dataset="data/train.jsonl",
+    max_steps=12,
+    learning_rate=5e-3,
+    lora_dropout=0.0,
+    max_seq_len=64,
+    checkpoint_every=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +53,18 @@ async def call(server, tool, **args):
 
 # --- 1. export destinations never land in the state directory's internals ----------------------------
 
+
 async def test_exports_cannot_plant_files_in_the_state_directory(served, finished):
     state, server = served
     home, ids = finished
     job = ids["lora"]
-    for dest in (home / "jobs.db-wal", home / "jobs.db-journal", home / "jobs" / job / "checkpoints" / "step-000099",
-                 home / "data" / "x", home / "exports"):
+    for dest in (
+        home / "jobs.db-wal",
+        home / "jobs.db-journal",
+        home / "jobs" / job / "checkpoints" / "step-000099",
+        home / "data" / "x",
+        home / "exports",
+    ):
         r = await call(server, "export_adapter", job_id=job, destination=str(dest))
         assert r.is_error and "inside the state directory" in r.content[0].text, (dest, r.content[0].text)
         # nothing was written there (jobs.db-wal may exist: it is SQLite's own file while the store is open)
@@ -59,10 +72,13 @@ async def test_exports_cannot_plant_files_in_the_state_directory(served, finishe
     r = await call(server, "job_status", job_id=job)
     assert not r.is_error and [c["step"] for c in r.structured_content["job"]["checkpoints"]] == [6]
     ok = await call(server, "export_adapter", job_id=job, destination="mine/adapter")
-    assert not ok.is_error and ok.structured_content["destination"] == str(home.resolve() / "exports" / "mine" / "adapter")
+    assert not ok.is_error and ok.structured_content["destination"] == str(
+        home.resolve() / "exports" / "mine" / "adapter"
+    )
 
 
 # --- 2. sample work is bounded, and stops when the caller goes away ------------------------------------
+
 
 async def test_sample_refuses_more_tokens_than_the_context_and_stops_at_its_time_budget(served, finished):
     state, server = served
@@ -90,15 +106,17 @@ async def test_a_sample_whose_client_disconnects_does_not_keep_the_stdio_server_
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"], env=env)
     with anyio.move_on_after(12):  # the client goes away mid-generation
         async with Client(params) as client:
-            await client.call_tool("sample", {"job_id": ids["lora"], "prompt": "The", "max_tokens": 4000,
-                                              "temperature": 1.0, "seed": 3})
+            await client.call_tool(
+                "sample", {"job_id": ids["lora"], "prompt": "The", "max_tokens": 4000, "temperature": 1.0, "seed": 3}
+            )
+
     def ours() -> list:
         found = []
         for p in processes_mentioning("llm_mcp", "serve"):
             try:
                 if p.environ().get("LLM_MCP_HOME") == str(home):
                     found.append(p)
-            except Exception:  # noqa: BLE001 - it ended meanwhile
+            except Exception:
                 pass
         return found
 
@@ -110,11 +128,16 @@ async def test_a_sample_whose_client_disconnects_does_not_keep_the_stdio_server_
 
 # --- 3. abandoned HTTP sessions are closed, and their number is capped ----------------------------------
 
+
 def _open_session(url: str) -> int:
     import httpx
 
-    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
     r = httpx.post(url, json=body, headers={"Accept": "application/json, text/event-stream"}, timeout=10)
     return r.status_code
 
@@ -129,6 +152,7 @@ def test_http_sessions_expire_when_idle_and_are_capped(http_server):
 
 
 # --- 4. a dead merge never blocks later merges --------------------------------------------------------
+
 
 def test_merge_locks_are_exclusive_and_go_stale_with_their_owner(tmp_path):
     from llm_mcp.inference.merge import _claim, _stale
@@ -166,15 +190,17 @@ async def test_a_killed_merge_is_reported_and_the_next_call_merges(served, finis
 
 # --- 5. what a job trains on is what was validated ---------------------------------------------------
 
+
 def test_a_dataset_swapped_after_validation_is_refused_by_the_trainer(tmp_path, tiny_model_template):
+    import shutil
+
+    from llm_mcp.core.hardware import detect
     from llm_mcp.core.jobconfig import JobConfig
+    from llm_mcp.core.matrix import load_matrix
+    from llm_mcp.core.methods import load_method_defaults
     from llm_mcp.core.settings import Settings, data_path
     from llm_mcp.core.store import JobStore
     from llm_mcp.core.validate import resolve_finetune
-    from llm_mcp.core.matrix import load_matrix
-    from llm_mcp.core.methods import load_method_defaults
-    from llm_mcp.core.hardware import detect
-    import shutil
 
     home = tmp_path / "home"
     shutil.copytree(tiny_model_template, home / "models" / "tiny")
@@ -183,18 +209,28 @@ def test_a_dataset_swapped_after_validation_is_refused_by_the_trainer(tmp_path, 
     data.write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(16)) + "\n")
     outside = tmp_path / "outside.jsonl"
     outside.write_text(json.dumps({"text": "secret " * 20}) + "\n")
-    resolved = resolve_finetune(matrix=load_matrix(data_path("models.yaml")),
-                                settings=Settings(home=home, models_path=data_path("models.yaml")),
-                                defaults=load_method_defaults(), hardware=detect(), store=JobStore(home),
-                                args={"model": "models/tiny", "method": "lora", "dataset": "data/train.jsonl",
-                                      "max_steps": 1, "max_seq_len": 32})
+    resolved = resolve_finetune(
+        matrix=load_matrix(data_path("models.yaml")),
+        settings=Settings(home=home, models_path=data_path("models.yaml")),
+        defaults=load_method_defaults(),
+        hardware=detect(),
+        store=JobStore(home),
+        args={
+            "model": "models/tiny",
+            "method": "lora",
+            "dataset": "data/train.jsonl",
+            "max_steps": 1,
+            "max_seq_len": 32,
+        },
+    )
     job_dir = home / "jobs" / "ft-swap"
     job_dir.mkdir(parents=True)
     JobConfig.parse({**resolved.config.model_dump(), "job_id": "ft-swap"}).write(job_dir)
     data.unlink()
     data.symlink_to(outside)  # swapped for a link to a file outside the allowed roots
-    out = subprocess.run([sys.executable, "-m", "llm_mcp.train.run", str(job_dir)], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "llm_mcp.train.run", str(job_dir)], capture_output=True, text=True, timeout=300
+    )
     result = json.loads((job_dir / "result.json").read_text())
     assert out.returncode == 1 and result["state"] == "failed"
     assert "changed after start_finetune validated it" in result["error"], result
@@ -202,25 +238,32 @@ def test_a_dataset_swapped_after_validation_is_refused_by_the_trainer(tmp_path, 
 
 # --- 6. queued jobs are capped -----------------------------------------------------------------------
 
+
 async def test_start_finetune_refuses_past_the_queue_cap(app, tiny_model, dataset):
     state, server = app
     state.settings.max_queued = 0
-    r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="data/train.jsonl",
-                   max_steps=2)
+    r = await call(
+        server, "start_finetune", model="models/tiny", method="lora", dataset="data/train.jsonl", max_steps=2
+    )
     assert r.is_error and "LLM_MCP_MAX_QUEUED=0" in r.content[0].text and "cancel_job" in r.content[0].text
     assert state.store.list() == []
 
 
 # --- 7. no tracebacks or foreign paths for the agent; clear errors for odd paths -----------------------
 
+
 def test_job_status_shows_the_cause_not_the_traceback(tmp_path):
     from llm_mcp.core.jobdir import public_log, redact_paths
 
     home = tmp_path / "home"
-    tail = ["[10:00:01] step 3", "Traceback (most recent call last):",
-            f'  File "{sys.prefix}/lib/python3.11/site-packages/torch/nn/modules/module.py", line 1, in _call',
-            "    return forward_call(*args, **kwargs)", "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-            f"RuntimeError: boom in {sys.prefix}/lib/x.py while reading {home}/data/train.jsonl"]
+    tail = [
+        "[10:00:01] step 3",
+        "Traceback (most recent call last):",
+        f'  File "{sys.prefix}/lib/python3.11/site-packages/torch/nn/modules/module.py", line 1, in _call',
+        "    return forward_call(*args, **kwargs)",
+        "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+        f"RuntimeError: boom in {sys.prefix}/lib/x.py while reading {home}/data/train.jsonl",
+    ]
     shown = public_log(tail, home)
     assert shown == ["[10:00:01] step 3", f"RuntimeError: boom in .../x.py while reading {home}/data/train.jsonl"]
     assert sys.prefix not in redact_paths(f"error at {sys.prefix}/bin/python", home)
@@ -228,33 +271,55 @@ def test_job_status_shows_the_cause_not_the_traceback(tmp_path):
 
 async def test_odd_paths_get_clear_errors(app):
     _, server = app
-    r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="data/a\x00b.jsonl",
-                   dry_run=True)
+    r = await call(
+        server, "start_finetune", model="models/tiny", method="lora", dataset="data/a\x00b.jsonl", dry_run=True
+    )
     assert r.is_error and "NUL byte" in r.content[0].text
-    r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="data/" + "x" * 300,
-                   dry_run=True)
+    r = await call(
+        server, "start_finetune", model="models/tiny", method="lora", dataset="data/" + "x" * 300, dry_run=True
+    )
     assert r.is_error and "too long" in r.content[0].text and "disk space" not in r.content[0].text
 
 
 # --- 8. races between claiming, starting and cancelling a job ------------------------------------------
 
+
 def _running_row(state, job_id: str, config) -> None:
     from llm_mcp.core.store import Job
 
-    state.store.insert(Job(id=job_id, name=job_id, state="queued", model="tiny", method="lora", device_set="other",
-                           created_at=time.time(), config=config))
+    state.store.insert(
+        Job(
+            id=job_id,
+            name=job_id,
+            state="queued",
+            model="tiny",
+            method="lora",
+            device_set="other",
+            created_at=time.time(),
+            config=config,
+        )
+    )
     state.store.update(job_id, state="running", started_at=time.time() - 120)  # claimed 2 minutes ago, no pid
     state.store.job_dir(job_id).mkdir(parents=True, exist_ok=True)
     config.model_copy(update={"job_id": job_id}).write(state.store.job_dir(job_id))
 
 
 async def test_a_supervisor_whose_pid_was_never_recorded_is_adopted_and_a_lost_cancel_still_stops_it(
-        app, tiny_model, dataset):
+    app, tiny_model, dataset
+):
     from llm_mcp.jobs.local import reconcile
 
     state, server = app
-    dry = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="data/train.jsonl",
-                     max_steps=3, max_seq_len=32, dry_run=True)
+    dry = await call(
+        server,
+        "start_finetune",
+        model="models/tiny",
+        method="lora",
+        dataset="data/train.jsonl",
+        max_steps=3,
+        max_seq_len=32,
+        dry_run=True,
+    )
     from llm_mcp.core.jobconfig import JobConfig
 
     config = JobConfig.parse(dry.structured_content["config"])
@@ -262,8 +327,10 @@ async def test_a_supervisor_whose_pid_was_never_recorded_is_adopted_and_a_lost_c
     _running_row(state, "ft-cancelled", config)
     state.executor.cancel("ft-cancelled")  # no pid known: only recorded
     env = server_env(state.settings.home)
-    procs = [subprocess.Popen([sys.executable, "-m", "llm_mcp.jobs.supervisor", str(state.settings.home), j], env=env)
-             for j in ("ft-orphan", "ft-cancelled")]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "llm_mcp.jobs.supervisor", str(state.settings.home), j], env=env)
+        for j in ("ft-orphan", "ft-cancelled")
+    ]
     deadline = time.monotonic() + 30
     while state.store.get("ft-orphan").pid is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -276,6 +343,7 @@ async def test_a_supervisor_whose_pid_was_never_recorded_is_adopted_and_a_lost_c
 
 
 # --- 9. the in-process sampler never mixes two sparse adapters -----------------------------------------
+
 
 def test_switching_sparse_adapters_leaves_nothing_of_the_previous_one(tmp_path, tiny_model_template):
     import torch
@@ -308,6 +376,7 @@ def test_switching_sparse_adapters_leaves_nothing_of_the_previous_one(tmp_path, 
 
 # --- 10. merged exports are not re-hashed on every call; dependencies are declared ----------------------
 
+
 async def test_a_merged_export_is_hashed_once(served, finished, monkeypatch):
     import llm_mcp.inference.card as card
 
@@ -333,8 +402,18 @@ def test_every_runtime_import_is_a_declared_dependency():
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     names = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     declared = {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower().replace("-", "_") for d in names}
-    declared |= {"yaml", "safetensors", "numpy", "pyarrow", "huggingface_hub", "mcp_types", "starlette", "jinja2",
-                 "peft", "anyio"}  # imported through a declared package (pyyaml, mcp, transformers, datasets)
+    declared |= {
+        "yaml",
+        "safetensors",
+        "numpy",
+        "pyarrow",
+        "huggingface_hub",
+        "mcp_types",
+        "starlette",
+        "jinja2",
+        "peft",
+        "anyio",
+    }  # imported through a declared package (pyyaml, mcp, transformers, datasets)
     imported = set()
     for path in (root / "llm_mcp").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

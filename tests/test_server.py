@@ -60,14 +60,17 @@ async def test_local_model_in_full(server, tiny_model):
     assert model["local_path"] == str(tiny_model) and model["hf_architecture"] == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("args,expected", [
-    ({"model": "Qwen/Qwen3-7B"}, ["'Qwen/Qwen3-7B'", "Did you mean", "Qwen/Qwen3-8B"]),
-    ({"type": "chat"}, ["type", "'base'", "'instruct'"]),
-    ({"method": "full"}, ["method", "'lora'", "'sparse'"]),
-    ({"family": "gpt5"}, ["'gpt5'", "allowed", "qwen3"]),
-    ({"gpu_memory_gb": -3}, ["gpu_memory_gb", "greater than 0"]),
-    ({"model": "/etc"}, ["outside the allowed roots", "--allow-root"]),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ({"model": "Qwen/Qwen3-7B"}, ["'Qwen/Qwen3-7B'", "Did you mean", "Qwen/Qwen3-8B"]),
+        ({"type": "chat"}, ["type", "'base'", "'instruct'"]),
+        ({"method": "full"}, ["method", "'lora'", "'sparse'"]),
+        ({"family": "gpt5"}, ["'gpt5'", "allowed", "qwen3"]),
+        ({"gpu_memory_gb": -3}, ["gpu_memory_gb", "greater than 0"]),
+        ({"model": "/etc"}, ["outside the allowed roots", "--allow-root"]),
+    ],
+)
 async def test_bad_arguments_get_a_clear_error(server, args, expected):
     async with Client(server) as client:
         result = await client.call_tool("list_models", args)
@@ -103,16 +106,27 @@ async def test_stdio_subprocess_session(home, matrix):
 def test_invalid_matrix_stops_the_server_with_every_problem(home, tmp_path):
     bad = tmp_path / "models.yaml"
     bad.write_text("version: 1\nmodels:\n- id: a/b\n  family: x\n  type: chatbot\n")
-    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "serve", "--models", str(bad)],
-                          env=server_env(home), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_mcp", "serve", "--models", str(bad)],
+        env=server_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 2
     assert "models[0] (a/b) type" in proc.stderr and "'chatbot'" in proc.stderr
     assert "models[0] (a/b) dims: Field required" in proc.stderr
 
 
 def test_non_loopback_bind_without_token_is_refused(home):
-    proc = subprocess.run([sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http",
-                           "--host", "0.0.0.0"], env=server_env(home), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http", "--host", "0.0.0.0"],
+        env=server_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "LLM_MCP_AUTH_TOKEN" in proc.stderr
 
 
@@ -132,8 +146,12 @@ async def test_sse_session(http_server):
 
 async def test_bearer_token_is_required_when_configured(http_server):
     srv = http_server("--transport", "streamable-http", LLM_MCP_AUTH_TOKEN="s3cret")
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
     headers = {"accept": "application/json, text/event-stream"}
     async with httpx2.AsyncClient() as http:
         missing = await http.post(f"{srv.url}/mcp", json=init, headers=headers)
@@ -147,8 +165,12 @@ async def test_bearer_token_is_required_when_configured(http_server):
 
 async def test_foreign_host_and_origin_are_rejected(http_server):
     srv = http_server("--transport", "streamable-http")
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
     headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
     async with httpx2.AsyncClient() as http:
         evil_host = await http.post(f"{srv.url}/mcp", json=init, headers={**headers, "host": "evil.example:80"})

@@ -16,8 +16,9 @@ from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse
 from tests.conftest import wait_final
 
 pytestmark = pytest.mark.anyio
-ARGS = dict(model="models/tiny", method="sparse", dataset="data/train.jsonl", learning_rate=5e-3, max_seq_len=64,
-            batch_size=4)
+ARGS = dict(
+    model="models/tiny", method="sparse", dataset="data/train.jsonl", learning_rate=5e-3, max_seq_len=64, batch_size=4
+)
 
 
 def small_layer(k: int = 10) -> SparseDeltaLinear:
@@ -134,11 +135,15 @@ async def test_sparse_job_changes_only_masked_entries_and_learns(app, tiny_model
     state, server = app
     async with Client(server) as client:
         lora = await client.call_tool("start_finetune", {**ARGS, "method": "lora", "max_steps": 40, "dry_run": True})
-        r = await client.call_tool("start_finetune", {**ARGS, "max_steps": 40, "mask_update_interval": 10,
-                                                      "mask_update_fraction": 0.3, "checkpoint_every": 0})
+        r = await client.call_tool(
+            "start_finetune",
+            {**ARGS, "max_steps": 40, "mask_update_interval": 10, "mask_update_fraction": 0.3, "checkpoint_every": 0},
+        )
         assert not r.is_error, r.content[0].text
-        assert r.structured_content["estimates"]["trainable_params"] == lora.structured_content["estimates"][
-            "trainable_params"]  # density 'auto' = LoRA rank 32's parameter count
+        assert (
+            r.structured_content["estimates"]["trainable_params"]
+            == lora.structured_content["estimates"]["trainable_params"]
+        )  # density 'auto' = LoRA rank 32's parameter count
         job_id = r.structured_content["job_id"]
         while True:
             s = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
@@ -148,16 +153,19 @@ async def test_sparse_job_changes_only_masked_entries_and_learns(app, tiny_model
         assert s.structured_content["job"]["mask_update"]["step"] == 30 and "sparse density" in s.content[0].text
         merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
         exported = await client.call_tool("export_adapter", {"job_id": job_id})
-        sampled = await client.call_tool("sample", {"job_id": job_id, "prompt": "The cat", "max_tokens": 5,
-                                                    "compare_base": True})
+        sampled = await client.call_tool(
+            "sample", {"job_id": job_id, "prompt": "The cat", "max_tokens": 5, "compare_base": True}
+        )
         plain = await client.call_tool("sample", {"model": "models/tiny", "prompt": "The cat", "max_tokens": 5})
     job_dir = state.store.job_dir(job_id)
     steps = [m for m in read_metrics(job_dir) if "loss" in m]
     assert sum(m["loss"] for m in steps[-5:]) / 5 < sum(m["loss"] for m in steps[:5]) / 5 - 1.0
     delta = load_sparse_state(job_dir / "adapter")
     k_total = sum(len(i) for i, _ in delta.values())
-    expected = {step: sum(int(round(cosine_fraction(0.3, step, 40) * len(i))) for i, _ in delta.values())
-                for step in (10, 20, 30)}
+    expected = {
+        step: sum(int(round(cosine_fraction(0.3, step, 40) * len(i))) for i, _ in delta.values())
+        for step in (10, 20, 30)
+    }
     assert {m["step"]: m["mask_changed"] for m in steps if m["mask_changed"]} == expected
     assert all(m["density"] == steps[0]["density"] for m in steps)
 
@@ -187,17 +195,22 @@ async def test_sparse_job_changes_only_masked_entries_and_learns(app, tiny_model
     dest = exported.structured_content["destination"]
     config = json.loads(open(f"{dest}/sparse_config.json").read())
     assert config["format"] == "llm_mcp.sparse" and config["base_model_name_or_path"] == str(tiny_model)
-    assert "cannot" in exported.structured_content["snippets"]["vllm"] or "not LoRA" in exported.structured_content[
-        "snippets"]["vllm"]
+    assert (
+        "cannot" in exported.structured_content["snippets"]["vllm"]
+        or "not LoRA" in exported.structured_content["snippets"]["vllm"]
+    )
     assert sampled.structured_content["base_completions"] == plain.structured_content["completions"]
 
 
-@pytest.mark.parametrize("args,fragment", [
-    ({"sparsity_type": "block"}, "sparsity_type='block'; allowed: ['unstructured']"),
-    ({"density": 0.1, "sparsity_ratio": 0.9}, "give density or sparsity_ratio"),
-    ({"method": "lora", "use_rigl": False}, "only apply to method='sparse'"),
-    ({"density": 1.5}, "density=1.5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        ({"sparsity_type": "block"}, "sparsity_type='block'; allowed: ['unstructured']"),
+        ({"density": 0.1, "sparsity_ratio": 0.9}, "give density or sparsity_ratio"),
+        ({"method": "lora", "use_rigl": False}, "only apply to method='sparse'"),
+        ({"density": 1.5}, "density=1.5 is out of range"),
+    ],
+)
 async def test_sparse_argument_errors(app, tiny_model, dataset, args, fragment):
     _, server = app
     async with Client(server) as client:
@@ -208,8 +221,9 @@ async def test_sparse_argument_errors(app, tiny_model, dataset, args, fragment):
 async def test_sparsity_ratio_is_the_fraction_not_trained(app, tiny_model, dataset):
     _, server = app
     async with Client(server) as client:
-        result = await client.call_tool("start_finetune", {**ARGS, "max_steps": 5, "sparsity_ratio": 0.9,
-                                                           "dry_run": True})
+        result = await client.call_tool(
+            "start_finetune", {**ARGS, "max_steps": 5, "sparsity_ratio": 0.9, "dry_run": True}
+        )
     assert result.structured_content["config"]["sparse"]["density"] == pytest.approx(0.1)
 
 
@@ -218,6 +232,7 @@ async def test_resume_with_mask_updates_reproduces_the_run_over_a_4bit_base(app,
     state, server = app
     args = {**ARGS, "max_steps": 120, "mask_update_interval": 10, "checkpoint_every": 0, "quantize_base": True}
     async with Client(server) as client:
+
         async def finish(job_id):
             while True:
                 s = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
@@ -252,8 +267,10 @@ async def test_mask_updates_under_two_process_data_parallel(app, tiny_model, dat
     """DDP over gloo: each process's regrowth candidates are gathered (accelerate.gather) and summed per index."""
     state, server = app
     async with Client(server) as client:
-        r = await client.call_tool("start_finetune", {**ARGS, "max_steps": 4, "mask_update_interval": 2,
-                                                      "num_processes": 2, "checkpoint_every": 0})
+        r = await client.call_tool(
+            "start_finetune",
+            {**ARGS, "max_steps": 4, "mask_update_interval": 2, "num_processes": 2, "checkpoint_every": 0},
+        )
         assert not r.is_error, r.content[0].text
         job = await wait_final(client, r.structured_content["job_id"], timeout=300)
     assert job["state"] == "succeeded", job

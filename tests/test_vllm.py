@@ -21,18 +21,26 @@ import psutil
 import pytest
 from mcp import Client, StdioServerParameters
 
+from llm_mcp.core.settings import Settings, data_path
 from llm_mcp.inference.sampling import SampleParams, TransformersSampler
-from llm_mcp.inference.targets import Target
-from llm_mcp.server import AppState
 from llm_mcp.inference.serving.sampler import adapter_config, needs_merge
 from llm_mcp.inference.serving.servers import VllmError, VllmPool, VllmStarting, lora_rank_slot
-from llm_mcp.core.settings import Settings, data_path
+from llm_mcp.inference.targets import Target
+from llm_mcp.server import AppState
 from tests.conftest import processes_mentioning, server_env, trained_home
 
 pytestmark = [pytest.mark.anyio]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-TRAIN = {"model": "models/tiny", "dataset": "data/train.jsonl", "max_steps": 25, "learning_rate": 5e-3,
-         "lora_dropout": 0.0, "max_seq_len": 64, "checkpoint_every": 10, "lora_rank": 8}
+TRAIN = {
+    "model": "models/tiny",
+    "dataset": "data/train.jsonl",
+    "max_steps": 25,
+    "learning_rate": 5e-3,
+    "lora_dropout": 0.0,
+    "max_seq_len": 64,
+    "checkpoint_every": 10,
+    "lora_rank": 8,
+}
 PROMPT = "Q: What is 2 plus 3? A:"
 QUESTION = [{"role": "user", "content": "What color is the sky?"}]
 
@@ -73,8 +81,9 @@ async def _until_ready(client, tool: str, args: dict, timeout: float = 240):
         r = await client.call_tool(tool, args)
         assert time.monotonic() - t0 < 45, f"{tool} blocked {time.monotonic() - t0:.0f} s"
         text = r.content[0].text
-        assert not (r.is_error and ("still starting" in text or "still running" in text)), \
+        assert not (r.is_error and ("still starting" in text or "still running" in text)), (
             f"waiting must be a result with a state, not an error: {text}"
+        )
         pending = not r.is_error and r.structured_content.get("state") in ("starting", "merging")
         if pending:
             assert r.structured_content.get("retry_after_s") or tool == "serve_adapter", r.structured_content
@@ -86,8 +95,9 @@ async def _until_ready(client, tool: str, args: dict, timeout: float = 240):
 
 def _in_process(home: Path, job_id: str, params: SampleParams, adapter: str = "adapter") -> str:
     sampler = TransformersSampler()
-    target = Target(base_path=str(home / "models" / "tiny"), base_id="tiny",
-                    adapter_path=str(home / "jobs" / job_id / adapter))
+    target = Target(
+        base_path=str(home / "models" / "tiny"), base_id="tiny", adapter_path=str(home / "jobs" / job_id / adapter)
+    )
     return sampler.generate(target, params).completions[0].text
 
 
@@ -95,8 +105,9 @@ def _in_process(home: Path, job_id: str, params: SampleParams, adapter: str = "a
 @pytest.mark.slow
 async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(trained):
     home, ids = trained
-    params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"],
-                                   env=server_env(home, LLM_MCP_SAMPLER="vllm"))
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "llm_mcp", "serve"], env=server_env(home, LLM_MCP_SAMPLER="vllm")
+    )
     async with Client(params) as client:
         # LoRA: loaded at runtime into the base model's server; greedy output equals in-process.
         r = await _until_ready(client, "sample", {"job_id": ids["lora"], "prompt": PROMPT, "max_tokens": 12})
@@ -106,7 +117,8 @@ async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(
         assert r.structured_content["completions"][0]["text"] == expected
         chat = await client.call_tool("sample", {"job_id": ids["lora"], "messages": QUESTION, "max_tokens": 12})
         assert chat.structured_content["completions"][0]["text"] == _in_process(
-            home, ids["lora"], SampleParams(messages=QUESTION, max_tokens=12))
+            home, ids["lora"], SampleParams(messages=QUESTION, max_tokens=12)
+        )
         assert chat.structured_content["adapter_loaded"] is False  # registered once
 
         # serve_adapter: the same model by name over the OpenAI API, verified against the training probe.
@@ -115,8 +127,11 @@ async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(
         assert s["state"] == "ready" and s["served_as"] == "adapter" and s["model"] == ids["lora"]
         assert s["verification"]["max_abs_logprob_diff_vs_training"] < 2e-3
         assert s["verification"]["max_abs_logprob_diff_vs_base"] > 1e-3
-        out = httpx.post(f"{s['url']}/completions", headers={"Authorization": f"Bearer {s['api_key']}"},
-                         json={"model": s["model"], "prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()
+        out = httpx.post(
+            f"{s['url']}/completions",
+            headers={"Authorization": f"Bearer {s['api_key']}"},
+            json={"model": s["model"], "prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+        ).json()
         assert out["choices"][0]["text"] == expected
         assert httpx.post(f"{s['url']}/completions", json={"model": s["model"], "prompt": "x"}).status_code == 401
 
@@ -128,7 +143,8 @@ async def test_managed_vllm_serves_trained_adapters_like_the_in_process_backend(
         r = await client.call_tool("sample", {"job_id": ids["dora"], "prompt": PROMPT, "max_tokens": 12})
         assert r.structured_content["backend"] == "vllm"
         assert r.structured_content["completions"][0]["text"] == _in_process(
-            home, ids["dora"], SampleParams(prompt=PROMPT, max_tokens=12))
+            home, ids["dora"], SampleParams(prompt=PROMPT, max_tokens=12)
+        )
 
         # An adapter vLLM cannot load is an error naming vLLM's reason; nothing else changes.
         bad = home / "bad-adapter"
@@ -156,14 +172,18 @@ def test_a_crashed_vllm_is_restarted_and_an_idle_one_stopped(trained):
     from llm_mcp.inference.serving.sampler import VllmSampler
 
     sampler = VllmSampler(pool, wait_s=180)
-    target = Target(base_path=str(home / "models" / "tiny"), base_id="tiny",
-                    adapter_path=str(home / "jobs" / ids["lora"] / "adapter"))
+    target = Target(
+        base_path=str(home / "models" / "tiny"),
+        base_id="tiny",
+        adapter_path=str(home / "jobs" / ids["lora"] / "adapter"),
+    )
     try:
         first = sampler.generate(target, sampler_params)
         assert first.base_loaded and first.adapter_loaded
         server = pool.servers[target.base_path]
-        api = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-               if "api_server" in " ".join(p.cmdline())]
+        api = [
+            p for p in psutil.Process(server.proc.pid).children(recursive=True) if "api_server" in " ".join(p.cmdline())
+        ]
         os.kill(api[0].pid, signal.SIGKILL)
         server.proc.wait(timeout=30)  # the watcher notices and takes the engine down with it
         again = sampler.generate(target, sampler_params)  # restarted, adapter registered again

@@ -18,9 +18,7 @@ from typing import Any
 
 from mcp import StdioServerParameters
 
-WORDS = ("the cat sees a red ball and the robot builds a small house while my friend reads an old book near "
-         "the long road under the blue sky where a green tree grows and the teacher writes what is seven plus "
-         "three the answer is ten").split()
+WORDS = ["the", "cat", "sees", "a", "red", "ball", "and", "the", "robot", "builds", "a", "small", "house", "while", "my", "friend", "reads", "an", "old", "book", "near", "the", "long", "road", "under", "the", "blue", "sky", "where", "a", "green", "tree", "grows", "and", "the", "teacher", "writes", "what", "is", "seven", "plus", "three", "the", "answer", "is", "ten"]
 
 BENCH_MODEL = dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024, model_vocab_size=16384)
 TINY_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
@@ -36,8 +34,10 @@ def build_model(home: Path, tiny: bool, name: str = "bench", dims: dict | None =
     out = home / "models" / name
     if not (out / "config.json").exists():
         dims = dims if dims is not None else (TINY_MODEL if tiny else BENCH_MODEL)
-        code = ("import sys, json; from llm_mcp.tiny import make_tiny_model; "
-                "make_tiny_model(sys.argv[1], **json.loads(sys.argv[2]))")
+        code = (
+            "import sys, json; from llm_mcp.tiny import make_tiny_model; "
+            "make_tiny_model(sys.argv[1], **json.loads(sys.argv[2]))"
+        )
         subprocess.run([sys.executable, "-c", code, str(out), json.dumps(dims)], check=True, capture_output=True)
     return out
 
@@ -50,8 +50,14 @@ def mixed_length_data(path: Path, rows: int, min_tokens: int = 16, max_tokens: i
         total = rng.randint(min_tokens, max_tokens)
         completion = max(4, int(total * rng.uniform(0.2, 0.6)))
         prompt = max(2, total - completion)
-        lines.append(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(prompt)),
-                                 "completion": " " + " ".join(rng.choice(WORDS) for _ in range(completion))}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": " ".join(rng.choice(WORDS) for _ in range(prompt)),
+                    "completion": " " + " ".join(rng.choice(WORDS) for _ in range(completion)),
+                }
+            )
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -64,8 +70,9 @@ def server_params(home: Path, sampler: str = "transformers") -> StdioServerParam
     token would change what is measured); the state dir and sampler are given as flags.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_MCP_")}
-    return StdioServerParameters(command=sys.executable, env=env,
-                                 args=["-m", "llm_mcp", "serve", "--home", str(home), "--sampler", sampler])
+    return StdioServerParameters(
+        command=sys.executable, env=env, args=["-m", "llm_mcp", "serve", "--home", str(home), "--sampler", sampler]
+    )
 
 
 async def call(client, tool: str, args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
@@ -110,8 +117,11 @@ def wait_gone(home: Path, timeout: float = 30.0) -> None:
     while (procs := left()) and time.monotonic() < deadline:
         time.sleep(0.5)
     if procs:
-        print(f"warning: {len(procs)} process(es) for {home} still running: {[p.pid for p in procs]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {len(procs)} process(es) for {home} still running: {[p.pid for p in procs]}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def job_numbers(job_dir: Path | str) -> dict[str, Any]:
@@ -127,18 +137,29 @@ def job_numbers(job_dir: Path | str) -> dict[str, Any]:
     end = next((m for m in metrics if m.get("event") == "end"), {})
     loop_s = steps[-1]["time"] - (steps[0]["time"] - steps[0]["step_time_s"])
     tokens = sum(m["tokens"] for m in steps)
-    return {"tokens": tokens, "train_s": round(loop_s, 3), "tokens_per_s": round(tokens / loop_s, 1),
-            "step_s_median": round(statistics.median(m["step_time_s"] for m in steps), 4),
-            "peak_memory_mb": end.get("peak_memory_mb"), "final_loss": steps[-1]["loss"],
-            "trainable_params": start["trainable_params"]}
+    return {
+        "tokens": tokens,
+        "train_s": round(loop_s, 3),
+        "tokens_per_s": round(tokens / loop_s, 1),
+        "step_s_median": round(statistics.median(m["step_time_s"] for m in steps), 4),
+        "peak_memory_mb": end.get("peak_memory_mb"),
+        "final_loss": steps[-1]["loss"],
+        "trainable_params": start["trainable_params"],
+    }
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(r[key] for r in runs), 4)
 
 
-def write_report(out: Path, name: str, results: dict[str, Any], table: list[list[Any]], headers: list[str],
-                 chart: tuple[list[str], list[float], str] | None) -> None:
+def write_report(
+    out: Path,
+    name: str,
+    results: dict[str, Any],
+    table: list[list[Any]],
+    headers: list[str],
+    chart: tuple[list[str], list[float], str] | None,
+) -> None:
     """results.json, results.md (a table) and chart.png (bars) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -32,12 +32,19 @@ def load(cfg: dict[str, Any]):
     examples, _ = encode_rows(tok, load_rows(Path(cfg["dataset"])), cfg["max_seq_len"], "completion")
     cuda = torch.cuda.is_available()
     extra = {"attn_implementation": cfg["attn_implementation"]} if cfg.get("attn_implementation") else {}
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 **extra)
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if cuda else torch.float32, **extra)
     if cuda:
         model.to("cuda")
-    model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
-                                             target_modules=cfg["target_modules"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg["rank"],
+            lora_alpha=cfg["alpha"],
+            lora_dropout=cfg["dropout"],
+            target_modules=cfg["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     return tok, examples, model
 
 
@@ -46,22 +53,38 @@ def training_kwargs(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    return dict(output_dir=out_dir, per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["max_steps"],
-                learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
-                warmup_steps=int(cfg["warmup_ratio"] * cfg["max_steps"]), weight_decay=0.0, max_grad_norm=1.0,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=not cuda, bf16=cuda, seed=cfg["seed"],
-                dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True)
+    return dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=cfg["batch_size"],
+        max_steps=cfg["max_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=int(cfg["warmup_ratio"] * cfg["max_steps"]),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not cuda,
+        bf16=cuda,
+        seed=cfg["seed"],
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
 
 
 def counting(collate_fn, counted: dict[str, list[int]]):
     """Wrap a data collator so the real (non-padding) tokens of each batch it hands out are recorded.
 
     The data loader fetches one batch ahead, so only the first max_steps batches are trained on."""
+
     def collator(batch):
         out = collate_fn(batch)
         mask = out.get("attention_mask")
         counted["batches"].append(int(mask.sum()) if mask is not None else int(out["input_ids"].numel()))
         return out
+
     return collator
 
 
@@ -71,13 +94,24 @@ def report(trainer, output, wall: float, counted: dict[str, list[int]], **extra:
 
     cuda = torch.cuda.is_available()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     train_s = output.metrics.get("train_runtime", wall)  # the whole loop, incl. fetching the first batch
-    tokens = sum(counted["batches"][:len(losses)])
-    print(json.dumps({"tokens": tokens, "train_s": round(train_s, 3),
-                      "tokens_per_s": round(tokens / train_s, 1), "final_loss": losses[-1],
-                      "peak_memory_mb": round(peak, 1), "steps": len(losses), **extra}))
+    tokens = sum(counted["batches"][: len(losses)])
+    print(
+        json.dumps(
+            {
+                "tokens": tokens,
+                "train_s": round(train_s, 3),
+                "tokens_per_s": round(tokens / train_s, 1),
+                "final_loss": losses[-1],
+                "peak_memory_mb": round(peak, 1),
+                "steps": len(losses),
+                **extra,
+            }
+        )
+    )
 
 
 def main(config_path: str) -> None:
@@ -89,8 +123,12 @@ def main(config_path: str) -> None:
     tok, examples, model = load(cfg)
     counted: dict[str, list[int]] = {"batches": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, args=TrainingArguments(**training_kwargs(cfg, tmp)), train_dataset=examples,
-                          data_collator=counting(lambda b: collate(b, tok.pad_token_id), counted))
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**training_kwargs(cfg, tmp)),
+            train_dataset=examples,
+            data_collator=counting(lambda b: collate(b, tok.pad_token_id), counted),
+        )
         t0 = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - t0

@@ -29,8 +29,9 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 async def _evaluate(client, targets: list[str], dataset: str) -> list[dict]:
-    job_id = (await call(client, "evaluate", {"targets": targets, "dataset": dataset, "max_tokens": 12,
-                                              "wait_seconds": 30}))["job_id"]
+    job_id = (
+        await call(client, "evaluate", {"targets": targets, "dataset": dataset, "max_tokens": 12, "wait_seconds": 30})
+    )["job_id"]
     while True:
         status = (await call(client, "job_status", {"job_id": job_id, "wait_seconds": 30}))["job"]
         if status["state"] not in ("queued", "running"):
@@ -48,31 +49,61 @@ async def run(home: Path) -> dict:
     async with Client(server_params(home)) as client:
         sft = await run_job(client, {**fast, "dataset": "data/sft.jsonl", "max_steps": 12, "learning_rate": 3e-3})
         after_sft = await _evaluate(client, ["base", sft["job_id"]], "data/sft_eval.jsonl")
-        dpo = await run_job(client, {**fast, "objective": "dpo", "init_from": sft["job_id"], "dataset": "data/pref.jsonl",
-                                     "eval_dataset": "data/pref_eval.jsonl", "max_steps": 60, "learning_rate": 2e-3})
+        dpo = await run_job(
+            client,
+            {
+                **fast,
+                "objective": "dpo",
+                "init_from": sft["job_id"],
+                "dataset": "data/pref.jsonl",
+                "eval_dataset": "data/pref_eval.jsonl",
+                "max_steps": 60,
+                "learning_rate": 2e-3,
+            },
+        )
         after_dpo = await _evaluate(client, ["base", sft["job_id"], dpo["job_id"]], "data/pref_eval.jsonl")
     wait_gone(home)
-    return {"sft_job": sft["job_id"], "dpo_job": dpo["job_id"], "after_sft": after_sft, "after_dpo": after_dpo,
-            "dpo_status": {k: dpo[k] for k in ("first_loss", "loss", "reward_accuracy", "reward_margin",
-                                                "eval_reward_accuracy", "eval_reward_margin")},
-            "wall_s": round(time.time() - t0, 1)}
+    return {
+        "sft_job": sft["job_id"],
+        "dpo_job": dpo["job_id"],
+        "after_sft": after_sft,
+        "after_dpo": after_dpo,
+        "dpo_status": {
+            k: dpo[k]
+            for k in (
+                "first_loss",
+                "loss",
+                "reward_accuracy",
+                "reward_margin",
+                "eval_reward_accuracy",
+                "eval_reward_margin",
+            )
+        },
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 def table(results: dict) -> str:
     names = {"base": "base", results["sft_job"]: "SFT adapter", results["dpo_job"]: "DPO adapter (from SFT)"}
-    lines = ["| target | held-out SFT loss | perplexity | held-out preference accuracy | mean log-prob margin |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| target | held-out SFT loss | perplexity | held-out preference accuracy | mean log-prob margin |",
+        "|---|---|---|---|---|",
+    ]
     sft_scores = {t["target"]: t for t in results["after_sft"]}
     for t in results["after_dpo"]:
         s = sft_scores.get(t["target"], {})
         loss = f"{s['loss']:.3f}" if s else "-"
         ppl = f"{s['perplexity']:.1f}" if s else "-"
-        lines.append(f"| {names[t['target']]} | {loss} | {ppl} | {t['preference_accuracy']:.2f} | "
-                     f"{t['preference_margin']:+.2f} |")
+        lines.append(
+            f"| {names[t['target']]} | {loss} | {ppl} | {t['preference_accuracy']:.2f} | "
+            f"{t['preference_margin']:+.2f} |"
+        )
     d = results["dpo_status"]
-    lines.append(f"\nDPO job: loss {d['first_loss']:.3f} -> {d['loss']:.3f}; reward accuracy {d['reward_accuracy']:.2f} "
-                 f"(train, last 10 steps), {d['eval_reward_accuracy']:.2f} on held-out pairs "
-                 f"(margin {d['eval_reward_margin']:+.3f}); {results['wall_s']:.0f} s in all")
+    lines.append(
+        f"\nDPO job: loss {d['first_loss']:.3f} -> {d['loss']:.3f}; reward accuracy {d['reward_accuracy']:.2f} "
+        f"(train, last 10 steps), {d['eval_reward_accuracy']:.2f} on held-out pairs "
+        f"(margin {d['eval_reward_margin']:+.3f}); {results['wall_s']:.0f} s in all"
+    )
     return "\n".join(lines)
 
 

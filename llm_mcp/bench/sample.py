@@ -36,8 +36,13 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vll
         build_model(home, tiny)
         mixed_length_data(home / "data" / "mixed.jsonl", 64, max_tokens=64)
         async with Client(server_params(home, "transformers")) as client:
-            train = {"model": "models/bench", "dataset": "data/mixed.jsonl", "max_steps": 5, "max_seq_len": 64,
-                     "checkpoint_every": 0}
+            train = {
+                "model": "models/bench",
+                "dataset": "data/mixed.jsonl",
+                "max_steps": 5,
+                "max_seq_len": 64,
+                "checkpoint_every": 0,
+            }
             jobs = [(await run_job(client, {**train, "method": m}))["job_id"] for m in ("lora", "dora")]
             if with_vllm:  # a second LoRA adapter on the same base: a runtime adapter load on a running vLLM
                 jobs.append((await run_job(client, {**train, "method": "lora", "seed": 1}))["job_id"])
@@ -54,37 +59,64 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vll
                     t1 = time.perf_counter()
                     r = await call(client, "sample", {"job_id": job, "prompt": "hi", "max_tokens": 1})
                     (swaps if r["adapter_loaded"] else switches).append(time.perf_counter() - t1)
-        vllm = (await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens) if with_vllm
-                else "not installed" if vllm else "skipped (--no-vllm)")
+        vllm = (
+            await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens)
+            if with_vllm
+            else "not installed"
+            if vllm
+            else "skipped (--no-vllm)"
+        )
     finally:
         wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)
-    results = {"benchmark": "sample", "prompts": prompts, "max_tokens": max_tokens,
-               "transformers": {"tokens_per_s": round(tokens / elapsed, 1), "seconds": round(elapsed, 2),
-                                "first_load_s": first["load_s"]},
-               "adapter_first_load_ms": round(statistics.median(swaps) * 1000, 1) if swaps else None,
-               "adapter_switch_ms": round(statistics.median(switches) * 1000, 1),
-               "vllm": vllm}
+    results = {
+        "benchmark": "sample",
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "transformers": {
+            "tokens_per_s": round(tokens / elapsed, 1),
+            "seconds": round(elapsed, 2),
+            "first_load_s": first["load_s"],
+        },
+        "adapter_first_load_ms": round(statistics.median(swaps) * 1000, 1) if swaps else None,
+        "adapter_switch_ms": round(statistics.median(switches) * 1000, 1),
+        "vllm": vllm,
+    }
     base = results["transformers"]["tokens_per_s"]
-    table = [["in-process (transformers), sample tool, one at a time", base, results["transformers"]["seconds"],
-              "1.00x"]]
+    table = [
+        ["in-process (transformers), sample tool, one at a time", base, results["transformers"]["seconds"], "1.00x"]
+    ]
     if isinstance(vllm, dict):
-        table += [["vLLM (serve_adapter URL), one at a time", vllm["sequential_tokens_per_s"], vllm["sequential_s"],
-                   f"{vllm['sequential_tokens_per_s'] / base:.2f}x"],
-                  [f"vLLM (serve_adapter URL), {prompts} concurrent requests", vllm["concurrent_tokens_per_s"],
-                   vllm["concurrent_s"], f"{vllm['concurrent_tokens_per_s'] / base:.2f}x"],
-                  ["vLLM: serve_adapter until ready (server start + adapter load + probe check, s)",
-                   vllm["start_s"], "", ""],
-                  ["vLLM: serve_adapter of a second adapter (runtime load + probe check, s)",
-                   vllm["adapter_load_s"], "", ""]]
+        table += [
+            [
+                "vLLM (serve_adapter URL), one at a time",
+                vllm["sequential_tokens_per_s"],
+                vllm["sequential_s"],
+                f"{vllm['sequential_tokens_per_s'] / base:.2f}x",
+            ],
+            [
+                f"vLLM (serve_adapter URL), {prompts} concurrent requests",
+                vllm["concurrent_tokens_per_s"],
+                vllm["concurrent_s"],
+                f"{vllm['concurrent_tokens_per_s'] / base:.2f}x",
+            ],
+            ["vLLM: serve_adapter until ready (server start + adapter load + probe check, s)", vllm["start_s"], "", ""],
+            ["vLLM: serve_adapter of a second adapter (runtime load + probe check, s)", vllm["adapter_load_s"], "", ""],
+        ]
     else:
         table.append(["vLLM", vllm, "", ""])
     table += [
         ["in-process: load a second adapter on the loaded base (ms)", results["adapter_first_load_ms"], "", ""],
-        ["in-process: switch to a cached adapter (ms)", results["adapter_switch_ms"], "", ""]]
-    write_report(out, "sample", results, table,
-                 ["backend / what", f"tokens/s ({prompts} prompts)", "seconds", "vs in-process"],
-                 (["transformers"], [results["transformers"]["tokens_per_s"]], "tokens / s"))
+        ["in-process: switch to a cached adapter (ms)", results["adapter_switch_ms"], "", ""],
+    ]
+    write_report(
+        out,
+        "sample",
+        results,
+        table,
+        ["backend / what", f"tokens/s ({prompts} prompts)", "seconds", "vs in-process"],
+        (["transformers"], [results["transformers"]["tokens_per_s"]], "tokens / s"),
+    )
     return results
 
 
@@ -99,8 +131,9 @@ async def _serve(client, job_id: str) -> tuple[dict[str, Any], float]:
             raise RuntimeError(f"serve_adapter({job_id}) not ready after {VLLM_READY_TIMEOUT_S:g} s: {served}")
 
 
-async def _bench_vllm(home: Path, job_id: str, second_job_id: str, prompts: list[str],
-                      max_tokens: int) -> dict[str, Any]:
+async def _bench_vllm(
+    home: Path, job_id: str, second_job_id: str, prompts: list[str], max_tokens: int
+) -> dict[str, Any]:
     import anyio
     import httpx
 
@@ -111,8 +144,10 @@ async def _bench_vllm(home: Path, job_id: str, second_job_id: str, prompts: list
         async with httpx.AsyncClient(base_url=served["url"], headers=headers, timeout=600) as http:
 
             async def one(prompt: str) -> int:
-                r = await http.post("/completions", json={"model": served["model"], "prompt": prompt,
-                                                          "max_tokens": max_tokens, "temperature": 0.0})
+                r = await http.post(
+                    "/completions",
+                    json={"model": served["model"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
+                )
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
 
@@ -133,9 +168,14 @@ async def _bench_vllm(home: Path, job_id: str, second_job_id: str, prompts: list
                     tg.start_soon(counted, p)
             par_s = time.perf_counter() - t0
     # leaving the Client closes the server's stdio: it stops its vLLM servers and exits
-    return {"start_s": round(start_s, 1), "adapter_load_s": round(adapter_s, 2),
-            "sequential_tokens_per_s": round(seq_tokens / seq_s, 1), "sequential_s": round(seq_s, 2),
-            "concurrent_tokens_per_s": round(sum(counts) / par_s, 1), "concurrent_s": round(par_s, 2),
-            "served_as": served["served_as"], "model": served["model"],
-            "checks": {served["model"]: served.get("verification", {}),
-                       second["model"]: second.get("verification", {})}}
+    return {
+        "start_s": round(start_s, 1),
+        "adapter_load_s": round(adapter_s, 2),
+        "sequential_tokens_per_s": round(seq_tokens / seq_s, 1),
+        "sequential_s": round(seq_s, 2),
+        "concurrent_tokens_per_s": round(sum(counts) / par_s, 1),
+        "concurrent_s": round(par_s, 2),
+        "served_as": served["served_as"],
+        "model": served["model"],
+        "checks": {served["model"]: served.get("verification", {}), second["model"]: second.get("verification", {})},
+    }

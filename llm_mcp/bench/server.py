@@ -75,15 +75,22 @@ async def lean_session(url: str, token: str | None = None):
             raise RuntimeError(answer["error"])
         return answer["result"]
 
-    init = await rpc("initialize", {"protocolVersion": LATEST_PROTOCOL_VERSION, "capabilities": {},
-                                    "clientInfo": {"name": "llm-mcp-bench", "version": "0"}})
+    init = await rpc(
+        "initialize",
+        {
+            "protocolVersion": LATEST_PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "llm-mcp-bench", "version": "0"},
+        },
+    )
     assert init["serverInfo"]["name"] == "llm-mcp"
     await rpc("notifications/initialized", {}, notify=True)
     return http, rpc
 
 
-async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, think_s: float,
-                             token: str | None = None) -> dict[str, Any]:
+async def concurrent_clients(
+    url: str, job_id: str, clients: int, calls: int, think_s: float, token: str | None = None
+) -> dict[str, Any]:
     """`clients` sessions, each alternating list_models / job_status `calls` times with think time between."""
     import random
 
@@ -113,10 +120,16 @@ async def concurrent_clients(url: str, job_id: str, clients: int, calls: int, th
         for n in range(clients):
             tg.start_soon(user, n)
     every = lat["list_models"] + lat["job_status"]
-    return {"clients": clients, "calls_each": calls, "think_s": think_s, "errors": len(errors),
-            "wall_s": round(time.perf_counter() - t0, 2),
-            **{f"{k}_p95_ms": _pct(v, 0.95) for k, v in lat.items()},
-            "all_p50_ms": _pct(every, 0.5), "all_p95_ms": _pct(every, 0.95)}
+    return {
+        "clients": clients,
+        "calls_each": calls,
+        "think_s": think_s,
+        "errors": len(errors),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        **{f"{k}_p95_ms": _pct(v, 0.95) for k, v in lat.items()},
+        "all_p50_ms": _pct(every, 0.5),
+        "all_p95_ms": _pct(every, 0.95),
+    }
 
 
 async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
@@ -133,8 +146,14 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
                 cold.append(time.perf_counter() - t0)
         build_model(home, tiny=True)
         mixed_length_data(home / "data" / "mixed.jsonl", 256, max_tokens=64)
-        job = {"model": "models/bench", "method": "lora", "dataset": "data/mixed.jsonl", "max_steps": 100_000,
-               "max_seq_len": 64, "checkpoint_every": 0}
+        job = {
+            "model": "models/bench",
+            "method": "lora",
+            "dataset": "data/mixed.jsonl",
+            "max_steps": 100_000,
+            "max_seq_len": 64,
+            "checkpoint_every": 0,
+        }
         async with Client(stdio) as client:
             starts = []
             running = await client.call_tool("start_finetune", job)
@@ -148,8 +167,11 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
                 time.sleep(0.2)
             over_stdio = await _latencies(client, job_id, calls)
         port = free_port()
-        http = subprocess.Popen([sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http",
-                                 "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+        http = subprocess.Popen(
+            [sys.executable, "-m", "llm_mcp", "serve", "--transport", "streamable-http", "--port", str(port)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -159,30 +181,58 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
                 time.sleep(0.1)
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
             over_http = await _latencies(client, job_id, calls)
-            load = {f"think_{t:g}s": await concurrent_clients(f"http://127.0.0.1:{port}/mcp", job_id, 50, 10, t)
-                    for t in (1.0, 0.0)}
+            load = {
+                f"think_{t:g}s": await concurrent_clients(f"http://127.0.0.1:{port}/mcp", job_id, 50, 10, t)
+                for t in (1.0, 0.0)
+            }
             await client.call_tool("cancel_job", {"job_id": job_id})
     finally:
         if http:
             http.terminate()
             http.wait(10)
         shutil.rmtree(home, ignore_errors=True)
-    results = {"benchmark": "server", "cold_start_s": {"median": round(statistics.median(cold), 3),
-                                                      "min": round(min(cold), 3), "max": round(max(cold), 3)},
-               "start_finetune_ms": {"p50": _pct(starts, 0.5), "max": round(max(starts) * 1000, 2)},
-               "stdio": over_stdio, "streamable_http": over_http, "calls": calls, "reps": reps,
-               "concurrent_http_clients": load}
-    table = [["cold start to first tools/list (stdio)", f"{results['cold_start_s']['median']} s (median)", ""],
-             ["start_finetune return (queued job)", f"{results['start_finetune_ms']['p50']} ms", ""]]
+    results = {
+        "benchmark": "server",
+        "cold_start_s": {
+            "median": round(statistics.median(cold), 3),
+            "min": round(min(cold), 3),
+            "max": round(max(cold), 3),
+        },
+        "start_finetune_ms": {"p50": _pct(starts, 0.5), "max": round(max(starts) * 1000, 2)},
+        "stdio": over_stdio,
+        "streamable_http": over_http,
+        "calls": calls,
+        "reps": reps,
+        "concurrent_http_clients": load,
+    }
+    table = [
+        ["cold start to first tools/list (stdio)", f"{results['cold_start_s']['median']} s (median)", ""],
+        ["start_finetune return (queued job)", f"{results['start_finetune_ms']['p50']} ms", ""],
+    ]
     for transport, lat in (("stdio", over_stdio), ("streamable HTTP", over_http)):
         for tool, v in lat.items():
             table.append([f"{tool} over {transport}, a job training", f"{v['p50_ms']} ms", f"{v['p95_ms']} ms"])
     for name, v in load.items():
-        table.append([f"50 HTTP clients x 10 calls, {name.replace('_', ' ')} between calls, a job training "
-                      f"({v['errors']} errors)", f"{v['all_p50_ms']} ms", f"{v['all_p95_ms']} ms"])
-    write_report(out, "server", results, table, ["what", "p50 / median", "p95"],
-                 ([f"{t}\n{tr}" for tr, lat in (("stdio", over_stdio), ("http", over_http)) for t in lat],
-                  [v["p95_ms"] for lat in (over_stdio, over_http) for v in lat.values()], "p95 ms"))
+        table.append(
+            [
+                f"50 HTTP clients x 10 calls, {name.replace('_', ' ')} between calls, a job training "
+                f"({v['errors']} errors)",
+                f"{v['all_p50_ms']} ms",
+                f"{v['all_p95_ms']} ms",
+            ]
+        )
+    write_report(
+        out,
+        "server",
+        results,
+        table,
+        ["what", "p50 / median", "p95"],
+        (
+            [f"{t}\n{tr}" for tr, lat in (("stdio", over_stdio), ("http", over_http)) for t in lat],
+            [v["p95_ms"] for lat in (over_stdio, over_http) for v in lat.values()],
+            "p95 ms",
+        ),
+    )
     return results
 
 
@@ -193,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    parser = argparse.ArgumentParser(prog="python -m llm_mcp.bench.server",
-                                     description="MCP load generator: concurrent streamable-HTTP sessions")
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_mcp.bench.server", description="MCP load generator: concurrent streamable-HTTP sessions"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="sessions alternating list_models / job_status JOB_ID; prints one JSON line")
     load.add_argument("url", help="the server's MCP endpoint, e.g. http://127.0.0.1:8765/mcp")

@@ -42,15 +42,26 @@ def main(config_path: str) -> None:
     counted: dict[str, list[int]] = {"batches": []}
     with tempfile.TemporaryDirectory() as tmp:
         kwargs["output_dir"] = tmp
-        args = SFTConfig(**kwargs, packing=True, packing_strategy="bfd",
-                         max_length=cfg["batch_size"] * cfg["max_seq_len"], dataset_num_proc=None)
+        args = SFTConfig(
+            **kwargs,
+            packing=True,
+            packing_strategy="bfd",
+            max_length=cfg["batch_size"] * cfg["max_seq_len"],
+            dataset_num_proc=None,
+        )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
         trainer.data_collator = counting(trainer.data_collator, counted)
         t0 = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - t0
-    report(trainer, output, wall, counted, attn_implementation=cfg["attn_implementation"],
-           padding_free=bool(getattr(trainer, "padding_free", False)))
+    report(
+        trainer,
+        output,
+        wall,
+        counted,
+        attn_implementation=cfg["attn_implementation"],
+        padding_free=bool(getattr(trainer, "padding_free", False)),
+    )
 
 
 if __name__ == "__main__":

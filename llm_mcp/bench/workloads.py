@@ -36,15 +36,35 @@ def workloads(device: str, tiny: bool) -> list[Workload]:
     if tiny:
         big, small, max_tokens = dict(TINY_MODEL, model_vocab_size=4096), dict(TINY_MODEL), 64
     elif device == "cuda":
-        big, small, max_tokens = dict(QWEN25_05B, model_vocab_size=151936), dict(QWEN25_05B, model_vocab_size=32000), 1024
+        big, small, max_tokens = (
+            dict(QWEN25_05B, model_vocab_size=151936),
+            dict(QWEN25_05B, model_vocab_size=32000),
+            1024,
+        )
     else:
-        big, small, max_tokens = dict(BENCH_MODEL), {k: v for k, v in BENCH_MODEL.items() if k != "model_vocab_size"}, 512
+        big, small, max_tokens = (
+            dict(BENCH_MODEL),
+            {k: v for k, v in BENCH_MODEL.items() if k != "model_vocab_size"},
+            512,
+        )
     vocab = lambda m: m.get("model_vocab_size", 512)  # noqa: E731 - the tokenizer's 512 unless padded
     return [
-        Workload("prompt-heavy", f"prompt + completion (10-30% completion), vocabulary {vocab(big):,}", big,
-                 (0.1, 0.3), False, max_tokens),
-        Workload("chat", f"multi-turn chat (60-90% assistant tokens), vocabulary {vocab(small):,}", small,
-                 (0.6, 0.9), True, max_tokens),
+        Workload(
+            "prompt-heavy",
+            f"prompt + completion (10-30% completion), vocabulary {vocab(big):,}",
+            big,
+            (0.1, 0.3),
+            False,
+            max_tokens,
+        ),
+        Workload(
+            "chat",
+            f"multi-turn chat (60-90% assistant tokens), vocabulary {vocab(small):,}",
+            small,
+            (0.6, 0.9),
+            True,
+            max_tokens,
+        ),
     ]
 
 

@@ -59,9 +59,12 @@ class DatasetSummary:
     @property
     def warnings(self) -> list[str]:
         """Rows that train, but perhaps not as meant: one line per reason, with a count and example locations."""
-        return [f"{self.suspicious_counts[reason]} row(s) {reason} ({', '.join(where)}"
-                + (", ..." if self.suspicious_counts[reason] > len(where) else "") + ")"
-                for reason, where in self.suspicious.items()]
+        return [
+            f"{self.suspicious_counts[reason]} row(s) {reason} ({', '.join(where)}"
+            + (", ..." if self.suspicious_counts[reason] > len(where) else "")
+            + ")"
+            for reason, where in self.suspicious.items()
+        ]
 
     def flag(self, reason: str, where: str) -> None:
         self.suspicious_counts[reason] = self.suspicious_counts.get(reason, 0) + 1
@@ -122,8 +125,11 @@ def row_format(row: Any) -> str:
         return "text"
     keys = sorted(row)[:8]
     hints = [f"{k!r} for {close[0]!r}" for k in keys if (close := difflib.get_close_matches(k, FIELDS, 1, 0.75))]
-    raise ValueError(f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys}"
-                     + (f"; did you mean {', '.join(hints)}?" if hints else "") + ")")
+    raise ValueError(
+        f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys}"
+        + (f"; did you mean {', '.join(hints)}?" if hints else "")
+        + ")"
+    )
 
 
 def row_warnings(row: dict[str, Any]) -> list[str]:
@@ -161,8 +167,13 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
                 if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                     while (chunk := fh.readline(1 << 20)) and not chunk.endswith(b"\n"):
                         pass  # skip the rest of the line without holding it in memory
-                    yield where, _Bad(f"line longer than {MAX_LINE_BYTES >> 20} MB (is this a binary file, or "
-                                      "JSON without newlines?); one row per line")
+                    yield (
+                        where,
+                        _Bad(
+                            f"line longer than {MAX_LINE_BYTES >> 20} MB (is this a binary file, or "
+                            "JSON without newlines?); one row per line"
+                        ),
+                    )
                     continue
                 if not raw.strip():
                     continue
@@ -177,13 +188,17 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
                     yield where, _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})")
     elif kind == "json":
         if path.stat().st_size > MAX_JSON_BYTES:
-            raise DataError(f"dataset={str(path)!r} is a {path.stat().st_size >> 20} MB .json file; .json is read whole, "
-                            f"so the limit is {MAX_JSON_BYTES >> 20} MB. Convert it to JSONL (one row per line), "
-                            "which is streamed")
+            raise DataError(
+                f"dataset={str(path)!r} is a {path.stat().st_size >> 20} MB .json file; .json is read whole, "
+                f"so the limit is {MAX_JSON_BYTES >> 20} MB. Convert it to JSONL (one row per line), "
+                "which is streamed"
+            )
         try:
             data = json.loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"dataset={str(path)!r} is not valid JSON ({exc}); use a JSON list of rows or JSONL") from exc
+            raise DataError(
+                f"dataset={str(path)!r} is not valid JSON ({exc}); use a JSON list of rows or JSONL"
+            ) from exc
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -229,15 +244,20 @@ def check_objective(fmt: str, objective: str | None) -> None:
     if objective is None:
         return
     if objective == "dpo" and fmt != "preference":
-        raise ValueError(f"a {fmt} row in a DPO job; objective='dpo' trains on preference rows: "
-                         "{'prompt', 'chosen', 'rejected'} (or input / preferred_output / non_preferred_output)")
+        raise ValueError(
+            f"a {fmt} row in a DPO job; objective='dpo' trains on preference rows: "
+            "{'prompt', 'chosen', 'rejected'} (or input / preferred_output / non_preferred_output)"
+        )
     if objective != "dpo" and fmt == "preference":
-        raise ValueError(f"a preference row (chosen / rejected) in a {objective} job; train on it with "
-                         "objective='dpo', or give SFT rows ('messages', 'prompt'+'completion' or 'text')")
+        raise ValueError(
+            f"a preference row (chosen / rejected) in a {objective} job; train on it with "
+            "objective='dpo', or give SFT rows ('messages', 'prompt'+'completion' or 'text')"
+        )
 
 
-def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: float = 3.0,
-                     objective: str | None = None) -> DatasetSummary:
+def validate_dataset(
+    path: Path, field_name: str = "dataset", time_budget_s: float = 3.0, objective: str | None = None
+) -> DatasetSummary:
     """Stream the dataset and check every row until the time budget runs out (and, given an
     objective, that each row is of a format it trains on).
 
@@ -278,14 +298,21 @@ def validate_dataset(path: Path, field_name: str = "dataset", time_budget_s: flo
     if summary.bad_row_count:
         more = summary.bad_row_count - len(summary.bad_rows)
         raise DataError(
-            [f"{field_name}: {summary.bad_row_count} bad row(s) in {path.name}"
-             + (f" (first {len(summary.bad_rows)} shown, {more} more)" if more > 0 else "")
-             + ("; each row needs 'prompt', 'chosen' and 'rejected'" if objective == "dpo" else
-               "; each row needs 'messages', 'prompt'+'completion' or 'text'")]
+            [
+                f"{field_name}: {summary.bad_row_count} bad row(s) in {path.name}"
+                + (f" (first {len(summary.bad_rows)} shown, {more} more)" if more > 0 else "")
+                + (
+                    "; each row needs 'prompt', 'chosen' and 'rejected'"
+                    if objective == "dpo"
+                    else "; each row needs 'messages', 'prompt'+'completion' or 'text'"
+                )
+            ]
             + [f"{field_name} {b}" for b in summary.bad_rows]
         )
     if summary.rows == 0:
-        raise DataError(f"{field_name}={str(path)!r} has no rows; add training examples (JSONL: one JSON object per line)")
+        raise DataError(
+            f"{field_name}={str(path)!r} has no rows; add training examples (JSONL: one JSON object per line)"
+        )
     return summary
 
 
@@ -333,5 +360,7 @@ def check_fingerprint(path: Path, expected: dict[str, int] | None, field_name: s
     except OSError as exc:
         raise DataError(f"{field_name} {path} is gone since it was validated ({exc.strerror})") from None
     if now != expected:
-        raise DataError(f"{field_name} {path} changed after start_finetune validated it (replaced, edited or "
-                        "swapped for a link); start the job again so the new data is validated")
+        raise DataError(
+            f"{field_name} {path} changed after start_finetune validated it (replaced, edited or "
+            "swapped for a link); start the job again so the new data is validated"
+        )

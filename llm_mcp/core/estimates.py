@@ -121,7 +121,9 @@ def sparse_param_count(dims: Dims, target_modules: list[str], density: float | s
     total = 0
     for module in target_modules:
         for n_in, n_out, count in module_shapes(dims, module):
-            per = min(n_in * n_out, rank * (n_in + n_out)) if density == "auto" else round(float(density) * n_in * n_out)
+            per = (
+                min(n_in * n_out, rank * (n_in + n_out)) if density == "auto" else round(float(density) * n_in * n_out)
+            )
             total += max(1, per) * count
     return total
 
@@ -194,8 +196,11 @@ def estimate_memory(
         # prepare_model_for_kbit_training (QLoRA) upcasts the embeddings and LM head to fp32; bitsandbytes
         # quantizes linear layers only, so fused MoE experts stay 16-bit
         experts = min(expert_param_count(dims), max(total_params - embed, 0))
-        weights = (max(total_params - embed - experts, 0) * NF4_BYTES_PER_PARAM + experts * elem
-                   + embed * (4 if method == "qlora" else elem))
+        weights = (
+            max(total_params - embed - experts, 0) * NF4_BYTES_PER_PARAM
+            + experts * elem
+            + embed * (4 if method == "qlora" else elem)
+        )
     else:
         weights = total_params * elem
 

@@ -43,16 +43,22 @@ def check_experts(entry, method: str, args: dict[str, Any], problems: list[str],
     """The expert parameters this request adapts; its lora_dropout and train_experts checked against them."""
     if entry is None or not entry.dims.num_experts:
         if args.get("train_experts"):
-            problems.append(f"train_experts=true: {entry.id if entry else 'the model'} is not a mixture-of-experts "
-                            "model; leave train_experts out")
+            problems.append(
+                f"train_experts=true: {entry.id if entry else 'the model'} is not a mixture-of-experts "
+                "model; leave train_experts out"
+            )
         return []
     wanted = args.get("train_experts", True)
     targets = expert_targets(entry.dims, method, wanted)
     if wanted and not targets:
-        warnings.append(f"{method} adapts attention (and any dense MLP) only on {entry.id}: its "
-                        f"{entry.dims.num_experts} experts per layer stay frozen (PEFT adapts fused expert "
-                        "parameters with LoRA / QLoRA only)")
+        warnings.append(
+            f"{method} adapts attention (and any dense MLP) only on {entry.id}: its "
+            f"{entry.dims.num_experts} experts per layer stay frozen (PEFT adapts fused expert "
+            "parameters with LoRA / QLoRA only)"
+        )
     if targets and args.get("lora_dropout"):
-        problems.append(f"lora_dropout={args['lora_dropout']!r}: PEFT trains the experts of {entry.id} without "
-                        "dropout; give lora_dropout=0, or train_experts=false to adapt attention only")
+        problems.append(
+            f"lora_dropout={args['lora_dropout']!r}: PEFT trains the experts of {entry.id} without "
+            "dropout; give lora_dropout=0, or train_experts=false to adapt attention only"
+        )
     return targets

@@ -32,10 +32,22 @@ class Plan:
     usable_gb: float  # what one process may use (per GPU, or the RAM share of each CPU process)
 
 
-def plan_memory(entry: ModelEntry, method: str, hardware: Hardware, *, target_modules: list[str], rank: int,
-                batch_size: int, seq_len: int, quantized: bool = False, density: float | str = "auto",
-                rigl_fraction: float = 0.0, num_processes: int | None = None,
-                gradient_checkpointing: bool | None = None, train_experts: bool = True) -> Plan:
+def plan_memory(
+    entry: ModelEntry,
+    method: str,
+    hardware: Hardware,
+    *,
+    target_modules: list[str],
+    rank: int,
+    batch_size: int,
+    seq_len: int,
+    quantized: bool = False,
+    density: float | str = "auto",
+    rigl_fraction: float = 0.0,
+    num_processes: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    train_experts: bool = True,
+) -> Plan:
     """The cheapest way to run this job on `hardware` that fits, else the smallest estimate with fits=False.
 
     `num_processes` None: one process, unless only FSDP over all GPUs fits.
@@ -46,10 +58,22 @@ def plan_memory(entry: ModelEntry, method: str, hardware: Hardware, *, target_mo
     per_process = hardware.usable_gb() if hardware.gpus else hardware.usable_gb() / procs
 
     def estimate(gc: bool, shards: int = 1) -> MemoryEstimate:
-        return estimate_memory(entry.dims, entry.params_b, method, target_modules=target_modules, rank=rank,
-                               batch_size=batch_size, seq_len=seq_len, device=device, quantized=quantized,
-                               density=density, gradient_checkpointing=gc, shards=shards,
-                               rigl_fraction=rigl_fraction, train_experts=train_experts)
+        return estimate_memory(
+            entry.dims,
+            entry.params_b,
+            method,
+            target_modules=target_modules,
+            rank=rank,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            device=device,
+            quantized=quantized,
+            density=density,
+            gradient_checkpointing=gc,
+            shards=shards,
+            rigl_fraction=rigl_fraction,
+            train_experts=train_experts,
+        )
 
     for gc in choices:
         est = estimate(gc)

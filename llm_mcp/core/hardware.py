@@ -17,7 +17,6 @@ from functools import lru_cache
 
 from llm_mcp.core.estimates import GPU_USABLE_FRACTION, RAM_USABLE_FRACTION, GiB
 
-
 FREE_TTL_S = 5.0  # how long a reading of free GPU memory is reused
 
 
@@ -72,15 +71,18 @@ class Hardware:
 
     def describe(self) -> str:
         if self.source not in ("detected", "hypothetical"):  # a cluster: one node as planned for, and how many
-            each = Hardware(gpus=self.gpus, ram_gb=self.ram_gb, available_ram_gb=self.available_ram_gb,
-                            cpu_count=self.cpu_count).describe()
+            each = Hardware(
+                gpus=self.gpus, ram_gb=self.ram_gb, available_ram_gb=self.available_ram_gb, cpu_count=self.cpu_count
+            ).describe()
             return f"{self.source}: {self.max_nodes} node{'s' if self.max_nodes != 1 else ''}, each {each}"
         if self.gpus:
             names = {g.name for g in self.gpus}
             per = self.gpus[0].memory_gb
             claimed = f"; vLLM servers claim {self.claimed_fraction:.0%} of each" if self.claimed_fraction else ""
-            return (f"{len(self.gpus)}x {'/'.join(sorted(names))} ({per:g} GB each, {self.gpu_memory_gb:g} GB total"
-                    f"{claimed})")
+            return (
+                f"{len(self.gpus)}x {'/'.join(sorted(names))} ({per:g} GB each, {self.gpu_memory_gb:g} GB total"
+                f"{claimed})"
+            )
         return f"CPU only: {self.cpu_count} cores, {self.ram_gb:g} GB RAM ({self.available_ram_gb:g} GB available)"
 
     @classmethod
@@ -91,9 +93,21 @@ class Hardware:
 
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity) by GPU name; the first match wins.
-BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12),
-                   ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
-                   ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+BF16_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
 
 
 def gpu_bf16_peak_flops(name: str) -> float:
@@ -117,8 +131,13 @@ def _nvidia_smi(query: str) -> list[list[str]]:
     if not exe:
         return []
     try:
-        out = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [[c.strip() for c in line.rsplit(",", query.count(","))] for line in out.strip().splitlines()]
@@ -181,6 +200,9 @@ def detect() -> Hardware:
     total, available = _meminfo()
     gpus = [GPU(g.name, g.memory_gb, free) for g, free in zip(_gpus(), _free_gb(len(_gpus())))]
     return Hardware(
-        gpus=gpus, ram_gb=round(total, 1), available_ram_gb=round(available, 1), cpu_count=os.cpu_count() or 1,
+        gpus=gpus,
+        ram_gb=round(total, 1),
+        available_ram_gb=round(available, 1),
+        cpu_count=os.cpu_count() or 1,
         claimed_fraction=vllm_claimed_fraction() if gpus else 0.0,
     )

@@ -29,14 +29,19 @@ def hub_availability(model_id: str, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> A
         return Availability(False, f"not in the local cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
     try:
         model_info(model_id, timeout=timeout_s)
-    except Exception as exc:  # noqa: BLE001 - any failure means it cannot be fetched now; say why
+    except Exception as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return Availability(False, f"not in the local cache ({constants.HF_HUB_CACHE}) and the Hugging Face Hub "
-                                   f"cannot be reached or refuses it ({reason})")
+        return Availability(
+            False,
+            f"not in the local cache ({constants.HF_HUB_CACHE}) and the Hugging Face Hub "
+            f"cannot be reached or refuses it ({reason})",
+        )
     return Availability(True, "the Hugging Face Hub (downloaded when the job starts)")
 
 
 def unavailable_message(model_id: str, why: str) -> str:
-    return (f"model={model_id!r} cannot be loaded here: {why}. Next: download it where the hub is reachable "
-            f"(`huggingface-cli download {model_id}`) and copy the cache here, or put a checkpoint directory under "
-            "LLM_MCP_HOME/models and pass its path (list_models shows local checkpoints).")
+    return (
+        f"model={model_id!r} cannot be loaded here: {why}. Next: download it where the hub is reachable "
+        f"(`huggingface-cli download {model_id}`) and copy the cache here, or put a checkpoint directory under "
+        "LLM_MCP_HOME/models and pass its path (list_models shows local checkpoints)."
+    )

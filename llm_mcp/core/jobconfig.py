@@ -49,8 +49,10 @@ class LoraSettings(_Strict):
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     target_modules: list[str]
-    target_parameters: list[str] = Field(default_factory=list, description="Fused MoE expert parameters adapted "
-                                         "too (PEFT target_parameters; llm_mcp.core.experts).")
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="Fused MoE expert parameters adapted too (PEFT target_parameters; llm_mcp.core.experts).",
+    )
     use_dora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
 
@@ -74,8 +76,9 @@ class DPOSettings(_Strict):
     """Direct Preference Optimization (llm_mcp.train.dpo)."""
 
     beta: float = Field(0.1, gt=0, le=10, description="How far the policy may move from the reference.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels "
-                                                                   "(conservative DPO).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels (conservative DPO)."
+    )
 
 
 SLURM_NAME = r"^[A-Za-z0-9_.+-]{1,64}$"
@@ -87,8 +90,11 @@ class SchedulerSettings(_Strict):
     partition: str | None = Field(None, pattern=SLURM_NAME)
     account: str | None = Field(None, pattern=SLURM_NAME)
     qos: str | None = Field(None, pattern=SLURM_NAME)
-    time_limit: str | None = Field(None, pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$",
-                                   description="Slurm's format: minutes, HH:MM:SS or D-HH:MM:SS.")
+    time_limit: str | None = Field(
+        None,
+        pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$",
+        description="Slurm's format: minutes, HH:MM:SS or D-HH:MM:SS.",
+    )
     constraint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,\[\]*!()-]{1,128}$")
 
 
@@ -100,15 +106,18 @@ class JobConfig(_Strict):
     model: ModelRef
     method: Literal["lora", "qlora", "dora", "sparse"]
     objective: Literal["causal_lm", "dpo"] = Field(
-        "causal_lm", description="What the loss is: next-token cross-entropy (llm_mcp.train.objectives) or "
-                                 "DPO on preference pairs (llm_mcp.train.dpo).")
+        "causal_lm",
+        description="What the loss is: next-token cross-entropy (llm_mcp.train.objectives) or "
+        "DPO on preference pairs (llm_mcp.train.dpo).",
+    )
     dpo: DPOSettings | None = None
     init_from: str | None = Field(None, description="The job whose adapter this job starts from (e.g. SFT -> DPO).")
     init_adapter: str | None = Field(None, description="That adapter's directory.")
     dataset: str
     eval_dataset: str | None = None
     dataset_fingerprint: dict[str, int] | None = Field(
-        None, description="The validated file's identity; the trainer refuses a dataset that changed since.")
+        None, description="The validated file's identity; the trainer refuses a dataset that changed since."
+    )
     eval_dataset_fingerprint: dict[str, int] | None = None
     eval_fraction: float = Field(0.0, ge=0, le=0.5)
     max_steps: int | None = Field(None, ge=1)
@@ -132,14 +141,17 @@ class JobConfig(_Strict):
     nodes: int = Field(1, ge=1, description="Machines the processes are spread over (cluster executors).")
     scheduler: SchedulerSettings | None = None
     distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: every process holds a whole replica (also one process); fsdp: weights and optimizer "
-                           "state sharded over the processes (chosen by validation when one GPU is too small).")
+        "ddp",
+        description="ddp: every process holds a whole replica (also one process); fsdp: weights and optimizer "
+        "state sharded over the processes (chosen by validation when one GPU is too small).",
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     lora: LoraSettings
     quantization: QuantizationSettings | None = None
     sparse: SparseSettings | None = None
-    request: dict[str, Any] = Field(default_factory=dict,
-                                    description="The start_finetune arguments as given (a resume compares them).")
+    request: dict[str, Any] = Field(
+        default_factory=dict, description="The start_finetune arguments as given (a resume compares them)."
+    )
     resume_from: str | None = None
     resume_checkpoint: str | None = None
     resume_step: int | None = None
@@ -179,10 +191,13 @@ class JobConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']} (got {e.get('input')!r:.80})"
-                        for e in exc.errors()]
-            raise ConfigurationError(f"{where} is not a valid job config (version {data.get('version')}):",
-                                     problems) from None
+            problems = [
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']} (got {e.get('input')!r:.80})"
+                for e in exc.errors()
+            ]
+            raise ConfigurationError(
+                f"{where} is not a valid job config (version {data.get('version')}):", problems
+            ) from None
 
     @classmethod
     def read(cls, job_dir: Path) -> JobConfig:
@@ -199,8 +214,9 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     """Bring an older config.json to the current version (version 0 = written before versions existed)."""
     version = data.get("version", 0)
     if version > CONFIG_VERSION:
-        raise ConfigurationError(f"job config version {version} is newer than this server understands "
-                                 f"({CONFIG_VERSION}); upgrade llm-mcp")
+        raise ConfigurationError(
+            f"job config version {version} is newer than this server understands ({CONFIG_VERSION}); upgrade llm-mcp"
+        )
     if version == 0:
         for key in _DEAD_V0_KEYS:
             data.pop(key, None)

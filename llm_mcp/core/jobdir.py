@@ -1,13 +1,13 @@
 """A job directory's files, read by the server, the trainer, export and sampling alike.
 
-    jobs/<id>/config.json        the typed job config (llm_mcp.core.jobconfig)
-    jobs/<id>/train.log          the trainer's output (job_status shows its tail)
-    jobs/<id>/metrics.jsonl      one JSON object per optimizer step, plus start / checkpoint / end events
-    jobs/<id>/checkpoints/step-NNNNNN/   complete checkpoints (written as .tmp, then renamed)
-    jobs/<id>/adapter/           the final adapter
-    jobs/<id>/result.json        how the trainer ended (state, error, next step)
-    jobs/<id>/cancel             written by cancel_job: the trainer checkpoints and stops (works on any node
-                                 that sees the job directory, so cluster jobs need no signal to reach them)
+jobs/<id>/config.json        the typed job config (llm_mcp.core.jobconfig)
+jobs/<id>/train.log          the trainer's output (job_status shows its tail)
+jobs/<id>/metrics.jsonl      one JSON object per optimizer step, plus start / checkpoint / end events
+jobs/<id>/checkpoints/step-NNNNNN/   complete checkpoints (written as .tmp, then renamed)
+jobs/<id>/adapter/           the final adapter
+jobs/<id>/result.json        how the trainer ended (state, error, next step)
+jobs/<id>/cancel             written by cancel_job: the trainer checkpoints and stops (works on any node
+                             that sees the job directory, so cluster jobs need no signal to reach them)
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ def public_log(lines: list[str], home: Path) -> list[str]:
         if line.startswith("Traceback (most recent call last)"):
             in_frames = True
             continue
-        if in_frames and (_FRAME.match(line) or line.startswith(("    ", "\t")) or not line.strip()
-                          or set(line.strip()) <= set("^~ ")):
+        if in_frames and (
+            _FRAME.match(line) or line.startswith(("    ", "\t")) or not line.strip() or set(line.strip()) <= set("^~ ")
+        ):
             continue
         in_frames = False
         out.append(redact_paths(line, home))

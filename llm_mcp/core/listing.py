@@ -16,10 +16,14 @@ from llm_mcp.core.validate import DEFAULTS
 class HardwareInfo(BaseModel):
     description: str
     device: str = Field(description="'cuda' or 'cpu': what the estimates assume.")
-    usable_memory_gb: float = Field(description="Memory one training process may plan on: 95% of one GPU less what "
-                                                "vLLM servers claim, or 85% of RAM.")
-    source: str = Field(description="'detected' (this machine), 'hypothetical' (gpu_memory_gb argument), or the "
-                                    "cluster partition one node of which the estimates plan for.")
+    usable_memory_gb: float = Field(
+        description="Memory one training process may plan on: 95% of one GPU less what "
+        "vLLM servers claim, or 85% of RAM."
+    )
+    source: str = Field(
+        description="'detected' (this machine), 'hypothetical' (gpu_memory_gb argument), or the "
+        "cluster partition one node of which the estimates plan for."
+    )
     nodes: int = Field(1, description="Nodes like this a job may span (start_finetune nodes=...).")
 
 
@@ -37,18 +41,28 @@ class MethodInfo(BaseModel):
     note: str
     min_gpu_memory_gb: float = Field(description="From the matrix: smallest GPU memory for batch 1 x 2048 tokens.")
     vllm_adapter: bool = Field(description="vLLM can serve the result as a LoRA adapter; else serve a merged model.")
-    estimated_memory_gb: float = Field(description="Estimate on the hardware above at start_finetune's defaults "
-                                                   "(batch 4 x 1024 tokens, or the context length if shorter).")
-    fits: bool = Field(description="estimated_memory_gb (per process) <= what one process may use and the method is "
-                                   "not unsupported: start_finetune at its defaults accepts it.")
+    estimated_memory_gb: float = Field(
+        description="Estimate on the hardware above at start_finetune's defaults "
+        "(batch 4 x 1024 tokens, or the context length if shorter)."
+    )
+    fits: bool = Field(
+        description="estimated_memory_gb (per process) <= what one process may use and the method is "
+        "not unsupported: start_finetune at its defaults accepts it."
+    )
     trainable_params: int
-    adapts: list[str] = Field(default_factory=list, description="The layers (and fused MoE expert parameters) the "
-                                                                 "method trains at its defaults.")
-    distributed: str = Field("ddp", description="How it fits: 'ddp' (a whole replica per process, one GPU each) or "
-                                                "'fsdp' (sharded over `processes` GPUs, when one GPU is too small).")
+    adapts: list[str] = Field(
+        default_factory=list,
+        description="The layers (and fused MoE expert parameters) the method trains at its defaults.",
+    )
+    distributed: str = Field(
+        "ddp",
+        description="How it fits: 'ddp' (a whole replica per process, one GPU each) or "
+        "'fsdp' (sharded over `processes` GPUs, when one GPU is too small).",
+    )
     processes: int = 1
-    gradient_checkpointing: bool = Field(False, description="On when the job fits only with it (what start_finetune "
-                                                            "picks at its defaults).")
+    gradient_checkpointing: bool = Field(
+        False, description="On when the job fits only with it (what start_finetune picks at its defaults)."
+    )
     memory: MemoryBreakdown | None = Field(None, description="Parts of the estimate (single-model view only).")
 
 
@@ -92,8 +106,9 @@ class ListModelsResult(BaseModel):
     count: int
     total_in_matrix: int
     models: list[ModelInfo]
-    local: list[LocalCheckpoint] = Field(default_factory=list, description="Checkpoint directories in "
-                                         "LLM_MCP_HOME/models and the allowed roots.")
+    local: list[LocalCheckpoint] = Field(
+        default_factory=list, description="Checkpoint directories in LLM_MCP_HOME/models and the allowed roots."
+    )
 
 
 def describe_model(
@@ -107,30 +122,53 @@ def describe_model(
     for name in METHODS:
         support = entry.methods[name]
         sparse = defaults["sparse"].sparse if name == "sparse" else None
-        plan = plan_memory(entry, name, hardware, target_modules=entry.target_modules, rank=rank, batch_size=batch,
-                           seq_len=seq_len, rigl_fraction=sparse.mask_update_fraction if sparse and sparse.use_rigl
-                           else 0.0)
+        plan = plan_memory(
+            entry,
+            name,
+            hardware,
+            target_modules=entry.target_modules,
+            rank=rank,
+            batch_size=batch,
+            seq_len=seq_len,
+            rigl_fraction=sparse.mask_update_fraction if sparse and sparse.use_rigl else 0.0,
+        )
         est = plan.estimate
         if name == "lora":
             lora_params = est.trainable_params
         methods.append(
             MethodInfo(
-                method=name, status=support.status, note=support.note,
-                min_gpu_memory_gb=support.min_gpu_memory_gb, vllm_adapter=support.vllm_adapter,
+                method=name,
+                status=support.status,
+                note=support.note,
+                min_gpu_memory_gb=support.min_gpu_memory_gb,
+                vllm_adapter=support.vllm_adapter,
                 estimated_memory_gb=est.total_gb,
-                fits=support.status != "unsupported" and plan.fits, trainable_params=est.trainable_params,
+                fits=support.status != "unsupported" and plan.fits,
+                trainable_params=est.trainable_params,
                 adapts=list(entry.target_modules) + expert_targets(entry.dims, name),
-                distributed=plan.distributed, processes=plan.processes,
+                distributed=plan.distributed,
+                processes=plan.processes,
                 gradient_checkpointing=plan.gradient_checkpointing,
-                memory=MemoryBreakdown(**{k: v for k, v in est.to_dict().items() if k.endswith("_gb")}) if full else None,
+                memory=MemoryBreakdown(**{k: v for k, v in est.to_dict().items() if k.endswith("_gb")})
+                if full
+                else None,
             )
         )
     info = ModelInfo(
-        id=entry.id, aliases=entry.aliases, family=entry.family, type=entry.type, architecture=entry.architecture,
-        params_b=round(entry.params_b, 4), active_params_b=round(entry.active_params_b, 4),
-        context_length=entry.context_length, recommended_lr=entry.recommended_lr, recommended_rank=rank,
-        lora_params_at_default_rank=lora_params, methods=methods,
-        fits_methods=[m.method for m in methods if m.fits], note=entry.note,
+        id=entry.id,
+        aliases=entry.aliases,
+        family=entry.family,
+        type=entry.type,
+        architecture=entry.architecture,
+        params_b=round(entry.params_b, 4),
+        active_params_b=round(entry.active_params_b, 4),
+        context_length=entry.context_length,
+        recommended_lr=entry.recommended_lr,
+        recommended_rank=rank,
+        lora_params_at_default_rank=lora_params,
+        methods=methods,
+        fits_methods=[m.method for m in methods if m.fits],
+        note=entry.note,
     )
     if full:
         info.hf_architecture = entry.hf_architecture
@@ -185,15 +223,21 @@ def list_models(
     if fits:
         filters["fits"] = True
     return ListModelsResult(
-        hardware=hardware_info(hardware), filters=filters, count=len(rows),
-        total_in_matrix=len(matrix.models), models=rows,
+        hardware=hardware_info(hardware),
+        filters=filters,
+        count=len(rows),
+        total_in_matrix=len(matrix.models),
+        models=rows,
     )
 
 
 def hardware_info(hardware: Hardware) -> HardwareInfo:
     return HardwareInfo(
-        description=hardware.describe(), device=hardware.device,
-        usable_memory_gb=hardware.usable_gb(), source=hardware.source, nodes=hardware.max_nodes,
+        description=hardware.describe(),
+        device=hardware.device,
+        usable_memory_gb=hardware.usable_gb(),
+        source=hardware.source,
+        nodes=hardware.max_nodes,
     )
 
 
@@ -219,14 +263,18 @@ def summarize(result: ListModelsResult, method: str | None = None) -> str:
     ]
     for m in result.models:
         methods = [i for i in m.methods if method is None or i.method == method]
-        cells = " | ".join(
-            f"{i.method} {_MARK[i.status]} {i.min_gpu_memory_gb:g}GB{_fits(i)}" for i in methods
+        cells = " | ".join(f"{i.method} {_MARK[i.status]} {i.min_gpu_memory_gb:g}GB{_fits(i)}" for i in methods)
+        size = format_params(m.params_b) + (
+            f"/{format_params(m.active_params_b)} active" if m.architecture == "moe" else ""
         )
-        size = format_params(m.params_b) + (f"/{format_params(m.active_params_b)} active" if m.architecture == "moe" else "")
-        lines.append(f"- {m.id} ({m.type}, {m.architecture} {size}) lr {m.recommended_lr:.0e} rank {m.recommended_rank}: {cells}")
+        lines.append(
+            f"- {m.id} ({m.type}, {m.architecture} {size}) lr {m.recommended_lr:.0e} rank {m.recommended_rank}: {cells}"
+        )
     if not result.models:
-        lines.append("No model matches. Drop a filter (fits, family, type) or ask for hypothetical hardware "
-                     "with gpu_memory_gb / num_gpus.")
+        lines.append(
+            "No model matches. Drop a filter (fits, family, type) or ask for hypothetical hardware "
+            "with gpu_memory_gb / num_gpus."
+        )
     if result.local:
         lines.append(f"Local checkpoints ({len(result.local)}; pass the path as model=...):")
     for c in result.local:

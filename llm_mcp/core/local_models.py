@@ -68,7 +68,9 @@ def _dims_from_config(cfg: dict[str, Any]) -> Dims:
         num_key_value_heads=kv_heads,
         head_dim=text.get("head_dim") or hidden // heads,
         vocab_size=text["vocab_size"],
-        intermediate_size=text.get("intermediate_size") or text.get("ffn_hidden_size") or (None if experts else 4 * hidden),
+        intermediate_size=text.get("intermediate_size")
+        or text.get("ffn_hidden_size")
+        or (None if experts else 4 * hidden),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         num_experts=experts,
         experts_per_token=text.get("num_experts_per_tok", 0) if experts else 0,
@@ -76,8 +78,10 @@ def _dims_from_config(cfg: dict[str, Any]) -> Dims:
         num_shared_experts=text.get("n_shared_experts") or 0 if experts else 0,
         dense_layers=min(text.get("first_k_dense_replace") or 0, text["num_hidden_layers"]) if experts else 0,
         # multi-head latent attention (DeepSeek-V3, Kimi-K2): low-rank query / key-value projections
-        q_lora_rank=text.get("q_lora_rank"), kv_lora_rank=text.get("kv_lora_rank"),
-        qk_nope_head_dim=text.get("qk_nope_head_dim"), qk_rope_head_dim=text.get("qk_rope_head_dim"),
+        q_lora_rank=text.get("q_lora_rank"),
+        kv_lora_rank=text.get("kv_lora_rank"),
+        qk_nope_head_dim=text.get("qk_nope_head_dim"),
+        qk_rope_head_dim=text.get("qk_rope_head_dim"),
         v_head_dim=text.get("v_head_dim"),
     )
 
@@ -126,21 +130,35 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
     for name, support in profile.methods.items():
         est = estimate_memory(dims, params_b, name, target_modules=profile.target_modules)
         methods[name] = MethodSupport(
-            status=support.status, note=support.note,
-            min_gpu_memory_gb=gpu_class_gb(est.total_gb), vllm_adapter=support.vllm_adapter,
+            status=support.status,
+            note=support.note,
+            min_gpu_memory_gb=gpu_class_gb(est.total_gb),
+            vllm_adapter=support.vllm_adapter,
         )
     text_cfg = cfg.get("text_config") or cfg
-    has_template = (path / "chat_template.jinja").exists() or "chat_template" in read_json(path / "tokenizer_config.json")
+    has_template = (path / "chat_template.jinja").exists() or "chat_template" in read_json(
+        path / "tokenizer_config.json"
+    )
     return LocalModelEntry.model_construct(
-        id=str(path), path=str(path), aliases=[], family=profile.family,
+        id=str(path),
+        path=str(path),
+        aliases=[],
+        family=profile.family,
         type="instruct" if has_template else "base",
-        architecture="moe" if dims.num_experts else "dense", hf_architecture=arch,
-        params_b=params_b, active_params_b=params_b, dims=dims,
+        architecture="moe" if dims.num_experts else "dense",
+        hf_architecture=arch,
+        params_b=params_b,
+        active_params_b=params_b,
+        dims=dims,
         context_length=text_cfg.get("max_position_embeddings", 2048),
-        target_modules=profile.target_modules, chat_template=has_template, trust_remote_code=False,
-        weights_dtype="bf16", recommended_lr=lr,
+        target_modules=profile.target_modules,
+        chat_template=has_template,
+        trust_remote_code=False,
+        weights_dtype="bf16",
+        recommended_lr=lr,
         lr_source=f"formula 5e-5 x 10 x (2000/hidden)^{exponent} ({'Qwen' if qwen else 'Llama'} exponent)",
-        sources=["local directory"], note="" if counted else "no safetensors found: parameter count estimated",
+        sources=["local directory"],
+        note="" if counted else "no safetensors found: parameter count estimated",
         methods=methods,
     )
 
@@ -183,8 +201,12 @@ def local_checkpoints(settings: Settings, limit: int = 50) -> list[Path]:
     for root, depth in [(settings.home / "models", 2), *[(r, 1) for r in settings.roots[1:]]]:
         level = [root] if root.is_dir() else []
         for _ in range(depth):
-            level = sorted(d for parent in level for d in parent.iterdir()
-                           if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))[:200]
+            level = sorted(
+                d
+                for parent in level
+                for d in parent.iterdir()
+                if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
+            )[:200]
             found += [d for d in level if (d / "config.json").is_file() and d not in found]
             if len(found) >= limit:
                 return found[:limit]

@@ -123,7 +123,9 @@ class ModelEntry(_Strict):
         if self.active_params_b > self.params_b:
             raise ValueError(f"active_params_b={self.active_params_b} exceeds params_b={self.params_b}")
         if (self.architecture == "moe") != bool(self.dims.num_experts):
-            raise ValueError(f"architecture={self.architecture!r} disagrees with dims.num_experts={self.dims.num_experts}")
+            raise ValueError(
+                f"architecture={self.architecture!r} disagrees with dims.num_experts={self.dims.num_experts}"
+            )
         return self
 
     @property

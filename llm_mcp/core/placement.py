@@ -11,7 +11,11 @@ from llm_mcp.core.hardware import Hardware
 def in_range(problems: list[str], name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
     if value is None:
         return
-    bad_type = not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and not float(value).is_integer())
+    bad_type = (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or (kind is int and not float(value).is_integer())
+    )
     if bad_type or not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
         problems.append(f"{name}={value!r} is out of range; allowed: {kind.__name__} from {lo:g} to {hi:g}")
 
@@ -21,9 +25,14 @@ def check_placement(args: dict[str, Any], hardware: Hardware, problems: list[str
     nodes = args.get("nodes", 1)
     in_range(problems, "nodes", args.get("nodes"), 1, 4096)
     if isinstance(nodes, int) and nodes > hardware.max_nodes:
-        problems.append(f"nodes={nodes} is more than jobs here may span ({hardware.max_nodes}: {hardware.describe()}); "
-                        + ("start the server with --executor slurm to run over several machines"
-                           if hardware.max_nodes == 1 and hardware.source == "detected" else f"use nodes<={hardware.max_nodes}"))
+        problems.append(
+            f"nodes={nodes} is more than jobs here may span ({hardware.max_nodes}: {hardware.describe()}); "
+            + (
+                "start the server with --executor slurm to run over several machines"
+                if hardware.max_nodes == 1 and hardware.source == "detected"
+                else f"use nodes<={hardware.max_nodes}"
+            )
+        )
         return
     per_node = len(hardware.gpus) or hardware.cpu_count
     if "nodes" in args and "num_processes" not in args and isinstance(nodes, int) and nodes > 1:
@@ -40,8 +49,10 @@ def check_scheduler(args: dict[str, Any], settings, problems: list[str]) -> None
         args.pop("scheduler", None)
         return
     if settings.executor != "slurm":
-        problems.append(f"scheduler={args['scheduler']!r}: these are Slurm options, but this server runs jobs with "
-                        f"executor={settings.executor!r}; leave scheduler out")
+        problems.append(
+            f"scheduler={args['scheduler']!r}: these are Slurm options, but this server runs jobs with "
+            f"executor={settings.executor!r}; leave scheduler out"
+        )
         return
     from pydantic import ValidationError
 
@@ -52,5 +63,7 @@ def check_scheduler(args: dict[str, Any], settings, problems: list[str]) -> None
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            problems.append(f"scheduler.{where}={err.get('input')!r}: {err['msg']}; allowed: "
-                            f"{list(SchedulerSettings.model_fields)}, e.g. {{'partition': 'gpu', 'time_limit': '04:00:00'}}")
+            problems.append(
+                f"scheduler.{where}={err.get('input')!r}: {err['msg']}; allowed: "
+                f"{list(SchedulerSettings.model_fields)}, e.g. {{'partition': 'gpu', 'time_limit': '04:00:00'}}"
+            )

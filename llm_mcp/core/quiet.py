@@ -14,15 +14,20 @@ import logging
 _BNB_NOISE = "kernels-community"
 # A logger's filters see only records logged on that logger, not those propagated from its children,
 # so the filter goes on each logger that emits the message (and on the package logger).
-_BNB_LOGGERS = ("bitsandbytes", "bitsandbytes.backends", "bitsandbytes.backends.cpu",
-                "bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops")
+_BNB_LOGGERS = (
+    "bitsandbytes",
+    "bitsandbytes.backends",
+    "bitsandbytes.backends.cpu",
+    "bitsandbytes.backends.cpu.ops",
+    "bitsandbytes.backends.mps.ops",
+)
 
 
 class _DropBitsandbytesKernelsNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
+        except Exception:
             return True
         return _BNB_NOISE not in message
 

@@ -18,12 +18,17 @@ def check_no_images(row: dict[str, Any]) -> None:
     """Image + text rows are not supported yet: say so, rather than fail on a content list later."""
     keys = [k for k in IMAGE_KEYS if row.get(k)]  # an empty or null image column is no image
     messages = row.get("messages")
-    parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-             for p in m["content"]] if isinstance(messages, list) else []
+    parts = (
+        [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for p in m["content"]]
+        if isinstance(messages, list)
+        else []
+    )
     if keys or any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in parts):
-        raise ValueError(f"the row has an image ({keys or 'an image content part'}): training on images is not "
-                         "supported yet; vision-language models fine-tune their language model on text rows "
-                         "(messages with string content, prompt+completion or text)")
+        raise ValueError(
+            f"the row has an image ({keys or 'an image content part'}): training on images is not "
+            "supported yet; vision-language models fine-tune their language model on text rows "
+            "(messages with string content, prompt+completion or text)"
+        )
 
 
 def check_messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
@@ -43,8 +48,9 @@ def check_messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
         if not isinstance(m["content"], str):
             raise ValueError(f"{key}[{i}].content must be a string")
         if m["role"] == "assistant" and not m["content"].strip():
-            raise ValueError(f"{key}[{i}] is an empty assistant message: nothing to learn from it; "
-                             "write the answer or drop the turn")
+            raise ValueError(
+                f"{key}[{i}] is an empty assistant message: nothing to learn from it; write the answer or drop the turn"
+            )
     return value
 
 
@@ -62,8 +68,10 @@ def preference_pair(row: dict[str, Any]) -> dict[str, Any]:
     if "preferred_output" in row or "non_preferred_output" in row:  # OpenAI's preference fine-tuning shape
         for key in ("input", "preferred_output", "non_preferred_output"):
             if key not in row:
-                raise ValueError(f"missing {key!r} (rows with preferred_output need input, preferred_output and "
-                                 "non_preferred_output)")
+                raise ValueError(
+                    f"missing {key!r} (rows with preferred_output need input, preferred_output and "
+                    "non_preferred_output)"
+                )
         given = row["input"]
         if not isinstance(given, dict) or "messages" not in given:
             raise ValueError("'input' must be an object with 'messages'")
@@ -72,8 +80,10 @@ def preference_pair(row: dict[str, Any]) -> dict[str, Any]:
     else:
         for key in ("chosen", "rejected"):
             if key not in row:
-                raise ValueError(f"missing {key!r}{found_instead(row, key)} (preference rows need 'chosen' and "
-                                 "'rejected', and a 'prompt' unless both are conversations sharing it)")
+                raise ValueError(
+                    f"missing {key!r}{found_instead(row, key)} (preference rows need 'chosen' and "
+                    "'rejected', and a 'prompt' unless both are conversations sharing it)"
+                )
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         keys = ("prompt", "chosen", "rejected")
         if prompt is None:
@@ -93,8 +103,11 @@ def preference_pair(row: dict[str, Any]) -> dict[str, Any]:
         answers.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     if answers[0] == answers[1]:
         raise ValueError(f"{keys[1]!r} and {keys[2]!r} are the same: nothing to prefer")
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-            "chosen": answers[0], "rejected": answers[1]}
+    return {
+        "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+        "chosen": answers[0],
+        "rejected": answers[1],
+    }
 
 
 def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> dict[str, Any]:
@@ -104,8 +117,10 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> dict[str, Any]
         n += 1
     prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
     if not prompt or any(m["role"] != "assistant" for m in c + r):
-        raise ValueError("'chosen' and 'rejected' must be the same conversation up to the final assistant "
-                         "answer(s), or give the shared turns as 'prompt'")
+        raise ValueError(
+            "'chosen' and 'rejected' must be the same conversation up to the final assistant "
+            "answer(s), or give the shared turns as 'prompt'"
+        )
     if c == r:
         raise ValueError("'chosen' and 'rejected' are the same conversation: nothing to prefer")
     strip = lambda msgs: [{"role": m["role"], "content": m["content"]} for m in msgs]  # noqa: E731

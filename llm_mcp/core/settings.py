@@ -48,8 +48,14 @@ def data_path(name: str) -> Path:
 
 SAMPLERS = ("auto", "transformers", "vllm")
 # Settings key -> LLM_MCP_SLURM_<NAME>
-SLURM_SETTINGS = {"partition": "PARTITION", "account": "ACCOUNT", "qos": "QOS", "time_limit": "TIME",
-                  "constraint": "CONSTRAINT", "sbatch_args": "ARGS"}
+SLURM_SETTINGS = {
+    "partition": "PARTITION",
+    "account": "ACCOUNT",
+    "qos": "QOS",
+    "time_limit": "TIME",
+    "constraint": "CONSTRAINT",
+    "sbatch_args": "ARGS",
+}
 
 
 def _float_env(env: dict[str, str], name: str, default: float) -> float:
@@ -109,8 +115,11 @@ class Settings:
             executor=env.get("LLM_MCP_EXECUTOR") or "local",
             cluster_python=env.get("LLM_MCP_CLUSTER_PYTHON") or None,
             cluster_gpu_memory_gb=_float_env(env, "LLM_MCP_CLUSTER_GPU_MEMORY_GB", 80.0) or 80.0,
-            slurm={key: env[f"LLM_MCP_SLURM_{name}"] for key, name in SLURM_SETTINGS.items()
-                   if env.get(f"LLM_MCP_SLURM_{name}")},
+            slurm={
+                key: env[f"LLM_MCP_SLURM_{name}"]
+                for key, name in SLURM_SETTINGS.items()
+                if env.get(f"LLM_MCP_SLURM_{name}")
+            },
             ray_address=env.get("LLM_MCP_RAY_ADDRESS") or "http://127.0.0.1:8265",
             max_queued=int(_float_env(env, "LLM_MCP_MAX_QUEUED", 16)),
             session_idle_s=_float_env(env, "LLM_MCP_SESSION_IDLE_S", 300.0),
@@ -121,7 +130,9 @@ class Settings:
     def sample_backend(self) -> str:
         """The sampler to use: 'vllm' or 'transformers' ('auto': vLLM when installed or a URL is set)."""
         if self.sampler not in SAMPLERS:
-            raise ConfigurationError(f"sampler={self.sampler!r}; allowed: {list(SAMPLERS)} (--sampler / LLM_MCP_SAMPLER)")
+            raise ConfigurationError(
+                f"sampler={self.sampler!r}; allowed: {list(SAMPLERS)} (--sampler / LLM_MCP_SAMPLER)"
+            )
         if self.sampler != "auto":
             return self.sampler
         import importlib.util
@@ -164,14 +175,17 @@ class Settings:
         if "\x00" in text:
             raise PathNotAllowedError(f"{field_name}={text!r} contains a NUL byte; give a plain file path")
         if len(text) > 4096 or any(len(part) > 255 for part in Path(text).parts):
-            raise PathNotAllowedError(f"{field_name}: the path is too long (at most 255 characters per component and "
-                                      "4096 in all); give a shorter path")
+            raise PathNotAllowedError(
+                f"{field_name}: the path is too long (at most 255 characters per component and "
+                "4096 in all); give a shorter path"
+            )
         raw = Path(value).expanduser()
         try:
             resolved = raw.resolve()
         except (OSError, RuntimeError) as exc:  # a symlink loop, a component that is not a directory, ...
-            raise PathNotAllowedError(f"{field_name}={text!r} cannot be resolved ({exc}); give an existing path "
-                                      "under an allowed root") from None
+            raise PathNotAllowedError(
+                f"{field_name}={text!r} cannot be resolved ({exc}); give an existing path under an allowed root"
+            ) from None
         for root in self.roots:
             if resolved == root or resolved.is_relative_to(root):
                 return resolved

@@ -10,10 +10,11 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llm_mcp.core.errors import ConfigurationError, LlmMcpError
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig, parse_config
@@ -47,10 +48,10 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 # Columns added after the first release: (name, declaration). Opening an older jobs.db adds them.
 _ADDED_COLUMNS = (
     ("engine", "TEXT NOT NULL DEFAULT 'local'"),  # the executor that runs the job: local | slurm | ray
-    ("engine_id", "TEXT"),                        # the engine's id for it (Slurm job id, Ray submission id)
-    ("engine_state", "TEXT"),                     # the engine's last word on it (PENDING (Resources), RUNNING, ...)
-    ("nodes", "TEXT"),                            # the hosts it runs on, as the engine names them
-    ("cancel_at", "REAL"),                        # when cancel_job asked a cluster job to stop
+    ("engine_id", "TEXT"),  # the engine's id for it (Slurm job id, Ray submission id)
+    ("engine_state", "TEXT"),  # the engine's last word on it (PENDING (Resources), RUNNING, ...)
+    ("nodes", "TEXT"),  # the hosts it runs on, as the engine names them
+    ("cancel_at", "REAL"),  # when cancel_job asked a cluster job to stop
 )
 
 
@@ -148,8 +149,19 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config,"
                 " engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.name, job.state, job.model, job.method, job.device_set, job.created_at,
-                 job.resumed_from, json.dumps(job.warnings), job.config.model_dump_json(), job.engine),
+                (
+                    job.id,
+                    job.name,
+                    job.state,
+                    job.model,
+                    job.method,
+                    job.device_set,
+                    job.created_at,
+                    job.resumed_from,
+                    json.dumps(job.warnings),
+                    job.config.model_dump_json(),
+                    job.engine,
+                ),
             )
 
     def get(self, job_id: str) -> Job:
@@ -179,8 +191,9 @@ class JobStore:
 
     def count(self, states: tuple[str, ...]) -> int:
         with self._connect() as db:
-            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})",
-                              states).fetchone()[0]
+            return db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})", states
+            ).fetchone()[0]
 
     def update(self, job_id: str, *, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Set fields; with `expect`, only if the job is in one of those states. True if a row changed."""

@@ -12,33 +12,65 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.data import DatasetSummary, fingerprint, validate_dataset
-from llm_mcp.core.experts import check_experts
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.estimates import linear_names
+from llm_mcp.core.experts import check_experts
 from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware, gpu_bf16_peak_flops
-from llm_mcp.core.placement import check_placement, check_scheduler, in_range as _in_range
 from llm_mcp.core.hub import hub_availability, unavailable_message
 from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.core.store import JobStore
+from llm_mcp.core.lineage import check_objective, init_from, recommended_lr, resume_base
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.matrix import METHODS, ModelEntry
-from llm_mcp.core.lineage import check_objective, init_from, recommended_lr, resume_base
+from llm_mcp.core.placement import check_placement, check_scheduler
+from llm_mcp.core.placement import in_range as _in_range
+from llm_mcp.core.store import JobStore
 
 IMPLEMENTED_METHODS = ("lora", "qlora", "dora", "sparse")
-SPARSE_ARGS = ("density", "sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction",
-               "use_rigl", "quantize_base")
+SPARSE_ARGS = (
+    "density",
+    "sparsity_ratio",
+    "sparsity_type",
+    "mask_update_interval",
+    "mask_update_fraction",
+    "use_rigl",
+    "quantize_base",
+)
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # (argument, low, high, type) for every plain range check
-RANGES = [("max_steps", 1, 1_000_000, int), ("epochs", 0.01, 100, float), ("learning_rate", 1e-8, 1.0, float),
-          ("lora_rank", 1, 1024, int), ("lora_alpha", 0.01, 16384, float), ("lora_dropout", 0.0, 0.9, float),
-          ("batch_size", 1, 4096, int), ("gradient_accumulation", 1, 4096, int), ("seed", 0, 2**31 - 1, int),
-          ("checkpoint_every", 0, 1_000_000, int), ("keep_checkpoints", 1, 100, int), ("eval_every", 0, 1_000_000, int),
-          ("eval_fraction", 0.0, 0.5, float), ("warmup_ratio", 0.0, 0.5, float), ("weight_decay", 0.0, 1.0, float),
-          ("beta", 0.001, 10.0, float), ("label_smoothing", 0.0, 0.49, float)]
-DEFAULTS = dict(batch_size=4, gradient_accumulation=1, max_seq_len=1024, train_on="completion", seed=0,
-                checkpoint_every=50, keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.03,
-                weight_decay=0.0, max_grad_norm=1.0, group_by_length=True)
+RANGES = [
+    ("max_steps", 1, 1_000_000, int),
+    ("epochs", 0.01, 100, float),
+    ("learning_rate", 1e-8, 1.0, float),
+    ("lora_rank", 1, 1024, int),
+    ("lora_alpha", 0.01, 16384, float),
+    ("lora_dropout", 0.0, 0.9, float),
+    ("batch_size", 1, 4096, int),
+    ("gradient_accumulation", 1, 4096, int),
+    ("seed", 0, 2**31 - 1, int),
+    ("checkpoint_every", 0, 1_000_000, int),
+    ("keep_checkpoints", 1, 100, int),
+    ("eval_every", 0, 1_000_000, int),
+    ("eval_fraction", 0.0, 0.5, float),
+    ("warmup_ratio", 0.0, 0.5, float),
+    ("weight_decay", 0.0, 1.0, float),
+    ("beta", 0.001, 10.0, float),
+    ("label_smoothing", 0.0, 0.49, float),
+]
+DEFAULTS = dict(
+    batch_size=4,
+    gradient_accumulation=1,
+    max_seq_len=1024,
+    train_on="completion",
+    seed=0,
+    checkpoint_every=50,
+    keep_checkpoints=3,
+    lr_scheduler="cosine",
+    warmup_ratio=0.03,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    group_by_length=True,
+)
 
 
 @dataclass
@@ -92,8 +124,17 @@ def resolve_finetune(
     if problems or entry is None or dataset is None:
         raise InvalidArgumentError(problems)
 
-    cfg = _config_dict(args, base_cfg, entry, defaults, lora_defaults, target_modules, dataset,
-                       eval_set.path if eval_set else None, hardware)
+    cfg = _config_dict(
+        args,
+        base_cfg,
+        entry,
+        defaults,
+        lora_defaults,
+        target_modules,
+        dataset,
+        eval_set.path if eval_set else None,
+        hardware,
+    )
     if base_cfg:  # a resume trains exactly the adapter its checkpoints hold
         old = base_cfg["lora"]
         cfg["lora"].update(target_parameters=old.get("target_parameters", []), dropout=old["dropout"])
@@ -106,8 +147,10 @@ def resolve_finetune(
             cfg["sparse"]["density"] = density
     lr, recommended = cfg["learning_rate"], recommended_lr(entry, args)
     if not (0.01 * recommended <= lr <= 10 * recommended):
-        warnings.append(f"learning_rate={lr:g} is far from the recommended {recommended:g} for "
-                        f"{'DPO on ' if cfg['objective'] == 'dpo' else ''}{entry.id}")
+        warnings.append(
+            f"learning_rate={lr:g} is far from the recommended {recommended:g} for "
+            f"{'DPO on ' if cfg['objective'] == 'dpo' else ''}{entry.id}"
+        )
     estimates = _estimates(cfg, args, entry, dataset, hardware, warnings)
     if eval_set is not None:
         estimates["eval_rows"] = eval_set.rows
@@ -136,16 +179,19 @@ def _check_method(entry: ModelEntry | None, method: str, problems: list[str], wa
     support = entry.methods[method]
     usable = [m for m in METHODS if entry.methods[m].status != "unsupported" and m in IMPLEMENTED_METHODS]
     if support.status == "unsupported":
-        problems.append(f"method={method!r} is unsupported for {entry.id}: {support.note}. "
-                        f"Methods you can use for this model: {usable or 'none'}")
+        problems.append(
+            f"method={method!r} is unsupported for {entry.id}: {support.note}. "
+            f"Methods you can use for this model: {usable or 'none'}"
+        )
     elif method not in IMPLEMENTED_METHODS:
         problems.append(f"method={method!r} is not implemented in this server version yet; use one of {usable}")
     elif support.status == "experimental":
         warnings.append(f"{method} on {entry.id} is experimental: {support.note}")
 
 
-def _check_ranges(args: dict[str, Any], entry: ModelEntry | None, hardware: Hardware, *, resuming: bool,
-                  problems: list[str]) -> None:
+def _check_ranges(
+    args: dict[str, Any], entry: ModelEntry | None, hardware: Hardware, *, resuming: bool, problems: list[str]
+) -> None:
     """Hyperparameters: ranges first, then cross-field rules."""
     method = args["method"]
     for name, lo, hi, kind in RANGES:
@@ -178,11 +224,15 @@ def _check_sparse(args: dict[str, Any], entry: ModelEntry | None, problems: list
     if "density" in args and "sparsity_ratio" in args:
         problems.append("give density or sparsity_ratio (= 1 - density), not both")
     if args.get("sparsity_type", "unstructured") != "unstructured":
-        problems.append(f"sparsity_type={args['sparsity_type']!r}; allowed: ['unstructured'] (structured "
-                        "sparsity is not implemented)")
+        problems.append(
+            f"sparsity_type={args['sparsity_type']!r}; allowed: ['unstructured'] (structured "
+            "sparsity is not implemented)"
+        )
     if args.get("quantize_base") and entry is not None and entry.methods["qlora"].status == "unsupported":
-        problems.append(f"quantize_base=true needs a 4-bit base, which {entry.id} does not support "
-                        f"(qlora: {entry.methods['qlora'].note})")
+        problems.append(
+            f"quantize_base=true needs a 4-bit base, which {entry.id} does not support "
+            f"(qlora: {entry.methods['qlora'].note})"
+        )
 
 
 def _targets(args: dict[str, Any], entry: ModelEntry | None, defaults, method: str, problems: list[str]):
@@ -190,8 +240,10 @@ def _targets(args: dict[str, Any], entry: ModelEntry | None, defaults, method: s
     method_defaults = defaults.get(method) if method in METHODS else None
     lora_defaults = method_defaults.lora if method_defaults and method_defaults.lora else defaults["lora"].lora
     target_modules = args.get("target_modules") or (
-        entry.target_modules if entry is not None and lora_defaults.target_modules == "auto"
-        else lora_defaults.target_modules)
+        entry.target_modules
+        if entry is not None and lora_defaults.target_modules == "auto"
+        else lora_defaults.target_modules
+    )
     if entry is not None and isinstance(target_modules, list):
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             problems.append(f"target_modules={target_modules!r}: give a non-empty list of module names")
@@ -199,13 +251,16 @@ def _targets(args: dict[str, Any], entry: ModelEntry | None, defaults, method: s
             allowed = linear_names(entry.dims, entry.hf_architecture)
             for module in target_modules:
                 if module not in allowed:
-                    problems.append(f"target_modules contains {module!r}, which {entry.id} does not have as a "
-                                    f"linear layer; allowed: {allowed}")
+                    problems.append(
+                        f"target_modules contains {module!r}, which {entry.id} does not have as a "
+                        f"linear layer; allowed: {allowed}"
+                    )
     return lora_defaults, target_modules
 
 
-def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[DatasetSummary | None,
-                                                                         DatasetSummary | None]:
+def _datasets(
+    settings, args: dict[str, Any], problems: list[str]
+) -> tuple[DatasetSummary | None, DatasetSummary | None]:
     """(the training set's summary, the eval set's), each validated under the allowed roots."""
     dataset = None
     eval_set = None
@@ -227,8 +282,9 @@ def _datasets(settings, args: dict[str, Any], problems: list[str]) -> tuple[Data
     return dataset, eval_set
 
 
-def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, target_modules, dataset, eval_path,
-                 hardware: Hardware) -> dict[str, Any]:
+def _config_dict(
+    args, base_cfg, entry: ModelEntry, defaults, lora_defaults, target_modules, dataset, eval_path, hardware: Hardware
+) -> dict[str, Any]:
     """The job config's fields: request over the resumed config over the defaults."""
     cfg: dict[str, Any] = {**DEFAULTS, **base_cfg}
     for key in DEFAULTS:
@@ -237,24 +293,41 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
     method = args["method"]
     rank = args.get("lora_rank", lora_defaults.rank)
     cfg.update(
-        model={"id": entry.id, "path": getattr(entry, "path", entry.id), "trust_remote_code": entry.trust_remote_code,
-               "hf_architecture": entry.hf_architecture, "local": entry.is_local},
-        method=method, dataset=dataset.path, eval_dataset=eval_path,
+        model={
+            "id": entry.id,
+            "path": getattr(entry, "path", entry.id),
+            "trust_remote_code": entry.trust_remote_code,
+            "hf_architecture": entry.hf_architecture,
+            "local": entry.is_local,
+        },
+        method=method,
+        dataset=dataset.path,
+        eval_dataset=eval_path,
         dataset_fingerprint=fingerprint(Path(dataset.path)),
         eval_dataset_fingerprint=fingerprint(Path(eval_path)) if eval_path else None,
         eval_fraction=args.get("eval_fraction", 0.0 if eval_path else cfg.get("eval_fraction", 0.0)),
-        max_steps=args.get("max_steps"), epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
+        max_steps=args.get("max_steps"),
+        epochs=args.get("epochs", 1.0 if "max_steps" not in args else None),
         learning_rate=args.get("learning_rate", recommended_lr(entry, args)),
-        num_processes=args.get("num_processes", 1), nodes=args.get("nodes", cfg.get("nodes", 1)),
-        scheduler=args.get("scheduler", cfg.get("scheduler")), objective=args.get("objective", "causal_lm"),
+        num_processes=args.get("num_processes", 1),
+        nodes=args.get("nodes", cfg.get("nodes", 1)),
+        scheduler=args.get("scheduler", cfg.get("scheduler")),
+        objective=args.get("objective", "causal_lm"),
         dpo={"beta": args.get("beta", 0.1), "label_smoothing": args.get("label_smoothing", 0.0)}
-        if args.get("objective") == "dpo" else None,
+        if args.get("objective") == "dpo"
+        else None,
         eval_every=args.get("eval_every", cfg.get("eval_every", 0)),
-        lora={"rank": rank, "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
-              "dropout": args.get("lora_dropout", lora_defaults.dropout), "target_modules": target_modules,
-              "use_dora": method == "dora", "bias": lora_defaults.bias},
-        quantization=defaults["qlora"].quantization.model_dump() if method == "qlora" or (
-            method == "sparse" and args.get("quantize_base")) else None,
+        lora={
+            "rank": rank,
+            "alpha": args.get("lora_alpha", lora_defaults.alpha if "lora_rank" not in args else rank),
+            "dropout": args.get("lora_dropout", lora_defaults.dropout),
+            "target_modules": target_modules,
+            "use_dora": method == "dora",
+            "bias": lora_defaults.bias,
+        },
+        quantization=defaults["qlora"].quantization.model_dump()
+        if method == "qlora" or (method == "sparse" and args.get("quantize_base"))
+        else None,
         sparse=_sparse_config(defaults["sparse"].sparse, args) if method == "sparse" else None,
         device="cuda" if hardware.gpus else "cpu",
         request={k: v for k, v in args.items() if k != "resume_from"},
@@ -263,39 +336,63 @@ def _config_dict(args, base_cfg, entry: ModelEntry, defaults, lora_defaults, tar
     return cfg
 
 
-def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dataset: DatasetSummary,
-               hardware: Hardware, warnings: list[str]) -> dict[str, Any]:
+def _estimates(
+    cfg: dict[str, Any],
+    args: dict[str, Any],
+    entry: ModelEntry,
+    dataset: DatasetSummary,
+    hardware: Hardware,
+    warnings: list[str],
+) -> dict[str, Any]:
     """Memory (refused with what would fit if it does not), steps, tokens and time; sets gradient_checkpointing."""
     method, rank, sparse = cfg["method"], cfg["lora"]["rank"], cfg["sparse"]
-    plan = plan_memory(entry, method, hardware, target_modules=cfg["lora"]["target_modules"], rank=rank,
-                       train_experts=bool(cfg["lora"].get("target_parameters")),
-                       batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
-                       seq_len=cfg["max_seq_len"],
-                       quantized=bool(sparse and sparse["quantize_base"]), density=sparse["density"] if sparse else "auto",
-                       rigl_fraction=sparse["mask_update_fraction"] if sparse and sparse["use_rigl"] else 0.0,
-                       num_processes=args.get("num_processes"), gradient_checkpointing=args.get("gradient_checkpointing"))
+    plan = plan_memory(
+        entry,
+        method,
+        hardware,
+        target_modules=cfg["lora"]["target_modules"],
+        rank=rank,
+        train_experts=bool(cfg["lora"].get("target_parameters")),
+        batch_size=cfg["batch_size"] * (2 if cfg["objective"] == "dpo" else 1),
+        seq_len=cfg["max_seq_len"],
+        quantized=bool(sparse and sparse["quantize_base"]),
+        density=sparse["density"] if sparse else "auto",
+        rigl_fraction=sparse["mask_update_fraction"] if sparse and sparse["use_rigl"] else 0.0,
+        num_processes=args.get("num_processes"),
+        gradient_checkpointing=args.get("gradient_checkpointing"),
+    )
     est, usable = plan.estimate, plan.usable_gb
-    cfg.update(gradient_checkpointing=plan.gradient_checkpointing, distributed=plan.distributed,
-               num_processes=plan.processes)
+    cfg.update(
+        gradient_checkpointing=plan.gradient_checkpointing, distributed=plan.distributed, num_processes=plan.processes
+    )
     if not plan.fits:
         raise InvalidArgumentError(
-            [f"estimated memory {est.total_gb:g} GB per process exceeds the {usable:g} GB usable on "
-             f"{hardware.describe()} by one process"] + _fitting_alternatives(entry, method, rank, cfg, hardware))
+            [
+                f"estimated memory {est.total_gb:g} GB per process exceeds the {usable:g} GB usable on "
+                f"{hardware.describe()} by one process"
+            ]
+            + _fitting_alternatives(entry, method, rank, cfg, hardware)
+        )
     if plan.distributed == "fsdp":
-        warnings.append(f"{entry.id} does not fit one GPU: the job runs FSDP over {plan.processes} GPUs "
-                        f"(weights and optimizer state sharded, about {est.total_gb:g} GB per GPU)")
+        warnings.append(
+            f"{entry.id} does not fit one GPU: the job runs FSDP over {plan.processes} GPUs "
+            f"(weights and optimizer state sharded, about {est.total_gb:g} GB per GPU)"
+        )
     free = hardware.free_gb()
     if hardware.source == "detected" and free is not None and est.total_gb > free:
-        warnings.append(f"the job needs about {est.total_gb:g} GB per process but only {free:g} GB of "
-                        f"{'GPU memory' if hardware.gpus else 'RAM'} is free right now; it may "
-                        f"{'run out of memory' if hardware.gpus else 'swap or be killed'} unless other programs free memory")
+        warnings.append(
+            f"the job needs about {est.total_gb:g} GB per process but only {free:g} GB of "
+            f"{'GPU memory' if hardware.gpus else 'RAM'} is free right now; it may "
+            f"{'run out of memory' if hardware.gpus else 'swap or be killed'} unless other programs free memory"
+        )
     eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
     train_rows = dataset.rows - eval_rows
     per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * cfg["num_processes"]
     if train_rows < per_step:
         raise InvalidArgumentError(
             f"dataset has {train_rows} training rows, but one step needs batch_size x gradient_accumulation x "
-            f"num_processes = {per_step}; lower batch_size or add data")
+            f"num_processes = {per_step}; lower batch_size or add data"
+        )
     steps_per_epoch = train_rows // per_step
     total_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
     if cfg.get("resume_checkpoint"):
@@ -303,7 +400,8 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
         if total_steps <= done:
             raise InvalidArgumentError(
                 f"max_steps={total_steps} is not past the checkpoint at step {done} of {cfg['resume_from']!r}; "
-                f"give max_steps > {done} (or omit it to keep the original run's length)")
+                f"give max_steps > {done} (or omit it to keep the original run's length)"
+            )
     tokens_per_row = max(1, min(dataset.approx_tokens // max(1, dataset.rows), cfg["max_seq_len"]))
     tokens = total_steps * per_step * tokens_per_row
     flops_per_token = 4 * entry.active_params_b * 1e9
@@ -313,10 +411,17 @@ def _estimates(cfg: dict[str, Any], args: dict[str, Any], entry: ModelEntry, dat
     if not dataset.complete:
         warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
     return {
-        "trainable_params": est.trainable_params, "memory_gb": est.total_gb, "memory": est.to_dict(),
-        "usable_memory_gb": usable, "hardware": hardware.describe(), "train_rows": train_rows,
-        "eval_rows": eval_rows, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-        "approx_tokens": tokens, "rough_time_s": round(seconds + 15, 1),
+        "trainable_params": est.trainable_params,
+        "memory_gb": est.total_gb,
+        "memory": est.to_dict(),
+        "usable_memory_gb": usable,
+        "hardware": hardware.describe(),
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "approx_tokens": tokens,
+        "rough_time_s": round(seconds + 15, 1),
         "dataset_formats": dataset.formats,
     }
 
@@ -328,21 +433,32 @@ def _sparse_config(defaults, args: dict[str, Any]) -> dict[str, Any]:
         density = round(1.0 - args["sparsity_ratio"], 6)
     if density is None:
         density = defaults.density if defaults.sparsity_ratio is None else round(1 - defaults.sparsity_ratio, 6)
-    return {"density": density, "sparsity_type": "unstructured",
-            "mask_update_interval": args.get("mask_update_interval", defaults.mask_update_interval),
-            "mask_update_fraction": args.get("mask_update_fraction", defaults.mask_update_fraction),
-            "use_rigl": args.get("use_rigl", defaults.use_rigl), "quantize_base": bool(args.get("quantize_base"))}
+    return {
+        "density": density,
+        "sparsity_type": "unstructured",
+        "mask_update_interval": args.get("mask_update_interval", defaults.mask_update_interval),
+        "mask_update_fraction": args.get("mask_update_fraction", defaults.mask_update_fraction),
+        "use_rigl": args.get("use_rigl", defaults.use_rigl),
+        "quantize_base": bool(args.get("quantize_base")),
+    }
 
 
 def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[str, Any], hw: Hardware) -> list[str]:
     """Suggest a method / rank / batch / sequence length that fits `hw`, if any does."""
     out = []
-    candidates = [("method='qlora'", "qlora", rank, cfg["batch_size"], cfg["max_seq_len"]),
-                  ("batch_size=1", method, rank, 1, cfg["max_seq_len"]),
-                  (f"max_seq_len={min(512, cfg['max_seq_len'])}, batch_size=1", method, rank, 1, min(512, cfg["max_seq_len"])),
-                  (f"method='qlora', batch_size=1, max_seq_len={min(512, cfg['max_seq_len'])}", "qlora", rank, 1,
-                   min(512, cfg["max_seq_len"])),
-                  ("method='qlora', lora_rank=8, batch_size=1, max_seq_len=256", "qlora", 8, 1, 256)]
+    candidates = [
+        ("method='qlora'", "qlora", rank, cfg["batch_size"], cfg["max_seq_len"]),
+        ("batch_size=1", method, rank, 1, cfg["max_seq_len"]),
+        (f"max_seq_len={min(512, cfg['max_seq_len'])}, batch_size=1", method, rank, 1, min(512, cfg["max_seq_len"])),
+        (
+            f"method='qlora', batch_size=1, max_seq_len={min(512, cfg['max_seq_len'])}",
+            "qlora",
+            rank,
+            1,
+            min(512, cfg["max_seq_len"]),
+        ),
+        ("method='qlora', lora_rank=8, batch_size=1, max_seq_len=256", "qlora", 8, 1, 256),
+    ]
     for label, m, r, b, s in candidates:
         if m == method and (r, b, s) == (rank, cfg["batch_size"], cfg["max_seq_len"]):
             continue
@@ -354,6 +470,8 @@ def _fitting_alternatives(entry: ModelEntry, method: str, rank: int, cfg: dict[s
             out.append(f"would fit: {label} (estimated {plan.estimate.total_gb:g} GB per process{how})")
             break
     if not out:
-        out.append(f"no smaller setting fits; {entry.id} needs about {entry.methods['qlora'].min_gpu_memory_gb:g} GB "
-                   "of GPU memory with QLoRA. Call list_models(fits=true) for models that fit this machine")
+        out.append(
+            f"no smaller setting fits; {entry.id} needs about {entry.methods['qlora'].min_gpu_memory_gb:g} GB "
+            "of GPU memory with QLoRA. Call list_models(fits=true) for models that fit this machine"
+        )
     return out

@@ -66,27 +66,39 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     steps = [m for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
     lora, sparse = cfg.lora, cfg.sparse
-    title = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
-             "sparse": "Sparse (dynamic sparse delta)"}.get(job.method, job.method)
+    title = {
+        "lora": "LoRA",
+        "qlora": "QLoRA",
+        "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
+        "sparse": "Sparse (dynamic sparse delta)",
+    }.get(job.method, job.method)
     lines = [
-        f"# {job.name}", "",
-        f"{title} fine-tune of `{base}` made with llm_mcp (job `{job.id}`, {label}).", "",
-        "## Training", "",
+        f"# {job.name}",
+        "",
+        f"{title} fine-tune of `{base}` made with llm_mcp (job `{job.id}`, {label}).",
+        "",
+        "## Training",
+        "",
         f"- data: `{cfg.dataset}`" + (f", eval: `{cfg.eval_dataset}`" if cfg.eval_dataset else ""),
         f"- steps: {steps[-1]['step'] if steps else 0} of {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'}",
         f"- learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), "
         f"batch {cfg.batch_size} x {cfg.gradient_accumulation} x {cfg.num_processes} process(es), "
         f"max_seq_len {cfg.max_seq_len}, loss on {cfg.train_on} tokens, seed {cfg.seed}",
-        (f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density} ('auto' = LoRA rank "
-         f"{lora.rank}'s parameter count), RigL mask updates every {sparse.mask_update_interval} steps "
-         f"(fraction {sparse.mask_update_fraction:g}, cosine-decayed)" if sparse and sparse.use_rigl else
-         f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density}, fixed random mask"
-         if sparse else
-         f"- adapter: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, "
-         f"targets {', '.join(lora.target_modules)}" + (", use_dora" if lora.use_dora else "")),
+        (
+            f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density} ('auto' = LoRA rank "
+            f"{lora.rank}'s parameter count), RigL mask updates every {sparse.mask_update_interval} steps "
+            f"(fraction {sparse.mask_update_fraction:g}, cosine-decayed)"
+            if sparse and sparse.use_rigl
+            else f"- sparse delta on {', '.join(lora.target_modules)}: density {sparse.density}, fixed random mask"
+            if sparse
+            else f"- adapter: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, "
+            f"targets {', '.join(lora.target_modules)}" + (", use_dora" if lora.use_dora else "")
+        ),
     ]
     if steps:
-        lines.append(f"- train loss: {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
+        lines.append(
+            f"- train loss: {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {steps[-1]['step']}"
+        )
     if evals:
         lines.append(f"- eval loss: {evals[-1]:.4f}")
     if job.method == "qlora":
@@ -94,22 +106,31 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
     auto = auto_class(job)
     lines += ["", "## Load", "", "```python"]
     if fmt == "merged":
-        lines += [f"from transformers import {auto}, AutoTokenizer",
-                  f"model = {auto}.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"]
+        lines += [
+            f"from transformers import {auto}, AutoTokenizer",
+            f"model = {auto}.from_pretrained('.')",
+            "tokenizer = AutoTokenizer.from_pretrained('.')",
+        ]
     elif sparse:
-        lines += ["# sparse_adapter.safetensors: '<module>.indices' (int64, sorted flat indices into the",
-                  "# [out_features, in_features] weight) and '<module>.values' (float32); merged W = W + delta.",
-                  "import torch",
-                  "from safetensors.torch import load_file",
-                  f"from transformers import {auto}",
-                  f"model = {auto}.from_pretrained({base!r})",
-                  "delta = load_file('sparse_adapter.safetensors')",
-                  "for name in {k.rsplit('.', 1)[0] for k in delta}:",
-                  "    w = model.get_submodule(name).weight",
-                  "    w.data.view(-1).index_add_(0, delta[name + '.indices'], delta[name + '.values'].to(w.dtype))"]
+        lines += [
+            "# sparse_adapter.safetensors: '<module>.indices' (int64, sorted flat indices into the",
+            "# [out_features, in_features] weight) and '<module>.values' (float32); merged W = W + delta.",
+            "import torch",
+            "from safetensors.torch import load_file",
+            f"from transformers import {auto}",
+            f"model = {auto}.from_pretrained({base!r})",
+            "delta = load_file('sparse_adapter.safetensors')",
+            "for name in {k.rsplit('.', 1)[0] for k in delta}:",
+            "    w = model.get_submodule(name).weight",
+            "    w.data.view(-1).index_add_(0, delta[name + '.indices'], delta[name + '.values'].to(w.dtype))",
+        ]
     else:
-        lines += ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer",
-                  f"base = {auto}.from_pretrained({base!r})", "model = PeftModel.from_pretrained(base, '.')",
-                  "tokenizer = AutoTokenizer.from_pretrained('.')"]
+        lines += [
+            "from peft import PeftModel",
+            f"from transformers import {auto}, AutoTokenizer",
+            f"base = {auto}.from_pretrained({base!r})",
+            "model = PeftModel.from_pretrained(base, '.')",
+            "tokenizer = AutoTokenizer.from_pretrained('.')",
+        ]
     lines += ["```", ""]
     return "\n".join(lines)

@@ -90,8 +90,14 @@ class Scorer:
         from llm_mcp.inference.targets import Target
 
         m = self.cfg.model
-        return Target(base_path=m.path, base_id=m.id, adapter_path=t.adapter_path, quantized=t.quantized,
-                      sparse=t.sparse, trust_remote_code=m.trust_remote_code)
+        return Target(
+            base_path=m.path,
+            base_id=m.id,
+            adapter_path=t.adapter_path,
+            quantized=t.quantized,
+            sparse=t.sparse,
+            trust_remote_code=m.trust_remote_code,
+        )
 
     def logps(self, t: EvalTarget, sequences: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         """(sum of log p over label tokens, label token count) of each (input_ids, labels) sequence."""
@@ -101,8 +107,13 @@ class Scorer:
         from llm_mcp.train.encode import IGNORE, collate
 
         with self.sampler.using(self._target(t)) as base:
-            batch = collate([{"input_ids": i[:self.cfg.max_seq_len], "labels": lab[:self.cfg.max_seq_len]}
-                             for i, lab in sequences], base["tokenizer"].pad_token_id)
+            batch = collate(
+                [
+                    {"input_ids": i[: self.cfg.max_seq_len], "labels": lab[: self.cfg.max_seq_len]}
+                    for i, lab in sequences
+                ],
+                base["tokenizer"].pad_token_id,
+            )
             batch = {k: v.to(base["device"]) for k, v in batch.items()}
             with torch.inference_mode():
                 sums = SequenceLogps(base["model"])(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -112,8 +123,12 @@ class Scorer:
     def generate(self, t: EvalTarget, prompt: dict[str, Any]) -> str:
         from llm_mcp.inference.sampling import SampleParams
 
-        params = SampleParams(prompt=prompt.get("prompt"), messages=prompt.get("messages"),
-                              max_tokens=self.cfg.max_tokens, temperature=0.0)
+        params = SampleParams(
+            prompt=prompt.get("prompt"),
+            messages=prompt.get("messages"),
+            max_tokens=self.cfg.max_tokens,
+            temperature=0.0,
+        )
         return self.sampler.generate(self._target(t), params).completions[0].text
 
     def tokenizer(self):
@@ -130,13 +145,15 @@ def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict
     if "chosen" in row:
         (chosen, _), (rejected, _) = logps
         return {"preferred": chosen > rejected, "margin": round(chosen - rejected, 6)}
-    (total, n), = logps
+    ((total, n),) = logps
     out: dict[str, Any] = {"loss": round(-total / max(n, 1), 6), "tokens": n} if n else {}
     ref = reference_of(row)
     if ref is not None and scorer.cfg.generate:
         prompt, answer = ref
         text = scorer.generate(t, prompt)
-        out.update(generated=text, reference=answer, **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex))
+        out.update(
+            generated=text, reference=answer, **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex)
+        )
     return out
 
 
@@ -172,10 +189,18 @@ def evaluate(job_dir: Path) -> dict[str, Any]:
                     out.flush()
                     append_metric(job_dir, {"step": done, "rows_done": done, "elapsed_s": round(time.time() - t0, 2)})
             print(f"[{time.strftime('%H:%M:%S')}] {t.label}: {json.dumps(summarize(results, t.label))}", flush=True)
-    summary = {"targets": [summarize(results, t.label) for t in cfg.targets], "rows_file": str(job_dir / "eval_rows.jsonl"),
-               "rows": len(rows), "complete": not STOP.is_set()}
-    return {"state": "cancelled" if STOP.is_set() else "succeeded", "evaluation": summary, "step": done,
-            "total_steps": total}
+    summary = {
+        "targets": [summarize(results, t.label) for t in cfg.targets],
+        "rows_file": str(job_dir / "eval_rows.jsonl"),
+        "rows": len(rows),
+        "complete": not STOP.is_set(),
+    }
+    return {
+        "state": "cancelled" if STOP.is_set() else "succeeded",
+        "evaluation": summary,
+        "step": done,
+        "total_steps": total,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,11 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_result(job_dir, evaluate(job_dir))
         return 0
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its cause
+    except Exception as exc:
         traceback.print_exc()
-        write_result(job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                "next_step": "read the last log lines (job_status), fix the cause, then call "
-                                             "evaluate again"})
+        write_result(
+            job_dir,
+            {
+                "state": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "next_step": "read the last log lines (job_status), fix the cause, then call evaluate again",
+            },
+        )
         return 1
 
 

@@ -18,16 +18,24 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
+from llm_mcp.core.settings import Settings
+from llm_mcp.core.store import Job
 from llm_mcp.inference.card import ExportedFile, auto_class, list_files, model_card, sha256_file
 from llm_mcp.inference.merge import run_merge
 from llm_mcp.inference.targets import weights_file
-from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
-from llm_mcp.core.store import Job
-from llm_mcp.core.settings import Settings
 
 FORMATS = ("peft", "archive", "merged")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 class ExportResult(BaseModel):
@@ -60,7 +68,8 @@ def resolve_destination(settings: Settings, value: str | None, default_name: str
         raise PathNotAllowedError(
             f"destination={value!r} resolves to {str(dest)!r}, inside the state directory but not under its exports "
             f"folder {str(exports_root)!r}; only LLM_MCP_HOME/exports (a relative destination) or an allowed root "
-            "outside LLM_MCP_HOME can receive exports. Omit destination or give a name relative to exports/.")
+            "outside LLM_MCP_HOME can receive exports. Omit destination or give a name relative to exports/."
+        )
     exports.mkdir(parents=True, exist_ok=True)
     return dest
 
@@ -98,47 +107,74 @@ def _write_peft(job: Job, label: str, adapter: Path, base: str, out: Path, job_d
 def snippets(job: Job, fmt: str, dest: Path, base: str, vllm_adapter: bool) -> dict[str, str]:
     auto = auto_class(job)
     if fmt == "merged":
-        return {"transformers": f"{auto}.from_pretrained({str(dest)!r})",
-                "vllm": f"vllm serve {dest}"}
+        return {"transformers": f"{auto}.from_pretrained({str(dest)!r})", "vllm": f"vllm serve {dest}"}
     path = str(dest) if fmt == "peft" else f"<extracted {dest.name}>"
     if job.method == "sparse":
-        return {"llm_mcp": f"sample(adapter={path!r}, prompt=...)  # README.md shows how to apply it by hand",
-                "vllm": f"sparse deltas are not LoRA adapters: export_adapter(job_id={job.id!r}, format='merged') "
-                        "and run `vllm serve <merged dir>`"}
-    out = {"peft": (f"from peft import PeftModel\nfrom transformers import {auto}\n"
-                    f"model = PeftModel.from_pretrained({auto}.from_pretrained({base!r}), {path!r})")}
+        return {
+            "llm_mcp": f"sample(adapter={path!r}, prompt=...)  # README.md shows how to apply it by hand",
+            "vllm": f"sparse deltas are not LoRA adapters: export_adapter(job_id={job.id!r}, format='merged') "
+            "and run `vllm serve <merged dir>`",
+        }
+    out = {
+        "peft": (
+            f"from peft import PeftModel\nfrom transformers import {auto}\n"
+            f"model = PeftModel.from_pretrained({auto}.from_pretrained({base!r}), {path!r})"
+        )
+    }
     rank = job.config.lora.rank
     max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
     if job.config.lora.target_parameters:
-        out["vllm"] = (f"this adapter also trains the MoE experts (PEFT target_parameters); serving that as a vLLM "
-                       f"LoRA adapter is untested here: export_adapter(job_id={job.id!r}, format='merged') and run "
-                       "`vllm serve <merged dir>`")
+        out["vllm"] = (
+            f"this adapter also trains the MoE experts (PEFT target_parameters); serving that as a vLLM "
+            f"LoRA adapter is untested here: export_adapter(job_id={job.id!r}, format='merged') and run "
+            "`vllm serve <merged dir>`"
+        )
     elif vllm_adapter:
-        out["vllm"] = (f"vllm serve {base} --enable-lora --lora-modules {job.name}={path} --max-lora-rank {max_rank}")
+        out["vllm"] = f"vllm serve {base} --enable-lora --lora-modules {job.name}={path} --max-lora-rank {max_rank}"
     else:
-        out["vllm"] = (f"vLLM cannot serve {job.method} adapters directly: export_adapter(job_id={job.id!r}, "
-                       "format='merged') and run `vllm serve <merged dir>`")
+        out["vllm"] = (
+            f"vLLM cannot serve {job.method} adapters directly: export_adapter(job_id={job.id!r}, "
+            "format='merged') and run `vllm serve <merged dir>`"
+        )
     return out
 
 
-def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: str, fmt: str,
-           destination: str | None, vllm_adapter: bool) -> ExportResult:
+def export(
+    settings: Settings,
+    job: Job,
+    job_dir: Path,
+    adapter: Path,
+    label: str,
+    fmt: str,
+    destination: str | None,
+    vllm_adapter: bool,
+) -> ExportResult:
     """Export (or find the identical existing export). Merged exports may return state 'running'."""
     if fmt not in FORMATS:
         raise InvalidArgumentError(f"format={fmt!r}; allowed: {list(FORMATS)}")
     base = job.config.model.id
     slug = label.replace(" ", "-")
-    dest = resolve_destination(settings, destination, f"{job.id}-{slug}-{fmt}" + (".tar.gz" if fmt == "archive" else ""))
+    dest = resolve_destination(
+        settings, destination, f"{job.id}-{slug}-{fmt}" + (".tar.gz" if fmt == "archive" else "")
+    )
     if fmt == "archive" and not dest.name.endswith(".tar.gz"):
         raise InvalidArgumentError(f"destination={destination!r}: an archive export is a file ending in .tar.gz")
     manifest = _manifest(job, label, fmt, adapter)
-    result = ExportResult(state="done", format=fmt, destination=str(dest), job_id=job.id, checkpoint=label,
-                          snippets=snippets(job, fmt, dest, base, vllm_adapter))
+    result = ExportResult(
+        state="done",
+        format=fmt,
+        destination=str(dest),
+        job_id=job.id,
+        checkpoint=label,
+        snippets=snippets(job, fmt, dest, base, vllm_adapter),
+    )
     if job.config.quantized and fmt == "merged":
-        result.notes.append("QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
-                            "precision; it differs slightly from the original unquantized base (4-bit rounding). "
-                            "Its logits also differ slightly from the 4-bit model's: bitsandbytes' 4-bit kernels "
-                            "compute in bf16 on some CPUs and GPUs (up to ~1% of the logit scale was measured).")
+        result.notes.append(
+            "QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
+            "precision; it differs slightly from the original unquantized base (4-bit rounding). "
+            "Its logits also differ slightly from the 4-bit model's: bitsandbytes' 4-bit kernels "
+            "compute in bf16 on some CPUs and GPUs (up to ~1% of the logit scale was measured)."
+        )
     if dest.exists():
         existing = _existing_manifest(dest, fmt)
         if existing == manifest:
@@ -147,7 +183,8 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
         what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
         raise InvalidArgumentError(
             f"destination={str(dest)!r} already holds {what}; it is not overwritten. Choose another destination "
-            "(or delete that one yourself).")
+            "(or delete that one yourself)."
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}")
     if fmt == "merged":
@@ -172,5 +209,3 @@ def export(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: st
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
     result.files = list_files(dest)
     return result
-
-

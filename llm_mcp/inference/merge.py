@@ -30,22 +30,39 @@ MERGE_WAIT_S = 25  # tool calls must answer within 30 s; a longer merge returns 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
-def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, manifest: dict,
-               result):
+def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, manifest: dict, result):
     """Start (or wait for) the detached merge process; up to MERGE_WAIT_S in this call.
 
     The lock file is created exclusively (one merge per destination, however many callers) and names
     its owner; a lock whose owner is gone is stale and is taken over, so a killed merge never blocks.
     """
     lock = dest.with_name(f".{dest.name}.lock")
-    spec = {"job": {"id": job.id, "name": job.name, "method": job.method, "config": job.config.model_dump(mode="json"),
-                    "state": job.state, "created_at": job.created_at},
-            "adapter": str(adapter), "base": base, "dest": str(dest), "manifest": manifest, "job_dir": str(job_dir),
-            "checkpoint": result.checkpoint}
+    spec = {
+        "job": {
+            "id": job.id,
+            "name": job.name,
+            "method": job.method,
+            "config": job.config.model_dump(mode="json"),
+            "state": job.state,
+            "created_at": job.created_at,
+        },
+        "adapter": str(adapter),
+        "base": base,
+        "dest": str(dest),
+        "manifest": manifest,
+        "job_dir": str(job_dir),
+        "checkpoint": result.checkpoint,
+    }
     if _claim(lock, spec):
         with open(dest.with_name(f".{dest.name}.log"), "ab") as log:  # the worker records itself as the owner
-            subprocess.Popen([sys.executable, "-m", "llm_mcp.inference.merge", str(lock)], stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            subprocess.Popen(
+                [sys.executable, "-m", "llm_mcp.inference.merge", str(lock)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
     deadline = time.monotonic() + MERGE_WAIT_S
     while time.monotonic() < deadline and lock.exists() and not _stale(lock):
         time.sleep(0.25)
@@ -56,8 +73,9 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
         raise InvalidArgumentError(f"the merge failed: {message}")
     if lock.exists() and _stale(lock):
         lock.unlink(missing_ok=True)
-        raise InvalidArgumentError("the merge process ended without finishing (killed?); call export_adapter again "
-                                   "to start it over")
+        raise InvalidArgumentError(
+            "the merge process ended without finishing (killed?); call export_adapter again to start it over"
+        )
     if lock.exists():
         result.state = "running"
         result.notes.append("the merge is still running; call export_adapter again with the same arguments")
@@ -124,8 +142,13 @@ def merge_main(lock_path: str) -> int:
         trc = cfg.model.trust_remote_code
         if cfg.quantized:
             q = cfg.quantization
-            model = load_base(base_path, dtype=torch.float32, trust_remote_code=trc, quant_type=q.bnb_4bit_quant_type,
-                              double_quant=q.bnb_4bit_use_double_quant).dequantize()
+            model = load_base(
+                base_path,
+                dtype=torch.float32,
+                trust_remote_code=trc,
+                quant_type=q.bnb_4bit_quant_type,
+                double_quant=q.bnb_4bit_use_double_quant,
+            ).dequantize()
         else:
             model = load_base(base_path, dtype="auto", trust_remote_code=trc)
         if spec["job"]["method"] == "sparse":
@@ -136,18 +159,30 @@ def merge_main(lock_path: str) -> int:
         else:
             merged = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
-        tok_src = Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
+        tok_src = (
+            Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
+        )
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trc).save_pretrained(tmp)
         for name in PROCESSOR_FILES:  # a vision-language model's image processor: the merged VLM serves images too
             if (Path(base_path) / name).is_file():
                 shutil.copy2(Path(base_path) / name, tmp / name)
-        job = Job(id=spec["job"]["id"], name=spec["job"]["name"], state=spec["job"]["state"], model=spec["base"],
-                  method=spec["job"]["method"], device_set="", created_at=spec["job"]["created_at"], config=cfg)
-        (tmp / "README.md").write_text(model_card(job, spec["checkpoint"], "merged", spec["base"], Path(spec["job_dir"])))
+        job = Job(
+            id=spec["job"]["id"],
+            name=spec["job"]["name"],
+            state=spec["job"]["state"],
+            model=spec["base"],
+            method=spec["job"]["method"],
+            device_set="",
+            created_at=spec["job"]["created_at"],
+            config=cfg,
+        )
+        (tmp / "README.md").write_text(
+            model_card(job, spec["checkpoint"], "merged", spec["base"], Path(spec["job_dir"]))
+        )
         (tmp / "export.json").write_text(json.dumps(spec["manifest"], indent=2))
         os.rename(tmp, dest)
         return 0
-    except Exception as exc:  # noqa: BLE001 - reported to the waiting tool call through the error file
+    except Exception as exc:
         dest.with_name(f".{dest.name}.error").write_text(f"{type(exc).__name__}: {exc}")
         shutil.rmtree(tmp, ignore_errors=True)
         return 1

@@ -13,16 +13,16 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.inference.targets import Target, adapter_key
 from llm_mcp.core.quiet import quiet_bitsandbytes
+from llm_mcp.inference.targets import Target, adapter_key
 
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16
@@ -52,8 +52,10 @@ class TokenLogprob(BaseModel):
 
 class Completion(BaseModel):
     text: str
-    finish_reason: str = Field(description="'stop' (end token or stop string), 'length' (max_tokens) or "
-                                           "'time_limit' (the call's time budget, LLM_MCP_SAMPLE_TIMEOUT_S).")
+    finish_reason: str = Field(
+        description="'stop' (end token or stop string), 'length' (max_tokens) or "
+        "'time_limit' (the call's time budget, LLM_MCP_SAMPLE_TIMEOUT_S)."
+    )
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
 
@@ -104,16 +106,27 @@ class TransformersSampler:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         from llm_mcp.train.model import load_base
 
-        model = load_base(target.base_path, dtype=dtype, trust_remote_code=target.trust_remote_code,
-                          device_map={"": "cpu" if device == "cpu" else 0}, quant_type="nf4" if target.quantized else None)
+        model = load_base(
+            target.base_path,
+            dtype=dtype,
+            trust_remote_code=target.trust_remote_code,
+            device_map={"": "cpu" if device == "cpu" else 0},
+            quant_type="nf4" if target.quantized else None,
+        )
         if not target.quantized:
             model.to(device)
         model.eval()
         from llm_mcp.train.encode import tokenizer_for
 
         tok = tokenizer_for(target.base_path, target.trust_remote_code)  # as training saw it: a chat template, a pad
-        entry = {"model": model, "tokenizer": tok, "adapters": OrderedDict(), "device": device, "sparse": None,
-                 "sparse_active": set()}
+        entry = {
+            "model": model,
+            "tokenizer": tok,
+            "adapters": OrderedDict(),
+            "device": device,
+            "sparse": None,
+            "sparse_active": set(),
+        }
         self._bases[key] = entry
         self.base_loads += 1
         return entry, True
@@ -140,8 +153,10 @@ class TransformersSampler:
                 mods = sparse_modules(model)
                 unknown = sorted(set(state) - set(mods))
                 if unknown:
-                    raise InvalidArgumentError(f"adapter {str(path)!r} has deltas for {unknown[:3]}, which are not "
-                                               "linear layers of its base model; was it trained on another base?")
+                    raise InvalidArgumentError(
+                        f"adapter {str(path)!r} has deltas for {unknown[:3]}, which are not "
+                        "linear layers of its base model; was it trained on another base?"
+                    )
                 for name, (indices, values) in state.items():
                     mods[name].set_delta(indices, values)
                 base["sparse"], base["sparse_active"] = key, set(state)
@@ -154,7 +169,6 @@ class TransformersSampler:
     def _select_adapter(self, base: dict[str, Any], adapter_path: str | None) -> bool:
         """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
         from peft import PeftModel
-
 
         model = base["model"]
         if adapter_path is None:
@@ -190,8 +204,11 @@ class TransformersSampler:
     @staticmethod
     def _adapter_off(model, target: Target):
         """The base alone: PEFT adapters disabled when `target` names none (sparse deltas are switched by select)."""
-        return (model.disable_adapter() if target.adapter_path is None and hasattr(model, "disable_adapter")
-                else contextlib.nullcontext())
+        return (
+            model.disable_adapter()
+            if target.adapter_path is None and hasattr(model, "disable_adapter")
+            else contextlib.nullcontext()
+        )
 
     @contextlib.contextmanager
     def using(self, target: Target) -> Iterator[dict[str, Any]]:
@@ -220,13 +237,18 @@ class TransformersSampler:
             if context and len(ids) + params.max_tokens > context:
                 raise InvalidArgumentError(
                     f"the prompt is {len(ids):,} tokens and max_tokens={params.max_tokens}: {len(ids) + params.max_tokens:,} "
-                    f"tokens exceed {target.base_id}'s context of {context:,}; shorten the prompt or lower max_tokens")
+                    f"tokens exceed {target.base_id}'s context of {context:,}; shorten the prompt or lower max_tokens"
+                )
             input_ids = torch.tensor([ids], device=base["device"])
             sample = params.temperature > 0
             gen_kwargs: dict[str, Any] = dict(
-                max_new_tokens=params.max_tokens, do_sample=sample, num_return_sequences=params.n,
-                pad_token_id=tok.pad_token_id, eos_token_id=stop_ids,
-                output_scores=params.logprobs, return_dict_in_generate=True,
+                max_new_tokens=params.max_tokens,
+                do_sample=sample,
+                num_return_sequences=params.n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=stop_ids,
+                output_scores=params.logprobs,
+                return_dict_in_generate=True,
             )
             if sample:
                 gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
@@ -243,7 +265,7 @@ class TransformersSampler:
             with torch.inference_mode(), no_adapter:
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
             generate_s = time.perf_counter() - t1
-            new = out.sequences[:, input_ids.shape[1]:]
+            new = out.sequences[:, input_ids.shape[1] :]
             scores = None
             if params.logprobs:
                 scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
@@ -255,14 +277,20 @@ class TransformersSampler:
                     completions[-1].finish_reason = "time_limit"
                 total += completions[-1].completion_tokens
             return Generation(
-                completions=completions, prompt_tokens=len(ids), backend=self.backend, load_s=round(load_s, 4),
-                base_loaded=base_loaded, adapter_loaded=adapter_loaded, generate_s=round(generate_s, 4),
+                completions=completions,
+                prompt_tokens=len(ids),
+                backend=self.backend,
+                load_s=round(load_s, 4),
+                base_loaded=base_loaded,
+                adapter_loaded=adapter_loaded,
+                generate_s=round(generate_s, 4),
                 tokens_per_s=round(total / generate_s, 1) if generate_s > 0 else 0.0,
             )
 
     @staticmethod
-    def _completion(tok, row: list[int], stop_ids: list[int], params: SampleParams,
-                    scores: list[float] | None) -> Completion:
+    def _completion(
+        tok, row: list[int], stop_ids: list[int], params: SampleParams, scores: list[float] | None
+    ) -> Completion:
         finish = "length"
         if ends := [j for j, t in enumerate(row) if t in stop_ids]:
             row, finish = row[: ends[0]], "stop"

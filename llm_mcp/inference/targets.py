@@ -52,7 +52,8 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
     if job.config.task == "evaluate":
         raise InvalidArgumentError(
             f"job {job.id} is an evaluation and has no adapter; use one of the jobs it scored "
-            f"({', '.join(t.job_id for t in job.config.targets if t.job_id) or 'it scored the base model only'})")
+            f"({', '.join(t.job_id for t in job.config.targets if t.job_id) or 'it scored the base model only'})"
+        )
     job_dir = store.job_dir(job.id)
     final = job_dir / "adapter"
     steps = [step for step, p in checkpoints(job_dir) if (p / "adapter").is_dir()]
@@ -73,11 +74,13 @@ def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> t
             raise InvalidArgumentError(_ended_without_adapter(job, steps))
         raise InvalidArgumentError(
             f"job {job.id} ({job.state}) has no checkpoint yet; checkpoints are written every "
-            f"{job.config.checkpoint_every} steps. Try again after the first one.")
+            f"{job.config.checkpoint_every} steps. Try again after the first one."
+        )
     if value.isdigit() and int(value) in steps:
         return job_dir / "checkpoints" / f"step-{int(value):06d}" / "adapter", f"step {int(value)}"
     raise InvalidArgumentError(
-        f"checkpoint={checkpoint!r} for job {job.id}; allowed: 'final', 'latest' or a step in {steps}")
+        f"checkpoint={checkpoint!r} for job {job.id}; allowed: 'final', 'latest' or a step in {steps}"
+    )
 
 
 def _ended_without_adapter(job: Job, steps: list[int]) -> str:
@@ -87,17 +90,24 @@ def _ended_without_adapter(job: Job, steps: list[int]) -> str:
     else:
         head = f"job {job.id} {'failed' if job.state == 'failed' else 'was cancelled'} before writing a final adapter"
     if steps:
-        return (f"{head}; its checkpoints hold adapters: use checkpoint='latest' or a step in {steps}, "
-                f"or start_finetune with resume_from='{job.id}' to finish training")
+        return (
+            f"{head}; its checkpoints hold adapters: use checkpoint='latest' or a step in {steps}, "
+            f"or start_finetune with resume_from='{job.id}' to finish training"
+        )
     cause = " (job_status shows the cause)" if job.state == "failed" else ""
     return f"{head} and has no checkpoint either, so there is nothing to use; start_finetune again{cause}"
 
 
 def job_target(job: Job, adapter: Path | None) -> Target:
     model = job.config.model
-    return Target(base_path=model.path, base_id=model.id, adapter_path=str(adapter) if adapter else None,
-                  quantized=job.config.quantized, sparse=job.method == "sparse",
-                  trust_remote_code=model.trust_remote_code)
+    return Target(
+        base_path=model.path,
+        base_id=model.id,
+        adapter_path=str(adapter) if adapter else None,
+        quantized=job.config.quantized,
+        sparse=job.method == "sparse",
+        trust_remote_code=model.trust_remote_code,
+    )
 
 
 def adapter_base(adapter: Path) -> str:
@@ -108,7 +118,8 @@ def adapter_base(adapter: Path) -> str:
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(
             f"adapter={str(adapter)!r} is not an adapter directory (no readable adapter_config.json or "
-            "sparse_config.json)") from exc
+            "sparse_config.json)"
+        ) from exc
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise InvalidArgumentError(f"adapter={str(adapter)!r}: adapter_config.json names no base_model_name_or_path")

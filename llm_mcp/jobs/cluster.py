@@ -70,8 +70,11 @@ def local_filesystem(path: Path) -> str | None:
     target = str(path.resolve())
     for line in mounts:
         parts = line.split()
-        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")) \
-                and len(parts[1]) >= len(best):
+        if (
+            len(parts) >= 3
+            and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"))
+            and len(parts[1]) >= len(best)
+        ):
             best, fstype = parts[1], parts[2]
     return fstype if fstype in LOCAL_FILESYSTEMS else None
 
@@ -129,10 +132,15 @@ class ClusterExecutor:
         try:
             submission = self.describe_submission(job_id, job.config, self.store.job_dir(job_id))
             engine_id = self.send(job_id, submission)
-        except Exception as exc:  # noqa: BLE001 - any failure to submit ends the job with its cause, never a stuck 'queued'
-            self.store.update(job_id, expect=("queued",), state="failed", finished_at=time.time(),
-                              error=f"{self.engine} did not take the job: {exc}",
-                              next_step="fix the cluster settings or the request, then start the job again")
+        except Exception as exc:
+            self.store.update(
+                job_id,
+                expect=("queued",),
+                state="failed",
+                finished_at=time.time(),
+                error=f"{self.engine} did not take the job: {exc}",
+                next_step="fix the cluster settings or the request, then start the job again",
+            )
             return self.store.get(job_id)
         self.store.update(job_id, engine_id=engine_id, engine_state="SUBMITTED")
         return self.store.get(job_id)
@@ -150,7 +158,7 @@ class ClusterExecutor:
         for job in jobs:
             try:
                 self._update(job, seen.get(job.engine_id), now)
-            except Exception as exc:  # noqa: BLE001 - recorded on the next poll; the watcher logs it
+            except Exception as exc:
                 log.warning("%s job %s: %s", self.engine, job.id, exc)
 
     def _adopt(self, job: Job) -> None:
@@ -159,8 +167,14 @@ class ClusterExecutor:
         if engine_id:
             self.store.update(job.id, engine_id=engine_id, engine_state="SUBMITTED")
         else:
-            self.store.update(job.id, expect=("queued",), state="failed", finished_at=time.time(),
-                              error=f"the job was recorded but never reached {self.engine}", next_step="start it again")
+            self.store.update(
+                job.id,
+                expect=("queued",),
+                state="failed",
+                finished_at=time.time(),
+                error=f"the job was recorded but never reached {self.engine}",
+                next_step="start it again",
+            )
 
     def _update(self, job: Job, ej: EngineJob | None, now: float) -> None:
         job_dir = self.store.job_dir(job.id)
@@ -170,8 +184,10 @@ class ClusterExecutor:
                 return  # a shared filesystem may show the node's result.json a little later
             outside = ej.outside if ej else None
             if not has_result and not (job_dir / "train.log").exists():
-                outside = outside or (f"{self.engine} job {job.engine_id} ended without writing to its directory: "
-                                      f"is LLM_MCP_HOME ({self.settings.home}) mounted on the nodes?")
+                outside = outside or (
+                    f"{self.engine} job {job.engine_id} ended without writing to its directory: "
+                    f"is LLM_MCP_HOME ({self.settings.home}) mounted on the nodes?"
+                )
             elif ej is None and not has_result:
                 outside = f"{self.engine} no longer knows job {job.engine_id} and it left no result"
             if ej is not None:
@@ -210,8 +226,13 @@ class ClusterExecutor:
         if ej is None or ej.phase == "pending":
             if job.engine_id:
                 self.kill(job.engine_id)  # never started: nothing to checkpoint
-            self.store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time(),
-                              engine_state=ej.label if ej else job.engine_state)
+            self.store.update(
+                job_id,
+                expect=("queued",),
+                state="cancelled",
+                finished_at=time.time(),
+                engine_state=ej.label if ej else job.engine_state,
+            )
         else:
             self.signal_stop(job.engine_id)  # with the cancel file: checkpoint, then stop; poll() enforces the grace
         return self.store.get(job_id)
@@ -231,9 +252,11 @@ class ClusterExecutor:
         nodes = self.node_count()
         fstype = local_filesystem(self.settings.home) if nodes > 1 else None
         if fstype:
-            return (f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but {self.engine} has "
-                    f"{nodes} nodes: jobs on other nodes will not find their directory. Put "
-                    "LLM_MCP_HOME on a filesystem every node mounts (NFS, Lustre, GPFS, ...)")
+            return (
+                f"LLM_MCP_HOME={self.settings.home} is on a local {fstype} filesystem, but {self.engine} has "
+                f"{nodes} nodes: jobs on other nodes will not find their directory. Put "
+                "LLM_MCP_HOME on a filesystem every node mounts (NFS, Lustre, GPFS, ...)"
+            )
         return None
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import psutil
 
+from llm_mcp.core.hardware import detect
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.core.jobdir import log_tail
-from llm_mcp.core.hardware import detect
 from llm_mcp.core.procs import free_port, threads_per_process
+from llm_mcp.core.settings import data_path
 from llm_mcp.core.store import Job, JobStore
 from llm_mcp.jobs.outcome import finalize
-from llm_mcp.core.settings import data_path
 
 START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
 
@@ -37,8 +37,15 @@ def max_jobs() -> int:
         return 1
 
 
-def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path, *, python: str = sys.executable,
-                       port: int | str | None = None, machine_rank: str = "0", main_ip: str = "") -> list[str]:
+def accelerate_command(
+    cfg: JobConfig | EvalConfig,
+    job_dir: Path,
+    *,
+    python: str = sys.executable,
+    port: int | str | None = None,
+    machine_rank: str = "0",
+    main_ip: str = "",
+) -> list[str]:
     """The command line for a job's resolved config: `accelerate launch` for training.
 
     A job over several nodes (cfg.nodes > 1) runs this once per node with that node's `machine_rank` and
@@ -49,8 +56,17 @@ def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path, *, python: st
         return [python, "-m", cfg.entry, str(job_dir)]
     name = "fsdp.yaml" if cfg.distributed == "fsdp" else "single.yaml" if n == 1 else "ddp.yaml"
     config_file = str(data_path("configs") / "accelerate" / name)
-    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", config_file,
-           "--num_processes", str(n), "--main_process_port", str(port or free_port())]
+    cmd = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config_file,
+        "--num_processes",
+        str(n),
+        "--main_process_port",
+        str(port or free_port()),
+    ]
     if cfg.nodes > 1:
         cmd += ["--num_machines", str(cfg.nodes), "--machine_rank", machine_rank, "--main_process_ip", main_ip]
     return cmd + ["-m", cfg.entry, str(job_dir)]
@@ -59,9 +75,13 @@ def accelerate_command(cfg: JobConfig | EvalConfig, job_dir: Path, *, python: st
 def job_environment(cfg: JobConfig | EvalConfig, cores_per_node: int, home: Path) -> dict[str, str]:
     """The variables every job process gets, wherever it runs: the local supervisor and the cluster executors."""
     per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
-    return {"LLM_MCP_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "OMP_NUM_THREADS": str(threads_per_process(per_node, cores=cores_per_node))}
+    return {
+        "LLM_MCP_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "OMP_NUM_THREADS": str(threads_per_process(per_node, cores=cores_per_node)),
+    }
 
 
 def _process_alive(pid: int | None, started_at: float | None) -> bool:
@@ -82,14 +102,19 @@ def schedule(store: JobStore) -> list[str]:
     claimed: list[str] = []
     with store.transaction() as db:
         running: dict[str, int] = {}
-        for row in db.execute("SELECT device_set, COUNT(*) AS n FROM jobs WHERE state = 'running' AND engine = 'local' "
-                              "GROUP BY device_set"):
+        for row in db.execute(
+            "SELECT device_set, COUNT(*) AS n FROM jobs WHERE state = 'running' AND engine = 'local' "
+            "GROUP BY device_set"
+        ):
             running[row["device_set"]] = row["n"]
-        for row in db.execute("SELECT id, device_set FROM jobs WHERE state = 'queued' AND engine = 'local' "
-                              "ORDER BY created_at").fetchall():
+        for row in db.execute(
+            "SELECT id, device_set FROM jobs WHERE state = 'queued' AND engine = 'local' ORDER BY created_at"
+        ).fetchall():
             if running.get(row["device_set"], 0) < limit:
-                db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
-                           (time.time(), row["id"]))
+                db.execute(
+                    "UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
+                    (time.time(), row["id"]),
+                )
                 running[row["device_set"]] = running.get(row["device_set"], 0) + 1
                 claimed.append(row["id"])
     for job_id in claimed:
@@ -103,12 +128,22 @@ def _spawn_supervisor(store: JobStore, job_id: str) -> None:
         with open(job_dir / "supervisor.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "llm_mcp.jobs.supervisor", str(store.home), job_id],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=job_dir, close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=job_dir,
+                close_fds=True,
             )
     except OSError as exc:
-        store.update(job_id, expect=("running",), state="failed", finished_at=time.time(),
-                     error=f"could not start the job process: {exc}", next_step="check disk space and permissions")
+        store.update(
+            job_id,
+            expect=("running",),
+            state="failed",
+            finished_at=time.time(),
+            error=f"could not start the job process: {exc}",
+            next_step="check disk space and permissions",
+        )
         return
     store.update(job_id, pid=proc.pid, pid_started_at=psutil.Process(proc.pid).create_time())
 
@@ -144,9 +179,14 @@ def reconcile(store: JobStore) -> None:
             if live is not None:  # spawned, but the server died before recording its pid: adopt it
                 store.update(job.id, expect=("running",), pid=live.pid, pid_started_at=live.create_time())
             elif job.started_at and now - job.started_at > START_TIMEOUT_S:
-                store.update(job.id, expect=("running",), state="failed", finished_at=now,
-                             error="the job was claimed but its process never started",
-                             next_step="start it again")
+                store.update(
+                    job.id,
+                    expect=("running",),
+                    state="failed",
+                    finished_at=now,
+                    error="the job was claimed but its process never started",
+                    next_step="start it again",
+                )
             continue
         if not _process_alive(job.pid, job.pid_started_at):
             kill_job_processes(store.job_dir(job.id))
@@ -160,8 +200,9 @@ def cancel(store: JobStore, job_id: str) -> Job:
     Idempotent: cancelling a finished job changes nothing.
     """
     job = store.get(job_id)
-    if job.state == "queued" and store.update(job_id, expect=("queued",), state="cancelled", finished_at=time.time(),
-                                              cancel_requested=1):
+    if job.state == "queued" and store.update(
+        job_id, expect=("queued",), state="cancelled", finished_at=time.time(), cancel_requested=1
+    ):
         return store.get(job_id)
     if job.state == "running":
         store.update(job_id, cancel_requested=1)

@@ -16,7 +16,8 @@ def describe_exit(exit_code: int | None, tail: list[str]) -> str:
         m = re.search(r"Signals\.(SIG[A-Z]+)", line)
         if m:
             return f"the training process was killed by {m.group(1)}" + (
-                " (often the out-of-memory killer)" if m.group(1) == "SIGKILL" else "")
+                " (often the out-of-memory killer)" if m.group(1) == "SIGKILL" else ""
+            )
     if exit_code is not None and exit_code < 0:
         name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
         return f"the job process was killed by {name}"
@@ -42,21 +43,33 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
     if result and result.get("state") in FINAL_STATES:
         state, error, next_step = result["state"], result.get("error"), result.get("next_step")
         if state == "cancelled" and not fresh.cancel_requested:  # the trainer got a stop nobody here sent
-            cause = outside or "stopped by a signal cancel_job did not send (a time limit, preemption, an administrator)"
+            cause = (
+                outside or "stopped by a signal cancel_job did not send (a time limit, preemption, an administrator)"
+            )
             state, error = "failed", f"{cause}; the trainer stopped with a checkpoint at step {result.get('step')}"
             next_step = None
     elif fresh.cancel_requested:
         state, error, next_step = "cancelled", None, None
     else:
         state, error = "failed", outside or describe_exit(exit_code, tail)
-        next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else (
-            "fix the cause shown in the last log lines, then start the job again")
+        next_step = (
+            f"resume_from='{job.id}' continues from the last checkpoint"
+            if checkpoints(job_dir)
+            else ("fix the cause shown in the last log lines, then start the job again")
+        )
     if state == "failed" and (outside or not next_step) and checkpoints(job_dir):
         next_step = f"resume_from='{job.id}' continues from the last checkpoint"
     if state == "failed" and error and not next_step:
         next_step = "fix the cause shown in the last log lines, then start again or resume"
     if state == "cancelled":
         next_step = f"resume_from='{job.id}' continues from the last checkpoint" if checkpoints(job_dir) else None
-    store.update(job.id, expect=("queued", "running"), state=state, finished_at=time.time(), exit_code=exit_code,
-                 error=error, next_step=next_step)
+    store.update(
+        job.id,
+        expect=("queued", "running"),
+        state=state,
+        finished_at=time.time(),
+        exit_code=exit_code,
+        error=error,
+        next_step=next_step,
+    )
     return state

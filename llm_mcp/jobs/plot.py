@@ -44,7 +44,9 @@ def evaluation_png(summary: dict[str, Any], title: str) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100, gridspec_kw={"width_ratios": [max(1, len(scores)), 1]})
     width = 0.8 / max(1, len(targets))
     for j, t in enumerate(targets):
-        axes[0].bar([i + j * width for i in range(len(scores))], [t.get(k, 0) for k in scores], width, label=t["target"])
+        axes[0].bar(
+            [i + j * width for i in range(len(scores))], [t.get(k, 0) for k in scores], width, label=t["target"]
+        )
         axes[1].bar([j], [t.get("loss", 0)], 0.6, label=t["target"])
     axes[0].set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(scores))], scores, fontsize=8)
     axes[0].set_ylim(0, 1)

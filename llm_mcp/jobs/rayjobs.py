@@ -43,13 +43,17 @@ class RayExecutor(ClusterExecutor):
             try:
                 from ray.job_submission import JobSubmissionClient  # imported on first use: start-up stays light
             except ImportError:
-                raise ConfigurationError("the ray executor needs Ray's job client: pip install 'llm-mcp[cluster]'") from None
+                raise ConfigurationError(
+                    "the ray executor needs Ray's job client: pip install 'llm-mcp[cluster]'"
+                ) from None
             try:
                 self._client = JobSubmissionClient(self.address)
-            except Exception as exc:  # noqa: BLE001 - requests' and Ray's errors alike mean "not reachable"
-                raise ConfigurationError(f"cannot reach the Ray cluster at LLM_MCP_RAY_ADDRESS={self.address!r} "
-                                         f"({exc}); start it (ray start --head) or point the setting at its "
-                                         "dashboard address") from None
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"cannot reach the Ray cluster at LLM_MCP_RAY_ADDRESS={self.address!r} "
+                    f"({exc}); start it (ray start --head) or point the setting at its "
+                    "dashboard address"
+                ) from None
         return self._client
 
     def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
@@ -58,22 +62,39 @@ class RayExecutor(ClusterExecutor):
         cpus = cfg.num_processes if gpus else hw.cpu_count  # a CPU job trains on the whole node, as on Slurm
         launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT")
         q = shlex.quote(str(job_dir))
-        script = (f"if [ ! -f {q}/config.json ]; then echo \"llm_mcp: job directory {job_dir} is not visible on "
-                  f"$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node\" >&2; "
-                  f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && echo \"[ray] on $(hostname)\" >> train.log && "
-                  f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1")
+        script = (
+            f'if [ ! -f {q}/config.json ]; then echo "llm_mcp: job directory {job_dir} is not visible on '
+            f'$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node" >&2; '
+            f'exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && echo "[ray] on $(hostname)" >> train.log && '
+            f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1"
+        )
         env = job_environment(cfg, cpus, self.settings.home)
-        return {"kind": "ray job", "address": self.address, "submission_id": f"llm-mcp-{job_id}",
-                "entrypoint": f"bash -c {shlex.quote(script)}", "entrypoint_num_cpus": cpus,
-                "entrypoint_num_gpus": gpus, "runtime_env": {"env_vars": env},
-                "metadata": {"llm_mcp_job": job_id}}
+        return {
+            "kind": "ray job",
+            "address": self.address,
+            "submission_id": f"llm-mcp-{job_id}",
+            "entrypoint": f"bash -c {shlex.quote(script)}",
+            "entrypoint_num_cpus": cpus,
+            "entrypoint_num_gpus": gpus,
+            "runtime_env": {"env_vars": env},
+            "metadata": {"llm_mcp_job": job_id},
+        }
 
     def send(self, job_id: str, submission: dict) -> str:
-        fields = {k: submission[k] for k in ("submission_id", "entrypoint", "entrypoint_num_cpus",
-                                              "entrypoint_num_gpus", "runtime_env", "metadata")}
+        fields = {
+            k: submission[k]
+            for k in (
+                "submission_id",
+                "entrypoint",
+                "entrypoint_num_cpus",
+                "entrypoint_num_gpus",
+                "runtime_env",
+                "metadata",
+            )
+        }
         try:
             return self.client.submit_job(**fields)
-        except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError, requests raises its own OSError kinds
+        except Exception as exc:
             raise ConfigurationError(f"submitting to Ray at {self.address} failed: {exc}") from None
 
     def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
@@ -81,7 +102,7 @@ class RayExecutor(ClusterExecutor):
         for sid in engine_ids:
             try:
                 info = self.client.get_job_info(sid)
-            except Exception as exc:  # noqa: BLE001 - see send()
+            except Exception as exc:
                 if "does not exist" in str(exc):
                     continue
                 raise ConfigurationError(f"reading Ray job {sid} at {self.address} failed: {exc}") from None
@@ -92,8 +113,11 @@ class RayExecutor(ClusterExecutor):
             elif status == "RUNNING":
                 found[sid] = EngineJob("running", status, "", node)
             else:
-                outside = (f"Ray stopped job {sid} outside this server (ray job stop, or its driver was lost)"
-                           if status == "STOPPED" else None)
+                outside = (
+                    f"Ray stopped job {sid} outside this server (ray job stop, or its driver was lost)"
+                    if status == "STOPPED"
+                    else None
+                )
                 found[sid] = EngineJob("ended", status, info.message or "", node, info.driver_exit_code, outside)
         return found
 
@@ -107,7 +131,7 @@ class RayExecutor(ClusterExecutor):
     def kill(self, engine_id: str) -> None:
         try:
             self.client.stop_job(engine_id)
-        except Exception as exc:  # noqa: BLE001 - see send()
+        except Exception as exc:
             if "does not exist" not in str(exc):
                 raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
 
@@ -122,9 +146,10 @@ class RayExecutor(ClusterExecutor):
 
         try:
             nodes = [n for n in list_nodes(address=self.address, detail=True) if n.state == "ALIVE"]
-        except Exception as exc:  # noqa: BLE001 - the state API raises many kinds; all mean "not reachable"
-            raise ConfigurationError(f"cannot read the nodes of the Ray cluster at {self.address} ({exc}); is it "
-                                     "running (ray status)?") from None
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot read the nodes of the Ray cluster at {self.address} ({exc}); is it running (ray status)?"
+            ) from None
         if not nodes:
             raise ConfigurationError(f"the Ray cluster at {self.address} has no alive node")
         self.alive_nodes = len(nodes)
@@ -133,6 +158,11 @@ class RayExecutor(ClusterExecutor):
         kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
         ram = round(res.get("memory", 0) / 2**30, 1)
-        return Hardware(gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(int(res.get("GPU", 0)))],
-                        ram_gb=ram, available_ram_gb=ram, cpu_count=int(res.get("CPU", 1)),
-                        source=f"Ray cluster {self.address} (a job runs on one node)", max_nodes=1)
+        return Hardware(
+            gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(int(res.get("GPU", 0)))],
+            ram_gb=ram,
+            available_ram_gb=ram,
+            cpu_count=int(res.get("CPU", 1)),
+            source=f"Ray cluster {self.address} (a job runs on one node)",
+            max_nodes=1,
+        )

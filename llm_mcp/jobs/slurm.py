@@ -39,18 +39,27 @@ OUTSIDE = {
     "OUT_OF_MEMORY": "Slurm killed job {id} for using more memory than it was given (OUT_OF_MEMORY)",
     "DEADLINE": "Slurm ended job {id} at its deadline (DEADLINE)",
 }
-SCHEDULER_FIELDS = {"partition": "--partition", "account": "--account", "qos": "--qos", "time_limit": "--time",
-                    "constraint": "--constraint"}
+SCHEDULER_FIELDS = {
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "time_limit": "--time",
+    "constraint": "--constraint",
+}
 
 
 def _run(args: list[str], what: str) -> str:
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     except FileNotFoundError:
-        raise ConfigurationError(f"`{args[0]}` is not installed on the server's machine; the slurm executor needs "
-                                 "the Slurm client commands (and munge) configured for the cluster") from None
+        raise ConfigurationError(
+            f"`{args[0]}` is not installed on the server's machine; the slurm executor needs "
+            "the Slurm client commands (and munge) configured for the cluster"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise ConfigurationError(f"{what}: `{args[0]}` did not answer within {CALL_TIMEOUT_S} s; is slurmctld up?") from None
+        raise ConfigurationError(
+            f"{what}: `{args[0]}` did not answer within {CALL_TIMEOUT_S} s; is slurmctld up?"
+        ) from None
     if out.returncode != 0:
         raise ConfigurationError(f"{what}: `{shlex.join(args)}` failed: {(out.stderr or out.stdout).strip()[:500]}")
     return out.stdout
@@ -75,19 +84,30 @@ class SlurmExecutor(ClusterExecutor):
         per_node = max(1, cfg.num_processes // cfg.nodes)
         node_gpus = len(hw.gpus)
         cpus = hw.cpu_count if not node_gpus else max(1, per_node * (hw.cpu_count // node_gpus))
-        lines = ["#!/bin/bash", f"#SBATCH --job-name=llm-mcp-{job_id}", f"#SBATCH --nodes={cfg.nodes}",
-                 "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={cpus}"]
+        lines = [
+            "#!/bin/bash",
+            f"#SBATCH --job-name=llm-mcp-{job_id}",
+            f"#SBATCH --nodes={cfg.nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --cpus-per-task={cpus}",
+        ]
         if cfg.device == "cuda":
             lines.append(f"#SBATCH --gres=gpu:{per_node}")
         else:
             lines.append("#SBATCH --mem=0")  # a CPU job trains in host RAM; the fit check planned on all of it
         for key, value in self.options(cfg).items():
             lines.append(f"#SBATCH {SCHEDULER_FIELDS[key]}={value}")
-        lines += [f"#SBATCH --output={job_dir}/slurm-%j.out", "#SBATCH --open-mode=append", f"#SBATCH --chdir={job_dir}",
-                  "#SBATCH --no-requeue", ""]
+        lines += [
+            f"#SBATCH --output={job_dir}/slurm-%j.out",
+            "#SBATCH --open-mode=append",
+            f"#SBATCH --chdir={job_dir}",
+            "#SBATCH --no-requeue",
+            "",
+        ]
         env = job_environment(cfg, cpus, self.settings.home)
-        launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT", machine_rank="$SLURM_NODEID",
-                                    main_ip="$MAIN_ADDR")
+        launch = accelerate_command(
+            cfg, job_dir, python=self.python, port="$MAIN_PORT", machine_rank="$SLURM_NODEID", main_ip="$MAIN_ADDR"
+        )
         task = "exec " + shell_join(launch, raw=("$MAIN_PORT", "$SLURM_NODEID", "$MAIN_ADDR"))
         q = shlex.quote(str(job_dir))
         lines += [
@@ -107,8 +127,12 @@ class SlurmExecutor(ClusterExecutor):
         ]
         path = job_dir / "submit.sbatch"
         extra = shlex.split(self.settings.slurm.get("sbatch_args", ""))  # the operator's, on the command line
-        return {"kind": "sbatch", "command": ["sbatch", "--parsable", *extra, str(path)], "path": str(path),
-                "script": "\n".join(lines) + "\n"}
+        return {
+            "kind": "sbatch",
+            "command": ["sbatch", "--parsable", *extra, str(path)],
+            "path": str(path),
+            "script": "\n".join(lines) + "\n",
+        }
 
     def send(self, job_id: str, submission: dict) -> str:
         Path(submission["path"]).write_text(submission["script"])
@@ -117,8 +141,9 @@ class SlurmExecutor(ClusterExecutor):
 
     def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
         try:
-            out = _run(["squeue", "--states=all", "-h", "-j", ",".join(engine_ids), "-o", "%i|%T|%r|%N"],
-                       "reading job states")
+            out = _run(
+                ["squeue", "--states=all", "-h", "-j", ",".join(engine_ids), "-o", "%i|%T|%r|%N"], "reading job states"
+            )
         except ConfigurationError as exc:
             if "Invalid job id" in str(exc):
                 return {}  # none of them is known any more
@@ -177,20 +202,28 @@ class SlurmExecutor(ClusterExecutor):
                 parts.setdefault(name, []).append(row)
         want = self.settings.slurm.get("partition") or default or next(iter(parts), None)
         if want not in parts:
-            raise ConfigurationError(f"LLM_MCP_SLURM_PARTITION={want!r} is not a partition of this cluster; "
-                                     f"allowed: {sorted(parts)}")
+            raise ConfigurationError(
+                f"LLM_MCP_SLURM_PARTITION={want!r} is not a partition of this cluster; allowed: {sorted(parts)}"
+            )
 
         def number(text: str) -> int:
             return int(re.sub(r"\D", "", text) or 0)
 
         rows = parts[want]
-        gpus_of = [(int(m.group(2)), m.group(1)) if (m := re.search(r"gpu:(?:([\w.-]+):)?(\d+)", r[4])) else (0, None)
-                   for r in rows]
+        gpus_of = [
+            (int(m.group(2)), m.group(1)) if (m := re.search(r"gpu:(?:([\w.-]+):)?(\d+)", r[4])) else (0, None)
+            for r in rows
+        ]
         n_gpus = max(n for n, _ in gpus_of)  # plan for the partition's GPU nodes when it mixes kinds
         rows = [r for r, (n, _) in zip(rows, gpus_of) if n == n_gpus]
         kind = next((k for n, k in gpus_of if n == n_gpus and k), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
         ram = round(min(number(r[3]) for r in rows) / 1024, 1)
-        return Hardware(gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(n_gpus)], ram_gb=ram,
-                        available_ram_gb=ram, cpu_count=max(1, min(number(r[2]) for r in rows)),
-                        source=f"Slurm partition {want}", max_nodes=max(1, sum(number(r[1]) for r in rows)))
+        return Hardware(
+            gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(n_gpus)],
+            ram_gb=ram,
+            available_ram_gb=ram,
+            cpu_count=max(1, min(number(r[2]) for r in rows)),
+            source=f"Slurm partition {want}",
+            max_nodes=max(1, sum(number(r[1]) for r in rows)),
+        )

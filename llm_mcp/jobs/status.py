@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths
 from llm_mcp.core.store import Job, JobStore
 
+
 class CheckpointInfo(BaseModel):
     step: int
     path: str
@@ -33,8 +34,9 @@ class JobStatus(BaseModel):
     eta_s: float | None = None
     objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs) | evaluate.")
     evaluation: dict | None = Field(None, description="evaluate jobs: per-target scores and the per-row file.")
-    reward_accuracy: float | None = Field(None, description="dpo: fraction of pairs whose implicit reward ranks "
-                                                            "chosen above rejected (last 10 steps).")
+    reward_accuracy: float | None = Field(
+        None, description="dpo: fraction of pairs whose implicit reward ranks chosen above rejected (last 10 steps)."
+    )
     reward_margin: float | None = Field(None, description="dpo: mean chosen minus rejected reward (last 10 steps).")
     eval_reward_accuracy: float | None = Field(None, description="dpo: reward accuracy on the eval pairs.")
     eval_reward_margin: float | None = None
@@ -53,8 +55,11 @@ class JobStatus(BaseModel):
     job_dir: str
     engine: str = Field("local", description="Where it runs: local | slurm | ray.")
     engine_job_id: str | None = Field(None, description="The Slurm job id or Ray submission id.")
-    queue_state: str | None = Field(None, description="The engine's own state, e.g. 'PENDING (Resources)': a job "
-                                                      "pending in the cluster's queue is 'queued' here, not running.")
+    queue_state: str | None = Field(
+        None,
+        description="The engine's own state, e.g. 'PENDING (Resources)': a job "
+        "pending in the cluster's queue is 'queued' here, not running.",
+    )
     nodes: str | None = Field(None, description="The hosts the job runs on, as the engine names them.")
 
 
@@ -65,20 +70,37 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
     steps = [m for m in metrics if "loss" in m and "step" in m]
     evals = [m for m in metrics if "eval_loss" in m and m["eval_loss"] is not None]
     status = JobStatus(
-        job_id=job.id, name=job.name, state=job.state, model=job.model, method=job.method,
-        warnings=job.warnings, error=redact_paths(job.error, store.home) if job.error else None,
-        next_step=job.next_step, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        resumed_from=job.resumed_from, job_dir=str(job_dir), engine=job.engine, engine_job_id=job.engine_id,
-        queue_state=job.engine_state, nodes=job.nodes,
-        log_tail=public_log(log_tail(job_dir, log_lines * 4), store.home)[-log_lines:] if job.state != "queued" and log_lines else [],
+        job_id=job.id,
+        name=job.name,
+        state=job.state,
+        model=job.model,
+        method=job.method,
+        warnings=job.warnings,
+        error=redact_paths(job.error, store.home) if job.error else None,
+        next_step=job.next_step,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        resumed_from=job.resumed_from,
+        job_dir=str(job_dir),
+        engine=job.engine,
+        engine_job_id=job.engine_id,
+        queue_state=job.engine_state,
+        nodes=job.nodes,
+        log_tail=public_log(log_tail(job_dir, log_lines * 4), store.home)[-log_lines:]
+        if job.state != "queued" and log_lines
+        else [],
     )
     if start:
         status.total_steps = start["total_steps"]
         seen = start.get("examples", 0) + start.get("dropped", 0)
         if start.get("truncated") or start.get("dropped"):
-            status.warnings = [*status.warnings, f"the trainer truncated {start.get('truncated', 0)} of {seen} "
-                               f"training sequences to max_seq_len and dropped {start.get('dropped', 0)} left with "
-                               "no trained token"]
+            status.warnings = [
+                *status.warnings,
+                f"the trainer truncated {start.get('truncated', 0)} of {seen} "
+                f"training sequences to max_seq_len and dropped {start.get('dropped', 0)} left with "
+                "no trained token",
+            ]
     if steps:
         last = steps[-1]
         status.step, status.epoch, status.loss = last["step"], last.get("epoch"), last["loss"]
@@ -125,14 +147,15 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
 
 def summarize_status(s: JobStatus) -> str:
     """A few lines an LLM reads at a glance."""
-    head = (f"Job {s.job_id} ({s.method}{' DPO' if s.objective == 'dpo' else ''} on {s.model}): "
-            f"{s.state.upper()}")
+    head = f"Job {s.job_id} ({s.method}{' DPO' if s.objective == 'dpo' else ''} on {s.model}): {s.state.upper()}"
     if s.total_steps:
         head += f", step {s.step}/{s.total_steps}"
     lines = [head]
     if s.engine != "local":
-        lines.append(f"{s.engine} job {s.engine_job_id or '(not submitted)'}: {s.queue_state or 'unknown'}"
-                     + (f" on {s.nodes}" if s.nodes else ""))
+        lines.append(
+            f"{s.engine} job {s.engine_job_id or '(not submitted)'}: {s.queue_state or 'unknown'}"
+            + (f" on {s.nodes}" if s.nodes else "")
+        )
     if s.loss is not None:
         part = f"loss {s.loss:.4f} (smoothed {s.smoothed_loss:.4f}, first {s.first_loss:.4f})"
         if s.eval_loss is not None:
@@ -156,9 +179,14 @@ def summarize_status(s: JobStatus) -> str:
     if timing:
         lines.append(", ".join(timing))
     if s.density is not None:
-        lines.append(f"sparse density {s.density:.4g}" + (
-            f"; last mask update at step {s.mask_update['step']} changed {s.mask_update['changed']:,} entries"
-            if s.mask_update else "; no mask update yet"))
+        lines.append(
+            f"sparse density {s.density:.4g}"
+            + (
+                f"; last mask update at step {s.mask_update['step']} changed {s.mask_update['changed']:,} entries"
+                if s.mask_update
+                else "; no mask update yet"
+            )
+        )
     if s.checkpoints:
         lines.append(f"checkpoints: steps {', '.join(str(c.step) for c in s.checkpoints)}")
     if s.adapter_path:

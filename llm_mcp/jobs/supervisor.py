@@ -17,12 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from llm_mcp.core.procs import become_subreaper, signal_descendants, usable_cores
+from llm_mcp.core.store import JobStore
 from llm_mcp.jobs.local import accelerate_command, job_environment, max_jobs, schedule
 from llm_mcp.jobs.outcome import finalize
-from llm_mcp.core.store import JobStore
-from llm_mcp.core.procs import become_subreaper, signal_descendants, usable_cores
-
-import psutil
 
 CANCEL_POLL_S = 2.0
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
@@ -61,7 +61,7 @@ def main(home: str, job_id: str) -> int:
         while not stopping.wait(CANCEL_POLL_S):
             try:
                 requested = store.get(job_id).cancel_requested
-            except Exception:  # noqa: BLE001 - a busy or full store: look again next time
+            except Exception:
                 continue
             if requested:
                 os.killpg(os.getpgrp(), signal.SIGTERM)  # the trainer checkpoints; on_sigterm starts the grace timer
@@ -76,7 +76,9 @@ def main(home: str, job_id: str) -> int:
     with open(job_dir / "train.log", "ab") as log:
         log.write(f"[supervisor] {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir, env=env
+        )
         exit_code = proc.wait()
         while True:  # wait for every descendant, including workers orphaned by the launcher
             try:

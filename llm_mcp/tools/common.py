@@ -53,14 +53,15 @@ def state_of(ctx: Context) -> AppState:
 
 def add_tool(mcp: MCPServer, fn: Callable, title: str, annotations: ToolAnnotations) -> None:
     """Register `fn` behind the error boundary; its dedented docstring is the description the model reads."""
-    mcp.add_tool(tool_errors(fn), title=title, description=inspect.cleandoc(fn.__doc__ or ""),
-                 annotations=annotations)
+    mcp.add_tool(tool_errors(fn), title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)
 
 
 def result(text: str, model: BaseModel) -> CallToolResult:
     """A tool result: a text summary for the model plus the structured content."""
-    return CallToolResult(content=[TextContent(type="text", text=text)],
-                          structured_content=model.model_dump(mode="json", exclude_none=True))
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)],
+        structured_content=model.model_dump(mode="json", exclude_none=True),
+    )
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -70,14 +71,20 @@ def _explain(name: str, exc: BaseException, home: Path | None) -> str:
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     path = getattr(exc, "filename", None)
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in STORAGE_ERRNOS:
-        return (f"{name}: a path is not usable ({cause}); check the paths you passed (each name at most 255 "
-                "characters, no special files), then call again.")
+        return (
+            f"{name}: a path is not usable ({cause}); check the paths you passed (each name at most 255 "
+            "characters, no special files), then call again."
+        )
     if path and home is not None and not Path(path).resolve().is_relative_to(home.resolve()):
-        return (f"{name} could not read or write {str(path)!r}: {cause}. Check that it exists and is readable, "
-                "then call again.")
+        return (
+            f"{name} could not read or write {str(path)!r}: {cause}. Check that it exists and is readable, "
+            "then call again."
+        )
     where = f" ({path})" if path else ""
-    return (f"{name} could not read or write the state directory {str(home)!r}{where}: {cause}. Free disk space or "
-            "point LLM_MCP_HOME at a writable directory, then call again; existing jobs and adapters are untouched.")
+    return (
+        f"{name} could not read or write the state directory {str(home)!r}{where}: {cause}. Free disk space or "
+        "point LLM_MCP_HOME at a writable directory, then call again; existing jobs and adapters are untouched."
+    )
 
 
 def _convert(name: str, exc: BaseException, kwargs: dict) -> ToolError:
@@ -92,6 +99,7 @@ def tool_errors(fn: Callable) -> Callable:
     """The error boundary: project errors and disk / database failures become clear ToolErrors."""
     caught = (LlmMcpError, OSError, sqlite3.Error)
     if inspect.iscoroutinefunction(fn):
+
         @functools.wraps(fn)
         async def wrapper(*args, **kwargs):
             try:
@@ -99,12 +107,14 @@ def tool_errors(fn: Callable) -> Callable:
             except caught as exc:
                 raise _convert(fn.__name__, exc, kwargs) from exc
     else:
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except caught as exc:
                 raise _convert(fn.__name__, exc, kwargs) from exc
+
     return wrapper
 
 
@@ -137,9 +147,14 @@ def explain_arguments(tool: str, schema: dict[str, Any], exc: ValidationError) -
             desc = props.get(loc[0], {}).get("description", "") if loc else ""
             problems.append(f"{field} is required ({allowed}){': ' + desc if desc else ''}")
         else:
-            problems.append(f"{field}={err.get('input')!r:.200} is not allowed: {err['msg'].lower()}; allowed: {allowed}")
-    head = problems[0] if len(problems) == 1 else f"{len(problems)} problems with the arguments:\n" + "\n".join(
-        f"  - {p}" for p in problems)
+            problems.append(
+                f"{field}={err.get('input')!r:.200} is not allowed: {err['msg'].lower()}; allowed: {allowed}"
+            )
+    head = (
+        problems[0]
+        if len(problems) == 1
+        else f"{len(problems)} problems with the arguments:\n" + "\n".join(f"  - {p}" for p in problems)
+    )
     return f"{head}\nFix the argument{'s' if len(problems) > 1 else ''} and call {tool} again."
 
 
@@ -155,7 +170,7 @@ async def with_progress(ctx: Context, fn, *args, message: Callable[[], str], can
     async def worker():
         try:
             box["value"] = await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=cancel is not None)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's ExceptionGroup
+        except Exception as exc:
             box["error"] = exc
         finally:
             done.set()
@@ -198,17 +213,22 @@ def summarize_start(r: StartFinetuneResult) -> str:
     if sub and sub.get("kind") == "sbatch":
         lines.append(f"would run `{shlex.join(sub['command'])}` with this script:\n{sub['script']}")
     elif sub:
-        lines.append(f"would submit to Ray at {sub['address']}: {sub['entrypoint']} "
-                     f"(CPUs {sub['entrypoint_num_cpus']}, GPUs {sub['entrypoint_num_gpus']})")
+        lines.append(
+            f"would submit to Ray at {sub['address']}: {sub['entrypoint']} "
+            f"(CPUs {sub['entrypoint_num_cpus']}, GPUs {sub['entrypoint_num_gpus']})"
+        )
     lines.append(f"next: {r.next_step}")
     return "\n".join(lines)
 
 
 def summarize_sample(r: SampleResult) -> str:
     src = r.source
-    head = (f"{r.backend}: {src.base_model}" + (f" + job {src.job_id} ({src.checkpoint})" if src.job_id else "")
-            + (f" + adapter {src.adapter_path}" if src.adapter_path and not src.job_id else "")
-            + f" | {r.prompt_tokens} prompt tokens, {r.tokens_per_s:g} tokens/s, load {r.load_s:g} s")
+    head = (
+        f"{r.backend}: {src.base_model}"
+        + (f" + job {src.job_id} ({src.checkpoint})" if src.job_id else "")
+        + (f" + adapter {src.adapter_path}" if src.adapter_path and not src.job_id else "")
+        + f" | {r.prompt_tokens} prompt tokens, {r.tokens_per_s:g} tokens/s, load {r.load_s:g} s"
+    )
     lines = [head]
     for i, c in enumerate(r.completions):
         lines.append(f"[{i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
@@ -220,8 +240,9 @@ def summarize_sample(r: SampleResult) -> str:
 def summarize_export(r: ExportResult) -> str:
     if r.state == "running":
         return f"Merging {r.job_id} ({r.checkpoint}) into {r.destination}: still running. " + " ".join(r.notes)
-    lines = [f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: "
-             f"{r.destination}"]
+    lines = [
+        f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: {r.destination}"
+    ]
     lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
     lines += [f"{k}: {v}" for k, v in r.snippets.items()]
     lines += r.notes

@@ -7,7 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Annotated
+from typing import Annotated, Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -84,16 +84,29 @@ def _listing(state) -> list[DatasetFile]:
                 p = Path(dirpath) / name
                 if p.suffix.lower() in FILE_KINDS and not p.is_symlink() and p.is_file():
                     st = p.stat()
-                    found.append(DatasetFile(path=_display(state, p.resolve()), absolute_path=str(p.resolve()),
-                                             kind=FILE_KINDS[p.suffix.lower()], size_bytes=st.st_size,
-                                             modified=st.st_mtime))
+                    found.append(
+                        DatasetFile(
+                            path=_display(state, p.resolve()),
+                            absolute_path=str(p.resolve()),
+                            kind=FILE_KINDS[p.suffix.lower()],
+                            size_bytes=st.st_size,
+                            modified=st.st_mtime,
+                        )
+                    )
                 if len(found) >= MAX_LISTED:
                     return found
     return found
 
 
-def _inspect(state, path: Path, answer: DatasetsResult, model: str | None, max_seq_len: int | None,
-             train_on: str, preview_row: int) -> None:
+def _inspect(
+    state,
+    path: Path,
+    answer: DatasetsResult,
+    model: str | None,
+    max_seq_len: int | None,
+    train_on: str,
+    preview_row: int,
+) -> None:
     try:
         summary = validate_dataset(path)
         answer.usable, answer.rows, answer.complete = True, summary.rows, summary.complete
@@ -102,8 +115,10 @@ def _inspect(state, path: Path, answer: DatasetsResult, model: str | None, max_s
         answer.usable, answer.problems = False, exc.problems
         return
     if model is None:
-        answer.next_step = (f"inspect token lengths with datasets(path={answer.path!r}, model=MODEL), or "
-                            f"start_finetune(model=MODEL, method='lora', dataset={answer.path!r}, dry_run=true)")
+        answer.next_step = (
+            f"inspect token lengths with datasets(path={answer.path!r}, model=MODEL), or "
+            f"start_finetune(model=MODEL, method='lora', dataset={answer.path!r}, dry_run=true)"
+        )
         return
     entry = resolve_model(state.matrix, state.settings, model)
     seq = max_seq_len or min(DEFAULTS["max_seq_len"], entry.context_length)
@@ -115,30 +130,63 @@ def _inspect(state, path: Path, answer: DatasetsResult, model: str | None, max_s
         return
     rows = first_rows(path, MAX_INSPECT_ROWS)
     report = token_report(tok, rows, seq, train_on)
-    answer.tokens = TokenStats(model=entry.id, max_seq_len=seq, train_on=train_on, **{
-        k: getattr(report, k) for k in ("rows_examined", "complete", "tokens", "trained_tokens", "longest",
-                                        "truncated", "dropped", "histogram")})
+    answer.tokens = TokenStats(
+        model=entry.id,
+        max_seq_len=seq,
+        train_on=train_on,
+        **{
+            k: getattr(report, k)
+            for k in (
+                "rows_examined",
+                "complete",
+                "tokens",
+                "trained_tokens",
+                "longest",
+                "truncated",
+                "dropped",
+                "histogram",
+            )
+        },
+    )
     answer.warnings += report.warnings()
     if 1 <= preview_row <= len(rows):
         answer.preview = render_example(tok, rows[preview_row - 1], seq, train_on)
-    answer.next_step = (f"start_finetune(model={model!r}, method='lora', dataset={answer.path!r}, "
-                        f"max_seq_len={seq}, dry_run=true)")
+    answer.next_step = (
+        f"start_finetune(model={model!r}, method='lora', dataset={answer.path!r}, max_seq_len={seq}, dry_run=true)"
+    )
 
 
 async def datasets(
     ctx: Context,
-    path: Annotated[str | None, Field(description="Inspect this dataset (relative to LLM_MCP_HOME, or absolute under "
-                                                  "an allowed root); omit to list the datasets here.",
-                                      max_length=4096)] = None,
-    model: Annotated[str | None, Field(description="With path: count tokens with this model's tokenizer and chat "
-                                                   "template (a matrix id or local checkpoint).",
-                                       max_length=4096)] = None,
-    max_seq_len: Annotated[int | None, Field(description="With model: the length to check truncation against "
-                                                         "(default 1024, capped at the model's context).",
-                                             ge=8, le=1_048_576)] = None,
+    path: Annotated[
+        str | None,
+        Field(
+            description="Inspect this dataset (relative to LLM_MCP_HOME, or absolute under "
+            "an allowed root); omit to list the datasets here.",
+            max_length=4096,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        Field(
+            description="With path: count tokens with this model's tokenizer and chat "
+            "template (a matrix id or local checkpoint).",
+            max_length=4096,
+        ),
+    ] = None,
+    max_seq_len: Annotated[
+        int | None,
+        Field(
+            description="With model: the length to check truncation against "
+            "(default 1024, capped at the model's context).",
+            ge=8,
+            le=1_048_576,
+        ),
+    ] = None,
     train_on: Annotated[choice("completion", "all"), Field(description="Which tokens the loss covers.")] = "completion",
-    preview_row: Annotated[int, Field(description="Which row (1-based) to show rendered; 0 = none.",
-                                      ge=0, le=1_000_000)] = 1,
+    preview_row: Annotated[
+        int, Field(description="Which row (1-based) to show rendered; 0 = none.", ge=0, le=1_000_000)
+    ] = 1,
 ) -> Annotated[CallToolResult, DatasetsResult]:
     """List the datasets in LLM_MCP_HOME/data and the allowed roots, or inspect one: rows per
     format, bad rows with line numbers, suspicious rows (empty or unanswered turns, very long
@@ -150,11 +198,16 @@ async def datasets(
     answer = DatasetsResult(home=str(home), next_step="")
     if path is None:
         answer.datasets = await anyio.to_thread.run_sync(_listing, state)
-        answer.next_step = ("inspect one with datasets(path=...), or write one with save_dataset(name=..., rows=[...])"
-                            if answer.datasets else
-                            f"no datasets yet: save_dataset(name=..., rows=[...]) writes one into {home / 'data'}")
-        text = f"{len(answer.datasets)} dataset(s) under {home / 'data'} and the allowed roots:\n" + "\n".join(
-            f"- {d.path} ({d.kind}, {d.size_bytes:,} bytes)" for d in answer.datasets) + f"\nnext: {answer.next_step}"
+        answer.next_step = (
+            "inspect one with datasets(path=...), or write one with save_dataset(name=..., rows=[...])"
+            if answer.datasets
+            else f"no datasets yet: save_dataset(name=..., rows=[...]) writes one into {home / 'data'}"
+        )
+        text = (
+            f"{len(answer.datasets)} dataset(s) under {home / 'data'} and the allowed roots:\n"
+            + "\n".join(f"- {d.path} ({d.kind}, {d.size_bytes:,} bytes)" for d in answer.datasets)
+            + f"\nnext: {answer.next_step}"
+        )
         return result(text, answer)
     resolved = state.settings.check_path(state.settings.under_home(path), "path")
     answer.path = _display(state, resolved)
@@ -170,8 +223,10 @@ def _summarize(a: DatasetsResult) -> str:
     lines = [f"{a.path}: {a.rows} rows{'' if a.complete else ' (counted within the time budget)'}, formats {a.formats}"]
     if a.tokens:
         t = a.tokens
-        lines.append(f"tokens ({t.model}, max_seq_len {t.max_seq_len}): {t.tokens:,} total, {t.trained_tokens:,} trained, "
-                     f"longest {t.longest}; truncated {t.truncated}, dropped {t.dropped}; lengths {t.histogram}")
+        lines.append(
+            f"tokens ({t.model}, max_seq_len {t.max_seq_len}): {t.tokens:,} total, {t.trained_tokens:,} trained, "
+            f"longest {t.longest}; truncated {t.truncated}, dropped {t.dropped}; lengths {t.histogram}"
+        )
     lines += [f"warning: {w}" for w in a.warnings]
     if a.preview is not None:
         lines.append(f"row preview (trained tokens in [[ ]]):\n{a.preview}")
@@ -196,8 +251,10 @@ def _encode_rows(rows: list[Any]) -> tuple[bytes, dict[str, int], list[str]]:
     if not rows:
         raise InvalidArgumentError("rows is empty; give at least one row")
     if len(rows) > MAX_SAVE_ROWS:
-        raise InvalidArgumentError(f"rows has {len(rows)} rows; allowed: at most {MAX_SAVE_ROWS} per call. Save the "
-                                   "rest with mode='append' in further calls")
+        raise InvalidArgumentError(
+            f"rows has {len(rows)} rows; allowed: at most {MAX_SAVE_ROWS} per call. Save the "
+            "rest with mode='append' in further calls"
+        )
     problems, formats, flagged, lines = [], {}, {}, []
     for i, row in enumerate(rows):
         try:
@@ -211,12 +268,19 @@ def _encode_rows(rows: list[Any]) -> tuple[bytes, dict[str, int], list[str]]:
         lines.append(json.dumps(row, ensure_ascii=False))
     if problems:
         shown = problems[:10] + ([f"... {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise InvalidArgumentError([f"{len(problems)} of {len(rows)} rows are bad; nothing was written. Each row "
-                                    "needs 'messages' [{role, content}], 'prompt'+'completion' or 'text'"] + shown)
+        raise InvalidArgumentError(
+            [
+                f"{len(problems)} of {len(rows)} rows are bad; nothing was written. Each row "
+                "needs 'messages' [{role, content}], 'prompt'+'completion' or 'text'"
+            ]
+            + shown
+        )
     data = ("\n".join(lines) + "\n").encode("utf-8")
     if len(data) > MAX_SAVE_BYTES:
-        raise InvalidArgumentError(f"rows are {len(data) >> 20} MB as JSONL; allowed: {MAX_SAVE_BYTES >> 20} MB per "
-                                   "call. Send them in parts with mode='append'")
+        raise InvalidArgumentError(
+            f"rows are {len(data) >> 20} MB as JSONL; allowed: {MAX_SAVE_BYTES >> 20} MB per "
+            "call. Send them in parts with mode='append'"
+        )
     warnings = [f"{len(idx)} row(s) {reason} (rows {idx[:5]})" for reason, idx in flagged.items()]
     return data, formats, warnings
 
@@ -227,9 +291,11 @@ def _write(path: Path, data: bytes, mode: str) -> int:
         raise InvalidArgumentError(f"{path} is a symlink or not a regular file; choose another name")
     exists = path.exists()
     if mode == "create" and exists:
-        raise InvalidArgumentError(f"{path.name} already exists ({path.stat().st_size:,} bytes); it is not "
-                                   "overwritten. Use mode='append' to add rows or mode='overwrite' to replace it, or "
-                                   "choose another name")
+        raise InvalidArgumentError(
+            f"{path.name} already exists ({path.stat().st_size:,} bytes); it is not "
+            "overwritten. Use mode='append' to add rows or mode='overwrite' to replace it, or "
+            "choose another name"
+        )
     if mode == "append" and not exists:
         raise InvalidArgumentError(f"{path.name} does not exist yet; use mode='create'")
     if mode == "append":
@@ -269,15 +335,28 @@ def _count_rows(path: Path) -> int:
 
 async def save_dataset(
     ctx: Context,
-    name: Annotated[str, Field(description="File name under LLM_MCP_HOME/data ('.jsonl' is added): letters, digits, "
-                                           "'.', '_', '-'.", max_length=70)],
-    rows: Annotated[list[dict[str, Any]], Field(description="Rows in one format each: {'messages': [{'role': "
-                                                           "'user'|'assistant'|'system', 'content': ...}]}, "
-                                                           "{'prompt', 'completion'} or {'text'}; for "
-                                                           "objective='dpo' {'prompt', 'chosen', 'rejected'}.")],
-    mode: Annotated[choice("create", "append", "overwrite"), Field(
-        description="create (default; refuses an existing file), append (adds to one), overwrite (replaces one)."
-    )] = "create",
+    name: Annotated[
+        str,
+        Field(
+            description="File name under LLM_MCP_HOME/data ('.jsonl' is added): letters, digits, '.', '_', '-'.",
+            max_length=70,
+        ),
+    ],
+    rows: Annotated[
+        list[dict[str, Any]],
+        Field(
+            description="Rows in one format each: {'messages': [{'role': "
+            "'user'|'assistant'|'system', 'content': ...}]}, "
+            "{'prompt', 'completion'} or {'text'}; for "
+            "objective='dpo' {'prompt', 'chosen', 'rejected'}."
+        ),
+    ],
+    mode: Annotated[
+        choice("create", "append", "overwrite"),
+        Field(
+            description="create (default; refuses an existing file), append (adds to one), overwrite (replaces one)."
+        ),
+    ] = "create",
 ) -> Annotated[CallToolResult, SaveDatasetResult]:
     """Save training rows you composed (for example from this conversation) as a JSONL dataset
     in LLM_MCP_HOME/data, validated like a training file: every bad row is reported by index
@@ -287,8 +366,10 @@ async def save_dataset(
     state = state_of(ctx)
     stem = name[:-6] if name.endswith(".jsonl") else name
     if not NAME.fullmatch(stem):
-        raise InvalidArgumentError(f"name={name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-                                   "or digit (e.g. 'support-chats')")
+        raise InvalidArgumentError(
+            f"name={name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (e.g. 'support-chats')"
+        )
     data, formats, warnings = _encode_rows(rows)
     data_dir = state.settings.home / "data"
     if data_dir.is_symlink():
@@ -298,16 +379,30 @@ async def save_dataset(
     size = await anyio.to_thread.run_sync(_write, path, data, mode)
     total = await anyio.to_thread.run_sync(_count_rows, path)
     shown = _display(state, path)
-    answer = SaveDatasetResult(path=shown, absolute_path=str(path), mode=mode, rows_written=len(rows),
-                               total_rows=total, size_bytes=size, formats=formats, warnings=warnings,
-                               next_step=f"start_finetune(model=MODEL, method='lora', dataset={shown!r}); "
-                                         f"datasets(path={shown!r}, model=MODEL) shows token lengths first")
-    text = (f"{'Appended' if mode == 'append' else 'Saved'} {len(rows)} rows to {shown} ({total} rows, {size:,} bytes; "
-            f"formats {formats})." + "".join(f"\nwarning: {w}" for w in warnings) + f"\nnext: {answer.next_step}")
+    answer = SaveDatasetResult(
+        path=shown,
+        absolute_path=str(path),
+        mode=mode,
+        rows_written=len(rows),
+        total_rows=total,
+        size_bytes=size,
+        formats=formats,
+        warnings=warnings,
+        next_step=f"start_finetune(model=MODEL, method='lora', dataset={shown!r}); "
+        f"datasets(path={shown!r}, model=MODEL) shows token lengths first",
+    )
+    text = (
+        f"{'Appended' if mode == 'append' else 'Saved'} {len(rows)} rows to {shown} ({total} rows, {size:,} bytes; "
+        f"formats {formats})." + "".join(f"\nwarning: {w}" for w in warnings) + f"\nnext: {answer.next_step}"
+    )
     return result(text, answer)
 
 
 def register(mcp: MCPServer) -> None:
     add_tool(mcp, datasets, "Datasets", READ_ONLY)
-    add_tool(mcp, save_dataset, "Save a dataset",
-             ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
+    add_tool(
+        mcp,
+        save_dataset,
+        "Save a dataset",
+        ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False),
+    )

@@ -23,16 +23,27 @@ class JobStatusResult(BaseModel):
     jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
 
 
-async def wait_for_job(ctx: Context, store: JobStore, job: Job, wait_seconds: float, *, until_change: bool,
-                       every_s: float = 1.0, progress: str = "step {step}/{total}") -> Job:
+async def wait_for_job(
+    ctx: Context,
+    store: JobStore,
+    job: Job,
+    wait_seconds: float,
+    *,
+    until_change: bool,
+    every_s: float = 1.0,
+    progress: str = "step {step}/{total}",
+) -> Job:
     """Poll `job` for up to wait_seconds, with a progress notification each time, until it ends (or, with
     until_change, until its state changes). Returns its latest record."""
     deadline = anyio.current_time() + wait_seconds
     first_state = job.state
     while job.state not in FINAL_STATES and anyio.current_time() < deadline:
         status = build_status(store, job, log_lines=0)
-        await ctx.report_progress(status.step, status.total_steps, f"{job.state}: "
-                                  + progress.format(step=status.step, total=status.total_steps or "?"))
+        await ctx.report_progress(
+            status.step,
+            status.total_steps,
+            f"{job.state}: " + progress.format(step=status.step, total=status.total_steps or "?"),
+        )
         await anyio.sleep(min(every_s, max(0.0, deadline - anyio.current_time())))
         job = await anyio.to_thread.run_sync(store.get, job.id)
         if until_change and job.state != first_state:
@@ -43,10 +54,17 @@ async def wait_for_job(ctx: Context, store: JobStore, job: Job, wait_seconds: fl
 async def job_status(
     ctx: Context,
     job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
-    wait_seconds: Annotated[float, Field(description="Wait up to this long (0-30 s) for the state to change, "
-                                                     "with progress notifications meanwhile.", ge=0, le=30)] = 0,
-    plot: Annotated[bool, Field(description="Also return the loss curve (an evaluation: its scores) as a PNG "
-                                            "image.")] = False,
+    wait_seconds: Annotated[
+        float,
+        Field(
+            description="Wait up to this long (0-30 s) for the state to change, with progress notifications meanwhile.",
+            ge=0,
+            le=30,
+        ),
+    ] = 0,
+    plot: Annotated[
+        bool, Field(description="Also return the loss curve (an evaluation: its scores) as a PNG image.")
+    ] = False,
 ) -> Annotated[CallToolResult, JobStatusResult]:
     """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
     eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
@@ -64,8 +82,11 @@ async def job_status(
         from llm_mcp.jobs.plot import evaluation_png, loss_curve_png
 
         title = f"{job_id}: {job.method} on {job.model}"
-        png = await anyio.to_thread.run_sync(evaluation_png, status.evaluation, title) if status.evaluation else (
-            await anyio.to_thread.run_sync(loss_curve_png, read_metrics(store.job_dir(job_id)), title))
+        png = (
+            await anyio.to_thread.run_sync(evaluation_png, status.evaluation, title)
+            if status.evaluation
+            else (await anyio.to_thread.run_sync(loss_curve_png, read_metrics(store.job_dir(job_id)), title))
+        )
         answer.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
     return answer
 
@@ -107,9 +128,18 @@ def job_metrics(job_id: str, ctx: Context) -> str:
 
 def register(mcp: MCPServer) -> None:
     add_tool(mcp, job_status, "Job status", READ_ONLY)
-    add_tool(mcp, cancel_job, "Cancel a job",
-             ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
-    mcp.resource("jobs://{job_id}/log", name="job log", mime_type="text/plain",
-                 description="A job's training log (last 256 KB).")(job_log)
-    mcp.resource("jobs://{job_id}/metrics", name="job metrics", mime_type="application/x-ndjson",
-                 description="A job's metrics.jsonl: one JSON object per optimizer step.")(job_metrics)
+    add_tool(
+        mcp,
+        cancel_job,
+        "Cancel a job",
+        ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    mcp.resource(
+        "jobs://{job_id}/log", name="job log", mime_type="text/plain", description="A job's training log (last 256 KB)."
+    )(job_log)
+    mcp.resource(
+        "jobs://{job_id}/metrics",
+        name="job metrics",
+        mime_type="application/x-ndjson",
+        description="A job's metrics.jsonl: one JSON object per optimizer step.",
+    )(job_metrics)

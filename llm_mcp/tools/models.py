@@ -9,9 +9,9 @@ from mcp_types import CallToolResult
 from pydantic import Field
 
 from llm_mcp.core import listing
-from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.errors import LlmMcpError
-from llm_mcp.core.local_models import read_json, local_checkpoints, resolve_model
+from llm_mcp.core.hardware import Hardware
+from llm_mcp.core.local_models import local_checkpoints, read_json, resolve_model
 from llm_mcp.tools.common import READ_ONLY, add_tool, choice, result, state_of
 
 MethodName = choice("lora", "qlora", "dora", "sparse")
@@ -64,12 +64,14 @@ def list_models(
         entry = resolve_model(state.matrix, state.settings, model)
         info = listing.describe_model(entry, hardware, state.defaults, full=True)
         hw = listing.hardware_info(hardware)
-        found = listing.ListModelsResult(hardware=hw, filters={"model": model}, count=1,
-                                         total_in_matrix=len(state.matrix.models), models=[info])
+        found = listing.ListModelsResult(
+            hardware=hw, filters={"model": model}, count=1, total_in_matrix=len(state.matrix.models), models=[info]
+        )
         text = listing.summarize_one(info, hw)
     else:
-        found = listing.list_models(state.matrix, hardware, state.defaults, method=method, type=type, family=family,
-                                    fits=fits)
+        found = listing.list_models(
+            state.matrix, hardware, state.defaults, method=method, type=type, family=family, fits=fits
+        )
         found.local = _local(state, hardware)
         text = listing.summarize(found, method)
     answer = result(text, found)
@@ -89,8 +91,13 @@ def _local(state, hardware: Hardware) -> list[listing.LocalCheckpoint]:
             arch = (read_json(path / "config.json").get("architectures") or [None])[0]
             out.append(listing.LocalCheckpoint(path=shown, hf_architecture=arch, problem=str(exc)))
             continue
-        out.append(listing.LocalCheckpoint(path=shown, hf_architecture=entry.hf_architecture,
-                                           model=listing.describe_model(entry, hardware, state.defaults)))
+        out.append(
+            listing.LocalCheckpoint(
+                path=shown,
+                hf_architecture=entry.hf_architecture,
+                model=listing.describe_model(entry, hardware, state.defaults),
+            )
+        )
     return out
 
 

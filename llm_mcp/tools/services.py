@@ -51,8 +51,9 @@ class SampleSlots:
     def __enter__(self) -> SampleSlots:
         with self._lock:
             if self.waiting >= self.limit:
-                raise InvalidArgumentError(f"the sampler is busy ({self.waiting} requests waiting); "
-                                           "try again in a few seconds")
+                raise InvalidArgumentError(
+                    f"the sampler is busy ({self.waiting} requests waiting); try again in a few seconds"
+                )
             self.waiting += 1
         return self
 
@@ -82,8 +83,13 @@ class AppState:
         settings.ensure_home()
         settings.sample_backend()  # an unknown --sampler / LLM_MCP_SAMPLER stops start-up
         store = JobStore(settings.home)
-        return cls(settings=settings, matrix=matrix, defaults=defaults, store=store,
-                   executor=make_executor(settings.executor, store, settings))
+        return cls(
+            settings=settings,
+            matrix=matrix,
+            defaults=defaults,
+            store=store,
+            executor=make_executor(settings.executor, store, settings),
+        )
 
     def _once(self, name: str, make) -> Any:
         with self._lazy_lock:
@@ -112,6 +118,7 @@ class AppState:
     @property
     def vllm_sampler(self):
         """The vLLM backend (serve_adapter uses it whichever backend `sample` uses)."""
+
         def make():
             from llm_mcp.inference.serving.sampler import VllmSampler
 
@@ -122,12 +129,19 @@ class AppState:
     @property
     def pool(self):
         """The vLLM servers (managed processes, or the external LLM_MCP_VLLM_URL)."""
+
         def make():
             from llm_mcp.inference.serving.servers import VllmPool
 
             s = self.settings
-            return VllmPool(s.home, url=s.vllm_url, api_key=s.vllm_api_key, idle_s=s.vllm_idle_s,
-                            extra_args=s.vllm_args, gpu=detect().device == "cuda")
+            return VllmPool(
+                s.home,
+                url=s.vllm_url,
+                api_key=s.vllm_api_key,
+                idle_s=s.vllm_idle_s,
+                extra_args=s.vllm_args,
+                gpu=detect().device == "cuda",
+            )
 
         return self._once("pool", make)
 

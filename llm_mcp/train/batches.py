@@ -30,11 +30,11 @@ class BatchOrder:
             mega = self.per_step * 32
             steps = []
             for start in range(0, len(perm), mega):
-                chunk = sorted(perm[start:start + mega], key=lambda i: -self.lengths[i])
-                steps += [chunk[k:k + self.per_step] for k in range(0, len(chunk) - self.per_step + 1, self.per_step)]
+                chunk = sorted(perm[start : start + mega], key=lambda i: -self.lengths[i])
+                steps += [chunk[k : k + self.per_step] for k in range(0, len(chunk) - self.per_step + 1, self.per_step)]
             steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
         else:
-            steps = [perm[k * self.per_step:(k + 1) * self.per_step] for k in range(self.steps_per_epoch)]
+            steps = [perm[k * self.per_step : (k + 1) * self.per_step] for k in range(self.steps_per_epoch)]
         self._epoch = (epoch, steps)
         return steps
 
@@ -43,4 +43,6 @@ class BatchOrder:
         epoch, idx = divmod(step, self.steps_per_epoch)
         chunk = self._steps_of(epoch)[idx]
         bs, world = self.cfg.batch_size, self.world
-        return [chunk[(m * world + rank) * bs:(m * world + rank + 1) * bs] for m in range(self.cfg.gradient_accumulation)]
+        return [
+            chunk[(m * world + rank) * bs : (m * world + rank + 1) * bs] for m in range(self.cfg.gradient_accumulation)
+        ]

@@ -16,6 +16,7 @@ import torch
 
 from llm_mcp.core.jobdir import checkpoints
 
+
 def _rng_state() -> dict[str, Any]:
     import numpy as np
 
@@ -47,8 +48,17 @@ def save_adapter(model, out_dir: Path, meta: dict, state_dict: dict | None = Non
         model.save_pretrained(out_dir, state_dict=state_dict)
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, step: int, meta: dict, keep: int,
-                    extra: dict[str, torch.Tensor | None] | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    job_dir: Path,
+    step: int,
+    meta: dict,
+    keep: int,
+    extra: dict[str, torch.Tensor | None] | None = None,
+) -> Path:
     """Collective: every rank calls it. `extra`: tensors saved as files beside the state (None ones skipped).
     Returns the checkpoint directory."""
     from llm_mcp.train.fsdp import is_fsdp, trainable_state
@@ -66,8 +76,14 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, job_dir: Path, ste
         torch.save(optimizer.state_dict(), tmp / f"optimizer_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), tmp / "adapter", meta, state)
-        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step}, tmp / "trainer_state.pt")
+        torch.save(
+            {
+                "optimizer": None if sharded else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+            },
+            tmp / "trainer_state.pt",
+        )
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
         for name, tensor in (extra or {}).items():
             if tensor is not None:
@@ -99,7 +115,9 @@ def load_checkpoint(accelerator, optimizer, scheduler, ckpt: Path) -> int:
     """Restore optimizer (this rank's shard under FSDP), scheduler and this rank's RNG; returns the step."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     shard = ckpt / f"optimizer_{accelerator.process_index}.pt"
-    optimizer.load_state_dict(torch.load(shard, weights_only=False) if state["optimizer"] is None else state["optimizer"])
+    optimizer.load_state_dict(
+        torch.load(shard, weights_only=False) if state["optimizer"] is None else state["optimizer"]
+    )
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():

@@ -16,7 +16,6 @@ of pairs whose implicit reward beta * (log pi - log ref) ranks chosen above reje
 
 from __future__ import annotations
 
-
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
@@ -45,8 +44,9 @@ def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, label
     rc, rr = reference.to(policy.dtype).chunk(2)
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     d = chosen - rejected
-    losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(d)
-              - label_smoothing * torch.nn.functional.logsigmoid(-d))
+    losses = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(
+        d
+    ) - label_smoothing * torch.nn.functional.logsigmoid(-d)
     return losses, chosen.detach(), rejected.detach()
 
 
@@ -74,8 +74,9 @@ class DPOObjective:
         seqs = [s for e in examples for s in pair_sequences(e)]
         batch = collate(seqs[0::2] + seqs[1::2], pad_id)  # chosen rows first, then rejected
         if all("ref" in e for e in examples):
-            batch["ref_logps"] = torch.tensor([e["ref"][0] for e in examples] + [e["ref"][1] for e in examples],
-                                              dtype=torch.float64)
+            batch["ref_logps"] = torch.tensor(
+                [e["ref"][0] for e in examples] + [e["ref"][1] for e in examples], dtype=torch.float64
+            )
         return batch
 
     def targets(self, batch):
@@ -89,8 +90,19 @@ class DPOObjective:
             raise RuntimeError("DPO batch without reference log-probs: call reference() first")
         policy = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"])
         losses, chosen, rejected = dpo_losses(policy, batch["ref_logps"], self.beta, self.label_smoothing)
-        self._sums += torch.stack([(chosen > rejected).sum(), (chosen - rejected).sum(), chosen.sum(),
-                                   rejected.sum(), torch.tensor(len(chosen))]).double().cpu()
+        self._sums += (
+            torch.stack(
+                [
+                    (chosen > rejected).sum(),
+                    (chosen - rejected).sum(),
+                    chosen.sum(),
+                    rejected.sum(),
+                    torch.tensor(len(chosen)),
+                ]
+            )
+            .double()
+            .cpu()
+        )
         return losses.sum()
 
     @torch.no_grad()
@@ -100,7 +112,7 @@ class DPOObjective:
         was_training = wrapped.training
         wrapped.eval()
         for start in range(0, len(todo), batch_size):
-            chunk = [examples[i] for i in todo[start:start + batch_size]]
+            chunk = [examples[i] for i in todo[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in self.collate(chunk, pad_id).items()}
             logps = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"]).double().cpu()
             for j, e in enumerate(chunk):
@@ -114,5 +126,9 @@ class DPOObjective:
         n = float(sums[4])
         if not n:
             return {}
-        return {"reward_accuracy": round(float(sums[0]) / n, 6), "reward_margin": round(float(sums[1]) / n, 6),
-                "chosen_reward": round(float(sums[2]) / n, 6), "rejected_reward": round(float(sums[3]) / n, 6)}
+        return {
+            "reward_accuracy": round(float(sums[0]) / n, 6),
+            "reward_margin": round(float(sums[1]) / n, 6),
+            "chosen_reward": round(float(sums[2]) / n, 6),
+            "rejected_reward": round(float(sums[3]) / n, 6),
+        }

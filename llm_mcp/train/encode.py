@@ -79,9 +79,11 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], text: str) -> list
             start = len(prompt) if i and text.startswith(prompt) and len(prompt) >= cursor else cursor
         found = _find_content(text, message.get("content") or "", start)
         if found is None:
-            raise ValueError(f"messages[{i}] (assistant): the chat template renders this turn in a form its content "
-                             "cannot be found in, so its tokens cannot be masked; add {% generation %} markers to the "
-                             "template or use prompt/completion rows")
+            raise ValueError(
+                f"messages[{i}] (assistant): the chat template renders this turn in a form its content "
+                "cannot be found in, so its tokens cannot be masked; add {% generation %} markers to the "
+                "template or use prompt/completion rows"
+            )
         if not header and start == cursor:  # a template that drops a message (Mistral's system): after [/INST]
             start = max([cursor] + [at + len(t) for t in specials if (at := text.rfind(t, cursor, found[0])) >= 0])
         end = found[1]
@@ -106,7 +108,7 @@ def _template_facts(tok) -> tuple[str, list[str], str | None]:
         probe = [{"role": "user", "content": "Hi"}]
         plain = tok.apply_chat_template(probe, tokenize=False)
         prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        header = prompted[len(plain):] if prompted.startswith(plain) else ""
+        header = prompted[len(plain) :] if prompted.startswith(plain) else ""
         specials = sorted(tok.convert_ids_to_tokens(sorted(special_ids(tok))), key=len, reverse=True)
         _FACTS[key] = (header, specials, None)  # what finding the probe's turn below needs (it calls back here)
         closing = None
@@ -115,7 +117,7 @@ def _template_facts(tok) -> tuple[str, list[str], str | None]:
             text = tok.apply_chat_template(turn, tokenize=False)
             end = assistant_char_spans(tok, turn, text)[-1][1]
             closing = next((t for t in specials if text.endswith(t, 0, end)), None)
-        except Exception:  # noqa: BLE001 - a template that cannot render the probe has no known closing token
+        except Exception:
             pass
         _FACTS[key] = (header, specials, closing)
     return _FACTS[key]
@@ -150,7 +152,9 @@ def end_of_turn_ids(tok, model=None) -> list[int]:
 
 def chat_ids(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of `messages` rendered with the chat template."""
-    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt)
+    enc = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
     return list(enc["input_ids"])
 
 
@@ -221,7 +225,7 @@ def encode_pair(tok, pair: dict[str, Any]) -> tuple[list[int], list[int], list[i
         ids, mask = _assistant_spans(tok, prompt + pair[key])
         runs = [j for j in range(len(mask)) if mask[j] and (j == 0 or not mask[j - 1])]
         ends = [j + 1 for j in range(len(mask)) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
-        sides.append((ids[:runs[prompt_turns]], ids[runs[prompt_turns]:ends[-1]]))
+        sides.append((ids[: runs[prompt_turns]], ids[runs[prompt_turns] : ends[-1]]))
     (p, chosen), (p_rejected, rejected) = sides
     if p != p_rejected:
         raise ValueError("the chat template renders the prompt differently before the chosen and the rejected answer")
@@ -239,7 +243,7 @@ def encode_pairs(tok, rows: list[dict[str, Any]], max_seq_len: int) -> tuple[lis
         room = max_seq_len - len(p)
         if len(p) + max(len(c), len(r)) > max_seq_len:
             stats.truncated += 1
-        c, r = c[:max(room, 0)], r[:max(room, 0)]
+        c, r = c[: max(room, 0)], r[: max(room, 0)]
         if not c or not r:
             stats.dropped_empty += 1
             continue

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 import threading
 from contextlib import contextmanager
-
 from pathlib import Path
 
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.train.encode import tokenizer_for
+
 
 def compute_dtype(device: str) -> torch.dtype:
     """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
@@ -62,8 +62,15 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def load_base(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, device_map: dict | None = None,
-              quant_type: str | None = None, double_quant: bool = True):
+def load_base(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    device_map: dict | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = True,
+):
     """The base model as training, sampling and merges load it: a vision-language checkpoint with its image-text
     class (the whole model, vision tower included, so a merge stays a loadable VLM), any other with the causal-LM
     class; `quant_type` (e.g. 'nf4'): linear layers in 4-bit (bitsandbytes, QLoRA; a VLM's vision side stays)."""
@@ -75,9 +82,16 @@ def load_base(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant_type is None:
         return auto.from_pretrained(path, **kwargs)
-    kwargs.update(device_map=device_map or {"": "cpu"}, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES if vlm else None))
+    kwargs.update(
+        device_map=device_map or {"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=VISION_MODULES if vlm else None,
+        ),
+    )
     if getattr(config, "model_type", "") != "falcon":
         return auto.from_pretrained(path, **kwargs)
     with _falcon_linear_as_linear():
@@ -117,9 +131,14 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
     method = cfg.method
     dtype = compute_dtype(device)
     q = cfg.quantization if cfg.quantized else None
-    model = load_base(cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                      device_map={"": "cpu" if device == "cpu" else device_index or 0},
-                      quant_type=q.bnb_4bit_quant_type if q else None, double_quant=q.bnb_4bit_use_double_quant if q else True)
+    model = load_base(
+        cfg.model.path,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        device_map={"": "cpu" if device == "cpu" else device_index or 0},
+        quant_type=q.bnb_4bit_quant_type if q else None,
+        double_quant=q.bnb_4bit_use_double_quant if q else True,
+    )
     if method == "sparse":
         from llm_mcp.train.sparse import attach_sparse_deltas
 
@@ -149,10 +168,14 @@ def load_model(cfg: JobConfig, device: str, device_index: int | None = None):
         return model
     lora = cfg.lora
     peft_config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=language_model_targets(model, lora.target_modules),
         target_parameters=lora.target_parameters or None,
-        use_dora=lora.use_dora, bias=lora.bias, task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
     model.config.use_cache = False

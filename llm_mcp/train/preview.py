@@ -22,6 +22,7 @@ def sequences(tok, row: dict[str, Any], train_on: str) -> list[tuple[list[int], 
         return [(s["input_ids"], s["labels"]) for s in pair_sequences({"prompt": p, "chosen": c, "rejected": r})]
     return [encode_row(tok, row, train_on)]
 
+
 HISTOGRAM_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 
@@ -46,12 +47,16 @@ class TokenReport:
         scope = "" if self.complete else f" (of the first {self.rows_examined} rows)"
         out = []
         if self.truncated:
-            out.append(f"{self.truncated} row(s){scope} are longer than max_seq_len={self.max_seq_len} tokens and will "
-                       f"be truncated (rows {self.truncated_at}); raise max_seq_len (longest: {self.longest}) or "
-                       "shorten them")
+            out.append(
+                f"{self.truncated} row(s){scope} are longer than max_seq_len={self.max_seq_len} tokens and will "
+                f"be truncated (rows {self.truncated_at}); raise max_seq_len (longest: {self.longest}) or "
+                "shorten them"
+            )
         if self.dropped:
-            out.append(f"{self.dropped} row(s){scope} keep no trained token after truncation and will be dropped "
-                       f"(rows {self.dropped_at}); raise max_seq_len or put the answer earlier")
+            out.append(
+                f"{self.dropped} row(s){scope} keep no trained token after truncation and will be dropped "
+                f"(rows {self.dropped_at}); raise max_seq_len or put the answer earlier"
+            )
         return out
 
 
@@ -62,8 +67,9 @@ def _bucket(n: int) -> str:
     return f">{HISTOGRAM_EDGES[-1]}"
 
 
-def token_report(tok, rows: list[dict[str, Any]], max_seq_len: int, train_on: str,
-                 time_budget_s: float = 3.0) -> TokenReport:
+def token_report(
+    tok, rows: list[dict[str, Any]], max_seq_len: int, train_on: str, time_budget_s: float = 3.0
+) -> TokenReport:
     """Encode rows as the trainer does and count lengths, truncations and drops."""
     report = TokenReport(max_seq_len=max_seq_len)
     deadline = time.monotonic() + time_budget_s
@@ -101,8 +107,10 @@ def render_example(tok, row: dict[str, Any], max_seq_len: int, train_on: str) ->
     chosen, then its rejected sequence)."""
     seqs = sequences(tok, row, train_on)
     if len(seqs) > 1:
-        return "\n".join(f"{name}: {_render(tok, ids[:max_seq_len], labels[:max_seq_len])}"
-                         for name, (ids, labels) in zip(("chosen", "rejected"), seqs))
+        return "\n".join(
+            f"{name}: {_render(tok, ids[:max_seq_len], labels[:max_seq_len])}"
+            for name, (ids, labels) in zip(("chosen", "rejected"), seqs)
+        )
     ids, labels = seqs[0]
     return _render(tok, ids[:max_seq_len], labels[:max_seq_len])
 

@@ -28,15 +28,17 @@ from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.train.batches import BatchOrder
-from llm_mcp.train.encode import EncodeStats
 from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
+from llm_mcp.train.encode import EncodeStats
 from llm_mcp.train.fsdp import is_fsdp, trainable_state, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
 quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
 
 
-STOP = threading.Event()  # set by SIGTERM (cancel_job): checkpoint and stop after the current step (so does a cancel file)
+STOP = (
+    threading.Event()
+)  # set by SIGTERM (cancel_job): checkpoint and stop after the current step (so does a cancel file)
 
 
 class Run:
@@ -118,7 +120,8 @@ def _data(run: Run, tok, objective: Objective, world: int) -> tuple[list, list, 
     if len(examples) < order.per_step:
         raise ValueError(
             f"only {len(examples)} usable training examples, but one step needs batch_size x gradient_accumulation "
-            f"x processes = {order.per_step}; add data or lower batch_size / gradient_accumulation / num_processes")
+            f"x processes = {order.per_step}; add data or lower batch_size / gradient_accumulation / num_processes"
+        )
     return examples, eval_examples, stats, order
 
 
@@ -145,10 +148,15 @@ def setup(run: Run) -> Setup:
     model = load_model(cfg, device, acc.local_process_index)
     if cfg.resume_checkpoint:  # before prepare: FSDP shards what was loaded
         load_adapter_weights(model, Path(cfg.resume_checkpoint))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     loss_model, optimizer = acc.prepare(wrap_units(objective.wrap(model), model), optimizer)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     reference = _reference(run, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples)
@@ -158,19 +166,39 @@ def setup(run: Run) -> Setup:
         run.log(f"resumed from {cfg.resume_checkpoint} at step {start_step}")
         if start_step >= total_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, not before total_steps={total_steps}")
-    meta = {"job_id": cfg.job_id, "method": cfg.method, "model": cfg.model.id,
-            "base_model_name_or_path": cfg.model.id, "target_modules": cfg.lora.target_modules}
-    return Setup(tok=tok, objective=objective, stats=stats, examples=examples, eval_examples=eval_examples, order=order,
-                 total_steps=total_steps, model=model, loss_model=loss_model, optimizer=optimizer,
-                 scheduler=scheduler, trainable=trainable, start_step=start_step,
-                 sparse=sparse_modules(acc.unwrap_model(model)), meta=meta, reference=reference)
+    meta = {
+        "job_id": cfg.job_id,
+        "method": cfg.method,
+        "model": cfg.model.id,
+        "base_model_name_or_path": cfg.model.id,
+        "target_modules": cfg.lora.target_modules,
+    }
+    return Setup(
+        tok=tok,
+        objective=objective,
+        stats=stats,
+        examples=examples,
+        eval_examples=eval_examples,
+        order=order,
+        total_steps=total_steps,
+        model=model,
+        loss_model=loss_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        start_step=start_step,
+        sparse=sparse_modules(acc.unwrap_model(model)),
+        meta=meta,
+        reference=reference,
+    )
 
 
 REFERENCE_FILE = "reference.pt"  # in a checkpoint: the objective's reference for every example (DPO)
 
 
-def _reference(run: Run, objective: Objective, wrapped, tok, examples: list[dict],
-               eval_examples: list[dict]) -> torch.Tensor | None:
+def _reference(
+    run: Run, objective: Objective, wrapped, tok, examples: list[dict], eval_examples: list[dict]
+) -> torch.Tensor | None:
     """The objective's reference for every example (train, then eval), set on each as "ref": read from the
     checkpoint a resume continues, or computed from the starting model (the adapter as loaded, before any
     step), each process a share, summed over processes. None for objectives without a reference."""
@@ -186,8 +214,10 @@ def _reference(run: Run, objective: Objective, wrapped, tok, examples: list[dict
             raise ValueError(f"checkpoint {cfg.resume_checkpoint} holds no reference log-probs; start a new job")
         table = torch.load(path, weights_only=True)
         if table.shape[0] != len(everything):
-            raise ValueError(f"the checkpoint's reference covers {table.shape[0]} examples but this job has "
-                             f"{len(everything)}: its data or max_seq_len differ; start a new job")
+            raise ValueError(
+                f"the checkpoint's reference covers {table.shape[0]} examples but this job has "
+                f"{len(everything)}: its data or max_seq_len differ; start a new job"
+            )
     else:
         rank, world = (0, 1) if is_fsdp(acc) else (acc.process_index, acc.num_processes)  # FSDP: forwards collective
         objective.reference(wrapped, everything[rank::world], tok.pad_token_id, cfg.batch_size, acc.device)
@@ -221,11 +251,14 @@ def evaluate(run: Run, s: Setup) -> dict[str, float] | None:
     # Under FSDP a forward is collective: every rank runs the same number, the spare ones weighted 0.
     end = -(-len(s.eval_examples) // stride) * stride if is_fsdp(acc) else len(s.eval_examples)
     for start in range(acc.process_index * bs, end, stride):
-        rows = s.eval_examples[start:start + bs]
-        batch = {k: v.to(acc.device) for k, v in s.objective.collate(rows or s.eval_examples[:bs],
-                                                                       s.tok.pad_token_id).items()}
-        total += torch.stack([s.objective.loss_sum(model, batch), torch.tensor(float(s.objective.targets(batch)),
-                                                                              device=acc.device)]) * bool(rows)
+        rows = s.eval_examples[start : start + bs]
+        batch = {
+            k: v.to(acc.device)
+            for k, v in s.objective.collate(rows or s.eval_examples[:bs], s.tok.pad_token_id).items()
+        }
+        total += torch.stack(
+            [s.objective.loss_sum(model, batch), torch.tensor(float(s.objective.targets(batch)), device=acc.device)]
+        ) * bool(rows)
     total = acc.reduce(total, "sum")
     model.train()
     metrics = {f"eval_{k}": v for k, v in s.objective.pop_metrics(_reduce(acc)).items()}
@@ -240,10 +273,14 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
         from llm_mcp.train.sparse import collect_candidates, cosine_fraction
 
         collect_candidates(s.sparse, cosine_fraction(cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
-    micro = [obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
-             for idx in s.order.micro_batches(step, acc.process_index)]
-    counts = torch.tensor([float(sum(obj.targets(b) for b in micro)),
-                           float(sum(b["attention_mask"].sum() for b in micro))], device=acc.device)
+    micro = [
+        obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
+        for idx in s.order.micro_batches(step, acc.process_index)
+    ]
+    counts = torch.tensor(
+        [float(sum(obj.targets(b) for b in micro)), float(sum(b["attention_mask"].sum() for b in micro))],
+        device=acc.device,
+    )
     global_counts = acc.reduce(counts.clone(), "sum")
     loss_sum = torch.zeros((), device=acc.device)
     for m, batch in enumerate(micro):
@@ -264,14 +301,22 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
 
         changed = update_sparse_masks(s.sparse, s.optimizer, acc.gather if acc.num_processes > 1 else None)
     done, elapsed = step + 1, time.perf_counter() - t_step
-    record = {"step": done, "epoch": round(done / s.order.steps_per_epoch, 4),
-              "loss": round((acc.reduce(loss_sum, "sum") / global_counts[0]).item(), 6),
-              "lr": s.scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-              "tokens": int(global_counts[1]), "tokens_per_s": round(float(global_counts[1]) / elapsed, 1),
-              "step_time_s": round(elapsed, 4), "elapsed_s": round(time.time() - run.t0, 2), **extra}
+    record = {
+        "step": done,
+        "epoch": round(done / s.order.steps_per_epoch, 4),
+        "loss": round((acc.reduce(loss_sum, "sum") / global_counts[0]).item(), 6),
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": round(float(grad_norm), 6),
+        "tokens": int(global_counts[1]),
+        "tokens_per_s": round(float(global_counts[1]) / elapsed, 1),
+        "step_time_s": round(elapsed, 4),
+        "elapsed_s": round(time.time() - run.t0, 2),
+        **extra,
+    }
     if s.sparse:
-        record["density"] = round(sum(m.k for m in s.sparse.values()) /
-                                  sum(m.shape[0] * m.shape[1] for m in s.sparse.values()), 6)
+        record["density"] = round(
+            sum(m.k for m in s.sparse.values()) / sum(m.shape[0] * m.shape[1] for m in s.sparse.values()), 6
+        )
         record["mask_changed"] = changed
     return record
 
@@ -282,14 +327,29 @@ def train(run: Run) -> None:
     s = setup(run)
     cfg, acc = run.cfg, run.accelerator
     stats = s.stats
-    run.metric({"event": "start", "total_steps": s.total_steps, "start_step": s.start_step,
-                "steps_per_epoch": s.order.steps_per_epoch, "examples": stats.examples,
-                "eval_examples": len(s.eval_examples), "truncated": stats.truncated, "dropped": stats.dropped_empty,
-                "trainable_params": sum(p.numel() for p in s.trainable), "target_tokens": stats.target_tokens,
-                "processes": acc.num_processes, "device": acc.device.type, "objective": s.objective.name,
-                "threads": torch.get_num_threads(), "four_bit_layers": four_bit_layers(s.model)})
-    run.log(f"{stats.examples} examples ({stats.target_tokens} trainable tokens), {s.total_steps} steps, "
-            f"{sum(p.numel() for p in s.trainable):,} trainable params")
+    run.metric(
+        {
+            "event": "start",
+            "total_steps": s.total_steps,
+            "start_step": s.start_step,
+            "steps_per_epoch": s.order.steps_per_epoch,
+            "examples": stats.examples,
+            "eval_examples": len(s.eval_examples),
+            "truncated": stats.truncated,
+            "dropped": stats.dropped_empty,
+            "trainable_params": sum(p.numel() for p in s.trainable),
+            "target_tokens": stats.target_tokens,
+            "processes": acc.num_processes,
+            "device": acc.device.type,
+            "objective": s.objective.name,
+            "threads": torch.get_num_threads(),
+            "four_bit_layers": four_bit_layers(s.model),
+        }
+    )
+    run.log(
+        f"{stats.examples} examples ({stats.target_tokens} trainable tokens), {s.total_steps} steps, "
+        f"{sum(p.numel() for p in s.trainable):,} trainable params"
+    )
     s.loss_model.train()
     rigl_every = cfg.sparse.mask_update_interval if s.sparse and cfg.sparse.use_rigl else 0
     loss = float("nan")
@@ -302,8 +362,17 @@ def train(run: Run) -> None:
         run.metric(record)
         stop = acc.reduce(torch.tensor(float(run.stop_requested), device=acc.device), "max").item() > 0
         if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < s.total_steps):
-            ckpt = save_checkpoint(acc, s.model, s.optimizer, s.scheduler, run.job_dir, done, s.meta,
-                                   cfg.keep_checkpoints, extra={REFERENCE_FILE: s.reference})
+            ckpt = save_checkpoint(
+                acc,
+                s.model,
+                s.optimizer,
+                s.scheduler,
+                run.job_dir,
+                done,
+                s.meta,
+                cfg.keep_checkpoints,
+                extra={REFERENCE_FILE: s.reference},
+            )
             run.metric({"event": "checkpoint", "step": done, "path": str(ckpt)})
         if stop:
             run.log(f"cancel requested: stopped after step {done} with a checkpoint")
@@ -327,15 +396,24 @@ def finish(run: Run, s: Setup, loss: float) -> None:
     if acc.is_main_process or sharded:
         first = s.examples[0]
         probe_ids = first["input_ids"] if "input_ids" in first else first["prompt"] + first["chosen"]
-        save_probe(acc.unwrap_model(s.model), probe_ids[:16],
-                   run.job_dir / "probe.safetensors" if acc.is_main_process else None)
+        save_probe(
+            acc.unwrap_model(s.model),
+            probe_ids[:16],
+            run.job_dir / "probe.safetensors" if acc.is_main_process else None,
+        )
     if acc.is_main_process:
         save_adapter(acc.unwrap_model(s.model), adapter_dir, s.meta, state)
         s.tok.save_pretrained(adapter_dir)
     acc.wait_for_everyone()
     run.log(f"done: {s.total_steps} steps, final loss {loss:.4f}; adapter in {adapter_dir}")
-    run.result("succeeded", step=s.total_steps, total_steps=s.total_steps, loss=loss, eval_loss=eval_loss,
-               adapter=str(adapter_dir))
+    run.result(
+        "succeeded",
+        step=s.total_steps,
+        total_steps=s.total_steps,
+        loss=loss,
+        eval_loss=eval_loss,
+        adapter=str(adapter_dir),
+    )
 
 
 def peak_memory_mb(device: str) -> float:
@@ -375,11 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(job_dir)
         train(run)
         return 0
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its cause, then re-raised
+    except Exception as exc:
         traceback.print_exc()
         if run is None or run.accelerator is None or run.accelerator.is_main_process:
-            write_result(job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                   "next_step": _next_step_for(exc)})
+            write_result(
+                job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "next_step": _next_step_for(exc)}
+            )
         return 1
 
 

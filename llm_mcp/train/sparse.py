@@ -78,8 +78,9 @@ class _SparseDeltaFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).float()
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": known, and fine here
             warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(layer.crow, layer.cols, torch.zeros_like(values), layer.shape,
-                                              check_invariants=False)
+            pattern = torch.sparse_csr_tensor(
+                layer.crow, layer.cols, torch.zeros_like(values), layer.shape, check_invariants=False
+            )
         grad_values = torch.sparse.sampled_addmm(pattern, g2.t().contiguous(), x2, beta=0.0).values()
         if layer.grow_budget > 0:
             layer.observe_gradient(g2.t() @ x2)  # this layer's dense gradient only, dropped on return
@@ -176,8 +177,10 @@ class SparseDeltaLinear(nn.Module):
         zero and their Adam moments are zeroed. Returns the number of entries changed.
         """
         if self.cand_idx is None:
-            raise RuntimeError("update_mask needs the candidates collected during the preceding step "
-                               "(collect_candidates before its backward)")
+            raise RuntimeError(
+                "update_mask needs the candidates collected during the preceding step "
+                "(collect_candidates before its backward)"
+            )
         n_change = max(0, min(n_change, self.k, self.cand_idx.numel()))
         cand_idx, cand_val = self.cand_idx, self.cand_val
         self.cand_idx = self.cand_val = None
@@ -254,17 +257,23 @@ def has_language_model(model: nn.Module) -> bool:
     return any(".language_model." in name for name, _ in model.named_modules())
 
 
-def attach_sparse_deltas(model: nn.Module, target_modules: list[str], density: float | str, rank: int,
-                         seed: int) -> dict[str, SparseDeltaLinear]:
+def attach_sparse_deltas(
+    model: nn.Module, target_modules: list[str], density: float | str, rank: int, seed: int
+) -> dict[str, SparseDeltaLinear]:
     """Freeze the model and wrap every target linear layer in a SparseDeltaLinear (in a vision-language
     model, those of its language model only: the vision tower has layers of the same names)."""
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     scoped = has_language_model(model)
-    targets = [(name, m) for name, m in model.named_modules()
-               if name.split(".")[-1] in target_modules and hasattr(m, "in_features") and hasattr(m, "weight")
-               and (not scoped or ".language_model." in name)]
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name.split(".")[-1] in target_modules
+        and hasattr(m, "in_features")
+        and hasattr(m, "weight")
+        and (not scoped or ".language_model." in name)
+    ]
     if not targets:
         raise ValueError(f"no linear layer named any of {target_modules} in this model")
     for name, module in targets:
@@ -289,10 +298,14 @@ def save_sparse(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
         tensors[f"{name}.values"] = m.values.detach().float().cpu().contiguous()
     save_file(tensors, str(out_dir / SPARSE_WEIGHTS))
     total = sum(m.shape[0] * m.shape[1] for m in mods.values())
-    config = {"format": "llm_mcp.sparse", "version": 1, **meta,
-              "shapes": {name: list(m.shape) for name, m in mods.items()},
-              "trainable_entries": sum(m.k for m in mods.values()),
-              "density": sum(m.k for m in mods.values()) / max(1, total)}
+    config = {
+        "format": "llm_mcp.sparse",
+        "version": 1,
+        **meta,
+        "shapes": {name: list(m.shape) for name, m in mods.items()},
+        "trainable_entries": sum(m.k for m in mods.values()),
+        "density": sum(m.k for m in mods.values()) / max(1, total),
+    }
     (out_dir / SPARSE_CONFIG).write_text(json.dumps(config, indent=2))
 
 

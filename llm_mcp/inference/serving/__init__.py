@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.inference.export import export
-from llm_mcp.core.store import Job
-from llm_mcp.inference.targets import Target
-from llm_mcp.inference.serving.sampler import needs_merge
 from llm_mcp.core.settings import Settings
+from llm_mcp.core.store import Job
+from llm_mcp.inference.export import export
+from llm_mcp.inference.serving.sampler import needs_merge
+from llm_mcp.inference.targets import Target
 
 
 class ServeResult(BaseModel):
@@ -33,8 +33,9 @@ class ServeResult(BaseModel):
     servers: list[dict] = Field(default_factory=list, description="The vLLM servers this MCP server runs or uses.")
 
 
-def job_serving_target(settings: Settings, job: Job, job_dir: Path, adapter: Path, label: str,
-                       target: Target) -> tuple[Target | None, str, list[str]]:
+def job_serving_target(
+    settings: Settings, job: Job, job_dir: Path, adapter: Path, label: str, target: Target
+) -> tuple[Target | None, str, list[str]]:
     """(what vLLM serves, model name, notes). Target None: the merge is still running (call again).
 
     LoRA / QLoRA adapters are served on the base model under the job's name; DoRA and sparse
@@ -44,25 +45,32 @@ def job_serving_target(settings: Settings, job: Job, job_dir: Path, adapter: Pat
     why = needs_merge(target)
     notes = []
     if target.quantized and not why:
-        notes.append("QLoRA: vLLM applies the adapter to the full-precision base, not the 4-bit base it was "
-                     "trained on; outputs differ slightly from in-process sampling.")
+        notes.append(
+            "QLoRA: vLLM applies the adapter to the full-precision base, not the 4-bit base it was "
+            "trained on; outputs differ slightly from in-process sampling."
+        )
     if not why:
         return target, name, notes
     exported = export(settings, job, job_dir, adapter, label, "merged", None, False)
     notes.append(f"{why}: serving the merged model {exported.destination}")
     if exported.state != "done":
         return None, name + "-merged", notes
-    merged = Target(base_path=exported.destination, base_id=name + "-merged",
-                    trust_remote_code=target.trust_remote_code)
+    merged = Target(
+        base_path=exported.destination, base_id=name + "-merged", trust_remote_code=target.trust_remote_code
+    )
     return merged, merged.base_id, notes
 
 
 def examples(url: str, model: str, api_key: str | None) -> tuple[str, str]:
     """curl and openai-client examples for the OpenAI-compatible API at `url` (ending in /v1)."""
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    curl = (f"curl {url}/completions -H 'Content-Type: application/json'{auth} "
-            f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32, \"temperature\": 0}}'")
-    python = ("from openai import OpenAI\n"
-              f"client = OpenAI(base_url={url!r}, api_key={api_key or 'EMPTY'!r})\n"
-              f"print(client.completions.create(model={model!r}, prompt='Hello', max_tokens=32).choices[0].text)")
+    curl = (
+        f"curl {url}/completions -H 'Content-Type: application/json'{auth} "
+        f'-d \'{{"model": "{model}", "prompt": "Hello", "max_tokens": 32, "temperature": 0}}\''
+    )
+    python = (
+        "from openai import OpenAI\n"
+        f"client = OpenAI(base_url={url!r}, api_key={api_key or 'EMPTY'!r})\n"
+        f"print(client.completions.create(model={model!r}, prompt='Hello', max_tokens=32).choices[0].text)"
+    )
     return curl, python

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.inference.targets import adapter_key
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.inference.sampling import Completion, Generation, SampleParams, TokenLogprob
-from llm_mcp.inference.targets import Target
 from llm_mcp.inference.serving.servers import START_WAIT_S, VllmError, VllmPool, VllmServer
+from llm_mcp.inference.targets import Target, adapter_key
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 SAME_AS_BASE = 1e-6
@@ -45,8 +44,10 @@ def needs_merge(target: Target) -> str | None:
     if isinstance(cfg.get("target_modules"), str):
         return "the adapter targets a vision-language model's language model by pattern, which vLLM does not load"
     if cfg.get("target_parameters"):
-        return ("the adapter trains fused MoE expert parameters (PEFT target_parameters); vLLM serving them as a LoRA "
-                "is untested here")
+        return (
+            "the adapter trains fused MoE expert parameters (PEFT target_parameters); vLLM serving them as a LoRA "
+            "is untested here"
+        )
     if cfg.get("modules_to_save"):
         return f"the adapter trains whole modules ({cfg['modules_to_save']}), which vLLM does not load"
     return None
@@ -58,8 +59,12 @@ def adapter_name(adapter_path: str, label: str | None = None) -> str:
 
 
 def _prompt_logprobs(server: VllmServer, model: str, prompt: list[int] | str) -> list[float]:
-    out = server.request("POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1,
-                                                      "temperature": 0, "prompt_logprobs": 0}, timeout=120)
+    out = server.request(
+        "POST",
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0},
+        timeout=120,
+    )
     rows = out["choices"][0]["prompt_logprobs"][1:]
     return [next(iter(r.values()))["logprob"] for r in rows]
 
@@ -91,8 +96,9 @@ class VllmSampler:
         self.checks: dict[str, dict[str, Any]] = {}  # served adapter name -> verification figures
 
     def server(self, target: Target, rank: int = 0) -> tuple[VllmServer, bool]:
-        return self.pool.server_for(target.base_path, target.base_id, rank=rank,
-                                    trust_remote_code=target.trust_remote_code, wait_s=self.wait_s)
+        return self.pool.server_for(
+            target.base_path, target.base_id, rank=rank, trust_remote_code=target.trust_remote_code, wait_s=self.wait_s
+        )
 
     def register(self, target: Target, label: str | None = None) -> tuple[VllmServer, str, bool, bool]:
         """Make the target servable: (server, model name, server started now, adapter loaded now)."""
@@ -101,7 +107,8 @@ class VllmSampler:
             raise InvalidArgumentError(
                 f"vLLM cannot serve this adapter directly: {why}. Serve the merged model instead: "
                 "serve_adapter(job_id=...) merges and serves a job's result, or start the server with "
-                "--sampler transformers to sample it in-process.")
+                "--sampler transformers to sample it in-process."
+            )
         rank = int(adapter_config(target.adapter_path).get("r", 0)) if target.adapter_path else 0
         server, started = self.server(target, rank)
         if not target.adapter_path:
@@ -113,8 +120,9 @@ class VllmSampler:
         if name in server.adapters:  # same name, new weights: replace
             server.request("POST", "/v1/unload_lora_adapter", {"lora_name": name}, timeout=30)
             del server.adapters[name]
-        server.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": target.adapter_path},
-                       timeout=120)
+        server.request(
+            "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": target.adapter_path}, timeout=120
+        )
         try:
             self.checks[name] = self._verify(server, name, target)
         except VllmError:
@@ -134,7 +142,8 @@ class VllmSampler:
             raise VllmError(
                 f"vLLM reported adapter {name!r} ({target.adapter_path}) as loaded, but it serves the base model's "
                 "outputs unchanged (a known vLLM failure, vllm #18372 / #55193). It was unloaded. Check that the "
-                "adapter's target_modules exist in the base model, or sample with --sampler transformers.")
+                "adapter's target_modules exist in the base model, or sample with --sampler transformers."
+            )
         check: dict[str, Any] = {"max_abs_logprob_diff_vs_base": round(vs_base, 6)}
         if probe and not target.quantized:  # QLoRA trained on a 4-bit base; vLLM serves the full-precision one
             vs_trained = max(abs(a - b) for a, b in zip(served, probe[1]))
@@ -143,15 +152,21 @@ class VllmSampler:
                 raise VllmError(
                     f"vLLM serves adapter {name!r} differently from the trained model: max |logprob difference| "
                     f"{vs_trained:.4g} on the training probe (tolerance {self.tolerance:g}). It was unloaded. "
-                    "Sample it with --sampler transformers, or export it merged and serve that.")
+                    "Sample it with --sampler transformers, or export it merged and serve that."
+                )
         return check
 
     def generate(self, target: Target, params: SampleParams, label: str | None = None) -> Generation:
         t0 = time.perf_counter()
         server, model, started, loaded = self.register(target, label)
         load_s = time.perf_counter() - t0
-        body: dict[str, Any] = {"model": model, "max_tokens": params.max_tokens, "temperature": params.temperature,
-                                "top_p": params.top_p, "n": params.n}
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+        }
         if params.top_k:
             body["top_k"] = params.top_k
         if params.stop:
@@ -165,19 +180,30 @@ class VllmSampler:
             body.update(prompt=params.prompt, logprobs=0)
         t1 = time.perf_counter()
         try:
-            out = server.request("POST", "/v1/chat/completions" if chat else "/v1/completions", body,
-                                 timeout=params.time_limit_s or 600.0)  # vLLM aborts a request whose client left
+            out = server.request(
+                "POST",
+                "/v1/chat/completions" if chat else "/v1/completions",
+                body,
+                timeout=params.time_limit_s or 600.0,
+            )  # vLLM aborts a request whose client left
         except VllmError as exc:
             if "maximum context length" in str(exc) or "max_tokens" in str(exc):
                 raise InvalidArgumentError(f"{exc}. Lower max_tokens or shorten the prompt.") from None
             raise
         generate_s = time.perf_counter() - t1
         server.last_used = time.monotonic()
-        completions = [self._completion(c, chat, params.logprobs) for c in sorted(out["choices"], key=lambda c: c["index"])]
+        completions = [
+            self._completion(c, chat, params.logprobs) for c in sorted(out["choices"], key=lambda c: c["index"])
+        ]
         total = out.get("usage", {}).get("completion_tokens") or sum(c.completion_tokens for c in completions)
         return Generation(
-            completions=completions, prompt_tokens=out.get("usage", {}).get("prompt_tokens", 0), backend=self.backend,
-            load_s=round(load_s, 4), base_loaded=started, adapter_loaded=loaded, generate_s=round(generate_s, 4),
+            completions=completions,
+            prompt_tokens=out.get("usage", {}).get("prompt_tokens", 0),
+            backend=self.backend,
+            load_s=round(load_s, 4),
+            base_loaded=started,
+            adapter_loaded=loaded,
+            generate_s=round(generate_s, 4),
             tokens_per_s=round(total / generate_s, 1) if generate_s > 0 else 0.0,
         )
 

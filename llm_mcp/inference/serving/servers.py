@@ -50,8 +50,10 @@ def lora_rank_slot(rank: int) -> int:
     for slot in VLLM_LORA_RANKS:
         if slot >= max(rank, 16):
             return slot
-    raise VllmError(f"adapter rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]}); "
-                    "serve the merged model instead: export_adapter(format='merged')")
+    raise VllmError(
+        f"adapter rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]}); "
+        "serve the merged model instead: export_adapter(format='merged')"
+    )
 
 
 def vllm_installed() -> bool:
@@ -131,17 +133,34 @@ class VllmServer:
         return "\n".join(keep[-lines:])
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.name, "model_path": self.model_path, "url": self.url, "state": self.state,
-                "managed": not self.external, "pid": self.proc.pid if self.proc else None,
-                "max_lora_rank": self.max_lora_rank, "adapters": sorted(self.adapters), "restarts": self.restarts,
-                "ready_after_s": round(self.ready_s, 1) if self.ready_s else None, "log": str(self.log_path or "")}
+        return {
+            "model": self.name,
+            "model_path": self.model_path,
+            "url": self.url,
+            "state": self.state,
+            "managed": not self.external,
+            "pid": self.proc.pid if self.proc else None,
+            "max_lora_rank": self.max_lora_rank,
+            "adapters": sorted(self.adapters),
+            "restarts": self.restarts,
+            "ready_after_s": round(self.ready_s, 1) if self.ready_s else None,
+            "log": str(self.log_path or ""),
+        }
 
 
 class VllmPool:
     """The vLLM servers this MCP server uses; thread-safe."""
 
-    def __init__(self, home: Path, *, url: str | None = None, api_key: str | None = None, idle_s: float = 900.0,
-                 extra_args: str = "", gpu: bool = False):
+    def __init__(
+        self,
+        home: Path,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        idle_s: float = 900.0,
+        extra_args: str = "",
+        gpu: bool = False,
+    ):
         self.dir = home / "serving"
         self.url, self.api_key, self.idle_s, self.gpu = url, api_key, idle_s, gpu
         self.extra_args = shlex.split(extra_args)
@@ -152,11 +171,30 @@ class VllmPool:
 
     # --- managed processes --------------------------------------------------------------------------
     def _command(self, server: VllmServer, trust_remote_code: bool, port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", server.model_path,
-               "--served-model-name", server.name, "--host", "127.0.0.1", "--port", str(port),
-               "--enable-lora", "--max-lora-rank", str(server.max_lora_rank), "--max-loras", str(MAX_LORAS),
-               "--max-cpu-loras", str(MAX_LORAS * 4), "--uvicorn-log-level", "warning",
-               "--load-format", "safetensors"]  # never unpickle a .bin checkpoint
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            server.model_path,
+            "--served-model-name",
+            server.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(server.max_lora_rank),
+            "--max-loras",
+            str(MAX_LORAS),
+            "--max-cpu-loras",
+            str(MAX_LORAS * 4),
+            "--uvicorn-log-level",
+            "warning",
+            "--load-format",
+            "safetensors",
+        ]  # never unpickle a .bin checkpoint
         if self.gpu:
             cmd += ["--gpu-memory-utilization", "0.5"]
         else:  # REFERENCE §5: on CPU this flag is the RAM fraction; float32 matches the in-process sampler
@@ -171,16 +209,27 @@ class VllmPool:
         port = free_port()
         server.url, server.state, server.error = f"http://127.0.0.1:{port}", "starting", None
         server.started_at, server.ready_s, server.adapters = time.monotonic(), None, {}
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": server.api_key or "",
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_API_KEY": server.api_key or "",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         if not self.gpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(server.log_path, "ab") as log:
             log.write(f"\n[llm-mcp] starting vLLM for {server.name} on port {port}\n".encode())
             log.flush()
-            server.proc = subprocess.Popen(self._command(server, trust_remote_code, port), stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            server.proc = subprocess.Popen(
+                self._command(server, trust_remote_code, port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self._start_reaper()
 
     def _refresh(self, server: VllmServer) -> None:
@@ -192,15 +241,24 @@ class VllmPool:
             tail = server.log_tail()
             was = server.state
             server.state = "failed"
-            server.error = (f"vLLM for {server.name} {'crashed' if was == 'ready' else 'exited while starting'} "
-                            f"(exit code {code}). Last log lines ({server.log_path}):\n{tail}")
+            server.error = (
+                f"vLLM for {server.name} {'crashed' if was == 'ready' else 'exited while starting'} "
+                f"(exit code {code}). Last log lines ({server.log_path}):\n{tail}"
+            )
             server.crashed = was == "ready"
             return
         if server.state == "starting" and server.healthy():
             server.state, server.ready_s = "ready", time.monotonic() - server.started_at
 
-    def server_for(self, model_path: str, name: str, *, rank: int = 0, trust_remote_code: bool = False,
-                   wait_s: float = START_WAIT_S) -> tuple[VllmServer, bool]:
+    def server_for(
+        self,
+        model_path: str,
+        name: str,
+        *,
+        rank: int = 0,
+        trust_remote_code: bool = False,
+        wait_s: float = START_WAIT_S,
+    ) -> tuple[VllmServer, bool]:
         """A ready server for `model_path` whose max_lora_rank holds `rank`; (server, started_in_this_call).
 
         Raises:
@@ -221,8 +279,10 @@ class VllmPool:
                         raise VllmError(server.error)
                     if server.crashed and server.restarts >= MAX_RESTARTS:
                         del self.servers[model_path]
-                        raise VllmError(f"{server.error}\nIt crashed {server.restarts + 1} times; not restarting. "
-                                        "Fix the cause, then call again.")
+                        raise VllmError(
+                            f"{server.error}\nIt crashed {server.restarts + 1} times; not restarting. "
+                            "Fix the cause, then call again."
+                        )
                     self._stop(server)
                     if needs_rank:  # restart with a larger rank slot; adapters are re-registered on use
                         server.max_lora_rank = lora_rank_slot(rank)
@@ -235,9 +295,14 @@ class VllmPool:
                     oldest = min(self.servers.values(), key=lambda s: s.last_used)
                     self._stop(oldest)
                     del self.servers[oldest.model_path]
-                server = VllmServer(model_path=model_path, name=name, url="", api_key=secrets.token_urlsafe(24),
-                                    max_lora_rank=lora_rank_slot(rank),
-                                    log_path=self.dir / f"vllm-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-80:]}.log")
+                server = VllmServer(
+                    model_path=model_path,
+                    name=name,
+                    url="",
+                    api_key=secrets.token_urlsafe(24),
+                    max_lora_rank=lora_rank_slot(rank),
+                    log_path=self.dir / f"vllm-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-80:]}.log",
+                )
                 self.servers[model_path] = server
                 self._spawn(server, trust_remote_code)
         started = self._wait(server, wait_s)
@@ -262,15 +327,23 @@ class VllmPool:
             if time.monotonic() >= deadline:
                 raise VllmStarting(
                     f"vLLM for {server.name} is still starting ({time.monotonic() - server.started_at:.0f} s so far; "
-                    f"about 30-40 s on a 2-core CPU). Call again in ~15 s. Log: {server.log_path}")
+                    f"about 30-40 s on a 2-core CPU). Call again in ~15 s. Log: {server.log_path}"
+                )
             time.sleep(0.25)
 
     def _external(self, model_path: str, name: str) -> VllmServer:
         with self._lock:
             server = self.servers.get("external")
             if server is None:
-                server = VllmServer(model_path="", name="", url=self.url.rstrip("/"), api_key=self.api_key,
-                                    max_lora_rank=VLLM_LORA_RANKS[-1], external=True, state="ready")
+                server = VllmServer(
+                    model_path="",
+                    name="",
+                    url=self.url.rstrip("/"),
+                    api_key=self.api_key,
+                    max_lora_rank=VLLM_LORA_RANKS[-1],
+                    external=True,
+                    state="ready",
+                )
                 models = server.request("GET", "/v1/models", timeout=10)["data"]
                 base = next((m for m in models if not m.get("parent")), None)
                 if base is None:
@@ -279,8 +352,10 @@ class VllmPool:
                 self.servers["external"] = server
         wanted = {model_path, name, str(Path(model_path).resolve()) if model_path.startswith("/") else model_path}
         if not wanted & {server.name, server.model_path}:
-            raise VllmError(f"the vLLM server at {self.url} serves {server.name!r} ({server.model_path}), not "
-                            f"{name!r}; point LLM_MCP_VLLM_URL at a server for {name!r} or use --sampler transformers")
+            raise VllmError(
+                f"the vLLM server at {self.url} serves {server.name!r} ({server.model_path}), not "
+                f"{name!r}; point LLM_MCP_VLLM_URL at a server for {name!r} or use --sampler transformers"
+            )
         server.last_used = time.monotonic()
         return server
 

@@ -41,7 +41,7 @@ def _reap() -> None:
 
 def main(argv: list[str]) -> int:
     parent = int(argv[0])
-    cmd = argv[argv.index("--") + 1:]
+    cmd = argv[argv.index("--") + 1 :]
     become_subreaper()
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
