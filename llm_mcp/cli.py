@@ -351,7 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a tiny model and drive the server through a real MCP client")
     demo.set_defaults(func=cmd_demo)
+
+    reference = sub.add_parser("reference", help="print the tool reference (docs/tools.md) from the tool schemas")
+    reference.set_defaults(func=cmd_reference)
     return parser
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from llm_mcp.tools.reference import render
+
+    sys.stdout.write(render())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ def _show(name: str, args: dict[str, Any], result: Any, seconds: float, expect_e
 
 def demo_rows() -> list[dict[str, Any]]:
     """A small chat + prompt/completion dataset the tiny model can visibly learn."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(96):
         a, b = i % 7, (i * 3) % 5
         if i % 2:

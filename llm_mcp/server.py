@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -22,6 +23,7 @@ from llm_mcp.tools.services import AppState
 
 __all__ = ["INSTRUCTIONS", "AppState", "build_server"]
 log = logging.getLogger("llm_mcp")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 JOB_POLL_S = 5.0
 
 INSTRUCTIONS = """\
@@ -74,7 +76,7 @@ class LlmMcpServer(MCPServer):
             raise ToolError(explain_arguments(name, schema, exc.__cause__)) from exc.__cause__
 
 
-def build_server(state: AppState, log_level: str = "WARNING") -> MCPServer:
+def build_server(state: AppState, log_level: LogLevel = "WARNING") -> MCPServer:
     """The MCP server with every tool registered over `state`. Logs go to stderr only.
 
     `state` reaches the tools through the lifespan context; it is built (and its jobs

@@ -141,7 +141,9 @@ def promised_modules(model, targets: list[str], experts: bool, vlm: bool) -> set
         if vlm and ".language_model." not in f".{name}.":
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if (isinstance(module, torch.nn.Linear) and leaf in targets) or (experts and leaf == "experts" and hasattr(module, "gate_up_proj")):
+        if (isinstance(module, torch.nn.Linear) and leaf in targets) or (
+            experts and leaf == "experts" and hasattr(module, "gate_up_proj")
+        ):
             out.add(name)
     return out
 
@@ -243,7 +245,7 @@ def _auto(vlm: bool):
 
 
 def _quantized(path):
-    from llm_mcp.train.model import load_base
+    from llm_mcp.modeling.base import load_base
 
     return load_base(str(path), dtype=torch.float32, quant_type="nf4")
 

@@ -170,7 +170,8 @@ import anyio, json, sys
 from mcp import Client, StdioServerParameters
 async def main():
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"],
-                                   env={**__import__("os").environ, "LLM_MCP_HOME": "rel", "LLM_MCP_SAMPLER": "transformers"},
+                                   env={**__import__("os").environ, "LLM_MCP_HOME": "rel",
+                                        "LLM_MCP_SAMPLER": "transformers"},
                                    cwd=".")
     async with Client(params) as c:
         await c.call_tool("save_dataset", {"name": "d", "rows": [{"text": "a b c d"}] * 8})

@@ -112,8 +112,8 @@ def test_bad_preference_rows_are_named_by_line(tmp_path, row, objective, expecte
 
 
 def test_pair_labels_cover_exactly_the_answer_tokens(tiny_model_template):
+    from llm_mcp.modeling.encode import IGNORE, chat_ids, tokenizer_for
     from llm_mcp.train.dpo import DPOObjective
-    from llm_mcp.train.encode import IGNORE, chat_ids, tokenizer_for
 
     tok = tokenizer_for(str(tiny_model_template))
     obj = DPOObjective()
@@ -179,8 +179,8 @@ def test_dpo_loss_and_rewards_match_trl(tiny_model_template, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
+    from llm_mcp.modeling.encode import tokenizer_for
     from llm_mcp.train.dpo import DPOObjective
-    from llm_mcp.train.encode import tokenizer_for
 
     tok = tokenizer_for(str(tiny_model_template))
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ async def test_sft_evaluate_dpo_evaluate_and_an_exact_resume(app, tiny_model, pr
     assert job["reward_accuracy"] >= 0.9 and job["loss"] < 0.5 * job["first_loss"], job
     assert "DPO reward accuracy" in status.content[0].text and "eval reward accuracy" in status.content[0].text
     assert not sampled.is_error and sampled.structured_content["completions"][0]["text"]
-    start = [m for m in read_metrics(state.store.job_dir(full)) if "reward_accuracy" in m][0]
+    start = next(m for m in read_metrics(state.store.job_dir(full)) if "reward_accuracy" in m)
     assert start["reward_accuracy"] == 0.0  # step 1: the policy still equals the reference, every pair ties
     base, sft_scores, dpo, checkpoint = after_dpo["targets"]
     assert base["preference_accuracy"] <= 0.7 and sft_scores["preference_accuracy"] <= 0.7, after_dpo  # ~chance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_mcp.train.encode import IGNORE, encode_rows
+from llm_mcp.modeling.encode import IGNORE, encode_rows
 
 CHAT = {
     "messages": [
@@ -68,8 +68,8 @@ FAMILY_TURNS = {
 
 
 def family_tokenizer(family: str):
+    from llm_mcp.modeling.encode import DEFAULT_CHAT_TEMPLATE
     from llm_mcp.tiny import tiny_tokenizer
-    from llm_mcp.train.encode import DEFAULT_CHAT_TEMPLATE
 
     tok = tiny_tokenizer(512, 0, family)
     tok.chat_template = tok.chat_template or DEFAULT_CHAT_TEMPLATE  # as tokenizer_for does
@@ -121,7 +121,7 @@ def test_offsets_agree_with_generation_markers(tok):
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3", "mistral", "gptoss"])
 def test_preference_answers_end_with_the_turns_end_token(family):
-    from llm_mcp.train.encode import encode_pair
+    from llm_mcp.modeling.encode import encode_pair
 
     tok = family_tokenizer(family)
     pair = {
@@ -142,8 +142,8 @@ def test_generation_stops_on_every_end_of_turn_id_the_model_lists(tmp_path):
 
     from transformers import AutoTokenizer, GenerationConfig
 
+    from llm_mcp.modeling.encode import end_of_turn_ids
     from llm_mcp.tiny import make_tiny_model
-    from llm_mcp.train.encode import end_of_turn_ids
 
     path = make_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=2, chat_family="llama3")
     tok = AutoTokenizer.from_pretrained(path)
@@ -217,7 +217,7 @@ def test_a_turn_is_found_after_its_header_never_in_other_text(family, messages, 
 
 def test_a_base_model_whose_turns_close_with_another_token_stops_on_it():
     """Qwen3-Base: eos <|endoftext|>, but its template closes each turn with <|im_end|>."""
-    from llm_mcp.train.encode import end_of_turn_ids
+    from llm_mcp.modeling.encode import end_of_turn_ids
 
     tok = family_tokenizer("qwen3")
     tok.eos_token = "<|endoftext|>"

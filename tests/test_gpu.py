@@ -58,7 +58,7 @@ async def test_every_method_trains_in_bf16_on_cuda_within_its_estimate(trained, 
     from llm_mcp.core.estimates import estimate_memory
     from llm_mcp.core.local_models import resolve_model
 
-    home, ids = trained
+    _, ids = trained
     state, _ = server
     metrics = read_metrics(state.store.job_dir(ids[method]))
     start = next(m for m in metrics if m.get("event") == "start")
@@ -90,7 +90,7 @@ async def test_export_and_reload_on_cuda(trained, server, method):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    home, ids = trained
+    _, ids = trained
     state, srv = server
     async with Client(srv) as client:
         merged = await client.call_tool("export_adapter", {"job_id": ids[method], "format": "merged"})
@@ -116,7 +116,7 @@ async def test_export_and_reload_on_cuda(trained, server, method):
 def test_sparse_layer_follows_the_module_to_cuda():
     from torch import nn
 
-    from llm_mcp.train.sparse import SparseDeltaLinear
+    from llm_mcp.modeling.sparse import SparseDeltaLinear
 
     layer = SparseDeltaLinear(nn.Linear(64, 32), 100, torch.Generator().manual_seed(0)).to("cuda")
     assert layer.crow.is_cuda and layer.cols.is_cuda and layer.indices.is_cuda
@@ -131,7 +131,7 @@ def test_fp16_training_scales_the_loss():
     """GPUs without bf16 train in fp16: accelerate's GradScaler must be on, so small gradients survive."""
     from accelerate import Accelerator
 
-    from llm_mcp.train.model import mixed_precision
+    from llm_mcp.modeling.base import mixed_precision
 
     acc = Accelerator(mixed_precision=mixed_precision("cuda", bf16_supported=False))
     assert acc.scaler is not None

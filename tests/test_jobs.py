@@ -88,7 +88,7 @@ def test_threads_per_process_honours_a_set_omp_num_threads():
 
 
 def test_fp16_gpus_train_with_loss_scaling():
-    from llm_mcp.train.model import mixed_precision
+    from llm_mcp.modeling.base import mixed_precision
 
     assert mixed_precision("cuda", bf16_supported=False) == "fp16"  # accelerate's autocast + GradScaler
     assert mixed_precision("cuda", bf16_supported=True) == "no"  # bf16 weights need no loss scaling

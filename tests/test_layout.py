@@ -1,9 +1,9 @@
 """The package's shape: one-way layers, no import cycles, small modules, light processes.
 
-    core  <-  train  <-  inference  <-  jobs  <-  tools / server / http  <-  cli / demo / bench
+    core  <-  modeling  <-  validation / train / inference  <-  jobs  <-  tools / server / http  <-  cli / demo / bench
 
-Imports are read from the source (module level and inside functions, not under TYPE_CHECKING),
-so a lazy import that points the wrong way fails here too.
+Imports are read from the source (module level, inside functions and under TYPE_CHECKING), so a
+lazy or a type-only import that points the wrong way fails here too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ LAYERS = {
     "core": 0,
     "tiny": 0,
     "__init__": 0,
-    "train": 1,
+    "modeling": 1,
+    "validation": 2,
+    "train": 2,
     "inference": 2,
     "jobs": 3,
     "tools": 4,
@@ -52,16 +54,10 @@ def _part(module: str) -> str:
 
 
 def _imports(path: Path, module: str) -> set[str]:
-    """Absolute names this module imports, skipping `if TYPE_CHECKING:` blocks."""
+    """Absolute names this module imports, `if TYPE_CHECKING:` blocks included."""
     tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= {id(n) for child in node.body for n in ast.walk(child)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -167,3 +163,27 @@ def test_job_processes_import_neither_the_sdk_nor_the_server(entry):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_only_the_extension_tables_compare_a_method_objective_or_format_name():
+    """What a method, objective or export format is lives in its module (llm_mcp.core.methods, .core.objectives,
+    .inference.exports): code elsewhere asks the table, it never compares a name like `method == "sparse"`."""
+    from llm_mcp.core.names import METHOD_NAMES, OBJECTIVE_NAMES
+    from llm_mcp.inference.exports import FORMATS
+
+    names = set(METHOD_NAMES) | set(OBJECTIVE_NAMES) | set(FORMATS)
+    tables = ("core/methods/", "core/objectives/", "inference/exports/")
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where.startswith(tables):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            consts = [c for s in sides for c in ([s] if isinstance(s, ast.Constant) else getattr(s, "elts", []))]
+            hits = sorted({c.value for c in consts if isinstance(c, ast.Constant) and c.value in names})
+            if hits:
+                wrong.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    assert not wrong, "ask the table (METHODS / OBJECTIVES / FORMATS) instead:\n" + "\n".join(wrong)

@@ -8,7 +8,7 @@ from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.estimates import GPU_CLASSES_GB, estimate_memory
 from llm_mcp.core.hardware import Hardware, detect
 from llm_mcp.core.listing import describe_model, list_models, summarize
-from llm_mcp.core.matrix import METHODS
+from llm_mcp.core.methods import METHODS
 
 
 def test_whole_matrix_without_filters(matrix, defaults):
@@ -64,7 +64,8 @@ def test_fits_in_list_models_is_what_start_finetune_accepts_at_its_defaults(matr
     """list_models(fits=true) and start_finetune's memory check use the same estimate at the same defaults."""
     from llm_mcp.core.settings import Settings, data_path
     from llm_mcp.core.store import JobStore
-    from llm_mcp.core.validate import resolve_finetune
+    from llm_mcp.validation.finetune import ValidationContext, resolve_finetune
+    from llm_mcp.validation.requests import FinetuneRequest
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
@@ -78,12 +79,12 @@ def test_fits_in_list_models_is_what_start_finetune_accepts_at_its_defaults(matr
                 continue
             with pytest.raises(InvalidArgumentError) as err:  # no hub here: refused either way, for memory or access
                 resolve_finetune(
-                    matrix=matrix,
-                    settings=settings,
-                    defaults=defaults,
-                    hardware=hw,
-                    store=JobStore(tmp_path),
-                    args={"model": entry.id, "method": method, "dataset": str(data)},
+                    FinetuneRequest.parse(
+                        {"model": entry.id, "method": method, "dataset": str(data)}, "start_finetune"
+                    ),
+                    ValidationContext(
+                        matrix=matrix, settings=settings, defaults=defaults, hardware=hw, store=JobStore(tmp_path)
+                    ),
                 )
             refused_for_memory = "estimated memory" in str(err.value)
             assert refused_for_memory is (method not in fits), (entry.id, method, str(err.value)[:200])
@@ -183,7 +184,7 @@ def test_unsupported_never_fits(matrix, defaults):
 
 
 def test_qlora_needs_less_than_lora_and_cpu_estimates_use_fp32(matrix):
-    from llm_mcp.core.estimates import NF4_BYTES_PER_PARAM, GiB, embedding_param_count
+    from llm_mcp.core.shapes import NF4_BYTES_PER_PARAM, GiB, embedding_param_count
 
     entry = matrix.get("Qwen/Qwen3-8B")
     kw = dict(target_modules=entry.target_modules)
@@ -269,8 +270,9 @@ def test_summary_is_one_line_per_model(matrix, defaults):
 def test_usable_memory_does_not_drift_with_free_ram_and_a_tight_machine_is_warned_about(matrix, defaults, tmp_path):
     from llm_mcp.core.settings import Settings, data_path
     from llm_mcp.core.store import JobStore
-    from llm_mcp.core.validate import resolve_finetune
     from llm_mcp.tiny import make_tiny_model
+    from llm_mcp.validation.finetune import ValidationContext, resolve_finetune
+    from llm_mcp.validation.requests import FinetuneRequest
 
     busy, idle = Hardware(ram_gb=24.0, available_ram_gb=0.05), Hardware(ram_gb=24.0, available_ram_gb=22.0)
     assert busy.usable_gb() == idle.usable_gb() == round(24.0 * 0.85, 2)
@@ -279,16 +281,13 @@ def test_usable_memory_does_not_drift_with_free_ram_and_a_tight_machine_is_warne
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
     settings = Settings(home=tmp_path, models_path=data_path("models.yaml"))
     args = {"model": str(model), "method": "lora", "dataset": str(data)}
-    run = lambda hw: (
-        resolve_finetune(
-            matrix=matrix,
-            settings=settings,
-            defaults=defaults,
-            hardware=hw,
-            store=JobStore(tmp_path),
-            args=dict(args),
-        ).warnings
-    )
+
+    def run(hw):
+        context = ValidationContext(
+            matrix=matrix, settings=settings, defaults=defaults, hardware=hw, store=JobStore(tmp_path)
+        )
+        return resolve_finetune(FinetuneRequest.parse(dict(args), "start_finetune"), context).warnings
+
     assert any("free right now" in w for w in run(busy))
     assert not any("free right now" in w for w in run(idle))
 

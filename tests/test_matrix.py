@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 from llm_mcp.core.errors import ConfigurationError, UnknownModelError
-from llm_mcp.core.estimates import estimate_memory, lora_param_count
-from llm_mcp.core.matrix import METHODS, load_matrix, parse_matrix
+from llm_mcp.core.estimates import estimate_memory
+from llm_mcp.core.matrix import load_matrix, parse_matrix
+from llm_mcp.core.methods import METHODS
 from llm_mcp.core.settings import data_path
+from llm_mcp.core.shapes import lora_param_count
 
 SEED_MODELS = [
     # seed 000, Tinker lineup
@@ -197,15 +199,15 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
 
 
 def test_dora_is_never_called_dropout_lora():
-    from llm_mcp.core.matrix import METHOD_TITLES
+    from llm_mcp.core.methods import METHODS
 
-    assert "Weight-Decomposed" in METHOD_TITLES["dora"]
+    assert "Weight-Decomposed" in METHODS["dora"].title
     text = data_path("models.yaml").read_text()
     assert "Dropout LoRA" not in text and "dropout lora" not in text.lower()
 
 
 def test_default_targets_are_linear_layers_of_their_architecture(matrix):
-    from llm_mcp.core.estimates import linear_names
+    from llm_mcp.core.shapes import linear_names
 
     for entry in matrix.models:
         assert set(entry.target_modules) <= set(linear_names(entry.dims, entry.hf_architecture)), entry.id

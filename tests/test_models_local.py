@@ -8,8 +8,8 @@ import os
 import pytest
 
 from llm_mcp.core.errors import PathNotAllowedError, UnknownModelError
-from llm_mcp.core.estimates import lora_param_count
 from llm_mcp.core.local_models import resolve_model
+from llm_mcp.core.shapes import lora_param_count
 
 
 def test_tiny_model_loads_with_transformers_and_generates(tiny_model):
@@ -93,7 +93,7 @@ def test_unknown_architecture_lists_the_known_ones(matrix, settings, tiny_model)
 
 def test_directory_without_config_and_missing_directory(matrix, settings):
     (settings.home / "empty").mkdir()
-    with pytest.raises(UnknownModelError, match="config.json"):
+    with pytest.raises(UnknownModelError, match=r"config\.json"):
         resolve_model(matrix, settings, "empty")
     with pytest.raises(UnknownModelError, match="neither a matrix model nor an existing directory"):
         resolve_model(matrix, settings, "nothing-here")

@@ -201,7 +201,7 @@ async def test_cancelled_and_finished_jobs_leave_no_processes(app, tiny_model, d
 
 
 async def test_sample_requests_beyond_capacity_are_refused_cleanly(app, tiny_model):
-    state, server = app
+    _, server = app
     args = {"model": str(tiny_model), "prompt": "The cat", "max_tokens": 48}
     async with Client(server) as client:
         results = []

@@ -6,6 +6,7 @@ import json
 import os
 import tarfile
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -62,7 +63,7 @@ async def test_exported_peft_adapter_gives_the_trained_models_logits(trained, st
         dest = result.structured_content["destination"]
         files = {os.path.basename(f["path"]) for f in result.structured_content["files"]}
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= files
-        assert json.loads(open(f"{dest}/adapter_config.json").read())["base_model_name_or_path"] == str(
+        assert json.loads(Path(f"{dest}/adapter_config.json").read_text())["base_model_name_or_path"] == str(
             home / "models" / "tiny"
         )
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(home / "models" / "tiny"), dest).eval()
@@ -70,7 +71,7 @@ async def test_exported_peft_adapter_gives_the_trained_models_logits(trained, st
         with torch.no_grad():
             logits = model(input_ids=input_ids[None]).logits[0]
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-        card = open(f"{dest}/README.md").read()
+        card = Path(f"{dest}/README.md").read_text()
         assert "train loss" in card and "PeftModel.from_pretrained" in card
 
 

@@ -55,7 +55,7 @@ async def call(server, tool, **args):
 
 
 async def test_exports_cannot_plant_files_in_the_state_directory(served, finished):
-    state, server = served
+    _, server = served
     home, ids = finished
     job = ids["lora"]
     for dest in (
@@ -175,7 +175,7 @@ def test_merge_locks_are_exclusive_and_go_stale_with_their_owner(tmp_path):
 
 
 async def test_a_killed_merge_is_reported_and_the_next_call_merges(served, finished):
-    state, server = served
+    _, server = served
     home, ids = finished
     dest = home / "exports" / f"{ids['lora']}-final-merged"
     lock = dest.with_name(f".{dest.name}.lock")
@@ -197,10 +197,11 @@ def test_a_dataset_swapped_after_validation_is_refused_by_the_trainer(tmp_path, 
     from llm_mcp.core.hardware import detect
     from llm_mcp.core.jobconfig import JobConfig
     from llm_mcp.core.matrix import load_matrix
-    from llm_mcp.core.methods import load_method_defaults
+    from llm_mcp.core.methods.defaults import load_method_defaults
     from llm_mcp.core.settings import Settings, data_path
     from llm_mcp.core.store import JobStore
-    from llm_mcp.core.validate import resolve_finetune
+    from llm_mcp.validation.finetune import ValidationContext, resolve_finetune
+    from llm_mcp.validation.requests import FinetuneRequest
 
     home = tmp_path / "home"
     shutil.copytree(tiny_model_template, home / "models" / "tiny")
@@ -210,18 +211,23 @@ def test_a_dataset_swapped_after_validation_is_refused_by_the_trainer(tmp_path, 
     outside = tmp_path / "outside.jsonl"
     outside.write_text(json.dumps({"text": "secret " * 20}) + "\n")
     resolved = resolve_finetune(
-        matrix=load_matrix(data_path("models.yaml")),
-        settings=Settings(home=home, models_path=data_path("models.yaml")),
-        defaults=load_method_defaults(),
-        hardware=detect(),
-        store=JobStore(home),
-        args={
-            "model": "models/tiny",
-            "method": "lora",
-            "dataset": "data/train.jsonl",
-            "max_steps": 1,
-            "max_seq_len": 32,
-        },
+        FinetuneRequest.parse(
+            {
+                "model": "models/tiny",
+                "method": "lora",
+                "dataset": "data/train.jsonl",
+                "max_steps": 1,
+                "max_seq_len": 32,
+            },
+            "start_finetune",
+        ),
+        ValidationContext(
+            matrix=load_matrix(data_path("models.yaml")),
+            settings=Settings(home=home, models_path=data_path("models.yaml")),
+            defaults=load_method_defaults(),
+            hardware=detect(),
+            store=JobStore(home),
+        ),
     )
     job_dir = home / "jobs" / "ft-swap"
     job_dir.mkdir(parents=True)
@@ -351,7 +357,7 @@ def test_switching_sparse_adapters_leaves_nothing_of_the_previous_one(tmp_path, 
 
     from llm_mcp.inference.sampling import SampleParams, TransformersSampler
     from llm_mcp.inference.targets import Target
-    from llm_mcp.train.sparse import attach_sparse_deltas, save_sparse, sparse_modules
+    from llm_mcp.modeling.sparse import attach_sparse_deltas, save_sparse, sparse_modules
 
     def adapter(name: str, targets: list[str], seed: int) -> Path:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_template)
@@ -364,7 +370,7 @@ def test_switching_sparse_adapters_leaves_nothing_of_the_previous_one(tmp_path, 
 
     a, b = adapter("a", ["q_proj", "v_proj"], 1), adapter("b", ["o_proj"], 2)
     params = SampleParams(prompt="The cat", max_tokens=8, logprobs=True)
-    target = lambda p: Target(base_path=str(tiny_model_template), base_id="tiny", adapter_path=str(p), sparse=True)  # noqa: E731
+    target = lambda p: Target(base_path=str(tiny_model_template), base_id="tiny", adapter_path=str(p), layout="sparse")  # noqa: E731
     shared = TransformersSampler()
     shared.generate(target(a), params)
     after_a = shared.generate(target(b), params).completions[0]
@@ -380,7 +386,7 @@ def test_switching_sparse_adapters_leaves_nothing_of_the_previous_one(tmp_path, 
 async def test_a_merged_export_is_hashed_once(served, finished, monkeypatch):
     import llm_mcp.inference.card as card
 
-    state, server = served
+    _, server = served
     _, ids = finished
     first = await call(server, "export_adapter", job_id=ids["sparse"], format="merged")
     assert not first.is_error and first.structured_content["state"] == "done", first.content[0].text

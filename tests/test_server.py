@@ -88,7 +88,10 @@ async def test_matrix_resource(server, settings):
 
 
 def test_server_start_does_not_import_torch():
-    code = "import sys, llm_mcp.cli, llm_mcp.server, llm_mcp.http; print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))"
+    code = (
+        "import sys, llm_mcp.cli, llm_mcp.server, llm_mcp.http; "
+        "print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

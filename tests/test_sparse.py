@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llm_mcp.core.jobdir import read_metrics
-from llm_mcp.train.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state, merge_candidates
+from llm_mcp.modeling.sparse import SparseDeltaLinear, cosine_fraction, load_sparse_state, merge_candidates
 from tests.conftest import wait_final
 
 pytestmark = pytest.mark.anyio
@@ -163,8 +164,7 @@ async def test_sparse_job_changes_only_masked_entries_and_learns(app, tiny_model
     delta = load_sparse_state(job_dir / "adapter")
     k_total = sum(len(i) for i, _ in delta.values())
     expected = {
-        step: sum(int(round(cosine_fraction(0.3, step, 40) * len(i))) for i, _ in delta.values())
-        for step in (10, 20, 30)
+        step: sum(round(cosine_fraction(0.3, step, 40) * len(i)) for i, _ in delta.values()) for step in (10, 20, 30)
     }
     assert {m["step"]: m["mask_changed"] for m in steps if m["mask_changed"]} == expected
     assert all(m["density"] == steps[0]["density"] for m in steps)
@@ -193,7 +193,7 @@ async def test_sparse_job_changes_only_masked_entries_and_learns(app, tiny_model
     torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-4)
 
     dest = exported.structured_content["destination"]
-    config = json.loads(open(f"{dest}/sparse_config.json").read())
+    config = json.loads(Path(f"{dest}/sparse_config.json").read_text())
     assert config["format"] == "llm_mcp.sparse" and config["base_model_name_or_path"] == str(tiny_model)
     assert (
         "cannot" in exported.structured_content["snippets"]["vllm"]

@@ -54,7 +54,7 @@ def test_rank_slots_follow_vllms_allowed_values():
 def test_dora_sparse_and_modules_to_save_need_a_merge(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"use_dora": True, "r": 8}))
     assert "DoRA" in needs_merge(Target(base_path="b", base_id="b", adapter_path=str(tmp_path)))
-    assert "sparse" in needs_merge(Target(base_path="b", base_id="b", adapter_path=str(tmp_path), sparse=True))
+    assert "sparse" in needs_merge(Target(base_path="b", base_id="b", adapter_path=str(tmp_path), layout="sparse"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["lm_head"], "r": 8}))
     assert "lm_head" in needs_merge(Target(base_path="b", base_id="b", adapter_path=str(tmp_path)))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))

@@ -24,7 +24,7 @@ def load(cfg: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_mcp.core.data import load_rows
-    from llm_mcp.train.encode import encode_rows
+    from llm_mcp.modeling.encode import encode_rows
 
     tok = AutoTokenizer.from_pretrained(cfg["model"])
     if tok.pad_token is None:
@@ -117,9 +117,9 @@ def report(trainer, output, wall: float, counted: dict[str, list[int]], **extra:
 def main(config_path: str) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from llm_mcp.train.encode import collate
+    from llm_mcp.modeling.encode import collate
 
-    cfg = json.loads(open(config_path).read())
+    cfg = json.loads(Path(config_path).read_text())
     tok, examples, model = load(cfg)
     counted: dict[str, list[int]] = {"batches": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ SERVE_CALL_TIMEOUT_S = 300.0  # one serve_adapter call (it answers within ~25 s 
 
 
 async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vllm: bool = True) -> dict[str, Any]:
+    backend: dict[str, Any] | str
     home = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     with_vllm = vllm and importlib.util.find_spec("vllm") is not None
     texts = [f"the cat sees item {i} and" for i in range(prompts)]
@@ -53,13 +54,14 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vll
                 r = await call(client, "sample", {**args, "prompt": text})
                 tokens += r["completions"][0]["completion_tokens"]
             elapsed = time.perf_counter() - t0
-            swaps, switches = [], []
+            swaps: list[float] = []
+            switches: list[float] = []
             for _ in range(3):
                 for job in (jobs[1], jobs[0]):
                     t1 = time.perf_counter()
                     r = await call(client, "sample", {"job_id": job, "prompt": "hi", "max_tokens": 1})
                     (swaps if r["adapter_loaded"] else switches).append(time.perf_counter() - t1)
-        vllm = (
+        backend = (
             await _bench_vllm(home, jobs[0], jobs[2], texts, max_tokens)
             if with_vllm
             else "not installed"
@@ -69,7 +71,7 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vll
     finally:
         wait_gone(home)
         shutil.rmtree(home, ignore_errors=True)
-    results = {
+    results: dict[str, Any] = {
         "benchmark": "sample",
         "prompts": prompts,
         "max_tokens": max_tokens,
@@ -80,28 +82,30 @@ async def bench_sample(out: Path, prompts: int, max_tokens: int, tiny: bool, vll
         },
         "adapter_first_load_ms": round(statistics.median(swaps) * 1000, 1) if swaps else None,
         "adapter_switch_ms": round(statistics.median(switches) * 1000, 1),
-        "vllm": vllm,
+        "vllm": backend,
     }
     base = results["transformers"]["tokens_per_s"]
     table = [
         ["in-process (transformers), sample tool, one at a time", base, results["transformers"]["seconds"], "1.00x"]
     ]
-    if isinstance(vllm, dict):
+    if isinstance(backend, dict):
         table += [
             [
                 "vLLM (serve_adapter URL), one at a time",
-                vllm["sequential_tokens_per_s"],
-                vllm["sequential_s"],
-                f"{vllm['sequential_tokens_per_s'] / base:.2f}x",
+                backend["sequential_tokens_per_s"],
+                backend["sequential_s"],
+                f"{backend['sequential_tokens_per_s'] / base:.2f}x",
             ],
             [
                 f"vLLM (serve_adapter URL), {prompts} concurrent requests",
-                vllm["concurrent_tokens_per_s"],
-                vllm["concurrent_s"],
-                f"{vllm['concurrent_tokens_per_s'] / base:.2f}x",
+                backend["concurrent_tokens_per_s"],
+                backend["concurrent_s"],
+                f"{backend['concurrent_tokens_per_s'] / base:.2f}x",
             ],
-            ["vLLM: serve_adapter until ready (server start + adapter load + probe check, s)", vllm["start_s"], "", ""],
-            ["vLLM: serve_adapter of a second adapter (runtime load + probe check, s)", vllm["adapter_load_s"], "", ""],
+            ["vLLM: serve_adapter until ready (server start + adapter load + probe check, s)", backend["start_s"]]
+            + ["", ""],
+            ["vLLM: serve_adapter of a second adapter (runtime load + probe check, s)", backend["adapter_load_s"]]
+            + ["", ""],
         ]
     else:
         table.append(["vLLM", vllm, "", ""])

@@ -191,6 +191,11 @@ async def bench_server(out: Path, reps: int, calls: int) -> dict[str, Any]:
             http.terminate()
             http.wait(10)
         shutil.rmtree(home, ignore_errors=True)
+    return _report(out, cold, starts, over_stdio, over_http, load, calls, reps)
+
+
+def _report(out: Path, cold, starts, over_stdio, over_http, load, calls: int, reps: int) -> dict[str, Any]:
+    """The server benchmark's results, written as JSON, a table and a chart."""
     results = {
         "benchmark": "server",
         "cold_start_s": {

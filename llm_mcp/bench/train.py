@@ -135,7 +135,7 @@ async def _workload(
     keys = ("tokens_per_s", "peak_memory_mb", "final_loss", "train_s")
     med = {p: {k: median_of(r, k) for k in keys} for p, r in runs.items()}
     n_params = _params(home / "models" / w.name)
-    for p, m in med.items():
+    for m in med.values():
         m["speed_vs_hf"] = round(m["tokens_per_s"] / med["hf_trainer"]["tokens_per_s"], 3)
         m["memory_vs_hf"] = round(m["peak_memory_mb"] / med["hf_trainer"]["peak_memory_mb"], 3)
         if device == "cuda":  # LoRA: forward 2N + backward through activations 2N, no weight gradients

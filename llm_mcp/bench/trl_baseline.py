@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from llm_mcp.bench.hf_baseline import counting, load, report, training_kwargs
 
@@ -33,7 +34,7 @@ def main(config_path: str) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    cfg = json.loads(open(config_path).read())
+    cfg = json.loads(Path(config_path).read_text())
     cfg.setdefault("attn_implementation", attention_for_padding_free())
     tok, examples, model = load(cfg)
     data = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])

@@ -5,7 +5,7 @@ Each row is one of these formats, detected per row:
   messages            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
   prompt_completion   {"prompt": "...", "completion": "..."}
   text                {"text": "..."}
-  preference          (objective="dpo") {"prompt", "chosen", "rejected"}, each a string or a message list;
+  preference          (objective dpo) {"prompt", "chosen", "rejected"}, each a string or a message list;
                       {"chosen": [messages], "rejected": [messages]} (the shared turns are the prompt); or
                       {"input": {"messages": [...]}, "preferred_output": [assistant message],
                        "non_preferred_output": [assistant message]}
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.objectives import get_objective
 from llm_mcp.core.rows import FIELDS, PREFERENCE_KEYS, check_messages, check_no_images, found_instead, preference_pair
 
 FORMATS = ("messages", "prompt_completion", "text", "preference")
@@ -184,8 +185,10 @@ def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
                     continue
                 try:
                     yield where, json.loads(text)
-                except ValueError as exc:
+                except json.JSONDecodeError as exc:
                     yield where, _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                except ValueError as exc:  # e.g. a number too long to convert
+                    yield where, _Bad(f"invalid JSON ({exc})")
     elif kind == "json":
         if path.stat().st_size > MAX_JSON_BYTES:
             raise DataError(
@@ -240,19 +243,12 @@ class _Bad:
 
 
 def check_objective(fmt: str, objective: str | None) -> None:
-    """A row fits the job's objective: preference rows for DPO, the SFT formats otherwise."""
+    """A row fits the job's objective (llm_mcp.core.objectives): its format is one the objective trains on."""
     if objective is None:
         return
-    if objective == "dpo" and fmt != "preference":
-        raise ValueError(
-            f"a {fmt} row in a DPO job; objective='dpo' trains on preference rows: "
-            "{'prompt', 'chosen', 'rejected'} (or input / preferred_output / non_preferred_output)"
-        )
-    if objective != "dpo" and fmt == "preference":
-        raise ValueError(
-            f"a preference row (chosen / rejected) in a {objective} job; train on it with "
-            "objective='dpo', or give SFT rows ('messages', 'prompt'+'completion' or 'text')"
-        )
+    refusal = get_objective(objective).refuse_row(fmt)
+    if refusal:
+        raise ValueError(refusal)
 
 
 def validate_dataset(
@@ -301,11 +297,7 @@ def validate_dataset(
             [
                 f"{field_name}: {summary.bad_row_count} bad row(s) in {path.name}"
                 + (f" (first {len(summary.bad_rows)} shown, {more} more)" if more > 0 else "")
-                + (
-                    "; each row needs 'prompt', 'chosen' and 'rejected'"
-                    if objective == "dpo"
-                    else "; each row needs 'messages', 'prompt'+'completion' or 'text'"
-                )
+                + f"; each row needs {get_objective(objective).rows_hint}"
             ]
             + [f"{field_name} {b}" for b in summary.bad_rows]
         )

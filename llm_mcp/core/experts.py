@@ -11,15 +11,13 @@ only and say so. bitsandbytes quantizes linear layers only: under QLoRA the expe
 
 from __future__ import annotations
 
-from typing import Any
-
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-EXPERT_METHODS = ("lora", "qlora")
 
 
-def expert_targets(dims, method: str, train_experts: bool = True) -> list[str]:
-    """The expert parameters `method` adapts on a model with these dims ([] for dense models)."""
-    return list(EXPERT_PARAMETERS) if dims.num_experts and method in EXPERT_METHODS and train_experts else []
+def expert_targets(dims, adapted: bool = True) -> list[str]:
+    """The expert parameters adapted on a model with these dims when `adapted` ([] for dense models): a method
+    that trains experts (Method.trains_experts) and a request that wants them (train_experts)."""
+    return list(EXPERT_PARAMETERS) if dims.num_experts and adapted else []
 
 
 def expert_param_count(dims) -> int:
@@ -39,26 +37,27 @@ def expert_shapes(dims) -> dict[str, list[tuple[int, int, int]]]:
     return {"mlp.experts.gate_up_proj": [(h, 2 * inter, count)], "mlp.experts.down_proj": [(inter, h, count)]}
 
 
-def check_experts(entry, method: str, args: dict[str, Any], problems: list[str], warnings: list[str]) -> list[str]:
-    """The expert parameters this request adapts; its lora_dropout and train_experts checked against them."""
+def check_experts(entry, method, request, problems: list[str], warnings: list[str]) -> list[str]:
+    """The expert parameters this request adapts (`method` a llm_mcp.core.methods.Method); its lora_dropout and
+    train_experts checked against them."""
     if entry is None or not entry.dims.num_experts:
-        if args.get("train_experts"):
+        if request.train_experts:
             problems.append(
                 f"train_experts=true: {entry.id if entry else 'the model'} is not a mixture-of-experts "
                 "model; leave train_experts out"
             )
         return []
-    wanted = args.get("train_experts", True)
-    targets = expert_targets(entry.dims, method, wanted)
+    wanted = request.train_experts is not False
+    targets = expert_targets(entry.dims, method.trains_experts and wanted)
     if wanted and not targets:
         warnings.append(
-            f"{method} adapts attention (and any dense MLP) only on {entry.id}: its "
+            f"{method.name} adapts attention (and any dense MLP) only on {entry.id}: its "
             f"{entry.dims.num_experts} experts per layer stay frozen (PEFT adapts fused expert "
             "parameters with LoRA / QLoRA only)"
         )
-    if targets and args.get("lora_dropout"):
+    if targets and request.lora_dropout:
         problems.append(
-            f"lora_dropout={args['lora_dropout']!r}: PEFT trains the experts of {entry.id} without "
+            f"lora_dropout={request.lora_dropout!r}: PEFT trains the experts of {entry.id} without "
             "dropout; give lora_dropout=0, or train_experts=false to adapt attention only"
         )
     return targets

@@ -4,9 +4,9 @@ Data parallel (DDP, and a single process) keeps a whole replica in every process
 one process's estimate fits one device (on a CPU-only machine: all processes' estimates fit the RAM
 they share). A job that does not fit one GPU may still fit as FSDP over several GPUs: weights and
 optimizer state are sharded, activations stay per process; only then does the machine's total count.
-Only LoRA and DoRA are sharded (llm_mcp.train.fsdp): 4-bit bases (QLoRA, sparse over NF4) need a
-bitsandbytes quant-storage dtype FSDP can flatten, and sparse deltas' custom backward re-reads the base
-weight; neither is wired.
+Only methods whose `fsdp` is set (LoRA, DoRA; llm_mcp.train.fsdp) are sharded: 4-bit bases (QLoRA, sparse
+over NF4) need a bitsandbytes quant-storage dtype FSDP can flatten, and sparse deltas' custom backward
+re-reads the base weight; neither is wired.
 
 Gradient checkpointing, when the caller leaves it open, is off if the job fits without it (faster)
 and on otherwise; the estimate returned is always the one for the decision taken.
@@ -20,6 +20,7 @@ from typing import Literal
 from llm_mcp.core.estimates import MemoryEstimate, estimate_memory
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.matrix import ModelEntry
+from llm_mcp.core.methods import Method, get_method
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Plan:
 
 def plan_memory(
     entry: ModelEntry,
-    method: str,
+    method: str | Method,
     hardware: Hardware,
     *,
     target_modules: list[str],
@@ -52,7 +53,8 @@ def plan_memory(
 
     `num_processes` None: one process, unless only FSDP over all GPUs fits.
     """
-    device = "cuda" if hardware.gpus else "cpu"
+    method = method if isinstance(method, Method) else get_method(method)
+    device: Literal["cuda", "cpu"] = "cuda" if hardware.gpus else "cpu"
     procs = num_processes or 1
     choices = [False, True] if gradient_checkpointing is None else [gradient_checkpointing]
     per_process = hardware.usable_gb() if hardware.gpus else hardware.usable_gb() / procs
@@ -80,7 +82,7 @@ def plan_memory(
         if est.total_gb <= per_process:
             return Plan(est, gc, "ddp", procs, True, per_process)
     shards = num_processes or len(hardware.gpus)
-    if device == "cuda" and shards > 1 and method in ("lora", "dora") and not quantized:
+    if device == "cuda" and shards > 1 and method.fsdp and not quantized:
         for gc in choices:
             est = estimate(gc, shards)
             if est.total_gb <= per_process:

@@ -8,12 +8,14 @@ from /proc/meminfo (or sysconf), read afresh on every call. GPU memory that runn
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from llm_mcp.core.estimates import GPU_USABLE_FRACTION, RAM_USABLE_FRACTION, GiB
 
@@ -158,7 +160,7 @@ def _gpus() -> tuple[GPU, ...]:
     return tuple([] if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else _nvidia_gpus())
 
 
-_FREE: dict[str, object] = {"at": 0.0, "gb": []}
+_FREE: dict[str, Any] = {"at": 0.0, "gb": []}
 
 
 def _free_gb(n: int) -> list[float | None]:
@@ -167,7 +169,7 @@ def _free_gb(n: int) -> list[float | None]:
         rows = _nvidia_smi("memory.free")
         _FREE["gb"] = [round(float(r[0]) / 1024, 1) if r and r[0].replace(".", "").isdigit() else None for r in rows]
         _FREE["at"] = time.monotonic()
-    got = list(_FREE["gb"])  # type: ignore[arg-type]
+    got = list(_FREE["gb"])
     return (got + [None] * n)[:n]
 
 
@@ -182,7 +184,7 @@ def vllm_claimed_fraction() -> float:
     total = 0.0
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if VLLM_ENTRY not in cmd and not any(c.endswith("vllm") and n == "serve" for c, n in zip(cmd, cmd[1:])):
+        if VLLM_ENTRY not in cmd and not any(c.endswith("vllm") and n == "serve" for c, n in itertools.pairwise(cmd)):
             continue
         if "llm_mcp.inference.serving.watch" in cmd:
             continue  # the watcher's own command line repeats the server's

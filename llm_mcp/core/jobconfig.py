@@ -1,6 +1,6 @@
 """The job config: the one contract between the server and everything that reads a job.
 
-Validation (`llm_mcp.core.validate`) produces a `JobConfig`; the server writes it as
+Validation (`llm_mcp.validation.finetune`) produces a `JobConfig`; the server writes it as
 `jobs/<id>/config.json` and stores it with the job record; the trainer, export, sampling and
 the executors read it back as attributes. Unknown keys are rejected, so a typo or a key that
 no reader uses fails loudly. `version` says which layout a file has: files written before the
@@ -15,17 +15,45 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llm_mcp.core.errors import ConfigurationError
-from llm_mcp.core.methods import QuantizationDefaults
+from llm_mcp.core.names import MethodName, ObjectiveName
 
 CONFIG_VERSION = 1
 CONFIG_FILE = "config.json"
 # Keys a version-0 config.json could carry that no reader ever used.
 _DEAD_V0_KEYS = ("accelerate_config", "distributed")
+
+# The bounds of every value a job trains with, declared once: the job config and start_finetune's request
+# (llm_mcp.validation.requests) both use these types.
+MaxSteps = Annotated[int, Field(ge=1, le=1_000_000)]
+Epochs = Annotated[float, Field(ge=0.01, le=100)]
+LearningRate = Annotated[float, Field(ge=1e-8, le=1.0)]
+Rank = Annotated[int, Field(ge=1, le=1024)]
+Alpha = Annotated[float, Field(ge=0.01, le=16384)]
+Dropout = Annotated[float, Field(ge=0.0, le=0.9)]
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+Accumulation = Annotated[int, Field(ge=1, le=4096)]
+SeqLen = Annotated[int, Field(ge=8, le=1_048_576)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Every = Annotated[int, Field(ge=0, le=1_000_000)]
+KeepCheckpoints = Annotated[int, Field(ge=1, le=100)]
+EvalFraction = Annotated[float, Field(ge=0.0, le=0.5)]
+WarmupRatio = Annotated[float, Field(ge=0.0, le=0.5)]
+WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.001, le=10.0)]
+LabelSmoothing = Annotated[float, Field(ge=0.0, le=0.49)]
+Density = Annotated[float, Field(ge=1e-6, le=1.0)]
+SparsityRatio = Annotated[float, Field(ge=0.0, le=0.999999)]
+MaskInterval = Annotated[int, Field(ge=1, le=1_000_000)]
+MaskFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Nodes = Annotated[int, Field(ge=1, le=4096)]
+Processes = Annotated[int, Field(ge=1, le=1_048_576)]
+TrainOn = Literal["completion", "all"]
+LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 
 class _Strict(BaseModel):
@@ -45,9 +73,9 @@ class ModelRef(_Strict):
 class LoraSettings(_Strict):
     """Adapter shape. Sparse jobs use `target_modules` (and `rank` for density 'auto') too."""
 
-    rank: int = Field(ge=1, le=1024)
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
+    rank: Rank
+    alpha: Alpha
+    dropout: Dropout
     target_modules: list[str]
     target_parameters: list[str] = Field(
         default_factory=list,
@@ -57,17 +85,23 @@ class LoraSettings(_Strict):
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-class QuantizationSettings(QuantizationDefaults):
-    """The 4-bit NF4 base of QLoRA (and of sparse jobs with quantize_base)."""
+class QuantizationSettings(_Strict):
+    """The 4-bit NF4 base of QLoRA (and of sparse jobs with quantize_base); configs/qlora.yaml sets it."""
+
+    load_in_4bit: Literal[True] = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    cpu_compute_dtype: Literal["bfloat16", "float32"] = "float32"
 
 
 class SparseSettings(_Strict):
-    """Sparse deltas with RigL-style mask updates (llm_mcp.train.sparse)."""
+    """Sparse deltas with RigL-style mask updates (llm_mcp.modeling.sparse)."""
 
-    density: float | Literal["auto"]
+    density: Density | Literal["auto"]
     sparsity_type: Literal["unstructured"] = "unstructured"
-    mask_update_interval: int = Field(ge=1)
-    mask_update_fraction: float = Field(ge=0, le=1)
+    mask_update_interval: MaskInterval
+    mask_update_fraction: MaskFraction
     use_rigl: bool = True
     quantize_base: bool = False
 
@@ -75,9 +109,9 @@ class SparseSettings(_Strict):
 class DPOSettings(_Strict):
     """Direct Preference Optimization (llm_mcp.train.dpo)."""
 
-    beta: float = Field(0.1, gt=0, le=10, description="How far the policy may move from the reference.")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels (conservative DPO)."
+    beta: Beta = Field(0.1, description="How far the policy may move from the reference.")
+    label_smoothing: LabelSmoothing = Field(
+        0.0, description="Assumed fraction of flipped preference labels (conservative DPO)."
     )
 
 
@@ -104,12 +138,8 @@ class JobConfig(_Strict):
     version: int = CONFIG_VERSION
     job_id: str | None = Field(None, description="None in a dry run.")
     model: ModelRef
-    method: Literal["lora", "qlora", "dora", "sparse"]
-    objective: Literal["causal_lm", "dpo"] = Field(
-        "causal_lm",
-        description="What the loss is: next-token cross-entropy (llm_mcp.train.objectives) or "
-        "DPO on preference pairs (llm_mcp.train.dpo).",
-    )
+    method: MethodName = Field(description="llm_mcp.core.methods.METHODS: what trains and how it is stored.")
+    objective: ObjectiveName = Field("causal_lm", description="llm_mcp.core.objectives.OBJECTIVES: what the loss is.")
     dpo: DPOSettings | None = None
     init_from: str | None = Field(None, description="The job whose adapter this job starts from (e.g. SFT -> DPO).")
     init_adapter: str | None = Field(None, description="That adapter's directory.")
@@ -119,26 +149,27 @@ class JobConfig(_Strict):
         None, description="The validated file's identity; the trainer refuses a dataset that changed since."
     )
     eval_dataset_fingerprint: dict[str, int] | None = None
-    eval_fraction: float = Field(0.0, ge=0, le=0.5)
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    learning_rate: float = Field(gt=0)
-    batch_size: int = Field(ge=1)
-    gradient_accumulation: int = Field(ge=1)
-    max_seq_len: int = Field(ge=1)
-    train_on: Literal["completion", "all"] = "completion"
-    seed: int = 0
-    checkpoint_every: int = Field(ge=0)
-    keep_checkpoints: int = Field(ge=1)
-    eval_every: int = Field(0, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(ge=0, le=1)
-    weight_decay: float = Field(ge=0)
-    max_grad_norm: float = Field(gt=0)
+    eval_fraction: EvalFraction = 0.0
+    max_steps: MaxSteps | None = None
+    epochs: Epochs | None = None
+    learning_rate: LearningRate
+    # The defaults below are what a request's unset arguments mean (llm_mcp.validation.requests).
+    batch_size: BatchSize = 4
+    gradient_accumulation: Accumulation = 1
+    max_seq_len: SeqLen = 1024
+    train_on: TrainOn = "completion"
+    seed: Seed = 0
+    checkpoint_every: Every = 50
+    keep_checkpoints: KeepCheckpoints = 3
+    eval_every: Every = 0
+    lr_scheduler: LrScheduler = "cosine"
+    warmup_ratio: WarmupRatio = 0.03
+    weight_decay: WeightDecay = 0.0
+    max_grad_norm: float = Field(1.0, gt=0)
     group_by_length: bool = True
     gradient_checkpointing: bool = False
-    num_processes: int = Field(1, ge=1, description="Training processes in all (over every node).")
-    nodes: int = Field(1, ge=1, description="Machines the processes are spread over (cluster executors).")
+    num_processes: Processes = Field(1, description="Training processes in all (over every node).")
+    nodes: Nodes = Field(1, description="Machines the processes are spread over (cluster executors).")
     scheduler: SchedulerSettings | None = None
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -161,7 +192,7 @@ class JobConfig(_Strict):
     @property
     def quantized(self) -> bool:
         """True when the base is loaded in 4-bit (QLoRA, or sparse over a 4-bit base)."""
-        return self.method == "qlora" or bool(self.sparse and self.sparse.quantize_base)
+        return self.quantization is not None
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps: max_steps, or epochs x steps_per_epoch (at least one)."""
@@ -173,12 +204,7 @@ class JobConfig(_Strict):
         return self.model_dump_json(indent=2)
 
     def write(self, job_dir: Path) -> Path:
-        """Write `job_dir/config.json` atomically (a crash never leaves half a config)."""
-        path = job_dir / CONFIG_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_config(self, job_dir)
 
     @classmethod
     def parse(cls, data: dict[str, Any], where: str = "job config") -> JobConfig:
@@ -224,6 +250,15 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def write_config(config: JobConfig | EvalConfig, job_dir: Path) -> Path:
+    """Write `job_dir/config.json` atomically (a crash never leaves half a config)."""
+    path = job_dir / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 class EvalTarget(_Strict):
     """One model an evaluation scores: the base, or a job's adapter (final or a checkpoint)."""
 
@@ -232,7 +267,18 @@ class EvalTarget(_Strict):
     checkpoint: str | None = Field(None, description="'final' or 'step N'.")
     adapter_path: str | None = None
     quantized: bool = False
-    sparse: bool = False
+    layout: str = Field("peft", description="How the adapter is stored (llm_mcp.core.layouts).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Evaluations written before layouts had a `sparse` flag instead."""
+        if isinstance(data, dict):
+            data = dict(data)
+            legacy = data.pop("sparse", None)
+            if legacy is not None:
+                data.setdefault("layout", "sparse" if legacy else "peft")
+        return data
 
 
 class EvalConfig(_Strict):
@@ -260,7 +306,8 @@ class EvalConfig(_Strict):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
-    write = JobConfig.write
+    def write(self, job_dir: Path) -> Path:
+        return write_config(self, job_dir)
 
     @classmethod
     def read(cls, job_dir: Path) -> EvalConfig:

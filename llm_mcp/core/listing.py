@@ -8,9 +8,12 @@ from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.experts import expert_targets
 from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware
-from llm_mcp.core.matrix import METHOD_TITLES, METHODS, Matrix, ModelEntry
-from llm_mcp.core.methods import MethodDefaults
-from llm_mcp.core.validate import DEFAULTS
+from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.matrix import Matrix, ModelEntry
+from llm_mcp.core.methods import METHODS
+from llm_mcp.core.methods.defaults import MethodDefaults
+from llm_mcp.core.request import field_default
+from llm_mcp.core.shapes import lora_param_count
 
 
 class HardwareInfo(BaseModel):
@@ -115,26 +118,23 @@ def describe_model(
     entry: ModelEntry, hardware: Hardware, defaults: dict[str, MethodDefaults], *, full: bool = False
 ) -> ModelInfo:
     """One model's row: per-method status, matrix minimum and the estimate on `hardware`."""
-    rank = defaults["lora"].lora.rank if defaults["lora"].lora else 32
-    batch, seq_len = DEFAULTS["batch_size"], min(DEFAULTS["max_seq_len"], entry.context_length)
+    rank = defaults["lora"].lora.rank
+    batch = field_default(JobConfig, "batch_size")
+    seq_len = min(field_default(JobConfig, "max_seq_len"), entry.context_length)
     methods = []
-    lora_params = 0
-    for name in METHODS:
+    for name, method in METHODS.items():
         support = entry.methods[name]
-        sparse = defaults["sparse"].sparse if name == "sparse" else None
         plan = plan_memory(
             entry,
-            name,
+            method,
             hardware,
             target_modules=entry.target_modules,
             rank=rank,
             batch_size=batch,
             seq_len=seq_len,
-            rigl_fraction=sparse.mask_update_fraction if sparse and sparse.use_rigl else 0.0,
+            rigl_fraction=method.rigl_fraction(None, defaults[name]),
         )
         est = plan.estimate
-        if name == "lora":
-            lora_params = est.trainable_params
         methods.append(
             MethodInfo(
                 method=name,
@@ -145,7 +145,7 @@ def describe_model(
                 estimated_memory_gb=est.total_gb,
                 fits=support.status != "unsupported" and plan.fits,
                 trainable_params=est.trainable_params,
-                adapts=list(entry.target_modules) + expert_targets(entry.dims, name),
+                adapts=list(entry.target_modules) + expert_targets(entry.dims, method.trains_experts),
                 distributed=plan.distributed,
                 processes=plan.processes,
                 gradient_checkpointing=plan.gradient_checkpointing,
@@ -154,6 +154,7 @@ def describe_model(
                 else None,
             )
         )
+    lora_params = lora_param_count(entry.dims, entry.target_modules + expert_targets(entry.dims), rank)
     info = ModelInfo(
         id=entry.id,
         aliases=entry.aliases,
@@ -299,7 +300,7 @@ def summarize_one(info: ModelInfo, hardware: HardwareInfo) -> str:
     ]
     for m in info.methods:
         lines.append(
-            f"- {METHOD_TITLES[m.method]}: {m.status} ({m.note}). Min GPU {m.min_gpu_memory_gb:g} GB; "
+            f"- {METHODS[m.method].title}: {m.status} ({m.note}). Min GPU {m.min_gpu_memory_gb:g} GB; "
             f"estimate here {m.estimated_memory_gb:g} GB per process ({_fits(m).strip() or 'does not fit'}); "
             f"vLLM adapter: {'yes' if m.vllm_adapter else 'no (serve merged)'}; adapts {', '.join(m.adapts)}."
         )

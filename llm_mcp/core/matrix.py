@@ -18,18 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llm_mcp.core.errors import ConfigurationError, UnknownModelError
+from llm_mcp.core.names import METHOD_NAMES
 
-METHODS: tuple[str, ...] = ("lora", "qlora", "dora", "sparse")
-Method = Literal["lora", "qlora", "dora", "sparse"]
 Status = Literal["supported", "experimental", "unsupported"]
 ModelType = Literal["base", "instruct", "hybrid", "reasoning", "vision"]
-
-METHOD_TITLES = {
-    "lora": "LoRA (low-rank adapters)",
-    "qlora": "QLoRA (LoRA over a 4-bit NF4 base)",
-    "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
-    "sparse": "Sparse fine-tuning (dynamic sparse deltas, RigL-style mask updates)",
-}
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -39,9 +31,12 @@ class _Strict(BaseModel):
 
 
 def _require_every_method(methods: dict[str, Any], what: str) -> None:
-    missing = [m for m in METHODS if m not in methods]
+    missing = [m for m in METHOD_NAMES if m not in methods]
     if missing:
-        raise ValueError(f"methods is missing {missing}; every {what} lists all of {list(METHODS)}")
+        raise ValueError(f"methods is missing {missing}; every {what} lists all of {list(METHOD_NAMES)}")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"methods has {unknown}, which are not methods; allowed: {list(METHOD_NAMES)}")
 
 
 class MethodSupport(_Strict):
@@ -115,7 +110,7 @@ class ModelEntry(_Strict):
     lr_source: str = Field(min_length=1)
     sources: list[str] = Field(default_factory=list, description="Seed documents that name this model.")
     note: str = ""
-    methods: dict[Method, MethodSupport]
+    methods: dict[str, MethodSupport]
 
     @model_validator(mode="after")
     def _all_methods(self) -> ModelEntry:
@@ -139,7 +134,7 @@ class ArchitectureProfile(_Strict):
     hf_architecture: str = Field(min_length=1)
     family: str = Field(min_length=1)
     target_modules: list[str] = Field(min_length=1)
-    methods: dict[Method, LocalMethodSupport]
+    methods: dict[str, LocalMethodSupport]
 
     @model_validator(mode="after")
     def _all_methods(self) -> ArchitectureProfile:

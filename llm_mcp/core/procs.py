@@ -53,8 +53,7 @@ def threads_per_process(num_processes: int, env: dict[str, str] | None = None, c
     `accelerate launch` passes OMP_NUM_THREADS on to its workers and sets it to 1 when it is unset, so
     the job's environment must carry this value or a CPU job trains on one core.
     """
-    env = os.environ if env is None else env
-    given = env.get("OMP_NUM_THREADS", "").strip()
+    given = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
     return max(1, (cores or usable_cores()) // max(1, num_processes))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.core.errors import ConfigurationError, LlmMcpError
+from llm_mcp.core.errors import ConfigurationError, InvalidArgumentError, LlmMcpError
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig, parse_config
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -85,6 +85,17 @@ class Job:
     nodes: str | None = None
     cancel_at: float | None = None
 
+    @property
+    def training(self) -> JobConfig:
+        """The config of a training job.
+
+        Raises:
+            InvalidArgumentError: this job is an evaluation (it trained nothing).
+        """
+        if not isinstance(self.config, JobConfig):
+            raise InvalidArgumentError(f"job {self.id} is an evaluation and has no adapter; give a training job")
+        return self.config
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
@@ -147,8 +158,8 @@ class JobStore:
     def insert(self, job: Job) -> None:
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings, config,"
-                " engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, name, state, model, method, device_set, created_at, resumed_from, warnings,"
+                " config, engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.name,

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from llm_mcp.core.jobdir import read_metrics
+from llm_mcp.core.methods import get_method
 from llm_mcp.core.store import Job
 
 
@@ -59,19 +60,15 @@ def auto_class(job: Job) -> str:
     return "AutoModelForImageTextToText" if vlm else "AutoModelForCausalLM"
 
 
-def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
+def model_card(job: Job, label: str, full_model: bool, base: str, job_dir: Path) -> str:
     """README.md for an export: method, data, hyperparameters, losses, how to load."""
-    cfg = job.config
+    cfg = job.training
     metrics = read_metrics(job_dir)
     steps = [m for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
     lora, sparse = cfg.lora, cfg.sparse
-    title = {
-        "lora": "LoRA",
-        "qlora": "QLoRA",
-        "dora": "DoRA (Weight-Decomposed Low-Rank Adaptation)",
-        "sparse": "Sparse (dynamic sparse delta)",
-    }.get(job.method, job.method)
+    method = get_method(job.method)
+    title = method.short
     lines = [
         f"# {job.name}",
         "",
@@ -101,11 +98,10 @@ def model_card(job: Job, label: str, fmt: str, base: str, job_dir: Path) -> str:
         )
     if evals:
         lines.append(f"- eval loss: {evals[-1]:.4f}")
-    if job.method == "qlora":
-        lines.append("- base quantized to 4-bit NF4 (double quantization) during training")
+    lines += method.card_notes(cfg.quantized)
     auto = auto_class(job)
     lines += ["", "## Load", "", "```python"]
-    if fmt == "merged":
+    if full_model:
         lines += [
             f"from transformers import {auto}, AutoTokenizer",
             f"model = {auto}.from_pretrained('.')",

@@ -95,7 +95,7 @@ class Scorer:
             base_id=m.id,
             adapter_path=t.adapter_path,
             quantized=t.quantized,
-            sparse=t.sparse,
+            layout=t.layout,
             trust_remote_code=m.trust_remote_code,
         )
 
@@ -103,8 +103,8 @@ class Scorer:
         """(sum of log p over label tokens, label token count) of each (input_ids, labels) sequence."""
         import torch
 
-        from llm_mcp.train.dpo import SequenceLogps
-        from llm_mcp.train.encode import IGNORE, collate
+        from llm_mcp.modeling.encode import IGNORE, collate
+        from llm_mcp.modeling.positions import SequenceLogps
 
         with self.sampler.using(self._target(t)) as base:
             batch = collate(
@@ -138,7 +138,7 @@ class Scorer:
 
 def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
     """One row's results for one target."""
-    from llm_mcp.train.preview import sequences
+    from llm_mcp.modeling.preview import sequences
 
     seqs = sequences(tok, row, "completion")
     logps = scorer.logps(t, seqs)

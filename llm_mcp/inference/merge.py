@@ -85,7 +85,8 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
 
 
 def _claim(lock: Path, spec: dict) -> bool:
-    """Create the lock exclusively; a stale one (its owner gone) is removed and claimed. False: a live merge holds it."""
+    """Create the lock exclusively; a stale one (its owner gone) is removed and claimed.
+    False: a live merge holds it."""
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -132,16 +133,15 @@ def merge_main(lock_path: str) -> int:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         import torch
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from llm_mcp.train.model import load_base
+        from llm_mcp.modeling.adapters import adapter_of_method
+        from llm_mcp.modeling.base import load_base
 
         cfg = JobConfig.parse(spec["job"]["config"])
         base_path = cfg.model.path
         trc = cfg.model.trust_remote_code
-        if cfg.quantized:
-            q = cfg.quantization
+        if (q := cfg.quantization) is not None:
             model = load_base(
                 base_path,
                 dtype=torch.float32,
@@ -151,13 +151,7 @@ def merge_main(lock_path: str) -> int:
             ).dequantize()
         else:
             model = load_base(base_path, dtype="auto", trust_remote_code=trc)
-        if spec["job"]["method"] == "sparse":
-            from llm_mcp.train.sparse import merge_sparse_into_weights
-
-            merge_sparse_into_weights(model, Path(spec["adapter"]))
-            merged = model
-        else:
-            merged = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload()
+        merged = adapter_of_method(cfg.method).merge(model, Path(spec["adapter"]))
         merged.save_pretrained(tmp, safe_serialization=True)
         tok_src = (
             Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
@@ -176,9 +170,7 @@ def merge_main(lock_path: str) -> int:
             created_at=spec["job"]["created_at"],
             config=cfg,
         )
-        (tmp / "README.md").write_text(
-            model_card(job, spec["checkpoint"], "merged", spec["base"], Path(spec["job_dir"]))
-        )
+        (tmp / "README.md").write_text(model_card(job, spec["checkpoint"], True, spec["base"], Path(spec["job_dir"])))
         (tmp / "export.json").write_text(json.dumps(spec["manifest"], indent=2))
         os.rename(tmp, dest)
         return 0

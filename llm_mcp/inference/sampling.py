@@ -9,7 +9,6 @@ The vLLM backend (`llm_mcp.inference.serving.sampler`) implements the same `Samp
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +21,8 @@ from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.quiet import quiet_bitsandbytes
-from llm_mcp.inference.targets import Target, adapter_key
+from llm_mcp.inference.targets import Target
+from llm_mcp.modeling.adapters import ADAPTERS
 
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16
@@ -85,14 +85,14 @@ class TransformersSampler:
     def __init__(self, max_bases: int = 1, max_adapters: int = 8):
         quiet_bitsandbytes()  # before transformers / peft import bitsandbytes in this process
         self.max_bases, self.max_adapters = max_bases, max_adapters
-        self._bases: OrderedDict[tuple[str, bool], dict[str, Any]] = OrderedDict()
+        self._bases: OrderedDict[tuple[str, bool, str], dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.base_loads = 0
         self.adapter_loads = 0
 
     def _base(self, target: Target) -> tuple[dict[str, Any], bool]:
-        # Sparse deltas wrap the base's linear layers, so they get their own copy of the base.
-        key = (target.base_path, target.quantized, target.sparse)
+        # Each adapter layout gets its own copy of the base (sparse deltas wrap the base's linear layers).
+        key = (target.base_path, target.quantized, target.layout)
         if key in self._bases:
             self._bases.move_to_end(key)
             return self._bases[key], False
@@ -104,7 +104,7 @@ class TransformersSampler:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        from llm_mcp.train.model import load_base
+        from llm_mcp.modeling.base import load_base
 
         model = load_base(
             target.base_path,
@@ -116,90 +116,20 @@ class TransformersSampler:
         if not target.quantized:
             model.to(device)
         model.eval()
-        from llm_mcp.train.encode import tokenizer_for
+        from llm_mcp.modeling.encode import tokenizer_for
 
         tok = tokenizer_for(target.base_path, target.trust_remote_code)  # as training saw it: a chat template, a pad
-        entry = {
-            "model": model,
-            "tokenizer": tok,
-            "adapters": OrderedDict(),
-            "device": device,
-            "sparse": None,
-            "sparse_active": set(),
-        }
+        entry = {"model": model, "tokenizer": tok, "device": device}  # + what the adapter layout's select keeps
         self._bases[key] = entry
         self.base_loads += 1
         return entry, True
-
-    def _select_sparse(self, base: dict[str, Any], adapter_path: str | None) -> bool:
-        """Apply a sparse delta (indices + values wrappers; no weight is densified). None: deltas off.
-
-        Only the modules the adapter names carry a delta; every other wrapped module is switched off, so
-        nothing of a previously loaded sparse adapter leaks into this one.
-        """
-        from llm_mcp.train.sparse import attach_sparse_deltas, load_sparse_state, sparse_modules
-
-        model, loaded = base["model"], False
-        if adapter_path is None:
-            base["sparse_active"] = set()
-        else:
-            path = Path(adapter_path)
-            key = adapter_key(path)
-            if key != base["sparse"]:
-                config = json.loads((path / "sparse_config.json").read_text())
-                state = load_sparse_state(path)
-                if any(name not in sparse_modules(model) for name in state):
-                    attach_sparse_deltas(model, config["target_modules"], "auto", 1, seed=0)
-                mods = sparse_modules(model)
-                unknown = sorted(set(state) - set(mods))
-                if unknown:
-                    raise InvalidArgumentError(
-                        f"adapter {str(path)!r} has deltas for {unknown[:3]}, which are not "
-                        "linear layers of its base model; was it trained on another base?"
-                    )
-                for name, (indices, values) in state.items():
-                    mods[name].set_delta(indices, values)
-                base["sparse"], base["sparse_active"] = key, set(state)
-                self.adapter_loads += 1
-                loaded = True
-        for name, m in sparse_modules(model).items():
-            m.enabled = name in base["sparse_active"]
-        return loaded
-
-    def _select_adapter(self, base: dict[str, Any], adapter_path: str | None) -> bool:
-        """Make `adapter_path` the active adapter (None: plain base). Returns True if it was loaded now."""
-        from peft import PeftModel
-
-        model = base["model"]
-        if adapter_path is None:
-            return False
-        path = Path(adapter_path)
-        key = adapter_key(path)
-        adapters: OrderedDict[str, str] = base["adapters"]
-        if key in adapters:
-            adapters.move_to_end(key)
-            model.set_adapter(adapters[key])
-            return False
-        name = f"a{self.adapter_loads}"
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        else:
-            model = base["model"] = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
-        model.set_adapter(name)
-        model.eval()
-        adapters[key] = name
-        self.adapter_loads += 1
-        while len(adapters) > self.max_adapters:
-            _, old = adapters.popitem(last=False)
-            model.delete_adapter(old)
-        return True
 
     def _activate(self, target: Target) -> tuple[dict[str, Any], bool, bool]:
         """With the lock held: the base entry with `target`'s adapter (or none) selected; also whether the base
         and the adapter were loaded now."""
         base, base_loaded = self._base(target)
-        select = self._select_sparse if target.sparse else self._select_adapter
-        return base, base_loaded, select(base, target.adapter_path)
+        path = Path(target.adapter_path) if target.adapter_path else None
+        return base, base_loaded, ADAPTERS[target.layout].select(self, base, path)
 
     @staticmethod
     def _adapter_off(model, target: Target):
@@ -226,7 +156,7 @@ class TransformersSampler:
             base, base_loaded, adapter_loaded = self._activate(target)
             load_s = time.perf_counter() - t0
             model, tok = base["model"], base["tokenizer"]
-            from llm_mcp.train.encode import chat_ids, end_of_turn_ids
+            from llm_mcp.modeling.encode import chat_ids, end_of_turn_ids
 
             stop_ids = end_of_turn_ids(tok, model)
             if params.messages is not None:
@@ -236,8 +166,9 @@ class TransformersSampler:
             context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             if context and len(ids) + params.max_tokens > context:
                 raise InvalidArgumentError(
-                    f"the prompt is {len(ids):,} tokens and max_tokens={params.max_tokens}: {len(ids) + params.max_tokens:,} "
-                    f"tokens exceed {target.base_id}'s context of {context:,}; shorten the prompt or lower max_tokens"
+                    f"the prompt is {len(ids):,} tokens and max_tokens={params.max_tokens}: "
+                    f"{len(ids) + params.max_tokens:,} tokens exceed {target.base_id}'s context of {context:,}; "
+                    "shorten the prompt or lower max_tokens"
                 )
             input_ids = torch.tensor([ids], device=base["device"])
             sample = params.temperature > 0

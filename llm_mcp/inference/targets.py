@@ -8,6 +8,8 @@ from pathlib import Path
 
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.jobdir import checkpoints
+from llm_mcp.core.layouts import LAYOUTS, layout_of
+from llm_mcp.core.methods import get_method
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 
 
@@ -19,28 +21,12 @@ class Target:
     base_id: str
     adapter_path: str | None = None
     quantized: bool = False  # QLoRA adapters are sampled on the 4-bit base they were trained on
-    sparse: bool = False  # a sparse-delta adapter (llm_mcp.train.sparse layout), not PEFT
+    layout: str = "peft"  # how the adapter is stored (llm_mcp.core.layouts): 'peft' or 'sparse' deltas
     trust_remote_code: bool = False
 
 
-ADAPTER_FILES = ("adapter_model.safetensors", "sparse_adapter.safetensors")
-
-
 def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").exists() or (path / "sparse_config.json").exists()
-
-
-def weights_file(path: Path) -> Path:
-    """The adapter's weights: PEFT's adapter_model.safetensors or the sparse layout's file."""
-    for name in ADAPTER_FILES:
-        if (path / name).exists():
-            return path / name
-    raise InvalidArgumentError(f"{path} holds no adapter weights ({' or '.join(ADAPTER_FILES)})")
-
-
-def adapter_key(path: Path) -> str:
-    """Identifies an adapter's current weights (path + mtime): a cache key that changes when they are rewritten."""
-    return f"{path.resolve()}@{weights_file(path).stat().st_mtime_ns}"
+    return layout_of(path) is not None
 
 
 def job_adapter(store: JobStore, job: Job, checkpoint: str | int = "final") -> tuple[Path, str]:
@@ -99,13 +85,13 @@ def _ended_without_adapter(job: Job, steps: list[int]) -> str:
 
 
 def job_target(job: Job, adapter: Path | None) -> Target:
-    model = job.config.model
+    model = job.training.model
     return Target(
         base_path=model.path,
         base_id=model.id,
         adapter_path=str(adapter) if adapter else None,
-        quantized=job.config.quantized,
-        sparse=job.method == "sparse",
+        quantized=job.training.quantized,
+        layout=get_method(job.method).layout,
         trust_remote_code=model.trust_remote_code,
     )
 
@@ -113,8 +99,8 @@ def job_target(job: Job, adapter: Path | None) -> Target:
 def adapter_base(adapter: Path) -> str:
     """base_model_name_or_path from a PEFT (adapter_config.json) or sparse (sparse_config.json) adapter."""
     try:
-        name = "adapter_config.json" if (adapter / "adapter_config.json").exists() else "sparse_config.json"
-        cfg = json.loads((adapter / name).read_text())
+        layout = layout_of(adapter)
+        cfg = json.loads((adapter / (layout or LAYOUTS["peft"]).config_file).read_text())
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(
             f"adapter={str(adapter)!r} is not an adapter directory (no readable adapter_config.json or "

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import Hardware
@@ -154,10 +155,10 @@ class ClusterExecutor:
         jobs = [j for j in jobs if j.engine_id]
         if not jobs:
             return
-        seen = self.query([j.engine_id for j in jobs])
+        seen = self.query([j.engine_id for j in jobs if j.engine_id])
         for job in jobs:
             try:
-                self._update(job, seen.get(job.engine_id), now)
+                self._update(job, seen.get(job.engine_id or ""), now)
             except Exception as exc:
                 log.warning("%s job %s: %s", self.engine, job.id, exc)
 
@@ -194,14 +195,14 @@ class ClusterExecutor:
                 self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
             finalize(self.store, job, ej.exit_code if ej else None, outside=outside)
             return
-        fields = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
+        fields: dict[str, Any] = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
         if ej.phase == "running" and job.state == "queued":
             self.store.update(job.id, expect=("queued",), state="running", started_at=now, **fields)
         else:
             self.store.update(job.id, **fields)
         if job.cancel_at and now - job.cancel_at > CANCEL_GRACE_S and now - self._killed.get(job.id, 0) > KILL_RETRY_S:
             self._killed[job.id] = now
-            self.kill(job.engine_id)  # it did not stop within the grace period
+            self.kill(job.engine_id or "")  # it did not stop within the grace period
 
     def _result_may_be_late(self, job: Job, now: float) -> bool:
         """True while an ended job's result file may still be on its way (not on a local filesystem)."""
@@ -234,7 +235,9 @@ class ClusterExecutor:
                 engine_state=ej.label if ej else job.engine_state,
             )
         else:
-            self.signal_stop(job.engine_id)  # with the cancel file: checkpoint, then stop; poll() enforces the grace
+            self.signal_stop(
+                job.engine_id or ""
+            )  # with the cancel file: checkpoint, then stop; poll() enforces the grace
         return self.store.get(job_id)
 
     def logs(self, job_id: str, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:

@@ -65,7 +65,8 @@ class RayExecutor(ClusterExecutor):
         script = (
             f'if [ ! -f {q}/config.json ]; then echo "llm_mcp: job directory {job_dir} is not visible on '
             f'$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node" >&2; '
-            f'exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && echo "[ray] on $(hostname)" >> train.log && '
+            f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && "
+            f'echo "[ray] on $(hostname)" >> train.log && '
             f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1"
         )
         env = job_environment(cfg, cpus, self.settings.home)

@@ -120,7 +120,8 @@ class SlurmExecutor(ClusterExecutor):
             *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
             'export MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
             "export MAIN_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))  # below Linux's ephemeral ports",
-            f'echo "[slurm] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (rendezvous $MAIN_ADDR:$MAIN_PORT)" >> {q}/train.log',
+            'echo "[slurm] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (rendezvous $MAIN_ADDR:$MAIN_PORT)" >> '
+            f"{q}/train.log",
             "# single quotes: $SLURM_NODEID and $MAIN_ADDR expand in each node's task, not here",
             f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
             f"bash -c {shlex.quote(task)} >> {q}/train.log 2>&1",

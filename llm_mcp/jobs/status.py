@@ -7,6 +7,7 @@ import time
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths
+from llm_mcp.core.objectives import OBJECTIVES
 from llm_mcp.core.store import Job, JobStore
 
 
@@ -147,7 +148,8 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
 
 def summarize_status(s: JobStatus) -> str:
     """A few lines an LLM reads at a glance."""
-    head = f"Job {s.job_id} ({s.method}{' DPO' if s.objective == 'dpo' else ''} on {s.model}): {s.state.upper()}"
+    about = OBJECTIVES[s.objective].short if s.objective in OBJECTIVES else ""
+    head = f"Job {s.job_id} ({s.method}{' ' + about if about else ''} on {s.model}): {s.state.upper()}"
     if s.total_steps:
         head += f", step {s.step}/{s.total_steps}"
     lines = [head]

@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.jobdir import read_metrics
-from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.core.request import Request
+from llm_mcp.core.store import FINAL_STATES
+from llm_mcp.jobs.records import wait_for_job
 from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
 from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
 
@@ -23,62 +25,36 @@ class JobStatusResult(BaseModel):
     jobs: list[JobStatus] = Field(default_factory=list, description="Recent jobs, newest first (no job_id given).")
 
 
-async def wait_for_job(
-    ctx: Context,
-    store: JobStore,
-    job: Job,
-    wait_seconds: float,
-    *,
-    until_change: bool,
-    every_s: float = 1.0,
-    progress: str = "step {step}/{total}",
-) -> Job:
-    """Poll `job` for up to wait_seconds, with a progress notification each time, until it ends (or, with
-    until_change, until its state changes). Returns its latest record."""
-    deadline = anyio.current_time() + wait_seconds
-    first_state = job.state
-    while job.state not in FINAL_STATES and anyio.current_time() < deadline:
-        status = build_status(store, job, log_lines=0)
-        await ctx.report_progress(
-            status.step,
-            status.total_steps,
-            f"{job.state}: " + progress.format(step=status.step, total=status.total_steps or "?"),
-        )
-        await anyio.sleep(min(every_s, max(0.0, deadline - anyio.current_time())))
-        job = await anyio.to_thread.run_sync(store.get, job.id)
-        if until_change and job.state != first_state:
-            break
-    return job
+class JobStatusRequest(Request):
+    job_id: str | None = Field(None, description="The job; omit to list recent jobs.", max_length=128)
+    wait_seconds: float = Field(
+        0,
+        description="Wait up to this long (0-30 s) for the state to change, with progress notifications meanwhile.",
+        ge=0,
+        le=30,
+    )
+    plot: bool = Field(False, description="Also return the loss curve (an evaluation: its scores) as a PNG image.")
 
 
-async def job_status(
-    ctx: Context,
-    job_id: Annotated[str | None, Field(description="The job; omit to list recent jobs.", max_length=128)] = None,
-    wait_seconds: Annotated[
-        float,
-        Field(
-            description="Wait up to this long (0-30 s) for the state to change, with progress notifications meanwhile.",
-            ge=0,
-            le=30,
-        ),
-    ] = 0,
-    plot: Annotated[
-        bool, Field(description="Also return the loss curve (an evaluation: its scores) as a PNG image.")
-    ] = False,
-) -> Annotated[CallToolResult, JobStatusResult]:
+class CancelJobRequest(Request):
+    job_id: str = Field(description="The job to stop.", max_length=128)
+
+
+async def job_status(ctx: Context, request: JobStatusRequest) -> Annotated[CallToolResult, JobStatusResult]:
     """Progress of a fine-tuning job: state, step / total, epoch, latest and smoothed train loss,
     eval loss, learning rate, tokens/s, elapsed time and ETA, checkpoints, the adapter path
     when done, the last log lines, warnings, and on failure the cause in one sentence plus the
     next step. Without job_id: recent jobs, newest first, one line each.
     """
     store = state_of(ctx).store  # read-only: the server's job watcher records dead jobs and starts queued ones
+    job_id = request.job_id
     if job_id is None:
         statuses = [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
         return result(summarize_list(statuses), JobStatusResult(jobs=statuses))
-    job = await wait_for_job(ctx, store, store.get(job_id), wait_seconds, until_change=True)
+    job = await wait_for_job(store, store.get(job_id), request.wait_seconds, ctx.report_progress, until_change=True)
     status = build_status(store, job)
     answer = result(summarize_status(status), JobStatusResult(job=status))
-    if plot:
+    if request.plot:
         from llm_mcp.jobs.plot import evaluation_png, loss_curve_png
 
         title = f"{job_id}: {job.method} on {job.model}"
@@ -91,17 +67,14 @@ async def job_status(
     return answer
 
 
-def cancel_job(
-    ctx: Context,
-    job_id: Annotated[str, Field(description="The job to stop.", max_length=128)],
-) -> Annotated[CallToolResult, JobStatusResult]:
+def cancel_job(ctx: Context, request: CancelJobRequest) -> Annotated[CallToolResult, JobStatusResult]:
     """Stop a job. A queued job leaves the queue; a running one is asked to stop (SIGTERM, or on a
     cluster a cancel file and the scheduler's TERM), saves a checkpoint at the next step and ends
     'cancelled' (killed after a grace period). Safe to call twice. Resume later with
     start_finetune(resume_from=job_id).
     """
     state = state_of(ctx)
-    job = state.executor_for(state.store.get(job_id).engine).cancel(job_id)
+    job = state.executor_for(state.store.get(request.job_id).engine).cancel(request.job_id)
     status = build_status(state.store, job)
     note = "" if job.state in FINAL_STATES else "\n(stopping: it checkpoints at the next step; poll job_status)"
     return result(summarize_status(status) + note, JobStatusResult(job=status))
@@ -127,10 +100,11 @@ def job_metrics(job_id: str, ctx: Context) -> str:
 
 
 def register(mcp: MCPServer) -> None:
-    add_tool(mcp, job_status, "Job status", READ_ONLY)
+    add_tool(mcp, job_status, JobStatusRequest, "Job status", READ_ONLY)
     add_tool(
         mcp,
         cancel_job,
+        CancelJobRequest,
         "Cancel a job",
         ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
     )

@@ -12,35 +12,30 @@ from llm_mcp.core import listing
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.local_models import local_checkpoints, read_json, resolve_model
-from llm_mcp.tools.common import READ_ONLY, add_tool, choice, result, state_of
+from llm_mcp.core.names import METHOD_NAMES
+from llm_mcp.core.request import Request, choice
+from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
 
-MethodName = choice("lora", "qlora", "dora", "sparse")
-ModelTypeName = choice("base", "instruct", "hybrid", "reasoning", "vision")
+
+class ListModelsRequest(Request):
+    model: str | None = Field(
+        None, description="One model in full: a matrix id or alias, or a local checkpoint directory.", max_length=4096
+    )
+    method: choice(*METHOD_NAMES) | None = Field(  # type: ignore[valid-type]
+        None, description="Only models where this method is supported or experimental."
+    )
+    type: choice("base", "instruct", "hybrid", "reasoning", "vision") | None = Field(  # type: ignore[valid-type]
+        None, description="Only models of this type."
+    )
+    family: str | None = Field(None, description="Only this family, e.g. 'qwen3', 'llama', 'gemma3'.", max_length=64)
+    fits: bool = Field(False, description="Only models that fit the hardware (this machine, or the hypothetical one).")
+    gpu_memory_gb: float | None = Field(
+        None, description="Plan for hypothetical GPUs of this size (GB) instead of this machine.", gt=0, le=4096
+    )
+    num_gpus: int = Field(1, description="Number of hypothetical GPUs.", ge=1, le=1024)
 
 
-def list_models(
-    ctx: Context,
-    model: Annotated[
-        str | None,
-        Field(description="One model in full: a matrix id or alias, or a local checkpoint directory."),
-    ] = None,
-    method: Annotated[
-        MethodName | None,
-        Field(description="Only models where this method is supported or experimental."),
-    ] = None,
-    type: Annotated[ModelTypeName | None, Field(description="Only models of this type.")] = None,
-    family: Annotated[
-        str | None, Field(description="Only this family, e.g. 'qwen3', 'llama', 'gemma3'.", max_length=64)
-    ] = None,
-    fits: Annotated[
-        bool, Field(description="Only models that fit the hardware (this machine, or the hypothetical one).")
-    ] = False,
-    gpu_memory_gb: Annotated[
-        float | None,
-        Field(description="Plan for hypothetical GPUs of this size (GB) instead of this machine.", gt=0, le=4096),
-    ] = None,
-    num_gpus: Annotated[int, Field(description="Number of hypothetical GPUs.", ge=1, le=1024)] = 1,
-) -> Annotated[CallToolResult, listing.ListModelsResult]:
+def list_models(ctx: Context, request: ListModelsRequest) -> Annotated[CallToolResult, listing.ListModelsResult]:
     """List the model support matrix: which models can be fine-tuned with which method.
 
     Methods: lora (low-rank adapters), qlora (LoRA over a 4-bit NF4 base), dora (DoRA,
@@ -55,6 +50,16 @@ def list_models(
     checkpoints in LLM_MCP_HOME/models and the allowed roots (pass their path as model=...).
     """
     state = state_of(ctx)
+    r = request
+    model, method, type, family, fits, gpu_memory_gb, num_gpus = (
+        r.model,
+        r.method,
+        r.type,
+        r.family,
+        r.fits,
+        r.gpu_memory_gb,
+        r.num_gpus,
+    )
     key = (model, method, type, family, fits, gpu_memory_gb, num_gpus)
     cached = state.listing_cache.get(key)
     if cached is not None:
@@ -102,4 +107,4 @@ def _local(state, hardware: Hardware) -> list[listing.LocalCheckpoint]:
 
 
 def register(mcp: MCPServer) -> None:
-    add_tool(mcp, list_models, "List models", READ_ONLY)
+    add_tool(mcp, list_models, ListModelsRequest, "List models", READ_ONLY)

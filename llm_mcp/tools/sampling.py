@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import anyio
@@ -13,13 +12,15 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.layouts import LAYOUTS, layout_of
 from llm_mcp.core.local_models import resolve_model
+from llm_mcp.core.request import Request
+from llm_mcp.core.rows import ROLES
 from llm_mcp.inference.sampling import MAX_N, MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT, Completion, SampleParams
-from llm_mcp.inference.serving import job_serving_target
+from llm_mcp.inference.serving import plan_vllm_sample
 from llm_mcp.inference.serving.servers import VllmStarting
 from llm_mcp.inference.targets import Target, adapter_base, job_adapter, job_target
-from llm_mcp.tools.common import add_tool, result, state_of, summarize_sample, with_progress
+from llm_mcp.tools.common import add_tool, result, state_of, with_progress
 
 if TYPE_CHECKING:
     from llm_mcp.tools.services import AppState
@@ -52,87 +53,104 @@ class SampleResult(BaseModel):
     notes: list[str] = []
 
 
-async def sample(
-    ctx: Context,
-    job_id: Annotated[str | None, Field(description="Sample from this job's adapter.", max_length=128)] = None,
-    adapter: Annotated[str | None, Field(description="Or: a PEFT adapter directory (under an allowed root).")] = None,
-    model: Annotated[str | None, Field(description="Or: a base model only (matrix id or local directory).")] = None,
-    prompt: Annotated[str | None, Field(description="Raw text prompt (no chat template).")] = None,
-    messages: Annotated[
-        list[dict[str, str]] | None,
-        Field(description="Chat messages [{role, content}], rendered with the model's chat template."),
-    ] = None,
-    max_tokens: Annotated[int, Field(description=f"New tokens, 1-{MAX_TOKENS_LIMIT}.")] = 128,
-    temperature: Annotated[float, Field(description="0 = greedy (deterministic); up to 2.")] = 0.0,
-    top_p: Annotated[float, Field(description="Nucleus sampling, (0, 1].")] = 1.0,
-    top_k: Annotated[int, Field(description="0 = off.")] = 0,
-    stop: Annotated[list[str] | None, Field(description="Stop strings (up to 4).")] = None,
-    n: Annotated[int, Field(description=f"Completions, 1-{MAX_N} (n > 1 needs temperature > 0).")] = 1,
-    seed: Annotated[int | None, Field(description="Makes sampling with temperature > 0 repeatable.")] = None,
-    checkpoint: Annotated[
-        str, Field(description="'final' (default), 'latest' (works while the job runs) or a step number.")
-    ] = "final",
-    compare_base: Annotated[bool, Field(description="Also generate with the base model (adapter off).")] = False,
-    logprobs: Annotated[bool, Field(description="Per-token log-probabilities.")] = False,
-) -> Annotated[CallToolResult, SampleResult]:
+class SampleRequest(Request):
+    job_id: str | None = Field(None, description="Sample from this job's adapter.", max_length=128)
+    adapter: str | None = Field(
+        None, description="Or: a PEFT adapter directory (under an allowed root).", max_length=4096
+    )
+    model: str | None = Field(
+        None, description="Or: a base model only (matrix id or local directory).", max_length=4096
+    )
+    prompt: str | None = Field(
+        None, description="Raw text prompt (no chat template).", min_length=1, max_length=MAX_PROMPT_CHARS
+    )
+    messages: list[dict[str, str]] | None = Field(
+        None, description="Chat messages [{role, content}], rendered with the model's chat template."
+    )
+    max_tokens: int = Field(128, description=f"New tokens, 1-{MAX_TOKENS_LIMIT}.", ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, description="0 = greedy (deterministic); up to 2.", ge=0, le=2)
+    top_p: float = Field(1.0, description="Nucleus sampling, (0, 1].", ge=1e-6, le=1)
+    top_k: int = Field(0, description="0 = off.", ge=0, le=100_000)
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, description="Stop strings (up to 4).", max_length=4
+    )
+    n: int = Field(1, description=f"Completions, 1-{MAX_N} (n > 1 needs temperature > 0).", ge=1, le=MAX_N)
+    seed: int | None = Field(None, description="Makes sampling with temperature > 0 repeatable.")
+    checkpoint: str = Field(
+        "final", description="'final' (default), 'latest' (works while the job runs) or a step number.", max_length=32
+    )
+    compare_base: bool = Field(False, description="Also generate with the base model (adapter off).")
+    logprobs: bool = Field(False, description="Per-token log-probabilities.")
+
+    def check(self) -> list[str]:
+        problems = []
+        if sum(x is not None for x in (self.job_id, self.adapter, self.model)) != 1:
+            problems.append("give exactly one of job_id, adapter or model")
+        if (self.prompt is None) == (self.messages is None):
+            problems.append("give exactly one of prompt or messages")
+        if self.messages is not None:
+            if not self.messages or any(set(m) != {"role", "content"} or m["role"] not in ROLES for m in self.messages):
+                problems.append(f"messages must be a non-empty list of {{role, content}} with role in {list(ROLES)}")
+            elif sum(len(m["content"]) for m in self.messages) > MAX_PROMPT_CHARS:
+                problems.append(f"messages exceed {MAX_PROMPT_CHARS} characters")
+        if self.n > 1 and self.temperature == 0:
+            problems.append("n > 1 needs temperature > 0 (greedy decoding gives n identical answers)")
+        return problems
+
+
+async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResult, SampleResult]:
     """Generate text from a fine-tuned adapter (a finished job, a running job's latest
     checkpoint, or an adapter directory) or from a base model. Returns the completions with
     finish reason and token counts, the adapter / checkpoint used, the backend, and timing.
     The base model is loaded once and kept; switching adapters does not reload it.
     """
-    _check_request(job_id, adapter, model, prompt, messages, max_tokens, temperature, top_p, top_k, stop, n)
+    r = request
     state = state_of(ctx)
-    source, target = _sample_target(state, job_id, adapter, model, checkpoint)
+    source, target = _sample_target(state, r.job_id, r.adapter, r.model, r.checkpoint)
     notes: list[str] = []
     generate = state.sampler.generate
     if state.backend == "vllm":
-        label = None
-        if source.job_id:
-            served, label, notes = await anyio.to_thread.run_sync(
-                job_serving, state, source.job_id, source.checkpoint, target
-            )
-            if served is None:
-                return _waiting(
-                    "merging",
-                    source,
-                    notes + ["the merged model is still being written; call sample again in ~20 s"],
-                    20,
-                )
-            target, label = served, label if served.adapter_path else None
-        generate = functools.partial(state.sampler.generate, label=label)
+        plan = await anyio.to_thread.run_sync(
+            plan_vllm_sample, state.settings, state.store, target, source.job_id, source.checkpoint
+        )
+        notes = plan.notes
+        if plan.target is None:
+            return _waiting("merging", source, notes, 20)
+        target = plan.target
+        generate = functools.partial(state.sampler.generate, label=plan.label)
     params = SampleParams(
-        prompt=prompt,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop=list(stop or []),
-        n=n,
-        seed=seed,
-        logprobs=logprobs,
+        prompt=r.prompt,
+        messages=r.messages,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop=list(r.stop or []),
+        n=r.n,
+        seed=r.seed,
+        logprobs=r.logprobs,
         time_limit_s=state.settings.sample_timeout_s or None,
         cancel=threading.Event(),
     )
     with state.sample_slots:
         try:
             gen = await with_progress(
-                ctx, generate, target, params, message=lambda: activity(state, target.base_id), cancel=params.cancel
+                ctx, generate, target, params, message=lambda: state.activity(target.base_id), cancel=params.cancel
             )
         except VllmStarting as exc:
-            return _waiting("starting", source, notes + [str(exc)], 15)
+            return _waiting("starting", source, [*notes, str(exc)], 15)
         base_gen = None
-        if compare_base and target.adapter_path:
+        if r.compare_base and target.adapter_path:
             params = dataclasses.replace(params, cancel=threading.Event())
             base_gen = await with_progress(
                 ctx,
                 generate,
-                Target(**{**target.__dict__, "adapter_path": None}),
+                dataclasses.replace(target, adapter_path=None),
                 params,
                 message=lambda: "generating with the base model",
                 cancel=params.cancel,
             )
-        elif compare_base:
+        elif r.compare_base:
             notes.append("compare_base: this result is served as a merged model; sample model=BASE to compare")
     answer = SampleResult(
         completions=gen.completions,
@@ -147,7 +165,7 @@ async def sample(
         tokens_per_s=gen.tokens_per_s,
         notes=notes,
     )
-    return result(summarize_sample(answer), answer)
+    return result(summarize(answer), answer)
 
 
 def _waiting(what: str, source: SampleSource, notes: list[str], retry_after_s: float) -> CallToolResult:
@@ -156,77 +174,51 @@ def _waiting(what: str, source: SampleSource, notes: list[str], retry_after_s: f
     return result(f"{what}: no completions yet; call sample again in ~{retry_after_s:g} s. " + " ".join(notes), answer)
 
 
-def _check_request(job_id, adapter, model, prompt, messages, max_tokens, temperature, top_p, top_k, stop, n) -> None:
-    """Every problem with a sample request, raised together."""
-    problems = []
-    sources = [x for x in (job_id, adapter, model) if x is not None]
-    if len(sources) != 1:
-        problems.append("give exactly one of job_id, adapter or model")
-    if (prompt is None) == (messages is None):
-        problems.append("give exactly one of prompt or messages")
-    if prompt is not None and not (0 < len(prompt) <= MAX_PROMPT_CHARS):
-        problems.append(f"prompt must have 1-{MAX_PROMPT_CHARS} characters (got {len(prompt)})")
-    if messages is not None:
-        from llm_mcp.core.rows import ROLES
-
-        if not messages or any(set(m) != {"role", "content"} or m["role"] not in ROLES for m in messages):
-            problems.append(f"messages must be a non-empty list of {{role, content}} with role in {list(ROLES)}")
-        elif sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-            problems.append(f"messages exceed {MAX_PROMPT_CHARS} characters")
-    checks = [
-        ("max_tokens", max_tokens, 1, MAX_TOKENS_LIMIT),
-        ("temperature", temperature, 0, 2),
-        ("top_p", top_p, 1e-6, 1),
-        ("top_k", top_k, 0, 100_000),
-        ("n", n, 1, MAX_N),
-    ]
-    for name, value, lo, hi in checks:
-        if value != value or not lo <= value <= hi:
-            problems.append(f"{name}={value!r} is out of range; allowed: {lo:g} to {hi:g}")
-    if n > 1 and temperature == 0:
-        problems.append("n > 1 needs temperature > 0 (greedy decoding gives n identical answers)")
-    if stop and (len(stop) > 4 or any(not s or len(s) > 200 for s in stop)):
-        problems.append("stop: up to 4 non-empty strings of at most 200 characters")
-    if problems:
-        raise InvalidArgumentError(problems)
-
-
-def activity(state: AppState, base_id: str) -> str:
-    """What a long sample / serve call is doing, for its progress notifications."""
-    starting = state.starting_servers()
-    return f"starting vLLM for {starting[0]}" if starting else f"generating with {base_id}"
-
-
-def job_serving(state: AppState, job_id: str, label: str, target: Target):
-    """What vLLM serves for a job's adapter: (target or None while merging, model name, notes)."""
-    job = state.store.get(job_id)
-    return job_serving_target(
-        state.settings, job, state.store.job_dir(job.id), Path(target.adapter_path), label, target
+def summarize(r: SampleResult) -> str:
+    src = r.source
+    head = (
+        f"{r.backend}: {src.base_model}"
+        + (f" + job {src.job_id} ({src.checkpoint})" if src.job_id else "")
+        + (f" + adapter {src.adapter_path}" if src.adapter_path and not src.job_id else "")
+        + f" | {r.prompt_tokens} prompt tokens, {r.tokens_per_s:g} tokens/s, load {r.load_s:g} s"
     )
+    lines = [head]
+    for i, c in enumerate(r.completions):
+        lines.append(f"[{i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    for i, c in enumerate(r.base_completions or []):
+        lines.append(f"[base {i}] ({c.finish_reason}, {c.completion_tokens} tokens) {c.text}")
+    return "\n".join(lines)
 
 
 def _sample_target(state: AppState, job_id, adapter, model, checkpoint) -> tuple[SampleSource, Target]:
     if job_id is not None:
         job = state.store.get(job_id)
-        path, label = job_adapter(state.store, job, checkpoint)
+        adapter_dir, label = job_adapter(state.store, job, checkpoint)
         return (
-            SampleSource(base_model=job.model, job_id=job.id, checkpoint=label, adapter_path=str(path)),
-            job_target(job, path),
+            SampleSource(base_model=job.model, job_id=job.id, checkpoint=label, adapter_path=str(adapter_dir)),
+            job_target(job, adapter_dir),
         )
+    path = None
     if adapter is not None:
         path = state.settings.check_path(state.settings.under_home(adapter), "adapter")
         entry = resolve_model(state.matrix, state.settings, adapter_base(path))
     else:
-        path, entry = None, resolve_model(state.matrix, state.settings, model)
+        entry = resolve_model(state.matrix, state.settings, model or "")
     target = Target(
         base_path=getattr(entry, "path", entry.id),
         base_id=entry.id,
         adapter_path=str(path) if path else None,
         trust_remote_code=entry.trust_remote_code,
-        sparse=bool(path and (path / "sparse_config.json").exists()),
+        layout=(layout_of(path) or LAYOUTS["peft"]).name if path else "peft",
     )
     return SampleSource(base_model=entry.id, adapter_path=target.adapter_path), target
 
 
 def register(mcp: MCPServer) -> None:
-    add_tool(mcp, sample, "Sample", ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=False))
+    add_tool(
+        mcp,
+        sample,
+        SampleRequest,
+        "Sample",
+        ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=False),
+    )

@@ -7,18 +7,22 @@ use, so start-up never imports torch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.errors import ConfigurationError, InvalidArgumentError
 from llm_mcp.core.hardware import detect
 from llm_mcp.core.matrix import Matrix, load_matrix
-from llm_mcp.core.methods import MethodDefaults, load_method_defaults
+from llm_mcp.core.methods.defaults import MethodDefaults, load_method_defaults
 from llm_mcp.core.settings import Settings
 from llm_mcp.core.store import JobStore
 from llm_mcp.jobs.executor import Executor, make_executor
+from llm_mcp.validation.finetune import ValidationContext
+
+log = logging.getLogger(__name__)
 
 MAX_SAMPLE_WAITING = 8
 LISTING_TTL_S = 5.0  # list_models answers are reused this long (free memory, local dirs change slowly)
@@ -154,6 +158,28 @@ class AppState:
     def hardware(self):
         """What a job may run on: this machine (local executor) or one node of the cluster and how many."""
         return self.executor.hardware()
+
+    def validation_context(self) -> ValidationContext:
+        """What a start_finetune request is checked against: fresh queue counts and resume sources (the
+        executor is polled first; the job watcher does this too), this executor's hardware and reach."""
+        try:
+            self.executor.poll()
+        except ConfigurationError as exc:
+            log.warning("polling the %s executor: %s", self.executor.name, exc)
+        return ValidationContext(
+            matrix=self.matrix,
+            settings=self.settings,
+            defaults=self.defaults,
+            hardware=self.hardware(),
+            store=self.store,
+            queued=self.store.count(("queued",)),
+            home_warning=self.executor.home_warning(),
+        )
+
+    def activity(self, base_id: str) -> str:
+        """What a long sample / serve call is doing, for its progress notifications."""
+        starting = self.starting_servers()
+        return f"starting vLLM for {starting[0]}" if starting else f"generating with {base_id}"
 
     def starting_servers(self) -> list[str]:
         """Names of managed vLLM servers still starting (none if no pool was ever needed)."""

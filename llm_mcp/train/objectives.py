@@ -2,19 +2,21 @@
 
 The training loop (`llm_mcp.train.run`) knows nothing about the loss: it asks the job's
 objective to encode the rows, collate micro-batches, count the targets a step is normalised
-by, and return the summed loss of a batch. `causal_lm` is here; `dpo` is in `llm_mcp.train.dpo`.
-A new objective is a new class, a branch in `objective_for`, and its name in `JobConfig.objective`.
+by, and return the summed loss of a batch. `causal_lm` is here; `dpo` is in `llm_mcp.train.dpo`. Which
+class a job uses is its objective's `trainer` (llm_mcp.core.objectives), resolved by `objective_for`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Protocol
 
 import torch
 
 from llm_mcp.core.jobconfig import JobConfig
-from llm_mcp.train.encode import IGNORE, EncodeStats, collate, encode_rows
-from llm_mcp.train.positions import LabelPositions
+from llm_mcp.core.objectives import get_objective
+from llm_mcp.modeling.encode import IGNORE, EncodeStats, collate, encode_rows
+from llm_mcp.modeling.positions import LabelPositions
 
 
 class Objective(Protocol):
@@ -67,6 +69,10 @@ class CausalLMObjective:
     name = "causal_lm"
     needs_reference = False
 
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> CausalLMObjective:
+        return cls()
+
     def encode(self, tok, rows, cfg: JobConfig):
         return encode_rows(tok, rows, cfg.max_seq_len, cfg.train_on)
 
@@ -93,9 +99,8 @@ class CausalLMObjective:
 
 
 def objective_for(cfg: JobConfig) -> Objective:
-    """The objective a job config names."""
-    if cfg.objective == "dpo":
-        from llm_mcp.train.dpo import DPOObjective
-
-        return DPOObjective.from_config(cfg)
-    return CausalLMObjective()
+    """The loss of the objective a job config names: the class its table entry's `trainer` points to
+    (llm_mcp.core.objectives), built from the config."""
+    module, _, name = get_objective(cfg.objective).trainer.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_config(cfg)

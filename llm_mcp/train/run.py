@@ -27,9 +27,10 @@ import torch
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
+from llm_mcp.modeling.encode import EncodeStats
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
-from llm_mcp.train.encode import EncodeStats
+from llm_mcp.train.data import REFERENCE_FILE, load_examples, reference
 from llm_mcp.train.fsdp import is_fsdp, trainable_state, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
@@ -48,7 +49,7 @@ class Run:
         self.job_dir = job_dir
         self.cfg = JobConfig.read(job_dir)
         self.t0 = time.time()
-        self.accelerator = None
+        self.accelerator: Any = None  # accelerate.Accelerator, made by setup
 
     @property
     def stop_requested(self) -> bool:
@@ -89,50 +90,15 @@ class Setup:
     reference: torch.Tensor | None = None  # the objective's per-example reference (DPO), saved with checkpoints
 
 
-def _split(rows: list, cfg: JobConfig) -> tuple[list, list]:
-    if cfg.eval_dataset:
-        from llm_mcp.core.data import check_fingerprint, load_rows
-
-        check_fingerprint(Path(cfg.eval_dataset), cfg.eval_dataset_fingerprint, "eval_dataset")
-        return rows, load_rows(Path(cfg.eval_dataset))
-    if cfg.eval_fraction <= 0 or len(rows) < 2:
-        return rows, []
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(rows), generator=g).tolist()
-    n_eval = max(1, int(len(rows) * cfg.eval_fraction))
-    return [rows[i] for i in perm[n_eval:]], [rows[i] for i in perm[:n_eval]]
-
-
-def _data(run: Run, tok, objective: Objective, world: int) -> tuple[list, list, EncodeStats, BatchOrder]:
-    """Encode the training and eval rows; log what truncation dropped; order the batches."""
-    from llm_mcp.core.data import check_fingerprint, load_rows
-
-    cfg = run.cfg
-    check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
-    train_rows, eval_rows = _split(load_rows(Path(cfg.dataset)), cfg)
-    examples, stats = objective.encode(tok, train_rows, cfg)
-    eval_examples, _ = objective.encode(tok, eval_rows, cfg)
-    if stats.truncated:
-        run.log(f"truncated {stats.truncated} of {len(train_rows)} training sequences to max_seq_len={cfg.max_seq_len}")
-    if stats.dropped_empty:
-        run.log(f"dropped {stats.dropped_empty} sequences with no trainable token left after truncation")
-    order = BatchOrder([objective.length(e) for e in examples], cfg, world)
-    if len(examples) < order.per_step:
-        raise ValueError(
-            f"only {len(examples)} usable training examples, but one step needs batch_size x gradient_accumulation "
-            f"x processes = {order.per_step}; add data or lower batch_size / gradient_accumulation / num_processes"
-        )
-    return examples, eval_examples, stats, order
-
-
 def setup(run: Run) -> Setup:
     """Accelerator, data, model with its trainable parameters, optimizer, scheduler, resume."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from llm_mcp.train.model import load_model, load_tokenizer, mixed_precision
-    from llm_mcp.train.sparse import sparse_modules
+    from llm_mcp.modeling.base import mixed_precision
+    from llm_mcp.modeling.sparse import sparse_modules
+    from llm_mcp.train.model import load_model, load_tokenizer
 
     cfg = run.cfg
     cuda = torch.cuda.is_available()  # fp16 GPUs: accelerate scales the loss (GradScaler), skips inf steps
@@ -142,7 +108,7 @@ def setup(run: Run) -> Setup:
     run.log(f"job {cfg.job_id}: {cfg.method} on {cfg.model.id} | {acc.num_processes} process(es) on {device}")
     objective = objective_for(cfg)
     tok = load_tokenizer(cfg)
-    examples, eval_examples, stats, order = _data(run, tok, objective, acc.num_processes)
+    examples, eval_examples, stats, order = load_examples(cfg, tok, objective, acc.num_processes, run.log)
     total_steps = cfg.total_steps(order.steps_per_epoch)
 
     model = load_model(cfg, device, acc.local_process_index)
@@ -159,7 +125,7 @@ def setup(run: Run) -> Setup:
     )
     loss_model, optimizer = acc.prepare(wrap_units(objective.wrap(model), model), optimizer)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
-    reference = _reference(run, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples)
+    ref = reference(acc, cfg, run.log, objective, acc.unwrap_model(loss_model), tok, examples, eval_examples)
     start_step = 0
     if cfg.resume_checkpoint:
         start_step = load_checkpoint(acc, optimizer, scheduler, Path(cfg.resume_checkpoint))
@@ -189,47 +155,8 @@ def setup(run: Run) -> Setup:
         start_step=start_step,
         sparse=sparse_modules(acc.unwrap_model(model)),
         meta=meta,
-        reference=reference,
+        reference=ref,
     )
-
-
-REFERENCE_FILE = "reference.pt"  # in a checkpoint: the objective's reference for every example (DPO)
-
-
-def _reference(
-    run: Run, objective: Objective, wrapped, tok, examples: list[dict], eval_examples: list[dict]
-) -> torch.Tensor | None:
-    """The objective's reference for every example (train, then eval), set on each as "ref": read from the
-    checkpoint a resume continues, or computed from the starting model (the adapter as loaded, before any
-    step), each process a share, summed over processes. None for objectives without a reference."""
-    if not getattr(objective, "needs_reference", False):
-        return None
-    from llm_mcp.train.fsdp import is_fsdp
-
-    acc, cfg, t0 = run.accelerator, run.cfg, time.perf_counter()
-    everything = examples + eval_examples
-    if cfg.resume_checkpoint:
-        path = Path(cfg.resume_checkpoint) / REFERENCE_FILE
-        if not path.exists():
-            raise ValueError(f"checkpoint {cfg.resume_checkpoint} holds no reference log-probs; start a new job")
-        table = torch.load(path, weights_only=True)
-        if table.shape[0] != len(everything):
-            raise ValueError(
-                f"the checkpoint's reference covers {table.shape[0]} examples but this job has "
-                f"{len(everything)}: its data or max_seq_len differ; start a new job"
-            )
-    else:
-        rank, world = (0, 1) if is_fsdp(acc) else (acc.process_index, acc.num_processes)  # FSDP: forwards collective
-        objective.reference(wrapped, everything[rank::world], tok.pad_token_id, cfg.batch_size, acc.device)
-        table = torch.zeros(len(everything), 2, dtype=torch.float64)
-        for i in range(rank, len(everything), world):
-            table[i] = torch.tensor(everything[i]["ref"], dtype=torch.float64)
-        if world > 1:
-            table = acc.reduce(table.to(acc.device), "sum").cpu()
-        run.log(f"reference log-probs of {len(everything)} pairs in {time.perf_counter() - t0:.1f} s")
-    for example, ref in zip(everything, table.tolist()):
-        example["ref"] = tuple(ref)
-    return table
 
 
 def _reduce(acc):
@@ -269,10 +196,11 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     """One optimizer step over this rank's micro-batches; returns the metrics record."""
     acc, cfg, obj = run.accelerator, run.cfg, s.objective
     t_step = time.perf_counter()
-    if update_mask:  # RigL: this step's backward keeps each layer's regrowth candidates (llm_mcp.train.sparse)
-        from llm_mcp.train.sparse import collect_candidates, cosine_fraction
+    if update_mask:  # RigL: this step's backward keeps each layer's regrowth candidates (llm_mcp.modeling.sparse)
+        from llm_mcp.modeling.sparse import collect_candidates, cosine_fraction
 
-        collect_candidates(s.sparse, cosine_fraction(cfg.sparse.mask_update_fraction, step + 1, s.total_steps))
+        fraction = cfg.sparse.mask_update_fraction if cfg.sparse else 0.0
+        collect_candidates(s.sparse, cosine_fraction(fraction, step + 1, s.total_steps))
     micro = [
         obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
         for idx in s.order.micro_batches(step, acc.process_index)
@@ -297,7 +225,7 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
     s.optimizer.zero_grad(set_to_none=True)
     changed = 0
     if update_mask:
-        from llm_mcp.train.sparse import update_sparse_masks
+        from llm_mcp.modeling.sparse import update_sparse_masks
 
         changed = update_sparse_masks(s.sparse, s.optimizer, acc.gather if acc.num_processes > 1 else None)
     done, elapsed = step + 1, time.perf_counter() - t_step
@@ -322,7 +250,7 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
 
 
 def train(run: Run) -> None:
-    from llm_mcp.train.model import four_bit_layers
+    from llm_mcp.modeling.base import four_bit_layers
 
     s = setup(run)
     cfg, acc = run.cfg, run.accelerator
@@ -351,7 +279,7 @@ def train(run: Run) -> None:
         f"{sum(p.numel() for p in s.trainable):,} trainable params"
     )
     s.loss_model.train()
-    rigl_every = cfg.sparse.mask_update_interval if s.sparse and cfg.sparse.use_rigl else 0
+    rigl_every = cfg.sparse.mask_update_interval if s.sparse and cfg.sparse and cfg.sparse.use_rigl else 0
     loss = float("nan")
     for step in range(s.start_step, s.total_steps):
         done = step + 1
@@ -440,7 +368,10 @@ def save_probe(model, input_ids: list[int], path: Path | None) -> None:
 def _next_step_for(exc: BaseException) -> str:
     text = str(exc).lower()
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
-        return "lower batch_size or max_seq_len, use method='qlora', or enable gradient_checkpointing, then resume_from this job"
+        return (
+            "lower batch_size or max_seq_len, use method='qlora', or enable gradient_checkpointing, then resume_from "
+            "this job"
+        )
     return "read the last log lines (job_status), fix the cause, then start again or resume_from this job"
 
 

@@ -7,13 +7,14 @@ is served as: its LoRA adapter on the base model, or (DoRA, sparse) its merged m
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from llm_mcp.core.settings import Settings
-from llm_mcp.core.store import Job
-from llm_mcp.inference.export import export
+from llm_mcp.core.store import Job, JobStore
+from llm_mcp.inference.exports import MERGED_FORMAT, export
 from llm_mcp.inference.serving.sampler import needs_merge
 from llm_mcp.inference.targets import Target
 
@@ -51,7 +52,7 @@ def job_serving_target(
         )
     if not why:
         return target, name, notes
-    exported = export(settings, job, job_dir, adapter, label, "merged", None, False)
+    exported = export(settings, job, job_dir, adapter, label, MERGED_FORMAT.name, None, False)
     notes.append(f"{why}: serving the merged model {exported.destination}")
     if exported.state != "done":
         return None, name + "-merged", notes
@@ -59,6 +60,35 @@ def job_serving_target(
         base_path=exported.destination, base_id=name + "-merged", trust_remote_code=target.trust_remote_code
     )
     return merged, merged.base_id, notes
+
+
+def job_serving(settings: Settings, store: JobStore, job_id: str, label: str, target: Target):
+    """What vLLM serves for a job's adapter: (target or None while merging, model name, notes)."""
+    job = store.get(job_id)
+    return job_serving_target(settings, job, store.job_dir(job.id), Path(target.adapter_path or ""), label, target)
+
+
+@dataclass
+class SamplePlan:
+    """How a sample call generates: with `target` on vLLM under `label` (None: the base model's own name), or,
+    while a merged model is still being written, not yet (target None)."""
+
+    target: Target | None
+    label: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_vllm_sample(
+    settings: Settings, store: JobStore, target: Target, job_id: str | None, checkpoint: str | None
+) -> SamplePlan:
+    """What vLLM samples for `target`: a job's adapter is served as itself or merged (job_serving_target);
+    an adapter directory or a base model as given."""
+    if job_id is None:
+        return SamplePlan(target, None)
+    served, label, notes = job_serving(settings, store, job_id, checkpoint or "final", target)
+    if served is None:
+        return SamplePlan(None, None, [*notes, "the merged model is still being written; call sample again in ~20 s"])
+    return SamplePlan(served, label if served.adapter_path else None, notes)
 
 
 def examples(url: str, model: str, api_key: str | None) -> tuple[str, str]:

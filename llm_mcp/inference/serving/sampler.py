@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.layouts import LAYOUTS, adapter_key
 from llm_mcp.inference.sampling import Completion, Generation, SampleParams, TokenLogprob
 from llm_mcp.inference.serving.servers import START_WAIT_S, VllmError, VllmPool, VllmServer
-from llm_mcp.inference.targets import Target, adapter_key
+from llm_mcp.inference.targets import Target
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 SAME_AS_BASE = 1e-6
@@ -36,8 +37,8 @@ def needs_merge(target: Target) -> str | None:
     """Why vLLM cannot serve this adapter as a LoRA (REFERENCE §4), or None if it can."""
     if not target.adapter_path:
         return None
-    if target.sparse:
-        return "sparse deltas are not LoRA adapters"
+    if not LAYOUTS[target.layout].peft:
+        return f"{target.layout} adapters are not LoRA adapters"
     cfg = adapter_config(target.adapter_path)
     if cfg.get("use_dora"):
         return "DoRA adapters carry magnitude vectors vLLM does not load"
@@ -133,7 +134,7 @@ class VllmSampler:
         return server, name, started, True
 
     def _verify(self, server: VllmServer, name: str, target: Target) -> dict[str, Any]:
-        probe = _probe(target.adapter_path)
+        probe = _probe(target.adapter_path or "")
         prompt: list[int] | str = probe[0] if probe else PROBE_TEXT
         served = _prompt_logprobs(server, name, prompt)
         base = _prompt_logprobs(server, server.name, prompt)

@@ -1,4 +1,4 @@
-"""Per-method defaults from configs/<method>.yaml, schema-checked at start-up."""
+"""Per-method defaults from configs/<method>.yaml, schema-checked at start-up (bounds: llm_mcp.core.jobconfig)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm_mcp.core.errors import ConfigurationError
-from llm_mcp.core.matrix import METHODS, Method
+from llm_mcp.core.jobconfig import (
+    Alpha,
+    Density,
+    Dropout,
+    MaskFraction,
+    MaskInterval,
+    QuantizationSettings,
+    Rank,
+    SparsityRatio,
+)
+from llm_mcp.core.names import METHOD_NAMES, MethodName
 from llm_mcp.core.settings import data_path
 
 
@@ -18,36 +28,28 @@ class _Strict(BaseModel):
 
 
 class LoraDefaults(_Strict):
-    rank: int = Field(gt=0, le=1024)
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
+    rank: Rank
+    alpha: Alpha
+    dropout: Dropout
     target_modules: Literal["auto"] | list[str] = "auto"
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = False
 
 
-class QuantizationDefaults(_Strict):
-    load_in_4bit: Literal[True] = True
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    cpu_compute_dtype: Literal["bfloat16", "float32"] = "float32"
-
-
 class SparseDefaults(_Strict):
-    density: Literal["auto"] | float = "auto"
-    sparsity_ratio: float | None = Field(None, ge=0, lt=1)
+    density: Literal["auto"] | Density = "auto"
+    sparsity_ratio: SparsityRatio | None = None
     sparsity_type: Literal["unstructured"] = "unstructured"
-    mask_update_interval: int = Field(gt=0)
-    mask_update_fraction: float = Field(ge=0, le=1)
+    mask_update_interval: MaskInterval
+    mask_update_fraction: MaskFraction
     use_rigl: bool = True
     target_modules: Literal["auto"] | list[str] = "auto"
 
 
 class MethodDefaults(_Strict):
-    method: Method
-    lora: LoraDefaults | None = None
-    quantization: QuantizationDefaults | None = None
+    method: MethodName
+    lora: LoraDefaults = Field(description="The adapter's shape (sparse: rank sets density 'auto', targets apply).")
+    quantization: QuantizationSettings | None = None
     sparse: SparseDefaults | None = None
 
 
@@ -60,7 +62,7 @@ def load_method_defaults(config_dir: Path | None = None) -> dict[str, MethodDefa
     config_dir = config_dir or data_path("configs")
     out: dict[str, MethodDefaults] = {}
     problems: list[str] = []
-    for method in METHODS:
+    for method in METHOD_NAMES:
         path = config_dir / f"{method}.yaml"
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -1,10 +1,10 @@
-"""Logits at label positions only: what every objective's forward is built on."""
+"""Logits at label positions only: what every objective's forward (and an evaluation's log-probs) is built on."""
 
 from __future__ import annotations
 
 import torch
 
-from llm_mcp.train.encode import IGNORE
+from llm_mcp.modeling.encode import IGNORE
 
 
 class LabelPositions(torch.nn.Module):
@@ -32,3 +32,18 @@ class LabelPositions(torch.nn.Module):
             return self.head(hidden[mask]), targets[mask], mask
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         return logits[mask], targets[mask], mask
+
+
+class SequenceLogps(torch.nn.Module):
+    """Per-sequence sum of log p(token) over label positions; the LM head runs at those positions only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.positions = LabelPositions(model)
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits, targets, mask = self.positions(input_ids, attention_mask, labels)
+        token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
+        return torch.zeros(input_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)

@@ -23,7 +23,7 @@ CANDIDATES x n entries with the largest |gradient| among inactive ones (n = entr
 as (index, gradient sum) pairs. A later micro-batch adds its exact gradient at the kept entries and
 may bring in new ones (whose earlier micro-batches' share is then missing: an approximation only
 when gradient_accumulation > 1); under DDP the processes' candidate sets are gathered and summed
-per index. The estimate (core.estimates.rigl_bytes) counts one dense layer + every layer's set.
+per index. The estimate (core.shapes.rigl_bytes) counts one dense layer + every layer's set.
 
 Saved layout (sparse_adapter.safetensors + sparse_config.json):
   "<module path>.indices"  int64 [k]  sorted flat indices into the [out_features, in_features] weight
@@ -44,9 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_mcp.core.layouts import LAYOUTS
+
 CANDIDATES = 2  # regrowth candidates kept per entry a layer may regrow
-SPARSE_WEIGHTS = "sparse_adapter.safetensors"
-SPARSE_CONFIG = "sparse_config.json"
+SPARSE_WEIGHTS = LAYOUTS["sparse"].weights_file
+SPARSE_CONFIG = LAYOUTS["sparse"].config_file
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -103,6 +105,7 @@ class SparseDeltaLinear(nn.Module):
         self.shape = (out_f, in_f)
         k = max(1, min(k, out_f * in_f))
         idx = torch.randperm(out_f * in_f, generator=generator)[:k].sort().values
+        self.indices: torch.Tensor
         self.register_buffer("indices", idx.to(base.weight.device))
         self.values = nn.Parameter(torch.zeros(k, device=base.weight.device, dtype=torch.float32))
         self.enabled = True
@@ -191,6 +194,7 @@ class SparseDeltaLinear(nn.Module):
         drop = torch.topk(self.values.abs(), n_change, largest=False, sorted=False).indices
         keep = torch.ones(self.k, dtype=torch.bool, device=self.values.device)
         keep[drop] = False
+        assert cand_val is not None, "candidates come with their gradient (collect_candidates)"
         grow = cand_idx[torch.topk(cand_val.abs(), n_change, sorted=False).indices].to(self.indices.device)
         new_indices = torch.cat([self.indices[keep], grow])
         order = new_indices.argsort()
@@ -225,7 +229,7 @@ def merge_candidates(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch
 def collect_candidates(sparse: dict[str, SparseDeltaLinear], fraction: float) -> None:
     """Before a mask-update step's micro-batches: each layer may regrow round(fraction * k) entries."""
     for module in sparse.values():
-        module.collect_candidates(int(round(fraction * module.k)))
+        module.collect_candidates(round(fraction * module.k))
 
 
 @torch.no_grad()
@@ -249,7 +253,7 @@ def entries_for(shape: tuple[int, int], density: float | str, rank: int) -> int:
     out_f, in_f = shape
     if density == "auto":
         return min(out_f * in_f, rank * (in_f + out_f))
-    return max(1, int(round(float(density) * out_f * in_f)))
+    return max(1, round(float(density) * out_f * in_f))
 
 
 def has_language_model(model: nn.Module) -> bool:

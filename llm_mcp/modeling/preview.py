@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.train.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
+from llm_mcp.modeling.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
 
 
 def sequences(tok, row: dict[str, Any], train_on: str) -> list[tuple[list[int], list[int]]]:
@@ -116,7 +116,9 @@ def render_example(tok, row: dict[str, Any], max_seq_len: int, train_on: str) ->
 
 
 def _render(tok, ids: list[int], labels: list[int]) -> str:
-    out, span, trained = [], [], False
+    out: list[str] = []
+    span: list[int] = []
+    trained = False
     for token, label in zip(ids, labels):
         now = label != IGNORE
         if now != trained and span:

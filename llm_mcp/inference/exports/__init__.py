@@ -1,0 +1,123 @@
+"""export_adapter: a job's adapter in a format people load, one module per format, registered in `FORMATS`.
+
+    peft     the adapter directory (PeftModel.from_pretrained; the sparse layout for sparse jobs)
+    archive  the same as one .tar.gz
+    merged   the adapter merged into its base: a full safetensors model (a detached worker)
+
+Writes go to a temporary path renamed into place, with a manifest (export.json) naming the source (job,
+checkpoint, adapter sha256). Exporting the same thing again returns the existing export; a destination
+holding anything else is never overwritten. Outside this package no code compares a format's name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
+from llm_mcp.core.settings import Settings
+from llm_mcp.core.store import Job
+from llm_mcp.inference.card import ExportedFile, list_files
+from llm_mcp.inference.exports.archive import ARCHIVE
+from llm_mcp.inference.exports.base import ExportFormat, manifest
+from llm_mcp.inference.exports.merged import MERGED
+from llm_mcp.inference.exports.peft import PEFT_DIRECTORY
+from llm_mcp.inference.merge import run_merge
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (PEFT_DIRECTORY, ARCHIVE, MERGED)}
+MERGED_FORMAT = MERGED  # what vLLM serves when it cannot load a method's adapter (llm_mcp.inference.serving)
+
+
+class ExportResult(BaseModel):
+    state: str = Field(description="'done', or 'running' for a merge still in progress (call again).")
+    format: str
+    destination: str
+    job_id: str
+    checkpoint: str
+    reused: bool = Field(False, description="The same export already existed; nothing was written.")
+    files: list[ExportedFile] = []
+    snippets: dict[str, str] = {}
+    notes: list[str] = []
+
+
+def resolve_destination(settings: Settings, value: str | None, default_name: str) -> Path:
+    """Destination inside the exports root (relative values) or an allowed root outside the state directory.
+
+    The rest of the state directory (jobs.db and its journal, jobs/, data/, models/) is never a
+    destination: a directory planted there could disable the job store or pose as a checkpoint.
+    """
+    exports = settings.home / "exports"
+    raw = exports / default_name if not value else Path(value).expanduser()
+    if not raw.is_absolute():
+        raw = exports / raw
+    if raw.is_symlink():
+        raise PathNotAllowedError(f"destination={value!r} is a symlink; give a plain directory or file path")
+    dest = settings.check_path(raw, "destination")
+    home, exports_root = settings.home.resolve(), exports.resolve()
+    if dest.is_relative_to(home) and not (dest.is_relative_to(exports_root) and dest != exports_root):
+        raise PathNotAllowedError(
+            f"destination={value!r} resolves to {str(dest)!r}, inside the state directory but not under its exports "
+            f"folder {str(exports_root)!r}; only LLM_MCP_HOME/exports (a relative destination) or an allowed root "
+            "outside LLM_MCP_HOME can receive exports. Omit destination or give a name relative to exports/."
+        )
+    exports.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def export(
+    settings: Settings,
+    job: Job,
+    job_dir: Path,
+    adapter: Path,
+    label: str,
+    fmt: str,
+    destination: str | None,
+    vllm_adapter: bool,
+) -> ExportResult:
+    """Export (or find the identical existing export). Background formats may return state 'running'."""
+    if fmt not in FORMATS:
+        raise InvalidArgumentError(f"format={fmt!r}; allowed: {list(FORMATS)}")
+    form = FORMATS[fmt]
+    base = job.config.model.id
+    dest = resolve_destination(settings, destination, form.default_name(job, label))
+    if form.suffix and not dest.name.endswith(form.suffix):
+        raise InvalidArgumentError(f"destination={destination!r}: a {fmt} export is a file ending in {form.suffix}")
+    wanted = manifest(job, label, fmt, adapter)
+    result = ExportResult(
+        state="done",
+        format=fmt,
+        destination=str(dest),
+        job_id=job.id,
+        checkpoint=label,
+        snippets=form.snippets(job, dest, base, vllm_adapter),
+        notes=form.notes(job),
+    )
+    if dest.exists():
+        existing = form.read_manifest(dest)
+        if existing == wanted:
+            result.reused, result.files = True, list_files(dest)
+            return result
+        what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
+        raise InvalidArgumentError(
+            f"destination={str(dest)!r} already holds {what}; it is not overwritten. Choose another destination "
+            "(or delete that one yourself)."
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if form.background:
+        return run_merge(job, job_dir, adapter, base, dest, wanted, result)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    try:
+        form.write(job, label, adapter, base, tmp, job_dir, wanted)
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+    result.files = list_files(dest)
+    return result
+
+
+__all__ = ["FORMATS", "MERGED_FORMAT", "ExportResult", "ExportedFile", "export", "resolve_destination"]

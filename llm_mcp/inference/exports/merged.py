@@ -1,0 +1,34 @@
+"""format='merged': the adapter merged into its base, a full safetensors model (a detached merge worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llm_mcp.core.store import Job
+from llm_mcp.inference.card import auto_class
+from llm_mcp.inference.exports.base import ExportFormat
+
+
+class Merged(ExportFormat):
+    name = "merged"
+    description = (
+        "merged: a full model AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) loads"
+    )
+    full_model = True
+    background = True  # llm_mcp.inference.merge runs it; a call waits up to MERGE_WAIT_S
+
+    def notes(self, job: Job) -> list[str]:
+        if not job.training.quantized:
+            return []
+        return [
+            "QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
+            "precision; it differs slightly from the original unquantized base (4-bit rounding). "
+            "Its logits also differ slightly from the 4-bit model's: bitsandbytes' 4-bit kernels "
+            "compute in bf16 on some CPUs and GPUs (up to ~1% of the logit scale was measured)."
+        ]
+
+    def snippets(self, job: Job, dest: Path, base: str, vllm_adapter: bool) -> dict[str, str]:
+        return {"transformers": f"{auto_class(job)}.from_pretrained({str(dest)!r})", "vllm": f"vllm serve {dest}"}
+
+
+MERGED = Merged()
