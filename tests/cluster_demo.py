@@ -1,4 +1,4 @@
-"""The README's cluster walk-through: one job through Slurm and one through Ray, on one-node clusters.
+"""The cluster walk-through of docs/operations.md: one job through Slurm and one through Ray, on one-node clusters.
 
     sudo .venv/bin/python -m tests.cluster_demo     # needs slurm-wlm + munge (make cluster-engines) and ray
 

@@ -161,7 +161,7 @@ async def test_argument_errors_read_like_every_other_error(app):
 
 
 def test_a_relative_home_works_for_jobs(tmp_path, tiny_model_template):
-    """LLM_MCP_HOME=.demo (as the README suggests): the job's supervisor must not resolve it in the job dir."""
+    """LLM_MCP_HOME=.demo (as docs/operations.md suggests): the job's supervisor must not resolve it in the job dir."""
     import shutil
 
     shutil.copytree(tiny_model_template, tmp_path / "rel" / "models" / "tiny")
