@@ -187,3 +187,16 @@ def test_only_the_extension_tables_compare_a_method_objective_or_format_name():
             if hits:
                 wrong.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
     assert not wrong, "ask the table (METHODS / OBJECTIVES / FORMATS) instead:\n" + "\n".join(wrong)
+
+
+def test_tool_modules_do_not_import_each_other():
+    """A tool module holds its request, handler and summary; what tools share is in tools.common / tools.services."""
+    shared = {"llm_mcp.tools.common", "llm_mcp.tools.services", "llm_mcp.tools"}
+    wrong = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        if m.startswith("llm_mcp.tools.") and m not in shared
+        for d in deps
+        if d.startswith("llm_mcp.tools.") and d not in shared and d != m
+    ]
+    assert not wrong, "\n".join(wrong)

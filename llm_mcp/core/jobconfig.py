@@ -52,6 +52,9 @@ MaskInterval = Annotated[int, Field(ge=1, le=1_000_000)]
 MaskFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Nodes = Annotated[int, Field(ge=1, le=4096)]
 Processes = Annotated[int, Field(ge=1, le=1_048_576)]
+EvalRows = Annotated[int, Field(ge=1, le=5000)]  # an evaluation's rows
+EvalTokens = Annotated[int, Field(ge=1, le=512)]  # an evaluation's generation length per row
+Pattern = Annotated[str, Field(max_length=1000)]  # a regular expression generations are scored against
 TrainOn = Literal["completion", "all"]
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
@@ -291,11 +294,11 @@ class EvalConfig(_Strict):
     targets: list[EvalTarget] = Field(min_length=1, max_length=8)
     dataset: str
     dataset_fingerprint: dict[str, int] | None = None
-    max_rows: int = Field(ge=1, le=5000)
-    max_tokens: int = Field(ge=1, le=1024)
+    max_rows: EvalRows
+    max_tokens: EvalTokens
     generate: bool = True
-    regex: str | None = Field(None, max_length=1000)
-    max_seq_len: int = Field(ge=8)
+    regex: Pattern | None = None
+    max_seq_len: SeqLen
     batch_size: int = Field(8, ge=1, le=256)
     num_processes: int = 1
     nodes: int = 1

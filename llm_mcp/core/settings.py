@@ -158,6 +158,11 @@ class Settings:
                 "Point LLM_MCP_HOME at a writable directory."
             ) from exc
 
+    def display(self, path: Path) -> str:
+        """How a path is shown to a caller: relative to the state directory when it is under it."""
+        home = self.home.resolve()
+        return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
+
     def under_home(self, value: str | os.PathLike[str]) -> Path:
         """A caller's path as given (with ~ expanded) if absolute, else relative to the state directory."""
         raw = Path(str(value)).expanduser()

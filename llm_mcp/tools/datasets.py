@@ -58,11 +58,6 @@ class DatasetsResult(BaseModel):
     next_step: str
 
 
-def display(state, path: Path) -> str:
-    home = state.settings.home.resolve()
-    return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
-
-
 def _listing(state) -> list[DatasetFile]:
     found: list[DatasetFile] = []
     roots = [state.settings.home / "data"] + [r for r in state.settings.roots[1:]]
@@ -79,7 +74,7 @@ def _listing(state) -> list[DatasetFile]:
                     st = p.stat()
                     found.append(
                         DatasetFile(
-                            path=display(state, p.resolve()),
+                            path=state.settings.display(p.resolve()),
                             absolute_path=str(p.resolve()),
                             kind=FILE_KINDS[p.suffix.lower()],
                             size_bytes=st.st_size,
@@ -196,7 +191,7 @@ async def datasets(ctx: Context, request: DatasetsRequest) -> Annotated[CallTool
         )
         return result(text, answer)
     resolved = state.settings.check_path(state.settings.under_home(path), "path")
-    answer.path = display(state, resolved)
+    answer.path = state.settings.display(resolved)
     await anyio.to_thread.run_sync(
         _inspect, state, resolved, answer, request.model, request.max_seq_len, request.train_on, request.preview_row
     )

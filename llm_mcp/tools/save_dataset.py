@@ -14,7 +14,6 @@ from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.request import Request, choice
 from llm_mcp.core.rowfile import count_rows, encode_rows, write_rows
 from llm_mcp.tools.common import STARTS, add_tool, result, state_of
-from llm_mcp.tools.datasets import display
 
 NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 
@@ -68,7 +67,7 @@ async def save_dataset(ctx: Context, request: SaveDatasetRequest) -> Annotated[C
     state.settings.check_path(path, "name")
     size = await anyio.to_thread.run_sync(write_rows, path, data, mode)
     total = await anyio.to_thread.run_sync(count_rows, path)
-    shown = display(state, path)
+    shown = state.settings.display(path)
     answer = SaveDatasetResult(
         path=shown,
         absolute_path=str(path),

@@ -20,6 +20,8 @@ from llm_mcp.core.jobconfig import (
     Dropout,
     Epochs,
     EvalFraction,
+    EvalRows,
+    EvalTokens,
     Every,
     JobConfig,
     KeepCheckpoints,
@@ -29,6 +31,7 @@ from llm_mcp.core.jobconfig import (
     MaskInterval,
     MaxSteps,
     Nodes,
+    Pattern,
     Processes,
     Rank,
     SchedulerSettings,
@@ -186,11 +189,11 @@ class EvaluateRequest(Request):
         "preference accuracy."
     )
     model: PATH | None = Field(None, description="The base model when targets is only ['base'].")
-    max_rows: int = Field(100, description="Score the first N rows (1-5000).", ge=1, le=5000)
-    max_tokens: int = Field(64, description="Greedy generation length per row (1-512).", ge=1, le=512)
+    max_rows: EvalRows = Field(100, description="Score the first N rows (1-5000).")
+    max_tokens: EvalTokens = Field(64, description="Greedy generation length per row (1-512).")
     generate: bool = Field(True, description="Generate and score answers (false: loss only, faster).")
-    regex: str | None = Field(
-        None, description="Pattern every generation should match (a row's own 'regex' field wins).", max_length=1000
+    regex: Pattern | None = Field(
+        None, description="Pattern every generation should match (a row's own 'regex' field wins)."
     )
     plot: bool = Field(False, description="Also return a bar chart (PNG) of the scores when finished.")
     wait_seconds: float = Field(
