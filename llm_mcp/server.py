@@ -45,7 +45,7 @@ async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:
     while True:
         try:
             await anyio.to_thread.run_sync(state.executor.poll, abandon_on_cancel=True)
-        except Exception as exc:
+        except Exception as exc:  # a full disk or a busy database must not stop the watcher
             log.warning("job watcher: %s", exc)
         await anyio.sleep(every_s)
 

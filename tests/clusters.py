@@ -158,7 +158,7 @@ def start_ray(root: Path) -> str:
 
             JobSubmissionClient(address).list_jobs()
             return True
-        except Exception:
+        except Exception:  # not up yet
             return False
 
     _wait(up, 90, "the Ray job API did not answer")

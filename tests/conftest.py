@@ -13,7 +13,7 @@ import pytest
 
 from llm_mcp.core.matrix import load_matrix
 from llm_mcp.core.methods.defaults import load_method_defaults
-from llm_mcp.core.procs import free_port
+from llm_mcp.core.procs import free_port  # tests import it from here
 from llm_mcp.core.settings import Settings, data_path
 from llm_mcp.core.store import FINAL_STATES
 

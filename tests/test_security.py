@@ -116,7 +116,7 @@ async def test_a_sample_whose_client_disconnects_does_not_keep_the_stdio_server_
             try:
                 if p.environ().get("LLM_MCP_HOME") == str(home):
                     found.append(p)
-            except Exception:
+            except Exception:  # it ended meanwhile
                 pass
         return found
 

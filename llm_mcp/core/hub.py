@@ -29,7 +29,7 @@ def hub_availability(model_id: str, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> A
         return Availability(False, f"not in the local cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
     try:
         model_info(model_id, timeout=timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # any failure means it cannot be fetched now; say why
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         return Availability(
             False,

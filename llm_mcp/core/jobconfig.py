@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llm_mcp.core import atomic
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.names import MethodName, ObjectiveName
 
@@ -216,6 +216,8 @@ class JobConfig(_Strict):
         Raises:
             ConfigurationError: unknown keys, missing keys or bad values, each listed.
         """
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"{where} holds a {type(data).__name__}, not a job config object")
         data = _upgrade(dict(data))
         try:
             return cls.model_validate(data)
@@ -256,9 +258,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
 def write_config(config: JobConfig | EvalConfig, job_dir: Path) -> Path:
     """Write `job_dir/config.json` atomically (a crash never leaves half a config)."""
     path = job_dir / CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.replace(path, config.to_json().encode("utf-8"))
     return path
 
 
@@ -321,7 +321,13 @@ class EvalConfig(_Strict):
 
 
 def parse_config(data: dict[str, Any], where: str = "job config") -> JobConfig | EvalConfig:
-    """A job's config of either task: training (JobConfig) or evaluation (EvalConfig)."""
+    """A job's config of either task: training (JobConfig) or evaluation (EvalConfig).
+
+    Raises:
+        ConfigurationError: not a config of either kind (every problem listed).
+    """
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{where} holds a {type(data).__name__}, not a job config object")
     if data.get("task") != "evaluate":
         return JobConfig.parse(data, where)
     try:

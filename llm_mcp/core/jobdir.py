@@ -13,11 +13,12 @@ jobs/<id>/cancel             written by cancel_job: the trainer checkpoints and 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
+
+from llm_mcp.core import atomic
 
 METRICS_TAIL_BYTES = 256 * 1024
 
@@ -47,10 +48,8 @@ def cancel_requested(job_dir: Path) -> bool:
 
 
 def write_result(job_dir: Path, fields: dict[str, Any]) -> None:
-    """Write result.json atomically (a crash never leaves half of it)."""
-    tmp = job_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(fields, indent=2))
-    os.replace(tmp, job_dir / "result.json")
+    """Write result.json whole or not at all (a crash or a full disk never leaves half of it, or a .tmp)."""
+    atomic.replace(job_dir / "result.json", json.dumps(fields, indent=2).encode())
 
 
 def append_metric(job_dir: Path, record: dict[str, Any]) -> None:
@@ -60,10 +59,18 @@ def append_metric(job_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_result(job_dir: Path) -> dict | None:
+    """result.json, or None when there is none; a file that is not a JSON object (truncated, edited by hand)
+    reads as {"malformed": what is wrong}, which names no state."""
+    path = job_dir / "result.json"
     try:
-        return json.loads((job_dir / "result.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        return {"malformed": f"result.json is not valid JSON ({exc})"}
+    if not isinstance(data, dict):
+        return {"malformed": f"result.json holds a {type(data).__name__}, not an object"}
+    return data
 
 
 def log_tail(job_dir: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
@@ -119,16 +126,15 @@ def redact_paths(text: str, home: Path) -> str:
 def public_log(lines: list[str], home: Path) -> list[str]:
     """Log lines fit to show an agent: traceback frames dropped (the exception line stays), paths redacted.
 
+    A frame is dropped with its source lines also when the "Traceback" header has scrolled out of the window.
     The full log stays in the job directory and the jobs://{id}/log resource.
     """
     out, in_frames = [], False
     for line in lines:
-        if line.startswith("Traceback (most recent call last)"):
+        if line.startswith("Traceback (most recent call last)") or _FRAME.match(line):
             in_frames = True
             continue
-        if in_frames and (
-            _FRAME.match(line) or line.startswith(("    ", "\t")) or not line.strip() or set(line.strip()) <= set("^~ ")
-        ):
+        if in_frames and (line.startswith(("    ", "\t")) or not line.strip() or set(line.strip()) <= set("^~ ")):
             continue
         in_frames = False
         out.append(redact_paths(line, home))

@@ -38,18 +38,33 @@ def _looks_like_path(value: str) -> bool:
 
 
 def safetensors_param_count(model_dir: Path) -> int | None:
-    """Sum of tensor sizes from the safetensors headers (no tensor data is read)."""
+    """Sum of tensor sizes from the safetensors headers (no tensor data is read); None without safetensors.
+
+    Raises:
+        InvalidArgumentError: a file is truncated or not safetensors (a half-copied checkpoint).
+    """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for file in files:
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > _MAX_HEADER:
-                return None
-            header = json.loads(fh.read(size))
-        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        try:
+            with open(file, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > _MAX_HEADER:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(fh.read(size))
+                end = (
+                    8 + size + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                )
+                if file.stat().st_size < end:
+                    raise ValueError(f"{file.stat().st_size:,} bytes where the header promises {end:,}")
+            total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise InvalidArgumentError(
+                f"{file.name} in {model_dir} is truncated or not a safetensors file ({exc}); copy the checkpoint "
+                "again (a half-copied directory cannot be trained)"
+            ) from None
     return total
 
 
@@ -107,7 +122,12 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
             f"model={value!r}: {config_file} is missing or not JSON ({exc}); a local model directory needs the "
             "config.json that save_pretrained writes."
         ) from exc
-    arch = (cfg.get("architectures") or ["?"])[0]
+    if not isinstance(cfg, dict):
+        raise UnknownModelError(
+            f"model={value!r}: {config_file} holds a {type(cfg).__name__}, not the object save_pretrained writes"
+        )
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else "?"
     profile = matrix.profile(arch)
     if profile is None:
         known = sorted(p.hf_architecture for p in matrix.architectures)
@@ -117,8 +137,10 @@ def load_local_model(matrix: Matrix, settings: Settings, value: str) -> LocalMod
         )
     try:
         dims = _dims_from_config(cfg)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"model={value!r}: config.json lacks a field needed for estimates ({exc})") from exc
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise InvalidArgumentError(
+            f"model={value!r}: config.json lacks a usable field needed for estimates ({type(exc).__name__}: {exc})"
+        ) from None
 
     counted = safetensors_param_count(path)
     params = counted if counted else _estimate_params(dims)

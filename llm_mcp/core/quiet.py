@@ -27,7 +27,7 @@ class _DropBitsandbytesKernelsNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:
+        except Exception:  # a malformed record is not ours to judge
             return True
         return _BNB_NOISE not in message
 

@@ -1,17 +1,17 @@
 """Writing rows an agent composed to a JSONL dataset: encode and check them, then create, append or overwrite.
 
-Every write is all or nothing: a new or replaced file is written under a temporary name and renamed into
-place; an append that fails is cut back, so the file is as it was.
+Every write is all or nothing (llm_mcp.core.atomic): a new or replaced file is written under a temporary name
+and moved into place (a new one only if nothing is there yet); an append that fails is cut back.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
+from llm_mcp.core import atomic
+from llm_mcp.core.atomic import check_room
 from llm_mcp.core.data import row_format, row_warnings
 from llm_mcp.core.errors import InvalidArgumentError
 
@@ -63,45 +63,30 @@ def encode_rows(rows: list[Any]) -> tuple[bytes, dict[str, int], list[str]]:
 
 
 def write_rows(path: Path, data: bytes, mode: str) -> int:
-    """Write or append `data`; an append that fails is cut back, so the file is as before. Returns the size."""
+    """Create, overwrite or append to `path` with `data`, all of it or nothing (llm_mcp.core.atomic): a file
+    someone else creates at the same moment is never replaced, an append that fails is cut back. Returns the
+    file's size."""
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise InvalidArgumentError(f"{path} is a symlink or not a regular file; choose another name")
-    exists = path.exists()
-    if mode == "create" and exists:
-        raise InvalidArgumentError(
-            f"{path.name} already exists ({path.stat().st_size:,} bytes); it is not "
-            "overwritten. Use mode='append' to add rows or mode='overwrite' to replace it, or "
-            "choose another name"
-        )
-    if mode == "append" and not exists:
-        raise InvalidArgumentError(f"{path.name} does not exist yet; use mode='create'")
     if mode == "append":
-        before = path.stat().st_size
-        if before + len(data) > MAX_FILE_BYTES:
+        if not path.exists():
+            raise InvalidArgumentError(f"{path.name} does not exist yet; use mode='create'")
+        if path.stat().st_size + len(data) > MAX_FILE_BYTES:
             raise InvalidArgumentError(f"{path.name} would grow past {MAX_FILE_BYTES >> 30} GB; start a new dataset")
-        with open(path, "rb") as fh:
-            fh.seek(max(0, before - 1))
-            needs_newline = before > 0 and fh.read(1) != b"\n"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-        try:
-            os.write(fd, (b"\n" if needs_newline else b"") + data)
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, before)
-            raise
-        finally:
-            os.close(fd)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        check_room(path, len(data))
+        return atomic.append(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_room(path, len(data))
+    if mode == "overwrite":
+        atomic.replace(path, data)
+        return path.stat().st_size
+    try:
+        atomic.create_new(path, data)
+    except FileExistsError:
+        raise InvalidArgumentError(
+            f"{path.name} already exists ({path.stat().st_size:,} bytes); it is not overwritten. Use mode='append' to "
+            "add rows or mode='overwrite' to replace it, or choose another name"
+        ) from None
     return path.stat().st_size
 
 

@@ -110,31 +110,63 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """Thin access layer over jobs.db. Safe to use from several processes at once."""
+    """Thin access layer over jobs.db. Safe to use from several processes at once.
 
-    def __init__(self, home: Path):
+    `busy_timeout_s` bounds how long a call waits for another process's write lock. With `recover` (the server
+    at start-up) a jobs.db that is missing while job directories exist, or damaged, is rebuilt from the job
+    directories, the source of truth for what exists; a damaged file is kept beside it, and what could not be
+    recovered is in `recovery_notes`.
+    """
+
+    def __init__(self, home: Path, *, busy_timeout_s: float = 30.0, recover: bool = False):
         self.home = home
         self.jobs_dir = home / "jobs"
+        self.busy_timeout_s = busy_timeout_s
+        self.recovery_notes: list[str] = []
+        path = home / "jobs.db"
         try:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(_SCHEMA)
-                have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-                for name, declaration in _ADDED_COLUMNS:
-                    if name not in have:
-                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            gone = not path.exists() or path.stat().st_size == 0
+            lost = recover and gone and any(p.is_dir() for p in self.jobs_dir.iterdir())
+            if recover and not lost and not self._healthy():
+                lost = True
+                aside = path.with_name(f"jobs.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(f"{path}{suffix}").exists():
+                        Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+                self.recovery_notes.append(f"jobs.db was damaged: kept as {aside.name}, rebuilt from jobs/")
+            self._create()
+            if lost:
+                self.recovery_notes += rebuild(self)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(
                 f"cannot use the job store in {home} ({exc}); check that LLM_MCP_HOME is writable and not full"
             ) from exc
 
+    def _create(self) -> None:
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+
+    def _healthy(self) -> bool:
+        """SQLite's quick check passes and the jobs table is there."""
+        try:
+            with self._connect() as db:
+                ok = db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                return ok and db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs'").fetchone() is not None
+        except sqlite3.DatabaseError:
+            return False
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.home / "jobs.db", timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.home / "jobs.db", timeout=self.busy_timeout_s, isolation_level=None)
         db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=30000")
         try:
             yield db
         finally:
@@ -217,3 +249,45 @@ class JobStore:
             args += list(expect)
         with self._connect() as db:
             return db.execute(query, args).rowcount == 1
+
+
+def rebuild(store: JobStore) -> list[str]:
+    """Insert a record for every job directory jobs.db lacks, from its config.json and result.json. A job that
+    had not ended is recorded failed (its processes cannot be told apart from a dead job's); its checkpoints
+    stay and resume_from continues it. Returns notes on what was recovered and what could not be."""
+    notes, recovered = [], 0
+    have = {j.id for j in store.list(limit=1_000_000)}
+    for job_dir in sorted(p for p in store.jobs_dir.iterdir() if p.is_dir()):
+        if job_dir.name in have:
+            continue
+        try:
+            config = parse_config(json.loads((job_dir / "config.json").read_text()), f"{job_dir}/config.json")
+            result = json.loads((job_dir / "result.json").read_text()) if (job_dir / "result.json").exists() else {}
+        except (OSError, ValueError, LlmMcpError) as exc:
+            notes.append(f"{job_dir.name}: not recovered ({exc}); its files are untouched")
+            continue
+        result = result if isinstance(result, dict) else {}
+        ended = result.get("state") in FINAL_STATES
+        created = (job_dir / "config.json").stat().st_mtime
+        job = Job(
+            id=job_dir.name,
+            name=str(config.request.get("name") or job_dir.name) if isinstance(config, JobConfig) else job_dir.name,
+            state=result["state"] if ended else "failed",
+            model=config.model.id,
+            method=config.method,
+            device_set=config.device,
+            created_at=created,
+            config=config,
+            warnings=["recovered from its directory: jobs.db was missing or damaged"],
+        )
+        store.insert(job)
+        store.update(
+            job.id,
+            finished_at=created,
+            error=result.get("error") if ended else "its record was lost with jobs.db; it did not finish",
+            next_step=result.get("next_step")
+            if ended
+            else f"resume_from='{job.id}' continues it if it has checkpoints",
+        )
+        recovered += 1
+    return [f"jobs.db rebuilt: {recovered} job(s) recovered from jobs/", *notes]

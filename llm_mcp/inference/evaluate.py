@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_result(job_dir, evaluate(job_dir))
         return 0
-    except Exception as exc:
+    except Exception as exc:  # every failure is recorded with its cause
         traceback.print_exc()
         write_result(
             job_dir,

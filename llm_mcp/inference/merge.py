@@ -84,6 +84,12 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
     return result
 
 
+def merging(dest: Path) -> bool:
+    """Whether a merge into `dest` is under way (its lock is held by a live worker)."""
+    lock = dest.with_name(f".{dest.name}.lock")
+    return lock.exists() and not _stale(lock)
+
+
 def _claim(lock: Path, spec: dict) -> bool:
     """Create the lock exclusively; a stale one (its owner gone) is removed and claimed.
     False: a live merge holds it."""
@@ -174,7 +180,7 @@ def merge_main(lock_path: str) -> int:
         (tmp / "export.json").write_text(json.dumps(spec["manifest"], indent=2))
         os.rename(tmp, dest)
         return 0
-    except Exception as exc:
+    except Exception as exc:  # reported to the waiting tool call through the error file
         dest.with_name(f".{dest.name}.error").write_text(f"{type(exc).__name__}: {exc}")
         shutil.rmtree(tmp, ignore_errors=True)
         return 1

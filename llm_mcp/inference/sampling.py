@@ -41,7 +41,12 @@ class SampleParams:
     n: int = 1
     seed: int | None = None
     logprobs: bool = False
-    time_limit_s: float | None = None  # generation stops here (finish_reason 'time_limit')
+    deadline: float | None = None  # time.monotonic() when generation stops (finish_reason 'time_limit'): one per call
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None: no limit)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     cancel: threading.Event | None = None  # set when the caller has gone away: stop at the next token
 
 
@@ -178,7 +183,6 @@ class TransformersSampler:
                 num_return_sequences=params.n,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=stop_ids,
-                output_scores=params.logprobs,
                 return_dict_in_generate=True,
             )
             if sample:
@@ -187,8 +191,11 @@ class TransformersSampler:
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             if params.stop:
                 gen_kwargs.update(stop_strings=params.stop, tokenizer=tok)
-            bounds = _bounds(params)
+            recorder = _LogprobRecorder() if params.logprobs else None
+            bounds = _bounds(params, recorder)
             gen_kwargs["stopping_criteria"] = [bounds]
+            if recorder is not None:
+                gen_kwargs["logits_processor"] = [recorder]
             no_adapter = self._adapter_off(model, target)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -197,9 +204,7 @@ class TransformersSampler:
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
             generate_s = time.perf_counter() - t1
             new = out.sequences[:, input_ids.shape[1] :]
-            scores = None
-            if params.logprobs:
-                scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+            scores = torch.stack(recorder.values, dim=1) if recorder is not None and recorder.values else None
             completions, total = [], 0
             for i, row in enumerate(new.tolist()):
                 row_scores = scores[i].tolist() if scores is not None else None
@@ -237,17 +242,44 @@ class TransformersSampler:
         return Completion(text=text, finish_reason=finish, completion_tokens=len(row), logprobs=logprobs)
 
 
-def _bounds(params: SampleParams):
-    """A stopping criterion for the call's time budget and for a caller that went away."""
+class _LogprobRecorder:
+    """The log-probability of each generated token under the model (before temperature / top-k / top-p, as
+    vLLM reports it), kept as one float per sequence and step: the step's whole-vocabulary distribution is
+    dropped as soon as the token drawn from it is known, so memory stays n x steps, whatever the vocabulary."""
+
+    def __init__(self) -> None:
+        self.values: list = []  # one [n] tensor per generated token
+        self._scores = None  # the step's scores (generate holds them anyway) and their log-normaliser, [n]
+        self._lse = None
+
+    def __call__(self, input_ids, scores):  # a logits processor: sees the step's scores, changes nothing
+        import torch
+
+        self._scores, self._lse = scores, torch.logsumexp(scores.float(), dim=-1)
+        return scores
+
+    def take(self, input_ids) -> None:
+        """After the step's token is appended (the stopping criterion's turn): keep its log-probability."""
+        if self._scores is not None:
+            picked = self._scores.gather(1, input_ids[:, -1:]).squeeze(1).float()
+            self.values.append((picked - self._lse).cpu())
+            self._scores = self._lse = None
+
+
+def _bounds(params: SampleParams, recorder: _LogprobRecorder | None = None):
+    """A stopping criterion for the call's time budget and for a caller that went away (and the logprob
+    recorder's turn to keep the token just drawn)."""
     import torch
     from transformers import StoppingCriteria
 
-    deadline = time.monotonic() + params.time_limit_s if params.time_limit_s else None
+    deadline = params.deadline
 
     class Bounds(StoppingCriteria):
         timed_out = False
 
         def __call__(self, input_ids, scores, **kwargs):
+            if recorder is not None:
+                recorder.take(input_ids)
             over = deadline is not None and time.monotonic() > deadline
             self.timed_out = self.timed_out or over
             stop = over or (params.cancel is not None and params.cancel.is_set())

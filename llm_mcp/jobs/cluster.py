@@ -133,7 +133,7 @@ class ClusterExecutor:
         try:
             submission = self.describe_submission(job_id, job.config, self.store.job_dir(job_id))
             engine_id = self.send(job_id, submission)
-        except Exception as exc:
+        except Exception as exc:  # any failure to submit ends the job with its cause, never a stuck 'queued'
             self.store.update(
                 job_id,
                 expect=("queued",),
@@ -159,7 +159,7 @@ class ClusterExecutor:
         for job in jobs:
             try:
                 self._update(job, seen.get(job.engine_id or ""), now)
-            except Exception as exc:
+            except Exception as exc:  # recorded on the next poll; the watcher logs it
                 log.warning("%s job %s: %s", self.engine, job.id, exc)
 
     def _adopt(self, job: Job) -> None:

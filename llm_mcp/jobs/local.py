@@ -9,6 +9,7 @@ one BEGIN IMMEDIATE transaction, so no job is ever started twice.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from llm_mcp.core.settings import data_path
 from llm_mcp.core.store import Job, JobStore
 from llm_mcp.jobs.outcome import finalize
 
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60  # a claimed job whose supervisor never registered is failed after this
 
 
@@ -171,27 +173,45 @@ def _supervisor_of(job_id: str) -> psutil.Process | None:
 
 
 def reconcile(store: JobStore) -> None:
-    """Mark running jobs whose processes are gone as failed (with the cause); then start queued ones."""
+    """Mark running jobs whose processes are gone as failed (with the cause); then start queued ones.
+
+    One job whose files cannot be made sense of is failed with that cause; it never stops the others or the queue.
+    """
     now = time.time()
     for job in store.list(limit=1000, states=("running",), engine="local"):
-        if job.pid is None:
-            live = _supervisor_of(job.id)
-            if live is not None:  # spawned, but the server died before recording its pid: adopt it
-                store.update(job.id, expect=("running",), pid=live.pid, pid_started_at=live.create_time())
-            elif job.started_at and now - job.started_at > START_TIMEOUT_S:
-                store.update(
-                    job.id,
-                    expect=("running",),
-                    state="failed",
-                    finished_at=now,
-                    error="the job was claimed but its process never started",
-                    next_step="start it again",
-                )
-            continue
-        if not _process_alive(job.pid, job.pid_started_at):
-            kill_job_processes(store.job_dir(job.id))
-            finalize(store, job, None)
+        try:
+            _reconcile_one(store, job, now)
+        except Exception as exc:  # contained: this job fails with the cause, the queue goes on
+            log.warning("job %s: %s", job.id, exc)
+            store.update(
+                job.id,
+                expect=("running",),
+                state="failed",
+                finished_at=now,
+                error=f"could not record how the job ended ({type(exc).__name__}: {exc})",
+                next_step="read its log (job_status) and start it again",
+            )
     schedule(store)
+
+
+def _reconcile_one(store: JobStore, job: Job, now: float) -> None:
+    if job.pid is None:
+        live = _supervisor_of(job.id)
+        if live is not None:  # spawned, but the server died before recording its pid: adopt it
+            store.update(job.id, expect=("running",), pid=live.pid, pid_started_at=live.create_time())
+        elif job.started_at and now - job.started_at > START_TIMEOUT_S:
+            store.update(
+                job.id,
+                expect=("running",),
+                state="failed",
+                finished_at=now,
+                error="the job was claimed but its process never started",
+                next_step="start it again",
+            )
+        return
+    if not _process_alive(job.pid, job.pid_started_at):
+        kill_job_processes(store.job_dir(job.id))
+        finalize(store, job, None)
 
 
 def cancel(store: JobStore, job_id: str) -> Job:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 import signal
 import time
+from pathlib import Path
 
+from llm_mcp.core.atomic import DISK_FULL, disk_full_cause, free_mb
 from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 
 
-def describe_exit(exit_code: int | None, tail: list[str]) -> str:
+def describe_exit(exit_code: int | None, tail: list[str], job_dir: Path | None = None) -> str:
     """One sentence on why the process ended, from its exit status and log."""
+    if job_dir is not None and (any(DISK_FULL.search(line) for line in tail) or free_mb(job_dir) < 1):
+        return disk_full_cause(job_dir)
     for line in reversed(tail):
         m = re.search(r"Signals\.(SIG[A-Z]+)", line)
         if m:
@@ -21,7 +25,11 @@ def describe_exit(exit_code: int | None, tail: list[str]) -> str:
     if exit_code is not None and exit_code < 0:
         name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
         return f"the job process was killed by {name}"
-    errors = [ln for ln in tail if re.match(r"^\w*(Error|Exception)\b", ln.strip())]
+    errors = [
+        ln
+        for ln in tail
+        if re.match(r"^\w*(Error|Exception)\b", ln.strip()) and "Traceback (most recent call last)" not in ln
+    ]
     if errors:
         return f"the training process failed: {errors[-1].strip()}"
     if exit_code is None:
@@ -38,6 +46,7 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
     """
     job_dir = store.job_dir(job.id)
     result = read_result(job_dir)
+    malformed = result.get("malformed") if result else None
     tail = log_tail(job_dir)
     fresh = store.get(job.id)
     if result and result.get("state") in FINAL_STATES:
@@ -51,7 +60,9 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
     elif fresh.cancel_requested:
         state, error, next_step = "cancelled", None, None
     else:
-        state, error = "failed", outside or describe_exit(exit_code, tail)
+        state, error = "failed", outside or describe_exit(exit_code, tail, job_dir)
+        if malformed:
+            error += f" (its {malformed})"
         next_step = (
             f"resume_from='{job.id}' continues from the last checkpoint"
             if checkpoints(job_dir)

@@ -48,7 +48,7 @@ class RayExecutor(ClusterExecutor):
                 ) from None
             try:
                 self._client = JobSubmissionClient(self.address)
-            except Exception as exc:
+            except Exception as exc:  # requests' and Ray's errors alike mean "not reachable"
                 raise ConfigurationError(
                     f"cannot reach the Ray cluster at LLM_MCP_RAY_ADDRESS={self.address!r} "
                     f"({exc}); start it (ray start --head) or point the setting at its "
@@ -95,7 +95,7 @@ class RayExecutor(ClusterExecutor):
         }
         try:
             return self.client.submit_job(**fields)
-        except Exception as exc:
+        except Exception as exc:  # Ray raises RuntimeError, requests raises its own OSError kinds
             raise ConfigurationError(f"submitting to Ray at {self.address} failed: {exc}") from None
 
     def query(self, engine_ids: list[str]) -> dict[str, EngineJob]:
@@ -103,7 +103,7 @@ class RayExecutor(ClusterExecutor):
         for sid in engine_ids:
             try:
                 info = self.client.get_job_info(sid)
-            except Exception as exc:
+            except Exception as exc:  # see send()
                 if "does not exist" in str(exc):
                     continue
                 raise ConfigurationError(f"reading Ray job {sid} at {self.address} failed: {exc}") from None
@@ -132,7 +132,7 @@ class RayExecutor(ClusterExecutor):
     def kill(self, engine_id: str) -> None:
         try:
             self.client.stop_job(engine_id)
-        except Exception as exc:
+        except Exception as exc:  # see send()
             if "does not exist" not in str(exc):
                 raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
 
@@ -147,7 +147,7 @@ class RayExecutor(ClusterExecutor):
 
         try:
             nodes = [n for n in list_nodes(address=self.address, detail=True) if n.state == "ALIVE"]
-        except Exception as exc:
+        except Exception as exc:  # the state API raises many kinds; all mean "not reachable"
             raise ConfigurationError(
                 f"cannot read the nodes of the Ray cluster at {self.address} ({exc}); is it running (ray status)?"
             ) from None

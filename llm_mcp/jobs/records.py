@@ -3,6 +3,7 @@ and waiting on one with progress reports."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sqlite3
 import time
@@ -68,7 +69,7 @@ async def wait_for_job(
     deadline = anyio.current_time() + wait_seconds
     first_state = job.state
     while job.state not in FINAL_STATES and anyio.current_time() < deadline:
-        status = build_status(store, job, log_lines=0)
+        status = await anyio.to_thread.run_sync(functools.partial(build_status, store, job, log_lines=0))
         await report(
             status.step,
             status.total_steps,

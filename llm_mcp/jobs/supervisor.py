@@ -61,7 +61,7 @@ def main(home: str, job_id: str) -> int:
         while not stopping.wait(CANCEL_POLL_S):
             try:
                 requested = store.get(job_id).cancel_requested
-            except Exception:
+            except Exception:  # a busy or full store: look again next time
                 continue
             if requested:
                 os.killpg(os.getpgrp(), signal.SIGTERM)  # the trainer checkpoints; on_sigterm starts the grace timer

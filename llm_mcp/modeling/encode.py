@@ -117,7 +117,7 @@ def _template_facts(tok) -> tuple[str, list[str], str | None]:
             text = tok.apply_chat_template(turn, tokenize=False)
             end = assistant_char_spans(tok, turn, text)[-1][1]
             closing = next((t for t in specials if text.endswith(t, 0, end)), None)
-        except Exception:
+        except Exception:  # a template that cannot render the probe has no known closing token
             pass
         _FACTS[key] = (header, specials, closing)
     return _FACTS[key]

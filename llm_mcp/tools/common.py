@@ -103,6 +103,11 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def _explain(name: str, exc: BaseException, home: Path | None) -> str:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return (
+            f"{name}: the job store ({home}/jobs.db) stayed locked by another process longer than the wait for it "
+            "(a long write, or a stuck process holding it); call again in a few seconds. Jobs keep running."
+        )
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     path = getattr(exc, "filename", None)
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in STORAGE_ERRNOS:
@@ -151,7 +156,7 @@ async def with_progress(ctx: Context, fn, *args, message: Callable[[], str], can
     async def worker():
         try:
             box["value"] = await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=cancel is not None)
-        except Exception as exc:
+        except Exception as exc:  # re-raised below, outside the task group's ExceptionGroup
             box["error"] = exc
         finally:
             done.set()

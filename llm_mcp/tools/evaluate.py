@@ -41,9 +41,12 @@ async def evaluate(ctx: Context, request: EvaluateRequest) -> Annotated[CallTool
     saved to a file whose path is in the result.
     """
     state = state_of(ctx)
-    config, warnings = resolve_evaluation(request, state.validation_context())
-    job = record_job(state.store, state.executor.name, config, config.model.id, None, warnings)
-    job = state.executor.submit(job.id)
+    config, warnings = await anyio.to_thread.run_sync(lambda: resolve_evaluation(request, state.validation_context()))
+    job = await anyio.to_thread.run_sync(
+        lambda: state.executor.submit(
+            record_job(state.store, state.executor.name, config, config.model.id, None, warnings).id
+        )
+    )
     job = await wait_for_job(
         state.store,
         job,
@@ -53,7 +56,7 @@ async def evaluate(ctx: Context, request: EvaluateRequest) -> Annotated[CallTool
         every_s=0.5,
         progress="{step}/{total} rows",
     )
-    status = build_status(state.store, job)
+    status = await anyio.to_thread.run_sync(build_status, state.store, job)
     finished = job.state in FINAL_STATES
     answer = EvaluateResult(
         job_id=job.id,

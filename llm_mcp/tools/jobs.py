@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.core.request import Request
-from llm_mcp.core.store import FINAL_STATES
+from llm_mcp.core.store import FINAL_STATES, JobStore
 from llm_mcp.jobs.records import wait_for_job
 from llm_mcp.jobs.status import JobStatus, build_status, summarize_list, summarize_status
 from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
@@ -46,25 +46,38 @@ async def job_status(ctx: Context, request: JobStatusRequest) -> Annotated[CallT
     when done, the last log lines, warnings, and on failure the cause in one sentence plus the
     next step. Without job_id: recent jobs, newest first, one line each.
     """
-    store = state_of(ctx).store  # read-only: the server's job watcher records dead jobs and starts queued ones
+    state = state_of(ctx)
+    store = state.store  # read-only: the server's job watcher records dead jobs and starts queued ones
     job_id = request.job_id
-    if job_id is None:
-        statuses = [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
-        return result(summarize_list(statuses), JobStatusResult(jobs=statuses))
-    job = await wait_for_job(store, store.get(job_id), request.wait_seconds, ctx.report_progress, until_change=True)
-    status = build_status(store, job)
+    if job_id is None:  # the job store and files are read off the event loop: a locked jobs.db stalls only this call
+        statuses = await anyio.to_thread.run_sync(_recent, store)
+        text = "\n".join([summarize_list(statuses), *(f"note: {n}" for n in store.recovery_notes)])
+        return result(text, JobStatusResult(jobs=statuses))
+    job = await anyio.to_thread.run_sync(store.get, job_id)
+    job = await wait_for_job(store, job, request.wait_seconds, ctx.report_progress, until_change=True)
+    status = await anyio.to_thread.run_sync(build_status, store, job)
     answer = result(summarize_status(status), JobStatusResult(job=status))
     if request.plot:
-        from llm_mcp.jobs.plot import evaluation_png, loss_curve_png
+        from llm_mcp.jobs.plot import evaluation_png
 
         title = f"{job_id}: {job.method} on {job.model}"
         png = (
             await anyio.to_thread.run_sync(evaluation_png, status.evaluation, title)
             if status.evaluation
-            else (await anyio.to_thread.run_sync(loss_curve_png, read_metrics(store.job_dir(job_id)), title))
+            else (await anyio.to_thread.run_sync(_loss_png, store, job_id, title))
         )
         answer.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
     return answer
+
+
+def _recent(store: JobStore) -> list[JobStatus]:
+    return [build_status(store, j, log_lines=0) for j in store.list(limit=20)]
+
+
+def _loss_png(store: JobStore, job_id: str, title: str) -> bytes:
+    from llm_mcp.jobs.plot import loss_curve_png
+
+    return loss_curve_png(read_metrics(store.job_dir(job_id)), title)
 
 
 def cancel_job(ctx: Context, request: CancelJobRequest) -> Annotated[CallToolResult, JobStatusResult]:
@@ -88,15 +101,16 @@ def _existing_job_dir(ctx: Context, job_id: str):
         raise ResourceNotFoundError(str(exc)) from None
 
 
-def job_log(job_id: str, ctx: Context) -> str:
+async def job_log(job_id: str, ctx: Context) -> str:
     state = state_of(ctx)
-    _existing_job_dir(ctx, job_id)
-    return "\n".join(state.executor.logs(job_id, lines=100_000, max_bytes=256 * 1024))
+    await anyio.to_thread.run_sync(_existing_job_dir, ctx, job_id)
+    lines = await anyio.to_thread.run_sync(lambda: state.executor.logs(job_id, lines=100_000, max_bytes=256 * 1024))
+    return "\n".join(lines)
 
 
-def job_metrics(job_id: str, ctx: Context) -> str:
-    path = _existing_job_dir(ctx, job_id) / "metrics.jsonl"
-    return path.read_text(encoding="utf-8") if path.exists() else ""
+async def job_metrics(job_id: str, ctx: Context) -> str:
+    path = await anyio.to_thread.run_sync(_existing_job_dir, ctx, job_id) / "metrics.jsonl"
+    return await anyio.to_thread.run_sync(lambda: path.read_text(encoding="utf-8") if path.exists() else "")
 
 
 def register(mcp: MCPServer) -> None:

@@ -92,9 +92,11 @@ def _local(state, hardware: Hardware) -> list[listing.LocalCheckpoint]:
         shown = str(path.resolve().relative_to(home)) if path.resolve().is_relative_to(home) else str(path)
         try:
             entry = resolve_model(state.matrix, state.settings, str(path))
-        except LlmMcpError as exc:
-            arch = (read_json(path / "config.json").get("architectures") or [None])[0]
-            out.append(listing.LocalCheckpoint(path=shown, hf_architecture=arch, problem=str(exc)))
+        except Exception as exc:  # one broken directory is listed with its problem; it never hides the others
+            problem = str(exc) if isinstance(exc, LlmMcpError) else f"cannot be read ({type(exc).__name__}: {exc})"
+            archs = read_json(path / "config.json").get("architectures")
+            arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+            out.append(listing.LocalCheckpoint(path=shown, hf_architecture=arch, problem=problem))
             continue
         out.append(
             listing.LocalCheckpoint(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import anyio
@@ -80,7 +81,9 @@ class SampleRequest(Request):
         "final", description="'final' (default), 'latest' (works while the job runs) or a step number.", max_length=32
     )
     compare_base: bool = Field(False, description="Also generate with the base model (adapter off).")
-    logprobs: bool = Field(False, description="Per-token log-probabilities.")
+    logprobs: bool = Field(
+        False, description="Each generated token's log-probability under the model (before temperature / top-p)."
+    )
 
     def check(self) -> list[str]:
         problems = []
@@ -106,7 +109,7 @@ async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResu
     """
     r = request
     state = state_of(ctx)
-    source, target = _sample_target(state, r.job_id, r.adapter, r.model, r.checkpoint)
+    source, target = await anyio.to_thread.run_sync(_sample_target, state, r.job_id, r.adapter, r.model, r.checkpoint)
     notes: list[str] = []
     generate = state.sampler.generate
     if state.backend == "vllm":
@@ -129,7 +132,7 @@ async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResu
         n=r.n,
         seed=r.seed,
         logprobs=r.logprobs,
-        time_limit_s=state.settings.sample_timeout_s or None,
+        deadline=time.monotonic() + state.settings.sample_timeout_s if state.settings.sample_timeout_s else None,
         cancel=threading.Event(),
     )
     with state.sample_slots:

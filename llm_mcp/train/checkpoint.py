@@ -67,6 +67,25 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(accelerator, model, optimizer, scheduler, tmp, step, meta, state, sharded, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half checkpoint left behind (a full disk, a kill)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for _, old in checkpoints(job_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(
+    accelerator, model, optimizer, scheduler, tmp: Path, step: int, meta: dict, state, sharded: bool, extra
+) -> None:
+    """Every rank's part of a checkpoint into `tmp`."""
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if sharded:  # each rank holds its shard of the optimizer state
         torch.save(optimizer.state_dict(), tmp / f"optimizer_{accelerator.process_index}.pt")
@@ -84,14 +103,6 @@ def save_checkpoint(
         for name, tensor in (extra or {}).items():
             if tensor is not None:
                 torch.save(tensor, tmp / name)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for _, old in checkpoints(job_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load_adapter_weights(model, ckpt: Path) -> None:

@@ -12,6 +12,7 @@ Imports torch, transformers, peft and accelerate; never the MCP SDK or the serve
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from llm_mcp.core.atomic import disk_full, disk_full_cause
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
@@ -384,13 +386,27 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(job_dir)
         train(run)
         return 0
-    except Exception as exc:
+    except Exception as exc:  # every failure is recorded with its cause
         traceback.print_exc()
         if run is None or run.accelerator is None or run.accelerator.is_main_process:
-            write_result(
-                job_dir, {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "next_step": _next_step_for(exc)}
-            )
+            record_failure(job_dir, exc)
         return 1
+
+
+def record_failure(job_dir: Path, exc: BaseException) -> None:
+    """result.json for a failed job: its cause in one line. A half-written checkpoint is removed first (it also
+    frees the room a full disk needs for this file); if even that cannot be written, the supervisor records
+    the cause from the log and the disk (llm_mcp.jobs.outcome)."""
+    for partial in (job_dir / "checkpoints").glob("step-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if disk_full(exc):
+        error, next_step = disk_full_cause(job_dir), "free disk space, then resume_from this job"
+    else:
+        error, next_step = f"{type(exc).__name__}: {exc}", _next_step_for(exc)
+    try:
+        write_result(job_dir, {"state": "failed", "error": error, "next_step": next_step})
+    except OSError as write_error:
+        print(f"[llm_mcp] could not write result.json: {write_error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

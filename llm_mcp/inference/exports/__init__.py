@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from llm_mcp.core.atomic import check_room, claim, disk_full, no_space
 from llm_mcp.core.errors import InvalidArgumentError, PathNotAllowedError
 from llm_mcp.core.settings import Settings
 from llm_mcp.core.store import Job
@@ -26,9 +27,10 @@ from llm_mcp.inference.exports.archive import ARCHIVE
 from llm_mcp.inference.exports.base import ExportFormat, manifest
 from llm_mcp.inference.exports.merged import MERGED
 from llm_mcp.inference.exports.peft import PEFT_DIRECTORY
-from llm_mcp.inference.merge import run_merge
+from llm_mcp.inference.merge import merging, run_merge
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (PEFT_DIRECTORY, ARCHIVE, MERGED)}
+CLAIM_WAIT_S = 20.0  # how long a second export to a destination being written waits for the first
 MERGED_FORMAT = MERGED  # what vLLM serves when it cannot load a method's adapter (llm_mcp.inference.serving)
 
 
@@ -96,28 +98,50 @@ def export(
         snippets=form.snippets(job, dest, base, vllm_adapter),
         notes=form.notes(job),
     )
-    if dest.exists():
-        existing = form.read_manifest(dest)
-        if existing == wanted:
-            result.reused, result.files = True, list_files(dest)
-            return result
-        what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
-        raise InvalidArgumentError(
-            f"destination={str(dest)!r} already holds {what}; it is not overwritten. Choose another destination "
-            "(or delete that one yourself)."
-        )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if form.background:
-        return run_merge(job, job_dir, adapter, base, dest, wanted, result)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}")
-    try:
-        form.write(job, label, adapter, base, tmp, job_dir, wanted)
-        os.rename(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+    # One writer per destination at a time: a second caller waits, then finds the export there (the same one:
+    # reused; another: refused), so a destination never ends up holding something its caller was not told of.
+    with claim(dest.with_name(f".{dest.name}.writing"), wait_s=CLAIM_WAIT_S) as held:
+        if not held:
+            raise InvalidArgumentError(
+                f"destination={str(dest)!r} is being written by another export right now; call export_adapter "
+                "again in a few seconds"
+            )
+        if dest.exists():
+            return _existing(form, dest, wanted, result)
+        if not merging(dest):  # a merge under way has taken its room already
+            check_room(dest, form.needed_bytes(job, adapter))
+        if form.background:
+            result = run_merge(job, job_dir, adapter, base, dest, wanted, result)
+            return result if result.state != "done" else _existing(form, dest, wanted, result, reused=False)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}")
+        try:
+            form.write(job, label, adapter, base, tmp, job_dir, wanted)
+            os.rename(tmp, dest)
+        except OSError as exc:
+            if disk_full(exc):
+                raise no_space(dest) from exc
+            raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+            shutil.rmtree(tmp.with_name(tmp.name + "-dir"), ignore_errors=True)
     result.files = list_files(dest)
     return result
+
+
+def _existing(form: ExportFormat, dest: Path, wanted: dict, result: ExportResult, reused: bool = True) -> ExportResult:
+    """The export already at `dest`: returned when it is this one, refused when it is anything else."""
+    existing = form.read_manifest(dest)
+    if existing == wanted:
+        result.reused, result.files = reused, list_files(dest)
+        return result
+    what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
+    raise InvalidArgumentError(
+        f"destination={str(dest)!r} already holds {what}; it is not overwritten. Choose another destination "
+        "(or delete that one yourself)."
+    )
+
 
 
 __all__ = ["FORMATS", "MERGED_FORMAT", "ExportResult", "ExportedFile", "export", "resolve_destination"]

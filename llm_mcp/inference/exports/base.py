@@ -52,6 +52,10 @@ class ExportFormat:
         """Write the export at `tmp` (renamed into place by the caller)."""
         raise NotImplementedError
 
+    def needed_bytes(self, job: Job, adapter: Path) -> int:
+        """About what the export takes on disk (checked against the free space first)."""
+        return sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
+
     def shown_path(self, dest: Path) -> str:
         """How a snippet names the export (an archive must be extracted first)."""
         return str(dest)

@@ -17,6 +17,11 @@ class Merged(ExportFormat):
     full_model = True
     background = True  # llm_mcp.inference.merge runs it; a call waits up to MERGE_WAIT_S
 
+    def needed_bytes(self, job: Job, adapter: Path) -> int:
+        """The base model's weights (a local checkpoint's safetensors; 0 where they are not on this disk)."""
+        base = Path(job.training.model.path)
+        return sum(p.stat().st_size for p in base.glob("*.safetensors")) if base.is_dir() else 0
+
     def notes(self, job: Job) -> list[str]:
         if not job.training.quantized:
             return []

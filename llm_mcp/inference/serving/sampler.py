@@ -185,7 +185,7 @@ class VllmSampler:
                 "POST",
                 "/v1/chat/completions" if chat else "/v1/completions",
                 body,
-                timeout=params.time_limit_s or 600.0,
+                timeout=600.0 if params.deadline is None else max(1.0, params.remaining() or 0.0),
             )  # vLLM aborts a request whose client left
         except VllmError as exc:
             if "maximum context length" in str(exc) or "max_tokens" in str(exc):
