@@ -143,5 +143,4 @@ def _existing(form: ExportFormat, dest: Path, wanted: dict, result: ExportResult
     )
 
 
-
 __all__ = ["FORMATS", "MERGED_FORMAT", "ExportResult", "ExportedFile", "export", "resolve_destination"]
