@@ -336,17 +336,18 @@ async def test_greedy_logprobs_are_the_models_own_log_probabilities(app, tiny_mo
 
 async def test_compare_base_shares_the_calls_time_limit(two_jobs):
     home, ids = two_jobs
-    state, server = served(home, sample_timeout_s=1.0)
+    state, server = served(home, sample_timeout_s=0.5)
     async with Client(server) as client:
         warm = await call(client, "sample", job_id=ids["lora"], prompt="warm", max_tokens=1)  # loads outside the budget
         assert not warm.is_error, warm.content[0].text
+        # 16 sampled completions of up to 2000 tokens: generation runs until the slowest ends, past the deadline
         r = await call(client, "sample", job_id=ids["lora"], prompt="The cat", max_tokens=2000, temperature=1.0,
-                       seed=1, compare_base=True)  # fmt: skip
+                       n=16, seed=1, compare_base=True)  # fmt: skip
         assert not r.is_error, r.content[0].text
-        tuned, base = r.structured_content["completions"][0], r.structured_content["base_completions"][0]
-        assert tuned["finish_reason"] == "time_limit", tuned
-        # the second generation starts past the call's deadline: it stops at once instead of taking its own second
-        assert base["finish_reason"] == "time_limit" and base["completion_tokens"] <= 2, base
+        tuned, base = r.structured_content["completions"], r.structured_content["base_completions"]
+        assert any(c["finish_reason"] == "time_limit" for c in tuned), tuned
+        # the base model's generation starts past the call's deadline: it stops at once instead of taking its own
+        assert all(c["completion_tokens"] <= 2 for c in base), [c["completion_tokens"] for c in base]
     state.shutdown()
 
 

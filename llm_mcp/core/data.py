@@ -2,15 +2,19 @@
 or a `datasets` directory saved with save_to_disk.
 
 Each row is one of these formats, detected per row:
-  messages            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+  messages            {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools"?}:
+                      OpenAI's chat shape, with assistant tool_calls, tool results and reasoning
+                      (llm_mcp.core.rows.check_messages)
+  sharegpt, alpaca    the two common instruction shapes (llm_mcp.core.formats), read as conversations
   prompt_completion   {"prompt": "...", "completion": "..."}
   text                {"text": "..."}
   preference          (objective dpo) {"prompt", "chosen", "rejected"}, each a string or a message list;
                       {"chosen": [messages], "rejected": [messages]} (the shared turns are the prompt); or
                       {"input": {"messages": [...]}, "preferred_output": [assistant message],
                        "non_preferred_output": [assistant message]}
-Validation streams the file (a 1 GB JSONL is never read into memory), stops after a time
-budget, and reports the first bad rows with their line numbers.
+Any other shape trains through a `columns` mapping (llm_mcp.core.formats.apply_columns). Validation streams
+the file (a 1 GB JSONL is never read into memory), stops after a time budget, and reports the first bad rows
+with their line numbers.
 """
 
 from __future__ import annotations
@@ -21,17 +25,25 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.formats import alpaca_messages, apply_columns, guess_columns, sharegpt_messages
 from llm_mcp.core.objectives import get_objective
-from llm_mcp.core.rows import FIELDS, PREFERENCE_KEYS, check_messages, check_no_images, found_instead, preference_pair
+from llm_mcp.core.rows import (
+    FIELDS,
+    PREFERENCE_KEYS,
+    check_messages,
+    check_no_images,
+    check_tools,
+    found_instead,
+    preference_pair,
+)
 
-FORMATS = ("messages", "prompt_completion", "text", "preference")
-SFT_FORMATS = FORMATS[:3]
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_BAD_ROWS_SHOWN = 5
 MAX_LINE_BYTES = 16 << 20  # one JSONL row; longer lines are reported, never held in memory
@@ -98,19 +110,22 @@ def file_kind(path: Path, field_name: str = "dataset") -> str:
     return kind
 
 
-def row_format(row: Any) -> str:
-    """Detect a row's format; raise ValueError with what is wrong."""
+def parse_row(row: Any) -> tuple[str, dict[str, Any]]:
+    """(the row's format, the row as training reads it). Raises ValueError with what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     check_no_images(row)
     if any(k in row for k in PREFERENCE_KEYS):
-        preference_pair(row)
-        return "preference"
+        return "preference", preference_pair(row)
     if "messages" in row:
-        msgs = check_messages(row["messages"])
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError("no assistant message: nothing to learn from")
-        return "messages"
+        out: dict[str, Any] = {"messages": check_messages(row["messages"])}
+        if row.get("tools"):
+            out["tools"] = check_tools(row["tools"])
+        return "messages", _trainable(out)
+    if "conversations" in row:
+        return "sharegpt", _trainable(sharegpt_messages(row))
+    if "instruction" in row:
+        return "alpaca", alpaca_messages(row)
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
             if key not in row:
@@ -119,18 +134,39 @@ def row_format(row: Any) -> str:
                 raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
         if not row["completion"]:
             raise ValueError("'completion' is empty")
-        return "prompt_completion"
+        return "prompt_completion", {"prompt": row["prompt"], "completion": row["completion"]}
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise ValueError("'text' must be a non-empty string")
-        return "text"
+        return "text", {"text": row["text"]}
+    raise ValueError(unknown_shape(row))
+
+
+def _trainable(row: dict[str, Any]) -> dict[str, Any]:
+    if not any(m["role"] == "assistant" for m in row["messages"]):
+        raise ValueError("no assistant message: nothing to learn from")
+    return row
+
+
+def unknown_shape(row: dict[str, Any]) -> str:
+    """Why a row has no known format, with the likeliest fix: a typo'd key, or a `columns` mapping."""
     keys = sorted(row)[:8]
-    hints = [f"{k!r} for {close[0]!r}" for k in keys if (close := difflib.get_close_matches(k, FIELDS, 1, 0.75))]
-    raise ValueError(
-        f"no 'messages', 'prompt'+'completion' or 'text' field (found keys {keys}"
-        + (f"; did you mean {', '.join(hints)}?" if hints else "")
-        + ")"
+    typos = [f"{k!r} for {close[0]!r}" for k in keys if (close := difflib.get_close_matches(k, FIELDS, 1, 0.85))]
+    guess = guess_columns(list(row))
+    hint = f"; did you mean {', '.join(typos)}?" if typos else ""
+    if not typos and guess:
+        hint = f"; map your columns, e.g. columns={guess}"
+    elif not typos:
+        hint = "; map your columns to prompt / completion (or messages, text), e.g. columns={'prompt': 'question', ...}"
+    return (
+        f"no known format (found keys {keys}): rows need 'messages', 'prompt'+'completion', 'text', Alpaca's "
+        f"'instruction'+'output' or ShareGPT's 'conversations'{hint}"
     )
+
+
+def row_format(row: Any) -> str:
+    """Detect a row's format; raise ValueError with what is wrong."""
+    return parse_row(row)[0]
 
 
 def row_warnings(row: dict[str, Any]) -> list[str]:
@@ -144,16 +180,8 @@ def row_warnings(row: dict[str, Any]) -> list[str]:
 
 
 def normalize(row: dict[str, Any]) -> dict[str, Any]:
-    """Row with 'messages' decoded from JSON text if needed; keeps only the fields training uses."""
-    fmt = row_format(row)
-    if fmt == "preference":
-        return preference_pair(row)
-    if fmt == "messages":
-        msgs = row["messages"]
-        return {"messages": json.loads(msgs) if isinstance(msgs, str) else msgs}
-    if fmt == "prompt_completion":
-        return {"prompt": row["prompt"], "completion": row["completion"]}
-    return {"text": row["text"]}
+    """The row as training reads it: a conversation (with its tools), prompt + completion, text or a pair."""
+    return parse_row(row)[1]
 
 
 def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -252,10 +280,14 @@ def check_objective(fmt: str, objective: str | None) -> None:
 
 
 def validate_dataset(
-    path: Path, field_name: str = "dataset", time_budget_s: float = 3.0, objective: str | None = None
+    path: Path,
+    field_name: str = "dataset",
+    time_budget_s: float = 3.0,
+    objective: str | None = None,
+    columns: Mapping[Any, str] | None = None,
 ) -> DatasetSummary:
     """Stream the dataset and check every row until the time budget runs out (and, given an
-    objective, that each row is of a format it trains on).
+    objective, that each row is of a format it trains on); `columns` maps the rows' own keys first.
 
     Raises:
         DataError: unreadable / unknown kind / empty, or bad rows (first few, with line numbers).
@@ -273,9 +305,9 @@ def validate_dataset(
             try:
                 if isinstance(row, _Bad):
                     raise ValueError(row.reason)
-                fmt = row_format(row)
+                fmt, canonical = parse_row(apply_columns(row, columns))
                 check_objective(fmt, objective)
-                for reason in row_warnings(row):
+                for reason in row_warnings(canonical):
                     summary.flag(reason, where)
             except ValueError as exc:
                 summary.bad_row_count += 1
@@ -284,7 +316,7 @@ def validate_dataset(
             else:
                 formats[fmt] += 1
                 summary.rows += 1
-                summary.chars += _row_chars(row)
+                summary.chars += _row_chars(canonical)
             if summary.rows % 256 == 0 and time.monotonic() > deadline:
                 summary.complete = False
                 break
@@ -309,28 +341,37 @@ def validate_dataset(
 
 
 def _row_chars(row: dict[str, Any]) -> int:
-    if any(k in row for k in PREFERENCE_KEYS):
-        pair = preference_pair(row)
-        return sum(len(m["content"]) for v in pair.values() for m in ([{"content": v}] if isinstance(v, str) else v))
+    """Characters of a canonical row (about 4 per token)."""
+    if "chosen" in row:
+        return sum(len(m["content"]) for v in row.values() for m in ([{"content": v}] if isinstance(v, str) else v))
     if "messages" in row:
-        msgs = row["messages"]
-        return len(msgs) if isinstance(msgs, str) else sum(len(m.get("content", "")) for m in msgs)
+        return sum(
+            len(m["content"]) + len(m.get("reasoning_content", "")) + len(json.dumps(m.get("tool_calls", "")))
+            for m in row["messages"]
+        ) + len(json.dumps(row.get("tools", "")))
     if "prompt" in row:
         return len(row["prompt"]) + len(row["completion"])
     return len(row.get("text", ""))
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows, normalized (the trainer's view). Raises DataError on the first bad row."""
-    rows = []
+def canonical_rows(path: Path, columns: Mapping[Any, str] | None = None) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """(location, the row as training reads it, the raw row) for every row, streamed.
+
+    Raises:
+        DataError: the first bad row, with its location.
+    """
     for where, row in iter_rows(path):
         try:
             if isinstance(row, _Bad):
                 raise ValueError(row.reason)
-            rows.append(normalize(row))
+            yield where, normalize(apply_columns(row, columns)), row
         except ValueError as exc:
             raise DataError(f"dataset {where}: {exc}") from None
-    return rows
+
+
+def load_rows(path: Path, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
+    """All rows, normalized (the trainer's view). Raises DataError on the first bad row."""
+    return [row for _, row, _ in canonical_rows(path, columns)]
 
 
 def fingerprint(path: Path) -> dict[str, int]:

@@ -56,6 +56,11 @@ EvalRows = Annotated[int, Field(ge=1, le=5000)]  # an evaluation's rows
 EvalTokens = Annotated[int, Field(ge=1, le=512)]  # an evaluation's generation length per row
 Pattern = Annotated[str, Field(max_length=1000)]  # a regular expression generations are scored against
 TrainOn = Literal["completion", "all"]
+ColumnName = Literal[
+    "messages", "prompt", "completion", "text", "instruction", "input", "output", "system", "history",
+    "conversations", "tools", "chosen", "rejected", "answer", "regex",
+]  # fmt: skip
+Columns = Annotated[dict[ColumnName, Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=16)]
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 
@@ -161,6 +166,8 @@ class JobConfig(_Strict):
     gradient_accumulation: Accumulation = 1
     max_seq_len: SeqLen = 1024
     train_on: TrainOn = "completion"
+    train_reasoning: bool = Field(True, description="The loss covers the assistant's reasoning too.")
+    columns: Columns | None = Field(None, description="The dataset's own keys, by the names training knows.")
     seed: Seed = 0
     checkpoint_every: Every = 50
     keep_checkpoints: KeepCheckpoints = 3
@@ -294,6 +301,7 @@ class EvalConfig(_Strict):
     targets: list[EvalTarget] = Field(min_length=1, max_length=8)
     dataset: str
     dataset_fingerprint: dict[str, int] | None = None
+    columns: Columns | None = None
     max_rows: EvalRows
     max_tokens: EvalTokens
     generate: bool = True

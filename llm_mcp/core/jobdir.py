@@ -139,3 +139,26 @@ def public_log(lines: list[str], home: Path) -> list[str]:
         in_frames = False
         out.append(redact_paths(line, home))
     return out
+
+
+def worst_rows(job_dir: Path, page: int = 1, per_page: int = 10) -> tuple[list[dict[str, Any]], int]:
+    """An evaluation's per-row results, worst first (answers that missed, then the highest losses), one page of
+    them and how many there are."""
+    records = []
+    try:
+        with open(job_dir / "eval_rows.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        return [], 0
+
+    def badness(r: dict[str, Any]) -> tuple[float, float]:
+        hits = [float(r[k]) for k in ("exact_match", "contains", "regex") if k in r]
+        return (sum(hits) / len(hits) if hits else 1.0, -r.get("loss", 0.0))
+
+    records.sort(key=badness)
+    start = (max(page, 1) - 1) * per_page
+    return records[start : start + per_page], len(records)

@@ -6,7 +6,7 @@ import difflib
 import json
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected")
 PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
 
@@ -31,8 +31,15 @@ def check_no_images(row: dict[str, Any]) -> None:
         )
 
 
-def check_messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
-    """A checked message list (JSON text from CSV / Parquet columns is decoded)."""
+def check_messages(value: Any, key: str = "messages") -> list[dict[str, Any]]:
+    """A checked, normalized message list (JSON text from CSV / Parquet columns is decoded).
+
+    Accepted beyond {role, content}: content as a list of {type: "text", text} parts (joined); assistant
+    `tool_calls` (OpenAI's shape; arguments as an object, or JSON text that is parsed) with content empty or
+    null; `tool` messages (a tool's result, never trained on) with optional `tool_call_id` / `name`; the
+    assistant's reasoning as `reasoning_content`, `thinking` or a leading <think>...</think> in its content
+    (normalized to `reasoning_content`).
+    """
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -40,18 +47,101 @@ def check_messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
             raise ValueError(f"{key!r} is a string that is not JSON") from exc
     if not isinstance(value, list) or not value:
         raise ValueError(f"{key!r} must be a non-empty list of {{role, content}}")
+    out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{key}[{i}] must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"{key}[{i}].role={m['role']!r}; allowed: {list(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{key}[{i}].content must be a string")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise ValueError(
-                f"{key}[{i}] is an empty assistant message: nothing to learn from it; write the answer or drop the turn"
-            )
-    return value
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"{where} must be an object with 'role' and 'content'")
+        role = m["role"]
+        if role not in ROLES:
+            raise ValueError(f"{where}.role={role!r}; allowed: {list(ROLES)}")
+        calls = tool_calls_of(m.get("tool_calls"), where) if role == "assistant" else []
+        if "content" not in m and not calls:
+            raise ValueError(f"{where} must be an object with 'role' and 'content'")
+        content = text_of(m.get("content"), f"{where}.content")
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant":
+            reasoning = m.get("reasoning_content") or m.get("thinking")
+            if reasoning is None and content.lstrip().startswith("<think>") and "</think>" in content:
+                head, _, content = content.lstrip()[len("<think>") :].partition("</think>")
+                reasoning, message["content"] = head.strip(), content.lstrip()
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise ValueError(f"{where}.reasoning_content must be a string")
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            elif not message["content"].strip():
+                raise ValueError(
+                    f"{where} is an empty assistant message: nothing to learn from it; write the answer or drop "
+                    "the turn"
+                )
+        if role == "tool":
+            for extra in ("tool_call_id", "name"):
+                if isinstance(m.get(extra), str):
+                    message[extra] = m[extra]
+        out.append(message)
+    return out
+
+
+def text_of(content: Any, where: str) -> str:
+    """A message's content as text: a string, a list of text parts, or nothing (None: '')."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        parts = []
+        for j, part in enumerate(content):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}[{j}] is a {part.get('type')!r} part; only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ValueError(f"{where} must be a string or a list of {{type: 'text', text}} parts")
+
+
+def tool_calls_of(value: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls, normalized: [{"type": "function", "function": {"name", "arguments": {...}}, "id"?}]."""
+    if value in (None, []):
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where}.tool_calls must be a list of {{type: 'function', function: {{name, arguments}}}}")
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{where}.tool_calls[{j}] needs function.name (a string)")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ValueError(f"{where}.tool_calls[{j}].function.arguments is text that is not JSON") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}.tool_calls[{j}].function.arguments must be an object")
+        normalized: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            normalized["id"] = call["id"]
+        calls.append(normalized)
+    return calls
+
+
+def check_tools(value: Any, key: str = "tools") -> list[dict[str, Any]]:
+    """The tools a conversation may call: OpenAI function schemas (JSON text accepted)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{key!r} is text that is not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"{key!r} must be a list of tool schemas ({{type: 'function', function: {{name, ...}}}})")
+    tools = []
+    for j, tool in enumerate(value):
+        fn = tool.get("function", tool)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{key}[{j}] needs function.name")
+        tools.append({"type": "function", "function": fn})
+    return tools
 
 
 def found_instead(row: dict[str, Any], key: str) -> str:

@@ -32,6 +32,7 @@ from llm_mcp.core.jobconfig import EvalConfig, EvalTarget
 from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 
 STOP = threading.Event()
+INPUT_SHOWN = 500  # characters of a row's input kept beside its scores
 
 
 def reference_of(row: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -151,24 +152,30 @@ def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict
     if ref is not None and scorer.cfg.generate:
         prompt, answer = ref
         text = scorer.generate(t, prompt)
+        shown = prompt.get("prompt") or next(
+            (m["content"] for m in reversed(prompt.get("messages") or []) if m["role"] == "user"), ""
+        )
         out.update(
-            generated=text, reference=answer, **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex)
+            input=shown[:INPUT_SHOWN],
+            generated=text,
+            reference=answer,
+            **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex),
         )
     return out
 
 
 def evaluate(job_dir: Path) -> dict[str, Any]:
     """Score every target on the dataset's first max_rows rows; returns the result.json fields."""
-    from llm_mcp.core.data import check_fingerprint, iter_rows, normalize
+    from llm_mcp.core.data import canonical_rows, check_fingerprint
 
     cfg = EvalConfig.read(job_dir)
     check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
-    raw_rows = []
-    for _, raw in iter_rows(Path(cfg.dataset)):
+    rows, raw_rows = [], []
+    for _, row, raw in canonical_rows(Path(cfg.dataset), cfg.columns):
+        rows.append(row)
         raw_rows.append(raw)
-        if len(raw_rows) >= cfg.max_rows:
+        if len(rows) >= cfg.max_rows:
             break
-    rows = [normalize(r) for r in raw_rows]
     total = len(rows) * len(cfg.targets)
     append_metric(job_dir, {"event": "start", "total_steps": total, "rows": len(rows), "targets": len(cfg.targets)})
     print(f"[{time.strftime('%H:%M:%S')}] evaluating {len(cfg.targets)} target(s) on {len(rows)} rows", flush=True)

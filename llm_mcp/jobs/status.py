@@ -6,7 +6,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths
+from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths, worst_rows
 from llm_mcp.core.objectives import OBJECTIVES
 from llm_mcp.core.store import Job, JobStore
 
@@ -35,6 +35,11 @@ class JobStatus(BaseModel):
     eta_s: float | None = None
     objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs) | evaluate.")
     evaluation: dict | None = Field(None, description="evaluate jobs: per-target scores and the per-row file.")
+    worst_rows: list[dict] = Field(
+        default_factory=list,
+        description="evaluate jobs: the rows scored worst (input, reference, generated, scores), one page of them.",
+    )
+    worst_rows_total: int | None = Field(None, description="evaluate jobs: per-row results in all (page through).")
     reward_accuracy: float | None = Field(
         None, description="dpo: fraction of pairs whose implicit reward ranks chosen above rejected (last 10 steps)."
     )
@@ -64,7 +69,7 @@ class JobStatus(BaseModel):
     nodes: str | None = Field(None, description="The hosts the job runs on, as the engine names them.")
 
 
-def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
+def build_status(store: JobStore, job: Job, log_lines: int = 12, page: int = 1) -> JobStatus:
     job_dir = store.job_dir(job.id)
     metrics = read_metrics(job_dir)
     start = next((m for m in reversed(metrics) if m.get("event") == "start"), None)
@@ -126,6 +131,7 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
         status.step = progress[-1]["rows_done"]
     if job.config.task == "evaluate" and job.state in ("succeeded", "cancelled"):
         status.evaluation = (read_result(job_dir) or {}).get("evaluation")
+        status.worst_rows, status.worst_rows_total = worst_rows(job_dir, page)
     rewarded = [m for m in steps[-10:] if "reward_accuracy" in m]
     if rewarded:
         status.reward_accuracy = round(sum(m["reward_accuracy"] for m in rewarded) / len(rewarded), 4)
@@ -144,6 +150,16 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12) -> JobStatus:
         result = read_result(job_dir)
         status.error = (result or {}).get("error")
     return status
+
+
+def _row(r: dict) -> str:
+    scores = ", ".join(f"{k} {'yes' if r[k] else 'no'}" for k in ("exact_match", "contains", "regex") if k in r)
+    loss = f"loss {r['loss']:.3f}" if "loss" in r else ""
+    head = f"- [{r['target']}] row {r['row']}: " + "; ".join(x for x in (scores, loss) if x)
+    if "generated" not in r:
+        return head
+    shown = {"input": r.get("input", ""), "expected": r["reference"], "got": r["generated"]}
+    return head + "".join(f"\n    {k}: {v[:160]!r}" for k, v in shown.items())
 
 
 def summarize_status(s: JobStatus) -> str:
@@ -173,6 +189,9 @@ def summarize_status(s: JobStatus) -> str:
     if s.evaluation:
         lines += [_scores(t) for t in s.evaluation["targets"]]
         lines.append(f"per-row results: {s.evaluation['rows_file']}")
+    if s.worst_rows:
+        lines.append(f"worst rows ({len(s.worst_rows)} of {s.worst_rows_total}; page=N for more):")
+        lines += [_row(r) for r in s.worst_rows]
     timing = []
     if s.elapsed_s is not None:
         timing.append(f"elapsed {s.elapsed_s:.0f} s")

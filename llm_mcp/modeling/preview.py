@@ -8,6 +8,7 @@ calls it from a worker thread, within a time budget.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 from llm_mcp.modeling.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
 
 
-def sequences(tok, row: dict[str, Any], train_on: str) -> list[tuple[list[int], list[int]]]:
+def sequences(
+    tok, row: dict[str, Any], train_on: str, train_reasoning: bool = True
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each sequence a row trains: one, or a preference row's chosen and rejected."""
     if "chosen" in row:
         p, c, r = encode_pair(tok, row)
         return [(s["input_ids"], s["labels"]) for s in pair_sequences({"prompt": p, "chosen": c, "rejected": r})]
-    return [encode_row(tok, row, train_on)]
+    return [encode_row(tok, row, train_on, train_reasoning)]
 
 
 HISTOGRAM_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -41,6 +44,8 @@ class TokenReport:
     longest: int = 0
     histogram: dict[str, int] = field(default_factory=dict)
     truncated_at: list[int] = field(default_factory=list)  # row numbers (1-based), first few
+    unrenderable: int = 0  # rows the model's chat template cannot render (reasons in unrenderable_at)
+    unrenderable_at: list[str] = field(default_factory=list)
     dropped_at: list[int] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
@@ -68,13 +73,25 @@ def _bucket(n: int) -> str:
 
 
 def token_report(
-    tok, rows: list[dict[str, Any]], max_seq_len: int, train_on: str, time_budget_s: float = 3.0
+    tok,
+    rows: list[dict[str, Any]],
+    max_seq_len: int,
+    train_on: str,
+    time_budget_s: float = 3.0,
+    train_reasoning: bool = True,
 ) -> TokenReport:
-    """Encode rows as the trainer does and count lengths, truncations and drops."""
+    """Encode rows as the trainer does and count lengths, truncations and drops; rows this model cannot
+    render (tool calls on a template without tools) are counted in `unrenderable` with the reason."""
     report = TokenReport(max_seq_len=max_seq_len)
     deadline = time.monotonic() + time_budget_s
     for i, row in enumerate(rows, 1):
-        seqs = sequences(tok, row, train_on)
+        try:
+            seqs = sequences(tok, row, train_on, train_reasoning)
+        except ValueError as exc:
+            report.unrenderable += 1
+            if len(report.unrenderable_at) < 5:
+                report.unrenderable_at.append(f"row {i}: {exc}")
+            continue
         report.rows_examined += 1
         longest = max(len(ids) for ids, _ in seqs)
         report.tokens += sum(len(ids) for ids, _ in seqs)
@@ -102,10 +119,10 @@ def _order(bucket: str) -> int:
     return int(bucket.lstrip("<=>")) + (1 if bucket.startswith(">") else 0)
 
 
-def render_example(tok, row: dict[str, Any], max_seq_len: int, train_on: str) -> str:
+def render_example(tok, row: dict[str, Any], max_seq_len: int, train_on: str, train_reasoning: bool = True) -> str:
     """The row as the model sees it, trained tokens inside [[ ]], cut at max_seq_len (a preference row: its
     chosen, then its rejected sequence)."""
-    seqs = sequences(tok, row, train_on)
+    seqs = sequences(tok, row, train_on, train_reasoning)
     if len(seqs) > 1:
         return "\n".join(
             f"{name}: {_render(tok, ids[:max_seq_len], labels[:max_seq_len])}"
@@ -154,19 +171,19 @@ def job_token_report(cfg, max_rows: int = 20_000, time_budget_s: float = 3.0) ->
     tok = tokenizer_if_local(cfg.model.path, cfg.model.trust_remote_code)
     if tok is None:
         return None
-    rows = first_rows(Path(cfg.dataset), max_rows)
-    report = token_report(tok, rows, cfg.max_seq_len, cfg.train_on, time_budget_s)
+    rows = first_rows(Path(cfg.dataset), max_rows, cfg.columns)
+    report = token_report(tok, rows, cfg.max_seq_len, cfg.train_on, time_budget_s, cfg.train_reasoning)
     report.complete = report.complete and len(rows) < max_rows
     return report
 
 
-def first_rows(path: Path, max_rows: int) -> list[dict[str, Any]]:
+def first_rows(path: Path, max_rows: int, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
     """The first `max_rows` rows of a validated dataset, normalized (the trainer's view)."""
-    from llm_mcp.core.data import iter_rows, normalize
+    from llm_mcp.core.data import canonical_rows
 
     rows = []
-    for _, row in iter_rows(path):
-        rows.append(normalize(row))
+    for _, row, _ in canonical_rows(path, columns):
+        rows.append(row)
         if len(rows) >= max_rows:
             break
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Annotated
 
 import anyio
@@ -34,6 +35,7 @@ class JobStatusRequest(Request):
         le=30,
     )
     plot: bool = Field(False, description="Also return the loss curve (an evaluation: its scores) as a PNG image.")
+    page: int = Field(1, description="An evaluation: which page of its worst-scored rows (10 a page).", ge=1, le=10_000)
 
 
 class CancelJobRequest(Request):
@@ -55,7 +57,7 @@ async def job_status(ctx: Context, request: JobStatusRequest) -> Annotated[CallT
         return result(text, JobStatusResult(jobs=statuses))
     job = await anyio.to_thread.run_sync(store.get, job_id)
     job = await wait_for_job(store, job, request.wait_seconds, ctx.report_progress, until_change=True)
-    status = await anyio.to_thread.run_sync(build_status, store, job)
+    status = await anyio.to_thread.run_sync(functools.partial(build_status, store, job, page=request.page))
     answer = result(summarize_status(status), JobStatusResult(job=status))
     if request.plot:
         from llm_mcp.jobs.plot import evaluation_png

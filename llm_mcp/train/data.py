@@ -22,7 +22,7 @@ def split_rows(rows: list, cfg: JobConfig) -> tuple[list, list]:
     """(training rows, eval rows): the eval dataset's, or a seeded eval_fraction of the rows."""
     if cfg.eval_dataset:
         check_fingerprint(Path(cfg.eval_dataset), cfg.eval_dataset_fingerprint, "eval_dataset")
-        return rows, load_rows(Path(cfg.eval_dataset))
+        return rows, load_rows(Path(cfg.eval_dataset), cfg.columns)
     if cfg.eval_fraction <= 0 or len(rows) < 2:
         return rows, []
     g = torch.Generator().manual_seed(cfg.seed)
@@ -36,7 +36,7 @@ def load_examples(
 ) -> tuple[list, list, EncodeStats, BatchOrder]:
     """Encode the training and eval rows; log what truncation dropped; order the batches."""
     check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
-    train_rows, eval_rows = split_rows(load_rows(Path(cfg.dataset)), cfg)
+    train_rows, eval_rows = split_rows(load_rows(Path(cfg.dataset), cfg.columns), cfg)
     examples, stats = objective.encode(tok, train_rows, cfg)
     eval_examples, _ = objective.encode(tok, eval_rows, cfg)
     if stats.truncated:

@@ -74,7 +74,7 @@ class CausalLMObjective:
         return cls()
 
     def encode(self, tok, rows, cfg: JobConfig):
-        return encode_rows(tok, rows, cfg.max_seq_len, cfg.train_on)
+        return encode_rows(tok, rows, cfg.max_seq_len, cfg.train_on, cfg.train_reasoning)
 
     def length(self, example: dict) -> int:
         return len(example["input_ids"])

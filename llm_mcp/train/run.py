@@ -12,7 +12,6 @@ Imports torch, transformers, peft and accelerate; never the MCP SDK or the serve
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 import threading
@@ -25,7 +24,6 @@ from typing import Any
 
 import torch
 
-from llm_mcp.core.atomic import disk_full, disk_full_cause
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import append_metric, cancel_requested, write_result
 from llm_mcp.core.quiet import quiet_bitsandbytes
@@ -33,6 +31,7 @@ from llm_mcp.modeling.encode import EncodeStats
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
 from llm_mcp.train.data import REFERENCE_FILE, load_examples, reference
+from llm_mcp.train.ending import peak_memory_mb, record_failure, save_probe
 from llm_mcp.train.fsdp import is_fsdp, trainable_state, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
@@ -346,37 +345,6 @@ def finish(run: Run, s: Setup, loss: float) -> None:
     )
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
-    if device == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-@torch.no_grad()
-def save_probe(model, input_ids: list[int], path: Path | None) -> None:
-    """The trained model's logits on a short fixed input: exports are checked against them (None: compute only)."""
-    from safetensors.torch import save_file
-
-    model.eval()
-    ids = torch.tensor([input_ids], device=next(model.parameters()).device)
-    logits = model(input_ids=ids).logits[0].float().cpu()
-    if path is not None:
-        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
-
-
-def _next_step_for(exc: BaseException) -> str:
-    text = str(exc).lower()
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
-        return (
-            "lower batch_size or max_seq_len, use method='qlora', or enable gradient_checkpointing, then resume_from "
-            "this job"
-        )
-    return "read the last log lines (job_status), fix the cause, then start again or resume_from this job"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     job_dir = Path(args[0]).resolve()
@@ -391,22 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         if run is None or run.accelerator is None or run.accelerator.is_main_process:
             record_failure(job_dir, exc)
         return 1
-
-
-def record_failure(job_dir: Path, exc: BaseException) -> None:
-    """result.json for a failed job: its cause in one line. A half-written checkpoint is removed first (it also
-    frees the room a full disk needs for this file); if even that cannot be written, the supervisor records
-    the cause from the log and the disk (llm_mcp.jobs.outcome)."""
-    for partial in (job_dir / "checkpoints").glob("step-*.tmp"):
-        shutil.rmtree(partial, ignore_errors=True)
-    if disk_full(exc):
-        error, next_step = disk_full_cause(job_dir), "free disk space, then resume_from this job"
-    else:
-        error, next_step = f"{type(exc).__name__}: {exc}", _next_step_for(exc)
-    try:
-        write_result(job_dir, {"state": "failed", "error": error, "next_step": next_step})
-    except OSError as write_error:
-        print(f"[llm_mcp] could not write result.json: {write_error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

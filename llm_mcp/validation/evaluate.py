@@ -59,7 +59,7 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
     path = None
     try:
         path = ctx.settings.check_path(ctx.settings.under_home(dataset), "dataset")
-        summary = validate_dataset(path, "dataset")
+        summary = validate_dataset(path, "dataset", columns=request.columns)
     except LlmMcpError as exc:
         problems.extend(getattr(exc, "problems", None) or [str(exc)])
     if regex is not None:
@@ -77,6 +77,7 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
         targets=resolved,
         dataset=str(path),
         dataset_fingerprint=fingerprint(path),
+        columns=request.columns,
         max_rows=max_rows,
         max_tokens=request.max_tokens,
         generate=request.generate,

@@ -208,7 +208,7 @@ def _datasets(
             continue
         try:
             path = settings.check_path(settings.under_home(value), key)
-            out[key] = validate_dataset(path, key, objective=objective.name)
+            out[key] = validate_dataset(path, key, objective=objective.name, columns=request.columns)
         except LlmMcpError as exc:
             problems.extend(getattr(exc, "problems", None) or [str(exc)])
     return out["dataset"], out["eval_dataset"]
@@ -228,8 +228,8 @@ def _config(
 ) -> dict[str, Any]:
     """The job config's fields: the request over the resumed config over the job config's defaults."""
     cfg: dict[str, Any] = dict(resumed.config) if resumed else {}
-    for key in ("batch_size", "gradient_accumulation", "max_seq_len", "train_on", "seed", "checkpoint_every",
-                "keep_checkpoints", "lr_scheduler", "warmup_ratio", "group_by_length"):  # fmt: skip
+    for key in ("batch_size", "gradient_accumulation", "max_seq_len", "train_on", "train_reasoning", "seed",
+                "checkpoint_every", "keep_checkpoints", "lr_scheduler", "warmup_ratio", "group_by_length"):  # fmt: skip
         if getattr(request, key) is not None:
             cfg[key] = getattr(request, key)
         cfg.setdefault(key, field_default(JobConfig, key))  # the job config's default
@@ -266,6 +266,7 @@ def _config(
             "bias": lora.bias,
         },
         device="cuda" if ctx.hardware.gpus else "cpu",
+        columns=request.columns,
         request=request.given(),
         resume_from=request.resume_from,
         **{section: None for o in OBJECTIVES.values() for section in o.sections},
@@ -282,6 +283,11 @@ def _count_tokens(resolved: Resolved) -> None:
     if report is None:
         resolved.estimates["tokens"] = "not counted: the tokenizer is not available locally"
         return
+    if report.unrenderable:
+        raise InvalidArgumentError(
+            [f"dataset: {report.unrenderable} row(s) cannot be rendered by {resolved.entry.id}'s chat template"]
+            + [f"dataset {where}" for where in report.unrenderable_at]
+        )
     resolved.warnings += report.warnings()
     resolved.estimates["tokens"] = {
         "rows_examined": report.rows_examined,

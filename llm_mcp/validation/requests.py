@@ -16,6 +16,7 @@ from llm_mcp.core.jobconfig import (
     Alpha,
     BatchSize,
     Beta,
+    Columns,
     Density,
     Dropout,
     Epochs,
@@ -107,6 +108,14 @@ class FinetuneRequest(Request):
     train_on: choice("completion", "all") | None = Field(  # type: ignore[valid-type]
         None, description="Loss on assistant / completion tokens only (default) or on all tokens."
     )
+    train_reasoning: bool | None = Field(
+        None, description="Rows with the assistant's reasoning: the loss covers it too (default true)."
+    )
+    columns: Columns | None = Field(
+        None,
+        description="Your dataset's own keys by the names training knows, e.g. {'prompt': 'ticket', 'completion': "
+        "'expected'} (also instruction / input / output, messages, conversations, text, chosen / rejected).",
+    )
     seed: Seed | None = Field(None, description="Seed for init, data order and dropout" + _default("seed"))
     name: str | None = Field(None, description="A label for the job.", pattern=r"^[\w.-]{1,64}$")
     num_processes: Processes | None = Field(
@@ -194,6 +203,11 @@ class EvaluateRequest(Request):
     generate: bool = Field(True, description="Generate and score answers (false: loss only, faster).")
     regex: Pattern | None = Field(
         None, description="Pattern every generation should match (a row's own 'regex' field wins)."
+    )
+    columns: Columns | None = Field(
+        None,
+        description="The dataset's own keys by the names evaluation knows, e.g. {'prompt': 'ticket', "
+        "'completion': 'expected'}.",
     )
     plot: bool = Field(False, description="Also return a bar chart (PNG) of the scores when finished.")
     wait_seconds: float = Field(

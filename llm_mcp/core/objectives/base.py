@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-SFT_FORMATS = ("messages", "prompt_completion", "text")
+SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 class Objective:
