@@ -223,3 +223,16 @@ def trained_home(root: Path, template: Path, train: dict, methods: tuple[str, ..
         return ids
 
     return home, anyio.run(run)
+
+
+class Agent:
+    """An agent's side of a session: each tool call counted, each error a test failure naming the tool."""
+
+    def __init__(self, client):
+        self.client, self.calls = client, 0
+
+    async def __call__(self, tool: str, args: dict) -> dict:
+        self.calls += 1
+        result = await self.client.call_tool(tool, args)
+        assert not result.is_error, f"{tool}: {result.content[0].text}"
+        return result.structured_content

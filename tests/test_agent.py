@@ -12,7 +12,7 @@ import sys
 import pytest
 from mcp import Client, StdioServerParameters
 
-from tests.conftest import server_env
+from tests.conftest import Agent, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -25,17 +25,10 @@ ROWS = [
 
 async def test_cold_start_to_a_sample_in_five_calls(home, tiny_model):
     params = StdioServerParameters(command=sys.executable, args=["-m", "llm_mcp", "serve"], env=server_env(home))
-    calls = 0
     async with Client(params) as client:
         instructions = client.instructions or ""
         assert str(home / "data") in instructions and "save_dataset" in instructions
-
-        async def call(tool: str, args: dict):
-            nonlocal calls
-            calls += 1
-            result = await client.call_tool(tool, args)
-            assert not result.is_error, f"{tool}: {result.content[0].text}"
-            return result.structured_content
+        call = Agent(client)
 
         listed = await call("list_models", {"fits": True})  # 1: what can I train here?
         local = [c for c in listed["local"] if c.get("model") and "lora" in c["model"]["fits_methods"]]
@@ -68,7 +61,7 @@ async def test_cold_start_to_a_sample_in_five_calls(home, tiny_model):
             },
         )
     assert out["state"] == "done" and out["completions"][0]["completion_tokens"] > 0
-    assert calls == 5, calls  # list, save, start, one 30 s wait, sample
+    assert call.calls == 5, call.calls  # list, save, start, one 30 s wait, sample
 
 
 async def test_the_server_states_its_home_in_the_instructions_and_schemas(home):

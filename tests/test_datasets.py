@@ -271,4 +271,5 @@ async def test_a_path_outside_the_roots_points_an_agent_at_save_dataset(app, hom
     r = await call(server, "start_finetune", model="models/tiny", method="lora", dataset="/etc/hostname")
     text = r.content[0].text
     assert r.is_error and "outside the allowed roots" in text
-    assert "save_dataset" in text and str(home / "data") in text and "--allow-root" in text
+    assert "save_dataset" in text and str(home / "data") in text
+    assert "system directory" in text and "--allow-root" not in text  # /etc is never offered

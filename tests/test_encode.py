@@ -222,3 +222,93 @@ def test_a_base_model_whose_turns_close_with_another_token_stops_on_it():
     tok = family_tokenizer("qwen3")
     tok.eos_token = "<|endoftext|>"
     assert tok.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(tok)
+
+
+# Tool use and reasoning, per family: the tool call is trained as the template writes it (through the token that
+# closes it), the tool's result never; the reasoning as the family renders it (Qwen3's reasoning_content, gpt-oss'
+# analysis channel, a <think> block elsewhere), left out of the loss with train_reasoning=False.
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+TOOL_ROW = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+            ],
+        },
+        {"role": "tool", "content": "18C sunny"},
+        {"role": "assistant", "content": "It is 18C and sunny."},
+    ],
+}
+TOOL_TURNS = {
+    "llama3": [
+        '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}<|eot_id|>',
+        "It is 18C and sunny.<|eot_id|>",
+    ],
+    "qwen3": [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call><|im_end|>',
+        "<think>\n\n</think>\n\nIt is 18C and sunny.<|im_end|>",
+    ],
+    "mistral": [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}, "id": "c00010000"}]</s>',
+        " It is 18C and sunny.</s>",
+    ],
+    "gptoss": [
+        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris", "days": 2}<|call|>',
+        "<|channel|>final<|message|>It is 18C and sunny.<|return|>",
+    ],
+}
+REASONING_ROW = {
+    "messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "reasoning_content": "Two plus two is four.", "content": "4"},
+    ]
+}
+REASONING_TURN = {  # (trained with the reasoning, trained without it)
+    "llama3": ("<think>\nTwo plus two is four.\n</think>\n\n4<|eot_id|>", ["<think>\n", "\n</think>\n\n4<|eot_id|>"]),
+    "qwen3": ("<think>\nTwo plus two is four.\n</think>\n\n4<|im_end|>", ["<think>\n", "\n</think>\n\n4<|im_end|>"]),
+    "gemma3": (
+        "<think>\nTwo plus two is four.\n</think>\n\n4<end_of_turn>",
+        ["<think>\n", "\n</think>\n\n4<end_of_turn>"],
+    ),
+    "gptoss": (
+        "<|channel|>analysis<|message|>Two plus two is four."
+        "<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>",
+        ["<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(TOOL_TURNS))
+def test_tool_calls_are_trained_and_tool_results_never(family):
+    from llm_mcp.core.data import normalize
+
+    tok = family_tokenizer(family)
+    (example,), _ = encode_rows(tok, [normalize(TOOL_ROW)], max_seq_len=1024, train_on="completion")
+    assert [tok.decode(run) for run in label_runs(example)] == TOOL_TURNS[family]
+    assert "18C sunny" in tok.decode(example["input_ids"])  # the result is in the context, outside the loss
+    first = next(i for i, t in enumerate(example["labels"]) if t != IGNORE)
+    assert "get_weather" in tok.decode(example["input_ids"][:first])  # the tools list is rendered in the prompt
+
+
+@pytest.mark.parametrize("family", ["gemma3", "none"])
+def test_a_template_without_tool_support_refuses_tool_rows_with_the_reason(family):
+    from llm_mcp.core.data import normalize
+
+    with pytest.raises(ValueError, match="cannot render them \\(it has no tool support\\)"):
+        encode_rows(family_tokenizer(family), [normalize(TOOL_ROW)], max_seq_len=1024, train_on="completion")
+
+
+@pytest.mark.parametrize("family", list(REASONING_TURN))
+def test_reasoning_is_rendered_by_the_family_and_trained_only_when_asked(family):
+    tok = family_tokenizer(family)
+    with_it, without = REASONING_TURN[family]
+    (trained,), _ = encode_rows(tok, [REASONING_ROW], max_seq_len=1024, train_on="completion")
+    assert [tok.decode(run) for run in label_runs(trained)] == [with_it]
+    (left_out,), _ = encode_rows(tok, [REASONING_ROW], 1024, "completion", train_reasoning=False)
+    assert [tok.decode(run) for run in label_runs(left_out)] == without
+    assert left_out["input_ids"] == trained["input_ids"]  # the same text; only the loss differs

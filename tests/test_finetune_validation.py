@@ -42,7 +42,7 @@ async def test_every_problem_is_reported_together_and_no_job_is_made(app, home, 
         "give max_steps or epochs, not both",
         "'wq'",
         "allowed: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj'",
-        "dataset line 2: no 'messages'",
+        "dataset line 2: no known format",
         "found keys ['oops']",
     ]:
         assert fragment in text, (fragment, text)

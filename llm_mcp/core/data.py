@@ -19,7 +19,6 @@ with their line numbers.
 
 from __future__ import annotations
 
-import csv
 import difflib
 import json
 import os
@@ -30,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.errors import DataError
 from llm_mcp.core.formats import alpaca_messages, apply_columns, guess_columns, sharegpt_messages
+from llm_mcp.core.hub_datasets import HubRef, HubRows
 from llm_mcp.core.objectives import get_objective
+from llm_mcp.core.readers import Source, _Bad, file_kind, iter_rows
 from llm_mcp.core.rows import (
     FIELDS,
     PREFERENCE_KEYS,
@@ -44,16 +45,8 @@ from llm_mcp.core.rows import (
 )
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
-FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_BAD_ROWS_SHOWN = 5
-MAX_LINE_BYTES = 16 << 20  # one JSONL row; longer lines are reported, never held in memory
-MAX_JSON_BYTES = 256 << 20  # .json is parsed whole; bigger files must be JSONL
 LONG_ROW_CHARS = 100_000  # ~25k tokens: longer than any context a job here trains on; it will be truncated
-csv.field_size_limit(64 * 1024 * 1024)
-
-
-class DataError(InvalidArgumentError):
-    """The dataset cannot be used: unreadable, unknown format, or bad rows (with line numbers)."""
 
 
 @dataclass
@@ -68,6 +61,7 @@ class DatasetSummary:
     bad_row_count: int = 0
     suspicious: dict[str, list[str]] = field(default_factory=dict)  # reason -> locations (all counted, 3 kept)
     suspicious_counts: dict[str, int] = field(default_factory=dict)
+    source: Any = field(default=None, repr=False, compare=False)  # the Path or HubRows validated
 
     @property
     def warnings(self) -> list[str]:
@@ -90,24 +84,8 @@ class DatasetSummary:
         return self.chars // 4
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "approx_tokens": self.approx_tokens, "warnings": self.warnings}
-
-
-def file_kind(path: Path, field_name: str = "dataset") -> str:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return "datasets_dir"
-        raise DataError(
-            f"{field_name}={str(path)!r} is a directory but not a dataset saved with save_to_disk "
-            "(no dataset_info.json / dataset_dict.json); pass a .jsonl, .json, .csv or .parquet file"
-        )
-    kind = FILE_KINDS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(
-            f"{field_name}={str(path)!r} has extension {path.suffix!r}; allowed: {sorted(FILE_KINDS)} or a "
-            "datasets directory (save_to_disk). Rename or convert the file."
-        )
-    return kind
+        fields = {k: v for k, v in asdict(self).items() if k != "source"}
+        return {**fields, "approx_tokens": self.approx_tokens, "warnings": self.warnings}
 
 
 def parse_row(row: Any) -> tuple[str, dict[str, Any]]:
@@ -184,92 +162,6 @@ def normalize(row: dict[str, Any]) -> dict[str, Any]:
     return parse_row(row)[1]
 
 
-def iter_rows(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw row) — location is 'line N' or 'row N' — streaming where the format allows."""
-    kind = kind or file_kind(path)
-    if kind == "jsonl":
-        with open(path, "rb") as fh:
-            lineno = 0
-            while raw := fh.readline(MAX_LINE_BYTES + 1):
-                lineno += 1
-                where = f"line {lineno}"
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    while (chunk := fh.readline(1 << 20)) and not chunk.endswith(b"\n"):
-                        pass  # skip the rest of the line without holding it in memory
-                    yield (
-                        where,
-                        _Bad(
-                            f"line longer than {MAX_LINE_BYTES >> 20} MB (is this a binary file, or "
-                            "JSON without newlines?); one row per line"
-                        ),
-                    )
-                    continue
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield where, _Bad("not UTF-8 text (is this a binary file?)")
-                    continue
-                try:
-                    yield where, json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield where, _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})")
-                except ValueError as exc:  # e.g. a number too long to convert
-                    yield where, _Bad(f"invalid JSON ({exc})")
-    elif kind == "json":
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise DataError(
-                f"dataset={str(path)!r} is a {path.stat().st_size >> 20} MB .json file; .json is read whole, "
-                f"so the limit is {MAX_JSON_BYTES >> 20} MB. Convert it to JSONL (one row per line), "
-                "which is streamed"
-            )
-        try:
-            data = json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(
-                f"dataset={str(path)!r} is not valid JSON ({exc}); use a JSON list of rows or JSONL"
-            ) from exc
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"dataset={str(path)!r}: a .json dataset must be a list of rows (or {{'data': [...]}})")
-        for i, row in enumerate(data, 1):
-            yield f"row {i}", row
-    elif kind == "csv":
-        csv.field_size_limit(MAX_LINE_BYTES)  # a row's fields are bounded like a JSONL line
-        with open(path, newline="", encoding="utf-8", errors="strict") as fh:
-            i = 1
-            try:
-                for i, row in enumerate(csv.DictReader(fh), 2):
-                    yield f"line {i}", row
-            except UnicodeDecodeError:
-                raise DataError(f"dataset={str(path)!r} is not UTF-8 text") from None
-            except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
-                raise DataError(f"dataset={str(path)!r} line {i + 1}: malformed CSV ({exc})") from None
-    elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                yield f"row {n}", row
-    elif kind == "datasets_dir":
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        for i, row in enumerate(ds, 1):
-            yield f"row {i}", row
-
-
-class _Bad:
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
 def check_objective(fmt: str, objective: str | None) -> None:
     """A row fits the job's objective (llm_mcp.core.objectives): its format is one the objective trains on."""
     if objective is None:
@@ -280,7 +172,7 @@ def check_objective(fmt: str, objective: str | None) -> None:
 
 
 def validate_dataset(
-    path: Path,
+    path: Source,
     field_name: str = "dataset",
     time_budget_s: float = 3.0,
     objective: str | None = None,
@@ -292,12 +184,14 @@ def validate_dataset(
     Raises:
         DataError: unreadable / unknown kind / empty, or bad rows (first few, with line numbers).
     """
-    if not path.exists():
+    if isinstance(path, HubRows):
+        pass
+    elif not path.exists():
         raise DataError(f"{field_name}={str(path)!r} does not exist")
-    if not (path.is_file() or path.is_dir()):
+    elif not (path.is_file() or path.is_dir()):
         raise DataError(f"{field_name}={str(path)!r} is not a regular file or a dataset directory")
     kind = file_kind(path, field_name)
-    summary = DatasetSummary(path=str(path), kind=kind)
+    summary = DatasetSummary(path=str(path), kind=kind, source=path)
     formats: Counter[str] = Counter()
     deadline = time.monotonic() + time_budget_s
     try:
@@ -321,7 +215,7 @@ def validate_dataset(
                 summary.complete = False
                 break
     except OSError as exc:
-        raise DataError(f"{field_name}={str(path)!r} cannot be read: {exc.strerror}") from exc
+        raise DataError(f"{field_name}={str(path)!r} cannot be read: {exc.strerror or exc}") from exc
     summary.formats = dict(formats)
     if summary.bad_row_count:
         more = summary.bad_row_count - len(summary.bad_rows)
@@ -354,7 +248,7 @@ def _row_chars(row: dict[str, Any]) -> int:
     return len(row.get("text", ""))
 
 
-def canonical_rows(path: Path, columns: Mapping[Any, str] | None = None) -> Iterator[tuple[str, dict[str, Any], Any]]:
+def canonical_rows(path: Source, columns: Mapping[Any, str] | None = None) -> Iterator[tuple[str, dict[str, Any], Any]]:
     """(location, the row as training reads it, the raw row) for every row, streamed.
 
     Raises:
@@ -369,9 +263,14 @@ def canonical_rows(path: Path, columns: Mapping[Any, str] | None = None) -> Iter
             raise DataError(f"dataset {where}: {exc}") from None
 
 
-def load_rows(path: Path, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
+def load_rows(path: Source, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
     """All rows, normalized (the trainer's view). Raises DataError on the first bad row."""
     return [row for _, row, _ in canonical_rows(path, columns)]
+
+
+def source_of(dataset: str, hub: HubRef | None) -> Source:
+    """What a job config's dataset names: the pinned Hub dataset, or the file."""
+    return HubRows(hub) if hub is not None else Path(dataset)
 
 
 def fingerprint(path: Path) -> dict[str, int]:

@@ -47,3 +47,7 @@ class UnknownModelError(LlmMcpError, LookupError):
 
 class PathNotAllowedError(LlmMcpError, PermissionError):
     """A path points outside the allowed roots (or is a symlink / special file)."""
+
+
+class DataError(InvalidArgumentError):
+    """The dataset cannot be used: unreadable, unknown format, or bad rows (with line numbers)."""

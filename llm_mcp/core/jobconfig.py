@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llm_mcp.core import atomic
 from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.hub_datasets import HubRef
 from llm_mcp.core.names import MethodName, ObjectiveName
 
 CONFIG_VERSION = 1
@@ -152,6 +153,7 @@ class JobConfig(_Strict):
     init_from: str | None = Field(None, description="The job whose adapter this job starts from (e.g. SFT -> DPO).")
     init_adapter: str | None = Field(None, description="That adapter's directory.")
     dataset: str
+    dataset_hub: HubRef | None = Field(None, description="A Hub dataset: its id, commit, subset and split.")
     eval_dataset: str | None = None
     dataset_fingerprint: dict[str, int] | None = Field(
         None, description="The validated file's identity; the trainer refuses a dataset that changed since."
@@ -300,6 +302,7 @@ class EvalConfig(_Strict):
     model: ModelRef
     targets: list[EvalTarget] = Field(min_length=1, max_length=8)
     dataset: str
+    dataset_hub: HubRef | None = None
     dataset_fingerprint: dict[str, int] | None = None
     columns: Columns | None = None
     max_rows: EvalRows

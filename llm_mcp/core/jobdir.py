@@ -161,4 +161,10 @@ def worst_rows(job_dir: Path, page: int = 1, per_page: int = 10) -> tuple[list[d
 
     records.sort(key=badness)
     start = (max(page, 1) - 1) * per_page
-    return records[start : start + per_page], len(records)
+    return [_shown(r) for r in records[start : start + per_page]], len(records)
+
+
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A per-row result as an agent reads it: input, expected and got by those names, then the scores."""
+    renamed = {"reference": "expected", "generated": "got"}
+    return {renamed.get(k, k): v for k, v in record.items()}

@@ -112,6 +112,11 @@ class ListModelsResult(BaseModel):
     local: list[LocalCheckpoint] = Field(
         default_factory=list, description="Checkpoint directories in LLM_MCP_HOME/models and the allowed roots."
     )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Where the tools may read the user's files (LLM_MCP_HOME first, then --allow-root folders and "
+        "the folders the user allowed when asked).",
+    )
 
 
 def describe_model(

@@ -6,6 +6,9 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 
@@ -18,6 +21,19 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def detached(module: str, arg: str, log: Path, append: bool = False) -> None:
+    """Start `python -m module arg` in its own session (it outlives this process), output into `log`."""
+    with open(log, "ab" if append else "wb") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", module, arg],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def signal_descendants(sig: int = signal.SIGKILL) -> int:

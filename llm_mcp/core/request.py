@@ -34,6 +34,9 @@ class Request(BaseModel):
     # True: the tool reports bad arguments together with the problems its own checks find (a bad argument then
     # counts as not given); False: bad arguments are refused before the tool runs.
     deferred_problems: ClassVar[bool] = False
+    # Fields that name a file or folder of the user's: outside the allowed roots, the tool asks the user to
+    # allow its folder (llm_mcp.tools.common), where the client can be asked.
+    path_fields: ClassVar[tuple[str, ...]] = ()
     _problems: list[str] = PrivateAttr(default_factory=list)
 
     @property

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_mcp.core.errors import ConfigurationError, PathNotAllowedError
+from llm_mcp.core.folders import config_line, folder_of, not_offerable, remembered, secret
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # llm_mcp/
 
@@ -143,7 +144,7 @@ class Settings:
     def roots(self) -> list[Path]:
         """Every directory user-supplied paths may point into, resolved; the state dir first."""
         out: list[Path] = []
-        for root in [self.home, *self.allowed_roots]:
+        for root in [self.home, *self.allowed_roots, *remembered(self.home)]:
             resolved = root.expanduser().resolve()
             if resolved not in out:
                 out.append(resolved)
@@ -191,13 +192,22 @@ class Settings:
             raise PathNotAllowedError(
                 f"{field_name}={text!r} cannot be resolved ({exc}); give an existing path under an allowed root"
             ) from None
+        if why := secret(resolved):
+            raise PathNotAllowedError(f"{field_name}={text!r} is never read: {why}")
         for root in self.roots:
             if resolved == root or resolved.is_relative_to(root):
                 return resolved
         allowed = ", ".join(str(r) for r in self.roots)
+        folder = folder_of(resolved)
+        why = not_offerable(folder, self.home)
+        reach = (
+            f"it cannot be allowed ({why}); copy the data elsewhere"
+            if why
+            else f"to read {folder}, the user allows it when this server asks (a client with MCP elicitation "
+            f"asks at once), or {config_line(folder)}"
+        )
         raise PathNotAllowedError(
             f"{field_name}={str(value)!r} resolves to {str(resolved)!r}, which is outside the allowed roots "
-            f"({allowed}). Next: for training data, write the rows with save_dataset (they land in "
-            f"{self.home / 'data'}); otherwise ask the user to copy it under one of those directories or to restart "
-            f"the server with --allow-root DIR (LLM_MCP_ALLOWED_ROOTS)."
+            f"({allowed}). Next: {reach}. Rows you compose yourself: save_dataset writes them into "
+            f"{self.home / 'data'}."
         )

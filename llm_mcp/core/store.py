@@ -128,7 +128,7 @@ class JobStore:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
             gone = not path.exists() or path.stat().st_size == 0
             lost = recover and gone and any(p.is_dir() for p in self.jobs_dir.iterdir())
-            if recover and not lost and not self._healthy():
+            if recover and not gone and not self._healthy():
                 lost = True
                 aside = path.with_name(f"jobs.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 for suffix in ("", "-wal", "-shm"):

@@ -166,12 +166,12 @@ def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict
 
 def evaluate(job_dir: Path) -> dict[str, Any]:
     """Score every target on the dataset's first max_rows rows; returns the result.json fields."""
-    from llm_mcp.core.data import canonical_rows, check_fingerprint
+    from llm_mcp.core.data import canonical_rows, check_fingerprint, source_of
 
     cfg = EvalConfig.read(job_dir)
     check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
     rows, raw_rows = [], []
-    for _, row, raw in canonical_rows(Path(cfg.dataset), cfg.columns):
+    for _, row, raw in canonical_rows(source_of(cfg.dataset, cfg.dataset_hub), cfg.columns):
         rows.append(row)
         raw_rows.append(raw)
         if len(rows) >= cfg.max_rows:

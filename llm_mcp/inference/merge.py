@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import psutil
 
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.procs import detached
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.core.store import Job
 from llm_mcp.inference.card import list_files, model_card
@@ -54,15 +54,7 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
         "checkpoint": result.checkpoint,
     }
     if _claim(lock, spec):
-        with open(dest.with_name(f".{dest.name}.log"), "ab") as log:  # the worker records itself as the owner
-            subprocess.Popen(
-                [sys.executable, "-m", "llm_mcp.inference.merge", str(lock)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+        detached("llm_mcp.inference.merge", str(lock), dest.with_name(f".{dest.name}.log"), append=True)
     deadline = time.monotonic() + MERGE_WAIT_S
     while time.monotonic() < deadline and lock.exists() and not _stale(lock):
         time.sleep(0.25)

@@ -156,9 +156,9 @@ def _row(r: dict) -> str:
     scores = ", ".join(f"{k} {'yes' if r[k] else 'no'}" for k in ("exact_match", "contains", "regex") if k in r)
     loss = f"loss {r['loss']:.3f}" if "loss" in r else ""
     head = f"- [{r['target']}] row {r['row']}: " + "; ".join(x for x in (scores, loss) if x)
-    if "generated" not in r:
+    if "got" not in r:
         return head
-    shown = {"input": r.get("input", ""), "expected": r["reference"], "got": r["generated"]}
+    shown = {"input": r.get("input", ""), "expected": r.get("expected", ""), "got": r["got"]}
     return head + "".join(f"\n    {k}: {v[:160]!r}" for k, v in shown.items())
 
 

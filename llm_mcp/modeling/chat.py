@@ -13,6 +13,7 @@ reasoning text itself is left out of the loss, its surroundings kept.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # Models without a chat template get ChatML-style headers with {% generation %} markers (exact assistant masks);
@@ -53,7 +54,7 @@ def for_template(tok, messages: list[dict[str, Any]], tools: list[dict] | None =
         )
     key = "reasoning_content" if "reasoning_content" in source else "thinking" if "thinking" in source else None
     out = []
-    for message in messages:
+    for message in _with_call_ids(messages, nine="length != 9" in source) if uses_tools else messages:
         m = dict(message)
         reasoning = m.pop("reasoning_content", None)
         if reasoning is not None and key:
@@ -62,6 +63,35 @@ def for_template(tok, messages: list[dict[str, Any]], tools: list[dict] | None =
             m["content"] = f"<think>\n{reasoning}\n</think>\n\n{m['content']}"
         out.append(m)
     return out, ({"tools": tools} if tools else {})
+
+
+def _with_call_ids(messages: list[dict[str, Any]], nine: bool) -> list[dict[str, Any]]:
+    """Every tool call with an id and every tool result with the id of the call it answers (in order, where the
+    row leaves them out); `nine`: ids of 9 letters or digits, as Mistral's template demands."""
+    out, pending, renamed = [], [], {}
+    for n, message in enumerate(messages):
+        m = dict(message)
+        if m.get("tool_calls"):
+            calls = []
+            for k, call in enumerate(m["tool_calls"]):
+                given = call.get("id")
+                ok = isinstance(given, str) and (not nine or (len(given) == 9 and given.isalnum()))
+                new = given if ok else f"c{n:04d}{k:04d}"
+                if given and not ok:
+                    renamed[given] = new
+                calls.append({**call, "id": new})
+                pending.append(new)
+            m["tool_calls"] = calls
+        elif m["role"] == "tool":
+            given = m.get("tool_call_id")
+            if given in renamed:
+                m["tool_call_id"] = renamed[given]
+            elif given is None and pending:
+                m["tool_call_id"] = pending[0]
+            if m.get("tool_call_id") in pending:
+                pending.remove(m["tool_call_id"])
+        out.append(m)
+    return out
 
 
 def assistant_mask(
@@ -147,7 +177,8 @@ def assistant_char_spans(
 
 
 def _anchor(text: str, message: dict[str, Any], start: int) -> tuple[int, int] | None:
-    """Where the turn's own text is: its content, and after it each tool call's name (arguments follow it)."""
+    """Where the turn's own text is: its content, and after it each tool call's name and its arguments' keys and
+    values, in order (templates write the arguments in their own JSON style, so each piece is found alone)."""
     found = _find_content(text, message.get("content") or "", start)
     cursor = found[1] if found else start
     first = found[0] if found else None
@@ -158,7 +189,19 @@ def _anchor(text: str, message: dict[str, Any], start: int) -> tuple[int, int] |
             return None
         first = at if first is None else first
         cursor = at + len(name)
+        for piece in _pieces(call["function"].get("arguments") or {}):
+            at = text.find(piece, cursor)
+            cursor = at + len(piece) if at >= 0 else cursor
     return None if first is None else (first, cursor)
+
+
+def _pieces(value: Any) -> list[str]:
+    """The keys and leaf values of a tool call's arguments as a template writes them, in order."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in [str(k), *_pieces(v)]]
+    if isinstance(value, list):
+        return [p for v in value for p in _pieces(v)]
+    return [value if isinstance(value, str) else json.dumps(value)]
 
 
 _FACTS: dict[tuple[int, str], tuple[str, list[str], str | None]] = {}

@@ -11,8 +11,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from llm_mcp.core.readers import Source
 from llm_mcp.modeling.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
 
 
@@ -171,13 +173,15 @@ def job_token_report(cfg, max_rows: int = 20_000, time_budget_s: float = 3.0) ->
     tok = tokenizer_if_local(cfg.model.path, cfg.model.trust_remote_code)
     if tok is None:
         return None
-    rows = first_rows(Path(cfg.dataset), max_rows, cfg.columns)
+    from llm_mcp.core.data import source_of
+
+    rows = first_rows(source_of(cfg.dataset, cfg.dataset_hub), max_rows, cfg.columns)
     report = token_report(tok, rows, cfg.max_seq_len, cfg.train_on, time_budget_s, cfg.train_reasoning)
     report.complete = report.complete and len(rows) < max_rows
     return report
 
 
-def first_rows(path: Path, max_rows: int, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
+def first_rows(path: Source, max_rows: int, columns: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
     """The first `max_rows` rows of a validated dataset, normalized (the trainer's view)."""
     from llm_mcp.core.data import canonical_rows
 

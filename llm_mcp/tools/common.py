@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import anyio
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.elicitation import AcceptedElicitation, CancelledElicitation, ElicitationResult
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from llm_mcp.core.errors import LlmMcpError
+from llm_mcp.core.errors import LlmMcpError, PathNotAllowedError
+from llm_mcp.core.folders import folder_of, not_offerable, remember, secret
 from llm_mcp.core.request import Request, describe_errors
 
 if TYPE_CHECKING:
@@ -58,19 +60,29 @@ def add_tool(
         value = inspect.Parameter.empty if default is ... else default
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation))
         annotations_[field] = annotation
+    if request.path_fields:  # a path outside the allowed roots: ask the user to allow its folder (MCP elicitation)
+        access = Annotated[ElicitationResult[AllowFolder], Resolve(_asker(name, request.path_fields))]
+        params.append(inspect.Parameter(ACCESS, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=access))
+        annotations_[ACCESS] = access
+
+    def prepare(ctx: Context, kwargs: dict[str, Any]) -> Request:
+        answer = kwargs.pop(ACCESS, None)
+        if answer is not None:
+            _record_answer(state_of(ctx).settings, name, answer, [kwargs.get(f) for f in request.path_fields])
+        return request.parse(kwargs, name)
 
     if inspect.iscoroutinefunction(handler):
 
         async def tool(ctx: Context, **kwargs: Any) -> Any:
             try:
-                return await handler(ctx, request.parse(kwargs, name))
+                return await handler(ctx, prepare(ctx, kwargs))
             except CAUGHT as exc:
                 raise _convert(name, exc, ctx) from exc
     else:
 
         def tool(ctx: Context, **kwargs: Any) -> Any:  # type: ignore[misc]
             try:
-                return handler(ctx, request.parse(kwargs, name))
+                return handler(ctx, prepare(ctx, kwargs))
             except CAUGHT as exc:
                 raise _convert(name, exc, ctx) from exc
 
@@ -83,6 +95,75 @@ def add_tool(
     schema.pop("title", None)
     schema.pop("description", None)
     _tool(mcp, name).parameters = schema
+
+
+ACCESS = "folder_access"
+
+
+class AllowFolder(BaseModel):
+    """What the user answers when a tool needs a folder outside the allowed roots."""
+
+    allow: bool = Field(description="Allow llm_mcp to read the files in this folder (remembered).")
+
+
+def folder_to_ask(settings: Any, value: Any) -> Path | None:
+    """The folder to ask the user about for a path argument: outside every allowed root, existing, and one that
+    may be allowed at all; else None (nothing to ask)."""
+    if not isinstance(value, str) or not value or value.startswith("hf:") or "\x00" in value:
+        return None
+    path = settings.under_home(value)
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return None
+    if not resolved.exists() or secret(resolved) or any(resolved.is_relative_to(r) for r in settings.roots):
+        return None
+    folder = folder_of(resolved)
+    return None if not_offerable(folder, settings.home) else folder
+
+
+def _asker(tool: str, fields: tuple[str, ...]) -> Callable:
+    """The resolver that asks once for the first path argument whose folder is not allowed yet (clients that
+    cannot be asked get nothing asked: the tool then refuses with the configuration line instead)."""
+
+    def ask(ctx: Context, **values: Any) -> Any:
+        caps = ctx.client_capabilities
+        if caps is None or caps.elicitation is None:
+            return None
+        for value in values.values():
+            folder = folder_to_ask(state_of(ctx).settings, value)
+            if folder is not None:
+                return Elicit(
+                    f"{tool} wants to read {value}. Allow llm_mcp to read the files in {folder}? (Your answer is "
+                    f"remembered in the state directory; credentials and system folders are never read.)",
+                    AllowFolder,
+                )
+        return None
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(f, kind, default=None, annotation=str | None) for f in fields]
+    ask.__signature__ = inspect.Signature([*params, inspect.Parameter("ctx", kind, annotation=Context)])  # type: ignore
+    ask.__annotations__ = {**{f: str | None for f in fields}, "ctx": Context, "return": Any}
+    return ask
+
+
+def _record_answer(settings: Any, tool: str, answer: Any, values: list[Any]) -> None:
+    """Remember a folder the user allowed; a refusal ends the call with the user's answer."""
+    folder = next((f for v in values if (f := folder_to_ask(settings, v)) is not None), None)
+    if folder is None:
+        return
+    if isinstance(answer, AcceptedElicitation) and answer.data is not None and answer.data.allow:
+        remember(settings.home, folder)
+    elif isinstance(answer, CancelledElicitation):
+        raise PathNotAllowedError(
+            f"{tool}: the user closed the question whether to allow reading {folder} without answering; nothing was "
+            "read. Next: ask the user, then call again (the question comes again)"
+        )
+    elif not isinstance(answer, AcceptedElicitation) or answer.data is not None:
+        raise PathNotAllowedError(
+            f"{tool}: the user did not allow reading {folder}; nothing was read. Next: use data under the allowed "
+            f"roots ({', '.join(str(r) for r in settings.roots)}), or ask the user to copy it there"
+        )
 
 
 def _tool(mcp: MCPServer, name: str) -> Any:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.data import FILE_KINDS, DataError, validate_dataset
-from llm_mcp.core.jobconfig import JobConfig, SeqLen
+from llm_mcp.core.data import validate_dataset
+from llm_mcp.core.errors import DataError
+from llm_mcp.core.hub_datasets import HubRows, Revision, Split, Subset
+from llm_mcp.core.jobconfig import Columns, JobConfig, SeqLen
 from llm_mcp.core.local_models import resolve_model
+from llm_mcp.core.readers import FILE_KINDS, Source
 from llm_mcp.core.request import Request, choice, field_default
 from llm_mcp.tools.common import READ_ONLY, add_tool, result, state_of
+from llm_mcp.validation.sources import dataset_source
 
 MAX_LISTED = 200
 MAX_INSPECT_ROWS = 20_000
@@ -45,6 +49,10 @@ class TokenStats(BaseModel):
 
 class DatasetsResult(BaseModel):
     home: str
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Where datasets may be read: LLM_MCP_HOME, --allow-root folders and folders the user allowed.",
+    )
     datasets: list[DatasetFile] = []
     path: str | None = None
     usable: bool | None = Field(None, description="False: start_finetune would refuse it (see problems).")
@@ -86,17 +94,10 @@ def _listing(state) -> list[DatasetFile]:
     return found
 
 
-def _inspect(
-    state,
-    path: Path,
-    answer: DatasetsResult,
-    model: str | None,
-    max_seq_len: int | None,
-    train_on: str,
-    preview_row: int,
-) -> None:
+def _inspect(state, path: Source, answer: DatasetsResult, request: DatasetsRequest) -> None:
+    model, columns, train_on = request.model, request.columns, request.train_on
     try:
-        summary = validate_dataset(path)
+        summary = validate_dataset(path, columns=columns)
         answer.usable, answer.rows, answer.complete = True, summary.rows, summary.complete
         answer.formats, answer.warnings = summary.formats, summary.warnings
     except DataError as exc:
@@ -109,15 +110,15 @@ def _inspect(
         )
         return
     entry = resolve_model(state.matrix, state.settings, model)
-    seq = max_seq_len or min(field_default(JobConfig, "max_seq_len"), entry.context_length)
+    seq = request.max_seq_len or min(field_default(JobConfig, "max_seq_len"), entry.context_length)
     from llm_mcp.modeling.preview import first_rows, render_example, token_report, tokenizer_if_local
 
     tok = tokenizer_if_local(getattr(entry, "path", entry.id), entry.trust_remote_code)
     if tok is None:
         answer.warnings.append(f"the tokenizer of {entry.id} is not available locally: no token counts")
         return
-    rows = first_rows(path, MAX_INSPECT_ROWS)
-    report = token_report(tok, rows, seq, train_on)
+    rows = first_rows(path, MAX_INSPECT_ROWS, columns)
+    report = token_report(tok, rows, seq, train_on, train_reasoning=request.train_reasoning)
     answer.tokens = TokenStats(
         model=entry.id,
         max_seq_len=seq,
@@ -137,18 +138,26 @@ def _inspect(
         },
     )
     answer.warnings += report.warnings()
-    if 1 <= preview_row <= len(rows):
-        answer.preview = render_example(tok, rows[preview_row - 1], seq, train_on)
+    if report.unrenderable:
+        answer.usable = False
+        answer.problems = [
+            f"{report.unrenderable} row(s) cannot be rendered by {entry.id}'s chat template (start_finetune would "
+            "refuse them): pick a model whose template renders them, or drop those rows"
+        ] + report.unrenderable_at
+    if 1 <= request.preview_row <= len(rows):
+        answer.preview = render_example(tok, rows[request.preview_row - 1], seq, train_on, request.train_reasoning)
     answer.next_step = (
         f"start_finetune(model={model!r}, method='lora', dataset={answer.path!r}, max_seq_len={seq}, dry_run=true)"
     )
 
 
 class DatasetsRequest(Request):
+    path_fields: ClassVar[tuple[str, ...]] = ("path", "model")
+
     path: str | None = Field(
         None,
-        description="Inspect this dataset (relative to LLM_MCP_HOME, or absolute under an allowed root); omit to list "
-        "the datasets here.",
+        description="Inspect this dataset (relative to LLM_MCP_HOME, absolute, or a Hub dataset 'hf:ORG/NAME' in the "
+        "local Hugging Face cache); omit to list the datasets here.",
         max_length=4096,
     )
     model: str | None = Field(
@@ -165,6 +174,15 @@ class DatasetsRequest(Request):
         "completion", description="Which tokens the loss covers."
     )
     preview_row: int = Field(1, description="Which row (1-based) to show rendered; 0 = none.", ge=0, le=1_000_000)
+    subset: Subset = None
+    split: Split = None
+    revision: Revision = None
+    columns: Columns | None = Field(
+        None,
+        description="The file's own keys by the names training knows, e.g. {'prompt': 'ticket', 'completion': "
+        "'expected'}: check it as start_finetune(columns=...) would read it.",
+    )
+    train_reasoning: bool = Field(True, description="Rows with the assistant's reasoning: the loss covers it too.")
 
 
 async def datasets(ctx: Context, request: DatasetsRequest) -> Annotated[CallToolResult, DatasetsResult]:
@@ -176,7 +194,7 @@ async def datasets(ctx: Context, request: DatasetsRequest) -> Annotated[CallTool
     state = state_of(ctx)
     home = state.settings.home
     path = request.path
-    answer = DatasetsResult(home=str(home), next_step="")
+    answer = DatasetsResult(home=str(home), allowed_roots=[str(r) for r in state.settings.roots], next_step="")
     if path is None:
         answer.datasets = await anyio.to_thread.run_sync(_listing, state)
         answer.next_step = (
@@ -185,16 +203,16 @@ async def datasets(ctx: Context, request: DatasetsRequest) -> Annotated[CallTool
             else f"no datasets yet: save_dataset(name=..., rows=[...]) writes one into {home / 'data'}"
         )
         text = (
-            f"{len(answer.datasets)} dataset(s) under {home / 'data'} and the allowed roots:\n"
+            f"{len(answer.datasets)} dataset(s) under {home / 'data'} and the allowed roots "
+            f"({', '.join(answer.allowed_roots)}):\n"
             + "\n".join(f"- {d.path} ({d.kind}, {d.size_bytes:,} bytes)" for d in answer.datasets)
             + f"\nnext: {answer.next_step}"
         )
         return result(text, answer)
-    resolved = state.settings.check_path(state.settings.under_home(path), "path")
-    answer.path = state.settings.display(resolved)
-    await anyio.to_thread.run_sync(
-        _inspect, state, resolved, answer, request.model, request.max_seq_len, request.train_on, request.preview_row
-    )
+    hub = (request.subset, request.split, request.revision)
+    resolved = await anyio.to_thread.run_sync(dataset_source, state.settings, path, "path", *hub)
+    answer.path = str(resolved) if isinstance(resolved, HubRows) else state.settings.display(resolved)
+    await anyio.to_thread.run_sync(_inspect, state, resolved, answer, request)
     if not answer.usable:
         answer.next_step = "fix the rows listed in problems (or rewrite the file with save_dataset), then inspect again"
     return result(_summarize(answer), answer)

@@ -60,7 +60,8 @@ def list_models(ctx: Context, request: ListModelsRequest) -> Annotated[CallToolR
         r.gpu_memory_gb,
         r.num_gpus,
     )
-    key = (model, method, type, family, fits, gpu_memory_gb, num_gpus)
+    roots = [str(r) for r in state.settings.roots]
+    key = (model, method, type, family, fits, gpu_memory_gb, num_gpus, *roots)
     cached = state.listing_cache.get(key)
     if cached is not None:
         return cached
@@ -79,7 +80,8 @@ def list_models(ctx: Context, request: ListModelsRequest) -> Annotated[CallToolR
         )
         found.local = _local(state, hardware)
         text = listing.summarize(found, method)
-    answer = result(text, found)
+    found.allowed_roots = roots
+    answer = result(f"{text}\nallowed roots (the tools read files only here): {', '.join(roots)}", found)
     state.listing_cache.put(key, answer)
     return answer
 

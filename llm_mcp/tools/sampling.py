@@ -6,7 +6,8 @@ import dataclasses
 import functools
 import threading
 import time
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -55,6 +56,8 @@ class SampleResult(BaseModel):
 
 
 class SampleRequest(Request):
+    path_fields: ClassVar[tuple[str, ...]] = ("adapter", "model")
+
     job_id: str | None = Field(None, description="Sample from this job's adapter.", max_length=128)
     adapter: str | None = Field(
         None, description="Or: a PEFT adapter directory (under an allowed root).", max_length=4096
@@ -112,15 +115,21 @@ async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResu
     source, target = await anyio.to_thread.run_sync(_sample_target, state, r.job_id, r.adapter, r.model, r.checkpoint)
     notes: list[str] = []
     generate = state.sampler.generate
+    vllm_target: Target | None = None  # what vLLM serves for `target` (a merged model for DoRA / sparse)
     if state.backend == "vllm":
         plan = await anyio.to_thread.run_sync(
             plan_vllm_sample, state.settings, state.store, target, source.job_id, source.checkpoint
         )
         notes = plan.notes
-        if plan.target is None:
-            return _waiting("merging", source, notes, 20)
-        target = plan.target
-        generate = functools.partial(state.sampler.generate, label=plan.label)
+        if plan.target is None:  # a merged model is being written for vLLM
+            if not answers_in_process(target):
+                return _waiting("merging", source, notes, 20)
+            notes.append(IN_PROCESS_NOTE.format(what="the merged model for vLLM is being written"))
+            generate = state.in_process_sampler.generate
+        else:
+            vllm_target = plan.target
+            quick = answers_in_process(target)  # vLLM not ready at once: answer in-process instead of waiting
+            generate = functools.partial(state.sampler.generate, label=plan.label, wait_s=0 if quick else None)
     params = SampleParams(
         prompt=r.prompt,
         messages=r.messages,
@@ -138,17 +147,29 @@ async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResu
     with state.sample_slots:
         try:
             gen = await with_progress(
-                ctx, generate, target, params, message=lambda: state.activity(target.base_id), cancel=params.cancel
+                ctx,
+                generate,
+                vllm_target or target,
+                params,
+                message=lambda: state.activity(target.base_id),
+                cancel=params.cancel,
             )
         except VllmStarting as exc:
-            return _waiting("starting", source, [*notes, str(exc)], 15)
+            if not answers_in_process(target):
+                return _waiting("starting", source, [*notes, str(exc)], 15)
+            notes.append(IN_PROCESS_NOTE.format(what="vLLM is still starting"))
+            generate, vllm_target = state.in_process_sampler.generate, None
+            params = dataclasses.replace(params, cancel=threading.Event())
+            gen = await with_progress(
+                ctx, generate, target, params, message=lambda: state.activity(target.base_id), cancel=params.cancel
+            )
         base_gen = None
-        if r.compare_base and target.adapter_path:
+        if r.compare_base and (vllm_target or target).adapter_path:
             params = dataclasses.replace(params, cancel=threading.Event())
             base_gen = await with_progress(
                 ctx,
                 generate,
-                dataclasses.replace(target, adapter_path=None),
+                dataclasses.replace(vllm_target or target, adapter_path=None),
                 params,
                 message=lambda: "generating with the base model",
                 cancel=params.cancel,
@@ -169,6 +190,18 @@ async def sample(ctx: Context, request: SampleRequest) -> Annotated[CallToolResu
         notes=notes,
     )
     return result(summarize(answer), answer)
+
+
+IN_PROCESS_MAX_BYTES = 2 << 30  # a base model this small loads and answers in-process within a call
+IN_PROCESS_NOTE = "{what}: this answer came from the in-process sampler (transformers); later calls use vLLM"
+
+
+def answers_in_process(target: Target) -> bool:
+    """Whether the in-process sampler can answer for `target` within a call while vLLM is not ready: a local base
+    model whose weights are at most IN_PROCESS_MAX_BYTES."""
+    base = Path(target.base_path)
+    weights = [*base.glob("*.safetensors"), *base.glob("*.bin")] if base.is_dir() else []
+    return bool(weights) and sum(p.stat().st_size for p in weights) <= IN_PROCESS_MAX_BYTES
 
 
 def _waiting(what: str, source: SampleSource, notes: list[str], retry_after_s: float) -> CallToolResult:

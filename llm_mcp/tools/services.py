@@ -112,8 +112,11 @@ class AppState:
     @property
     def sampler(self):
         """The configured sampler, created on first use (torch is imported then, not at start-up)."""
-        if self.backend == "vllm":
-            return self.vllm_sampler
+        return self.vllm_sampler if self.backend == "vllm" else self.in_process_sampler
+
+    @property
+    def in_process_sampler(self):
+        """The transformers backend (also answers `sample` for small models while vLLM is still starting)."""
 
         def make():
             from llm_mcp.inference.sampling import TransformersSampler

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llm_mcp.core.data import check_fingerprint, load_rows
+from llm_mcp.core.data import check_fingerprint, load_rows, source_of
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.modeling.encode import EncodeStats
 from llm_mcp.train.batches import BatchOrder
@@ -36,7 +36,7 @@ def load_examples(
 ) -> tuple[list, list, EncodeStats, BatchOrder]:
     """Encode the training and eval rows; log what truncation dropped; order the batches."""
     check_fingerprint(Path(cfg.dataset), cfg.dataset_fingerprint)
-    train_rows, eval_rows = split_rows(load_rows(Path(cfg.dataset), cfg.columns), cfg)
+    train_rows, eval_rows = split_rows(load_rows(source_of(cfg.dataset, cfg.dataset_hub), cfg.columns), cfg)
     examples, stats = objective.encode(tok, train_rows, cfg)
     eval_examples, _ = objective.encode(tok, eval_rows, cfg)
     if stats.truncated:

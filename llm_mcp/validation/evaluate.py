@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from llm_mcp.core.data import fingerprint, validate_dataset
+from llm_mcp.core.data import validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget, ModelRef
 from llm_mcp.core.local_models import resolve_model
@@ -13,6 +13,7 @@ from llm_mcp.core.methods import get_method
 from llm_mcp.inference.targets import job_adapter
 from llm_mcp.validation.finetune import ValidationContext
 from llm_mcp.validation.requests import EvaluateRequest
+from llm_mcp.validation.sources import dataset_source, source_fields
 
 
 def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tuple[EvalConfig, list[str]]:
@@ -58,7 +59,7 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
     model_ref, context = _base_model(ctx, base_cfg, model, problems, refused_jobs)
     path = None
     try:
-        path = ctx.settings.check_path(ctx.settings.under_home(dataset), "dataset")
+        path = dataset_source(ctx.settings, dataset, "dataset", request.subset, request.split, request.revision)
         summary = validate_dataset(path, "dataset", columns=request.columns)
     except LlmMcpError as exc:
         problems.extend(getattr(exc, "problems", None) or [str(exc)])
@@ -75,8 +76,7 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
     config = EvalConfig(
         model=model_ref,
         targets=resolved,
-        dataset=str(path),
-        dataset_fingerprint=fingerprint(path),
+        **source_fields(path),
         columns=request.columns,
         max_rows=max_rows,
         max_tokens=request.max_tokens,

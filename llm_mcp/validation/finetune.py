@@ -31,6 +31,7 @@ from llm_mcp.validation.lineage import Resume, init_from, resume
 from llm_mcp.validation.placement import placement, scheduler
 from llm_mcp.validation.plan import plan
 from llm_mcp.validation.requests import FinetuneRequest
+from llm_mcp.validation.sources import dataset_source, source_fields
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,9 @@ def _datasets(
         if value is None:
             continue
         try:
-            path = settings.check_path(settings.under_home(value), key)
-            out[key] = validate_dataset(path, key, objective=objective.name, columns=request.columns)
+            hub = (request.subset, request.split, request.revision) if key == "dataset" else (None, None, None)
+            source = dataset_source(settings, value, key, *hub)
+            out[key] = validate_dataset(source, key, objective=objective.name, columns=request.columns)
         except LlmMcpError as exc:
             problems.extend(getattr(exc, "problems", None) or [str(exc)])
     return out["dataset"], out["eval_dataset"]
@@ -246,9 +248,8 @@ def _config(
         },
         method=method.name,
         objective=objective.name,
-        dataset=dataset.path,
+        **source_fields(dataset.source),
         eval_dataset=eval_path,
-        dataset_fingerprint=fingerprint(Path(dataset.path)),
         eval_dataset_fingerprint=fingerprint(Path(eval_path)) if eval_path else None,
         eval_fraction=request.eval_fraction
         if request.eval_fraction is not None

@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
+from llm_mcp.core.hub_datasets import Revision, Split, Subset
 from llm_mcp.core.jobconfig import (
     Accumulation,
     Alpha,
@@ -56,6 +57,7 @@ class FinetuneRequest(Request):
     """What an agent asks start_finetune for. Unset (None) arguments take the defaults."""
 
     deferred_problems: ClassVar[bool] = True  # bad arguments are reported with the dataset's, model's, ... problems
+    path_fields: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset", "model")
 
     model: PATH = Field(
         description="Matrix id / alias, or a local checkpoint directory (list_models shows both; relative paths are "
@@ -65,9 +67,10 @@ class FinetuneRequest(Request):
         description="lora | qlora | dora (Weight-Decomposed LoRA) | sparse (sparse delta, RigL mask updates)."
     )
     dataset: PATH = Field(
-        description="JSONL / JSON / CSV / Parquet file or a save_to_disk directory; rows with 'messages', "
-        "'prompt'+'completion' or 'text' (objective='dpo': 'prompt'+'chosen'+'rejected'). Relative paths are under "
-        "LLM_MCP_HOME (datasets lists them; save_dataset writes one)."
+        description="JSONL / JSON / CSV / Parquet file, a save_to_disk directory, or a Hub dataset 'hf:ORG/NAME' in "
+        "the local Hugging Face cache. Rows: 'messages' (with tools, tool calls, reasoning), Alpaca, ShareGPT, "
+        "'prompt'+'completion' or 'text' (objective='dpo': 'prompt'+'chosen'+'rejected'); any other keys through "
+        "columns. Relative paths are under LLM_MCP_HOME; a file elsewhere: the user is asked to allow its folder."
     )
     objective: choice(*OBJECTIVE_NAMES) | None = Field(  # type: ignore[valid-type]
         None,
@@ -111,6 +114,9 @@ class FinetuneRequest(Request):
     train_reasoning: bool | None = Field(
         None, description="Rows with the assistant's reasoning: the loss covers it too (default true)."
     )
+    subset: Subset = None
+    split: Split = None
+    revision: Revision = None
     columns: Columns | None = Field(
         None,
         description="Your dataset's own keys by the names training knows, e.g. {'prompt': 'ticket', 'completion': "
@@ -185,6 +191,7 @@ class EvaluateRequest(Request):
     """What an agent asks evaluate for."""
 
     deferred_problems: ClassVar[bool] = True  # reported with the targets', dataset's and pattern's problems
+    path_fields: ClassVar[tuple[str, ...]] = ("dataset", "model")
 
     targets: list[Annotated[str, Field(max_length=200)]] = Field(
         description="What to score, side by side (1-8): 'base' (the base model), a job id (its final adapter), or "
@@ -193,7 +200,8 @@ class EvaluateRequest(Request):
         max_length=8,
     )
     dataset: PATH = Field(
-        description="Held-out rows (JSONL / JSON / CSV / Parquet; relative paths are under LLM_MCP_HOME): SFT rows get "
+        description="Held-out rows (a file as for start_finetune, or 'hf:ORG/NAME'; relative paths are under "
+        "LLM_MCP_HOME): SFT rows get "
         "loss / perplexity and, with a reference answer, exact_match / contains / regex; preference rows get "
         "preference accuracy."
     )
@@ -204,6 +212,9 @@ class EvaluateRequest(Request):
     regex: Pattern | None = Field(
         None, description="Pattern every generation should match (a row's own 'regex' field wins)."
     )
+    subset: Subset = None
+    split: Split = None
+    revision: Revision = None
     columns: Columns | None = Field(
         None,
         description="The dataset's own keys by the names evaluation knows, e.g. {'prompt': 'ticket', "

@@ -96,13 +96,17 @@ class VllmSampler:
         self.adapter_loads = 0
         self.checks: dict[str, dict[str, Any]] = {}  # served adapter name -> verification figures
 
-    def server(self, target: Target, rank: int = 0) -> tuple[VllmServer, bool]:
+    def server(self, target: Target, rank: int = 0, wait_s: float | None = None) -> tuple[VllmServer, bool]:
+        wait_s = self.wait_s if wait_s is None else wait_s
         return self.pool.server_for(
-            target.base_path, target.base_id, rank=rank, trust_remote_code=target.trust_remote_code, wait_s=self.wait_s
+            target.base_path, target.base_id, rank=rank, trust_remote_code=target.trust_remote_code, wait_s=wait_s
         )
 
-    def register(self, target: Target, label: str | None = None) -> tuple[VllmServer, str, bool, bool]:
-        """Make the target servable: (server, model name, server started now, adapter loaded now)."""
+    def register(
+        self, target: Target, label: str | None = None, wait_s: float | None = None
+    ) -> tuple[VllmServer, str, bool, bool]:
+        """Make the target servable: (server, model name, server started now, adapter loaded now); a server still
+        starting is waited for up to `wait_s` (default: the sampler's)."""
         why = needs_merge(target)
         if why:
             raise InvalidArgumentError(
@@ -111,7 +115,7 @@ class VllmSampler:
                 "--sampler transformers to sample it in-process."
             )
         rank = int(adapter_config(target.adapter_path).get("r", 0)) if target.adapter_path else 0
-        server, started = self.server(target, rank)
+        server, started = self.server(target, rank, wait_s)
         if not target.adapter_path:
             return server, server.name, started, False
         name = adapter_name(target.adapter_path, label)
@@ -157,9 +161,11 @@ class VllmSampler:
                 )
         return check
 
-    def generate(self, target: Target, params: SampleParams, label: str | None = None) -> Generation:
+    def generate(
+        self, target: Target, params: SampleParams, label: str | None = None, wait_s: float | None = None
+    ) -> Generation:
         t0 = time.perf_counter()
-        server, model, started, loaded = self.register(target, label)
+        server, model, started, loaded = self.register(target, label, wait_s)
         load_s = time.perf_counter() - t0
         body: dict[str, Any] = {
             "model": model,
