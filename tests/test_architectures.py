@@ -192,6 +192,10 @@ async def test_cell(arch, method, suite, matrix):
             "sample", {"adapter": peft.structured_content["destination"], "messages": QUESTION, "max_tokens": 12}
         )
         merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
+        for _ in range(20):  # a merge longer than the call's wait goes on in the background: the same call again
+            if merged.is_error or merged.structured_content["state"] != "running":
+                break
+            merged = await client.call_tool("export_adapter", {"job_id": job_id, "format": "merged"})
         image = await client.call_tool(
             "start_finetune",
             {**TRAIN, "model": f"models/{arch}", "method": method, "dataset": "data/image.jsonl", "dry_run": True},

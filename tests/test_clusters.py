@@ -229,7 +229,7 @@ async def test_slurm_multi_node_dry_run_and_a_pending_job_is_queued_until_cancel
             "#SBATCH --account=lab-1",
         ):
             assert line in script.splitlines(), script
-        srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+        srun = next(ln for ln in script.splitlines() if ln.startswith("srun ") and "accelerate" in ln)
         words = shlex.split(srun)
         task = words[words.index("-c") + 1]  # what each node's bash receives: the variables still unexpanded
         assert "--machine_rank $SLURM_NODEID" in task and "--main_process_ip $MAIN_ADDR" in task

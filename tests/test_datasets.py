@@ -145,7 +145,7 @@ async def test_a_hub_model_that_cannot_be_fetched_is_refused_by_the_dry_run(app,
     )
     text = r.content[0].text
     assert r.is_error and "cannot be loaded here" in text and "not in the local cache" in text
-    assert "huggingface-cli download meta-llama/Llama-3.2-1B" in text and "LLM_MCP_HOME" in text
+    assert "hf download meta-llama/Llama-3.2-1B" in text and "LLM_MCP_HOME" in text  # huggingface_hub 2: `hf`
 
 
 async def test_argument_errors_read_like_every_other_error(app):

@@ -133,7 +133,7 @@ def test_fp16_training_scales_the_loss():
 
     from llm_mcp.modeling.base import mixed_precision
 
-    acc = Accelerator(mixed_precision=mixed_precision("cuda", bf16_supported=False))
+    acc = Accelerator(mixed_precision=mixed_precision("cuda", bf16=False))
     assert acc.scaler is not None
     model = torch.nn.Linear(16, 16).to("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -145,7 +145,17 @@ def test_fp16_training_scales_the_loss():
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
-def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_path, qwen_shaped):
+def test_bf16_is_chosen_only_where_the_gpu_computes_it_natively():
+    """T4 / V100 (compute capability < 8) emulate bf16: they must train in fp16 with loss scaling."""
+    from llm_mcp.modeling.base import compute_dtype, native_bf16
+
+    native = torch.cuda.get_device_capability()[0] >= 8
+    assert native_bf16() is native
+    assert compute_dtype("cuda") is (torch.bfloat16 if native else torch.float16)
+
+
+@pytest.mark.parametrize("eval_fraction", [0.0, 0.1])  # 0: the default; the probe then follows a backward
+def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_path, qwen_shaped, eval_fraction):
     """configs/accelerate/fsdp.yaml on one GPU (FSDP over one process), or two-way on two: the sharded paths of
     the trainer (gathered adapter, per-rank optimizer shards, collective eval and probe) run; CPU cannot run FSDP."""
     import json
@@ -170,7 +180,7 @@ def test_a_job_under_fsdp_trains_checkpoints_and_saves_a_loadable_adapter(tmp_pa
             "model": {"id": "qwen", "path": str(qwen_shaped)},
             "method": "lora",
             "dataset": str(data),
-            "eval_fraction": 0.1,
+            "eval_fraction": eval_fraction,
             "max_steps": 6,
             "learning_rate": 2e-3,
             "batch_size": 4,

@@ -90,9 +90,14 @@ def test_threads_per_process_honours_a_set_omp_num_threads():
 def test_fp16_gpus_train_with_loss_scaling():
     from llm_mcp.modeling.base import mixed_precision
 
-    assert mixed_precision("cuda", bf16_supported=False) == "fp16"  # accelerate's autocast + GradScaler
-    assert mixed_precision("cuda", bf16_supported=True) == "no"  # bf16 weights need no loss scaling
+    assert mixed_precision("cuda", bf16=False) == "fp16"  # accelerate's autocast + GradScaler
+    assert mixed_precision("cuda", bf16=True) == "no"  # bf16 weights need no loss scaling
     assert mixed_precision("cpu") == "no"
+    import torch
+
+    from llm_mcp.modeling.base import compute_dtype
+
+    assert compute_dtype("cuda", bf16=False) is torch.float16 and compute_dtype("cpu") is torch.float32
 
 
 def test_qlora_base_is_4bit(tiny_model):

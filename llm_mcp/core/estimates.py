@@ -7,15 +7,16 @@ matrices. Memory is a sum of parts that each have a reason:
                QLoRA: linear weights as 4-bit NF4 with double quantization, ~4.13 bits)
   trainable    adapter params x 16 bytes (fp32 value + grad + two Adam moments); sparse deltas
                x 32 (+ int64 index and int64 CSR column) plus RigL's candidate buffers
-  activations  ~34*h bytes/token per layer in 16-bit (Korthikanti et al. 2022, SDPA so no s^2
-               term): with gradient checkpointing each layer's input kept and one layer
-               recomputed, without it every layer's; plus fp32 logits and their gradient
-               (batch x seq x vocab x 8 bytes)
+  activations  what autograd keeps for backward, per layer: the frozen block's tensors plus each
+               method's (`Method.activation_bytes`), both counted with saved-tensor hooks at real
+               layer widths (llm_mcp.bench.activations; tests/test_estimates.py keeps them within
+               15%). With gradient checkpointing each layer keeps its input and one layer is
+               recomputed at a time; without it every layer keeps its set. Plus the logits at the
+               loss (16-bit logits, fp32 log-softmax and two gradients: 14 bytes per vocabulary entry)
   overhead     runtime context (CUDA context / Python + torch) and 5% fragmentation
-DoRA adds ~10% (PEFT's own benchmark: 1.10x LoRA memory). QLoRA's embeddings and LM head are fp32
-(prepare_model_for_kbit_training upcasts them). Estimates are per process: under FSDP (`shards`)
-weights and optimizer state are split, activations are not. These are planning numbers, not
-guarantees: the job's measured peak memory is what counts.
+QLoRA's embeddings and LM head are fp32 (prepare_model_for_kbit_training upcasts them). Estimates
+are per process: under FSDP (`shards`) weights and optimizer state are split, activations are not.
+These are planning numbers, not guarantees: the job's measured peak memory is what counts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Literal
 from llm_mcp.core.experts import expert_param_count, expert_targets
 from llm_mcp.core.matrix import Dims
 from llm_mcp.core.methods import Method, get_method
-from llm_mcp.core.shapes import GiB, embedding_param_count
+from llm_mcp.core.methods.base import LayerBytes, TargetIO
+from llm_mcp.core.shapes import GiB, embedding_param_count, module_shapes
 
 Device = Literal["cuda", "cpu"]
 
@@ -55,15 +57,92 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def activation_bytes(dims: Dims, tokens: int, elem: int, gradient_checkpointing: bool) -> float:
-    """Activations kept for the backward, per process, plus the fp32 logits and their gradient.
+# Targets that read the same tensor: a frozen base keeps none of them, an adapter keeps each group's input once
+# (fp32 model) or each target's own fp32 copy (16-bit model). o_proj's input is the attention output, which the
+# attention kernel keeps anyway.
+SHARED_INPUT = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "query_key_value": "attn_in",
+    "q_a_proj": "attn_in", "kv_a_proj_with_mqa": "attn_in", "o_proj": "attn_out", "dense": "attn_out",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "dense_h_to_4h": "mlp_in",
+}  # fmt: skip
+LOGIT_BYTES = {2: 14, 4: 16}  # per position and vocabulary entry at the loss: logits, fp32 log-softmax, two grads
 
-    One layer's forward keeps ~17 hidden-sized tensors per token for its backward (34*h bytes in 16-bit,
-    Korthikanti et al. 2022, SDPA so no s^2 term). With checkpointing only each layer's input is kept and
-    one layer at a time is recomputed: L + 17 of them; without it all L layers keep theirs: 17 * L.
+
+def target_io(dims: Dims, target_modules: list[str]) -> TargetIO:
+    """What the targeted linear layers of one layer (on average) read and write."""
+    layers = dims.num_layers
+    summed = outputs = weights = count = 0.0
+    groups: dict[str, float] = {}
+    for name in target_modules:
+        for fan_in, fan_out, n in module_shapes(dims, name):
+            summed += fan_in * n / layers
+            outputs += fan_out * n / layers
+            weights += fan_in * fan_out * n / layers
+            count += n / layers
+            group = SHARED_INPUT.get(name, name)
+            if group != "attn_out":
+                groups[group] = groups.get(group, 0.0) + fan_in * n / layers
+    distinct = sum(size / max(1, sum(1 for t in target_modules if SHARED_INPUT.get(t, t) == g))
+                   for g, size in groups.items())  # fmt: skip
+    return TargetIO(summed, distinct, outputs, weights, count)
+
+
+def base_layer_bytes(dims: Dims, elem: int, seq_len: int) -> float:
+    """Bytes per token one frozen decoder layer keeps for backward (counted: llm_mcp.bench.activations).
+
+    The SwiGLU MLP keeps gate, up and act(gate) (an MoE layer: for each routed and shared expert, plus the router's
+    fp32 logits); each RMSNorm keeps its fp32 input (Qwen3 and Gemma 3 also normalize each head's q and k); SDPA
+    keeps q, k, v and its output. Eager attention
+    (gpt-oss: its sinks have no SDPA kernel) also keeps the fp32 softmax and its 16-bit copy: an s^2 term.
     """
-    per_token = dims.num_layers + 17 if gradient_checkpointing else 17 * dims.num_layers
-    return tokens * dims.hidden_size * elem * per_token + tokens * dims.vocab_size * 8
+    h, q = dims.hidden_size, dims.num_attention_heads * (dims.v_head_dim or dims.head_dim)
+    kv = dims.num_key_value_heads * dims.head_dim
+    moe_layers = dims.num_layers - dims.dense_layers if dims.num_experts else 0
+    dense_mlp = 3 * (dims.intermediate_size or 0) * elem
+    expert_mlp = 3 * (dims.moe_intermediate_size or 0) * elem * (dims.experts_per_token + dims.num_shared_experts)
+    router = 4 * dims.num_experts
+    mlp = (dense_mlp * (dims.num_layers - moe_layers) + (expert_mlp + router) * moe_layers) / dims.num_layers
+    attention = (2 * q + 2 * kv) * elem + (4 * (q + kv) if dims.qk_norm else 0)
+    if dims.eager_attention:
+        attention += dims.num_attention_heads * seq_len * (4 + elem)
+    return mlp + dims.norms_per_layer * h * 4 + attention
+
+
+def layer_activation_bytes(
+    dims: Dims,
+    method: str | Method | None,
+    target_modules: list[str],
+    rank: int,
+    dropout: float,
+    elem: int,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> LayerBytes:
+    """One layer's activations kept for backward: the frozen block's, plus what `method`'s adapters add (None:
+    the frozen block alone)."""
+    base = base_layer_bytes(dims, elem, seq_len)
+    if method is None:
+        return LayerBytes(base)
+    m = method if isinstance(method, Method) else get_method(method)
+    extra = m.activation_bytes(target_io(dims, target_modules), rank, dropout, elem)
+    return LayerBytes(base + extra.per_token, extra.fixed)
+
+
+def activation_bytes(
+    dims: Dims, layer: LayerBytes, batch_size: int, seq_len: int, elem: int, gradient_checkpointing: bool
+) -> float:
+    """Activations kept for backward, per process, plus the logits at the loss.
+
+    Without checkpointing every layer keeps its `layer` bytes; with it each layer keeps only its input and one
+    layer at a time is recomputed with its full set.
+    """
+    tokens = batch_size * seq_len
+    whole = tokens * layer.per_token + layer.fixed
+    kept = (
+        dims.num_layers * tokens * dims.hidden_size * elem + whole
+        if gradient_checkpointing
+        else dims.num_layers * whole
+    )
+    return kept + tokens * dims.vocab_size * LOGIT_BYTES[elem]
 
 
 def estimate_memory(
@@ -73,6 +152,7 @@ def estimate_memory(
     *,
     target_modules: list[str],
     rank: int = 32,
+    dropout: float = 0.0,
     batch_size: int = DEFAULT_BATCH,
     seq_len: int = DEFAULT_SEQ_LEN,
     device: Device = "cuda",
@@ -101,14 +181,14 @@ def estimate_memory(
     trainable = trainable_params * m.bytes_per_trainable + m.extra_bytes(
         dims, target_modules, trainable_params, rigl_fraction
     )
-    activations = activation_bytes(dims, batch_size * seq_len, elem, gradient_checkpointing)
+    layer = layer_activation_bytes(dims, m, target_modules, rank, dropout, elem, seq_len)
+    activations = activation_bytes(dims, layer, batch_size, seq_len, elem, gradient_checkpointing)
     if expert_targets(dims, experts):
         # PEFT adds each expert's LoRA delta to a copy of the layer's fused expert weights (ParamWrapper), which
         # the expert matmuls keep for backward: one layer's copy (and the recomputed one) under checkpointing,
         # every layer's without it
         copy = expert_param_count(dims) * elem
         activations += 2 * copy / max(1, dims.num_layers - dims.dense_layers) if gradient_checkpointing else copy
-    activations *= m.activation_factor
     if shards > 1:
         per_layer = max(weights - embed * elem, 0) / max(1, dims.num_layers)
         weights = weights / shards + 2 * per_layer

@@ -33,6 +33,11 @@ class Plan:
     usable_gb: float  # what one process may use (per GPU, or the RAM share of each CPU process)
 
 
+# Checkpointing is switched off only when the estimate without it leaves this fraction of the memory free: an
+# estimate is a plan, and running out of memory costs the whole job.
+CHECKPOINTING_MARGIN = 0.15
+
+
 def plan_memory(
     entry: ModelEntry,
     method: str | Method,
@@ -42,6 +47,7 @@ def plan_memory(
     rank: int,
     batch_size: int,
     seq_len: int,
+    dropout: float = 0.0,
     quantized: bool = False,
     density: float | str = "auto",
     rigl_fraction: float = 0.0,
@@ -66,6 +72,7 @@ def plan_memory(
             method,
             target_modules=target_modules,
             rank=rank,
+            dropout=dropout,
             batch_size=batch_size,
             seq_len=seq_len,
             device=device,
@@ -77,14 +84,19 @@ def plan_memory(
             train_experts=train_experts,
         )
 
+    def budget(gc: bool) -> float:
+        """The memory a plan may fill: all of it with checkpointing (or when the caller turned it off), less the
+        margin when the plan itself would turn it off."""
+        return per_process if gc or gradient_checkpointing is False else per_process * (1 - CHECKPOINTING_MARGIN)
+
     for gc in choices:
         est = estimate(gc)
-        if est.total_gb <= per_process:
+        if est.total_gb <= budget(gc):
             return Plan(est, gc, "ddp", procs, True, per_process)
     shards = num_processes or len(hardware.gpus)
     if device == "cuda" and shards > 1 and method.fsdp and not quantized:
         for gc in choices:
             est = estimate(gc, shards)
-            if est.total_gb <= per_process:
+            if est.total_gb <= budget(gc):
                 return Plan(est, gc, "fsdp", shards, True, per_process)
     return Plan(estimate(choices[-1]), choices[-1], "ddp", procs, False, per_process)

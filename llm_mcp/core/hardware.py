@@ -145,9 +145,32 @@ def _nvidia_smi(query: str) -> list[list[str]]:
     return [[c.strip() for c in line.rsplit(",", query.count(","))] for line in out.strip().splitlines()]
 
 
+def visible(rows: list[list[str]], setting: str | None) -> list[list[str]]:
+    """The rows of `nvidia-smi --query-gpu=index,uuid,...` that CUDA_VISIBLE_DEVICES (`setting`) leaves visible,
+    in its order: indices or UUIDs (a unique prefix will do), up to the first one that matches nothing, as CUDA
+    reads it; unset: all; empty: none."""
+    if setting is None:
+        return rows
+    picked: list[list[str]] = []
+    for item in (x.strip() for x in setting.split(",")):
+        match = [
+            r for r in rows if item and (r[0] == item or (item.startswith(("GPU-", "MIG-")) and r[1].startswith(item)))
+        ]
+        if len(match) != 1 or match[0] in picked:
+            break
+        picked.append(match[0])
+    return picked
+
+
+def _visible_rows(query: str) -> list[list[str]]:
+    """nvidia-smi's `query` fields for the GPUs this process can use (CUDA_VISIBLE_DEVICES applied)."""
+    rows = _nvidia_smi(f"index,uuid,{query}")
+    return [r[2:] for r in visible(rows, os.environ.get("CUDA_VISIBLE_DEVICES"))]
+
+
 def _nvidia_gpus() -> list[GPU]:
     gpus = []
-    for name, mib in _nvidia_smi("name,memory.total"):
+    for name, mib in _visible_rows("name,memory.total"):
         try:
             gpus.append(GPU(name=name, memory_gb=round(float(mib) / 1024, 1)))
         except ValueError:
@@ -157,7 +180,7 @@ def _nvidia_gpus() -> list[GPU]:
 
 @lru_cache(maxsize=1)
 def _gpus() -> tuple[GPU, ...]:
-    return tuple([] if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else _nvidia_gpus())
+    return tuple(_nvidia_gpus())
 
 
 _FREE: dict[str, Any] = {"at": 0.0, "gb": []}
@@ -166,7 +189,7 @@ _FREE: dict[str, Any] = {"at": 0.0, "gb": []}
 def _free_gb(n: int) -> list[float | None]:
     """Free memory per GPU, re-read from nvidia-smi when the last reading is older than FREE_TTL_S."""
     if time.monotonic() - float(_FREE["at"]) > FREE_TTL_S:
-        rows = _nvidia_smi("memory.free")
+        rows = _visible_rows("memory.free")
         _FREE["gb"] = [round(float(r[0]) / 1024, 1) if r and r[0].replace(".", "").isdigit() else None for r in rows]
         _FREE["at"] = time.monotonic()
     got = list(_FREE["gb"])
@@ -198,7 +221,7 @@ def vllm_claimed_fraction() -> float:
 
 def detect() -> Hardware:
     """Detect GPUs (NVIDIA: names and totals once per process, free memory within FREE_TTL_S), vLLM
-    servers' claims on them, and RAM (now). Honors CUDA_VISIBLE_DEVICES=\"\" as 'no GPU'."""
+    servers' claims on them, and RAM (now). Honors CUDA_VISIBLE_DEVICES (indices or UUIDs; empty: no GPU)."""
     total, available = _meminfo()
     gpus = [GPU(g.name, g.memory_gb, free) for g, free in zip(_gpus(), _free_gb(len(_gpus())))]
     return Hardware(

@@ -137,6 +137,7 @@ def describe_model(
             rank=rank,
             batch_size=batch,
             seq_len=seq_len,
+            dropout=defaults[name].lora.dropout,
             rigl_fraction=method.rigl_fraction(None, defaults[name]),
         )
         est = plan.estimate

@@ -68,6 +68,9 @@ def safetensors_param_count(model_dir: Path) -> int | None:
     return total
 
 
+QK_NORM_TYPES = ("qwen3", "gemma3", "olmo2")  # config model_type prefixes whose attention normalizes q and k
+
+
 def _dims_from_config(cfg: dict[str, Any]) -> Dims:
     text = cfg.get("text_config") or cfg
     hidden = text["hidden_size"]
@@ -98,6 +101,9 @@ def _dims_from_config(cfg: dict[str, Any]) -> Dims:
         qk_nope_head_dim=text.get("qk_nope_head_dim"),
         qk_rope_head_dim=text.get("qk_rope_head_dim"),
         v_head_dim=text.get("v_head_dim"),
+        eager_attention=text.get("model_type") == "gpt_oss",  # attention sinks: no SDPA kernel
+        qk_norm=str(text.get("model_type", "")).startswith(QK_NORM_TYPES),
+        norms_per_layer=4 if str(text.get("model_type", "")).startswith("gemma") else 2,
     )
 
 

@@ -70,6 +70,11 @@ class Dims(_Strict):
     moe_intermediate_size: PositiveInt | None = None
     num_shared_experts: int = Field(0, ge=0)
     dense_layers: int = Field(0, ge=0, description="Leading layers with a dense MLP in an MoE model.")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys (Qwen3, Gemma 3).")
+    norms_per_layer: int = Field(2, ge=1, description="RMSNorms around attention and MLP (Gemma 3: 4).")
+    eager_attention: bool = Field(
+        False, description="Attention without an SDPA / flash kernel (gpt-oss' sinks): it keeps the s^2 scores."
+    )
     # Multi-head latent attention (DeepSeek-V3, Kimi-K2).
     q_lora_rank: PositiveInt | None = None
     kv_lora_rank: PositiveInt | None = None

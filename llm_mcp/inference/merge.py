@@ -130,19 +130,18 @@ def merge_main(lock_path: str) -> int:
     dest = Path(spec["dest"])
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
-        import torch
         from transformers import AutoTokenizer
 
         from llm_mcp.modeling.adapters import adapter_of_method
-        from llm_mcp.modeling.base import load_base
+        from llm_mcp.modeling.base import checkpoint_dtype, load_base
 
         cfg = JobConfig.parse(spec["job"]["config"])
         base_path = cfg.model.path
         trc = cfg.model.trust_remote_code
-        if (q := cfg.quantization) is not None:
+        if (q := cfg.quantization) is not None:  # de-quantized into the checkpoint's own dtype, not fp32
             model = load_base(
                 base_path,
-                dtype=torch.float32,
+                dtype=checkpoint_dtype(base_path, trc),
                 trust_remote_code=trc,
                 quant_type=q.bnb_4bit_quant_type,
                 double_quant=q.bnb_4bit_use_double_quant,

@@ -77,13 +77,25 @@ def accelerate_command(
 def job_environment(cfg: JobConfig | EvalConfig, cores_per_node: int, home: Path) -> dict[str, str]:
     """The variables every job process gets, wherever it runs: the local supervisor and the cluster executors."""
     per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
+    hub = {k: os.environ[k] for k in HUB_SETTINGS if os.environ.get(k)}  # where the job's nodes find the model
     return {
         "LLM_MCP_HOME": str(home),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "OMP_NUM_THREADS": str(threads_per_process(per_node, cores=cores_per_node)),
+        **hub,
     }
+
+
+# The Hugging Face settings a job needs wherever it runs (Ray starts jobs without the submitter's environment;
+# HF_TOKEN is added only where a job is submitted, never written into a script or shown in a dry run).
+HUB_SETTINGS = ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE")
+
+
+def secret_environment() -> dict[str, str]:
+    """The token the job downloads gated models with (the server's own HF_TOKEN)."""
+    return {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}
 
 
 def _process_alive(pid: int | None, started_at: float | None) -> bool:

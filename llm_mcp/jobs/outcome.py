@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import signal
+import statistics
 import time
 from pathlib import Path
 
+from llm_mcp.core import throughput
 from llm_mcp.core.atomic import DISK_FULL, disk_full_cause, free_mb
-from llm_mcp.core.jobdir import checkpoints, log_tail, read_result
+from llm_mcp.core.jobdir import checkpoints, log_tail, read_metrics, read_result
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.core.throughput import device_kind
 
 
 def describe_exit(exit_code: int | None, tail: list[str], job_dir: Path | None = None) -> str:
@@ -83,4 +86,22 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
         error=error,
         next_step=next_step,
     )
+    if state == "succeeded" and job.engine == "local" and job.config.task == "train" and fresh.started_at:
+        learn_time(store.home, job_dir, time.time() - fresh.started_at)
     return state
+
+
+def learn_time(home: Path, job_dir: Path, wall_s: float) -> None:
+    """Record how long this job took to start and to step (llm_mcp.core.throughput), for later dry runs."""
+    from llm_mcp.core.hardware import detect
+
+    metrics = read_metrics(job_dir)
+    start = next((m for m in metrics if m.get("event") == "start"), None)
+    steps = [m for m in metrics if "step_time_s" in m and "tokens" in m]
+    if start is None or len(steps) < 3 or not start.get("params"):
+        return
+    step_s = statistics.median(m["step_time_s"] for m in steps[1:])  # the first step warms up
+    work = start["params"] * statistics.median(m["tokens"] for m in steps)
+    hw = detect()
+    kind = device_kind(start.get("device", "cpu"), hw.gpus[0].name if hw.gpus else "", hw.cpu_count)
+    throughput.record(home, kind, wall_s - sum(m["step_time_s"] for m in steps), step_s, work)

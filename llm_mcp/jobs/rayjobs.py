@@ -20,7 +20,7 @@ from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, shell_join
-from llm_mcp.jobs.local import accelerate_command, job_environment
+from llm_mcp.jobs.local import accelerate_command, job_environment, secret_environment
 
 FREE_PORT = "$({python} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
 
@@ -67,6 +67,7 @@ class RayExecutor(ClusterExecutor):
             f'$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node" >&2; '
             f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && "
             f'echo "[ray] on $(hostname)" >> train.log && '
+            f"{shlex.quote(self.python)} -m llm_mcp.jobs.fetch {q} >> train.log 2>&1 && "
             f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1"
         )
         env = job_environment(cfg, cpus, self.settings.home)
@@ -93,6 +94,8 @@ class RayExecutor(ClusterExecutor):
                 "metadata",
             )
         }
+        env = {**fields["runtime_env"]["env_vars"], **secret_environment()}  # the token only in what is sent
+        fields["runtime_env"] = {**fields["runtime_env"], "env_vars": env}
         try:
             return self.client.submit_job(**fields)
         except Exception as exc:  # Ray raises RuntimeError, requests raises its own OSError kinds

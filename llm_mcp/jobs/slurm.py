@@ -122,6 +122,9 @@ class SlurmExecutor(ClusterExecutor):
             "export MAIN_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))  # below Linux's ephemeral ports",
             'echo "[slurm] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (rendezvous $MAIN_ADDR:$MAIN_PORT)" >> '
             f"{q}/train.log",
+            "# the model into each node's cache first, all nodes done before any launches (llm_mcp.jobs.fetch)",
+            f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {shlex.quote(self.python)} -m llm_mcp.jobs.fetch {q} "
+            f">> {q}/train.log 2>&1 || exit 1",
             "# single quotes: $SLURM_NODEID and $MAIN_ADDR expand in each node's task, not here",
             f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
             f"bash -c {shlex.quote(task)} >> {q}/train.log 2>&1",

@@ -67,6 +67,9 @@ class JobStatus(BaseModel):
         "pending in the cluster's queue is 'queued' here, not running.",
     )
     nodes: str | None = Field(None, description="The hosts the job runs on, as the engine names them.")
+    download: dict | None = Field(
+        None, description="While the hub model downloads (before step 0): downloaded_bytes, total_bytes, rate, ETA."
+    )
 
 
 def build_status(store: JobStore, job: Job, log_lines: int = 12, page: int = 1) -> JobStatus:
@@ -97,6 +100,11 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12, page: int = 1) 
         if job.state != "queued" and log_lines
         else [],
     )
+    fetched = [m for m in metrics if m.get("event") == "download"]
+    if fetched and fetched[-1].get("state") == "downloading" and job.state == "running" and not start:
+        status.download = {
+            k: fetched[-1].get(k) for k in ("model", "downloaded_bytes", "total_bytes", "rate_bps", "eta_s")
+        }
     if start:
         status.total_steps = start["total_steps"]
         seen = start.get("examples", 0) + start.get("dropped", 0)
@@ -173,6 +181,17 @@ def summarize_status(s: JobStatus) -> str:
         lines.append(
             f"{s.engine} job {s.engine_job_id or '(not submitted)'}: {s.queue_state or 'unknown'}"
             + (f" on {s.nodes}" if s.nodes else "")
+        )
+    if s.download:
+        d, gb = s.download, 2**30
+        got, total = (d["downloaded_bytes"] or 0) / gb, (d["total_bytes"] or 0) / gb
+        lines.append(
+            f"downloading {d['model']}: {got:.1f} of {total:.1f} GB"
+            + (
+                f" at {d['rate_bps'] / 2**20:.0f} MB/s, ETA {d['eta_s']:.0f} s"
+                if d.get("rate_bps") and d.get("eta_s")
+                else ""
+            )
         )
     if s.loss is not None:
         part = f"loss {s.loss:.4f} (smoothed {s.smoothed_loss:.4f}, first {s.first_loss:.4f})"

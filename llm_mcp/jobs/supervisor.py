@@ -19,8 +19,10 @@ from pathlib import Path
 
 import psutil
 
+from llm_mcp.core.jobdir import write_result
 from llm_mcp.core.procs import become_subreaper, signal_descendants, usable_cores
 from llm_mcp.core.store import JobStore
+from llm_mcp.jobs.fetch import append_metric, fetch_model
 from llm_mcp.jobs.local import accelerate_command, job_environment, max_jobs, schedule
 from llm_mcp.jobs.outcome import finalize
 
@@ -73,13 +75,21 @@ def main(home: str, job_id: str) -> int:
     # cores (oversubscribed OpenMP threads spin and slow every job down several-fold)
     env = {**os.environ, **job_environment(job.config, max(1, usable_cores() // max_jobs()), store.home)}
     cmd = accelerate_command(job.config, job_dir)
+    exit_code: int | None = 0
     with open(job_dir / "train.log", "ab") as log:
-        log.write(f"[supervisor] {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir, env=env
-        )
-        exit_code = proc.wait()
+        cause = fetch_first(job.config, job_dir, stopping)
+        if cause is not None:
+            ended = "cancelled" if stopping.is_set() else "failed"
+            resume = "fix the cause, then start the job again (a download continues where it stopped)"
+            write_result(job_dir, {"state": ended, "error": cause, "next_step": resume})
+            log.write(f"[supervisor] {cause}\n".encode())
+        elif not stopping.is_set():
+            log.write(f"[supervisor] {' '.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir, env=env
+            )
+            exit_code = proc.wait()
         while True:  # wait for every descendant, including workers orphaned by the launcher
             try:
                 os.wait()
@@ -91,6 +101,21 @@ def main(home: str, job_id: str) -> int:
     print(f"[supervisor] {job_id} ended {state} (exit code {exit_code}) at {time.strftime('%H:%M:%S')}", flush=True)
     schedule(store)
     return 0
+
+
+def fetch_first(cfg, job_dir: Path, stopping: threading.Event) -> str | None:
+    """The job's hub model into the cache before the launch (llm_mcp.jobs.fetch); a cancel stops the wait at once
+    (the partial download stays in the cache and a resume continues it)."""
+    outcome: dict[str, str | None] = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(cause=fetch_model(cfg, append_metric(job_dir / "metrics.jsonl"))), daemon=True
+    )
+    worker.start()
+    while worker.is_alive() and not stopping.wait(0.5):
+        pass
+    if worker.is_alive():
+        return "cancelled while downloading the model; what was downloaded stays in the Hugging Face cache"
+    return outcome.get("cause")
 
 
 if __name__ == "__main__":

@@ -14,20 +14,25 @@ from contextlib import contextmanager
 import torch
 
 
-def compute_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
+def native_bf16() -> bool:
+    """Whether this GPU computes bf16 in hardware (Ampere and later). T4 and V100 only emulate it, slowly, and
+    torch.cuda.is_bf16_supported() counts emulation unless told not to."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def compute_dtype(device: str, bf16: bool | None = None) -> torch.dtype:
+    """bf16 on GPUs that compute it natively, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
     if device == "cpu":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if (native_bf16() if bf16 is None else bf16) else torch.float16
 
 
-def mixed_precision(device: str, bf16_supported: bool | None = None) -> str:
+def mixed_precision(device: str, bf16: bool | None = None) -> str:
     """accelerate's mixed_precision for the trainer: 'fp16' (autocast + GradScaler loss scaling) where the
-    compute dtype is fp16 (GPUs without bf16), else 'no' (bf16 and fp32 need no loss scaling)."""
+    compute dtype is fp16 (GPUs without native bf16), else 'no' (bf16 and fp32 need no loss scaling)."""
     if device == "cpu":
         return "no"
-    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-    return "no" if bf16 else "fp16"
+    return "no" if (native_bf16() if bf16 is None else bf16) else "fp16"
 
 
 _PATCH_LOCK = threading.Lock()  # model loads in the server's sampler threads must not interleave the patch
@@ -78,7 +83,7 @@ def load_base(
     auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant_type is None:
-        return auto.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, **kwargs, **dequantized(config))
     kwargs.update(
         device_map=device_map or {"": "cpu"},
         quantization_config=BitsAndBytesConfig(
@@ -93,6 +98,33 @@ def load_base(
         return auto.from_pretrained(path, **kwargs)
     with _falcon_linear_as_linear():
         return auto.from_pretrained(path, **kwargs)
+
+
+def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (its config's dtype: bf16 for most hub models), fp32 when it
+    does not say: a QLoRA merge de-quantizes into it, so a merged 8B model is 16 GB, not 32, and a 70B merge does
+    not need 280 GB of RAM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None)
+    saved = getattr(config, "dtype", None) or (getattr(text, "dtype", None) if text is not None else None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if saved in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def dequantized(config) -> dict:
+    """from_pretrained's arguments that load a checkpoint shipped quantized as trainable 16-bit weights: gpt-oss'
+    MXFP4 experts are otherwise kept MXFP4 wherever the `kernels` package and triton are installed, and PEFT's
+    target_parameters cannot adapt them there."""
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def keep_experts_in(model, dtype: torch.dtype) -> None:

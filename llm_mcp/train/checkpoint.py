@@ -111,14 +111,18 @@ def load_adapter_weights(model, ckpt: Path) -> None:
 
 
 def load_checkpoint(accelerator, optimizer, scheduler, ckpt: Path) -> int:
-    """Restore optimizer (this rank's shard under FSDP), scheduler and this rank's RNG; returns the step."""
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    """Restore optimizer (this rank's shard under FSDP), scheduler and this rank's RNG; returns the step.
+
+    Everything is read onto the CPU: saved from cuda:N, it would otherwise land on that device in every rank
+    (the optimizer's load_state_dict then moves its state to each parameter's own device).
+    """
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
     shard = ckpt / f"optimizer_{accelerator.process_index}.pt"
     optimizer.load_state_dict(
-        torch.load(shard, weights_only=False) if state["optimizer"] is None else state["optimizer"]
+        torch.load(shard, weights_only=False, map_location="cpu") if state["optimizer"] is None else state["optimizer"]
     )
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=False, map_location="cpu"))
     return int(state["step"])

@@ -78,7 +78,7 @@ def reference(
         path = Path(cfg.resume_checkpoint) / REFERENCE_FILE
         if not path.exists():
             raise ValueError(f"checkpoint {cfg.resume_checkpoint} holds no reference log-probs; start a new job")
-        table = torch.load(path, weights_only=True)
+        table = torch.load(path, weights_only=True, map_location="cpu")
         if table.shape[0] != len(everything):
             raise ValueError(
                 f"the checkpoint's reference covers {table.shape[0]} examples but this job has "

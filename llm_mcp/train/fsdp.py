@@ -6,11 +6,16 @@ the FSDP config (accelerate/state.py), so the CPU suite cannot exercise these pa
 a job under FSDP on one GPU. Under FSDP2 every parameter is a sharded DTensor and a forward is collective:
   - trainable parameters are gathered whole (adapter-sized, never the base) to save the adapter;
   - every rank runs the same forwards (eval rounds, the probe), or the others would wait forever;
+  - the probe runs the inner model, past the root's forward hook: the root's own parameters (embeddings, final
+    norm, LM head) are gathered for it first, as they are resharded after the last backward;
   - optimizer state is saved per rank (each holds its shard) and loaded back on the same layout;
   - adapter weights of a resumed job are loaded before `prepare`, so sharding spreads them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -36,3 +41,18 @@ def wrap_units(wrapped: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Mod
     hand it the model's (its decoder layer class), so each layer is its own shard unit, not the whole model."""
     wrapped._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
     return wrapped
+
+
+@contextmanager
+def unsharded_root(root) -> Iterator[None]:
+    """The FSDP root's own parameters gathered whole while the block runs (None, or not FSDP2: nothing to do).
+    The decoder layers are FSDP units of their own and gather themselves in their forward."""
+    unshard = getattr(root, "unshard", None)
+    if unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        root.reshard()

@@ -122,7 +122,9 @@ def resolve_finetune(request: FinetuneRequest, ctx: ValidationContext) -> Resolv
         ctx.hardware,
         (processes, request.gradient_checkpointing),
         warnings,
+        ctx.settings.home,
     )
+    warnings += method.warnings(cfg, estimates)
     if eval_set is not None:
         estimates["eval_rows"] = eval_set.rows
     estimates["model_source"] = _model_source(entry)

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from llm_mcp.core.data import DatasetSummary
 from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.estimates import RAM_USABLE_FRACTION
 from llm_mcp.core.fit import plan_memory
 from llm_mcp.core.hardware import Hardware, gpu_bf16_peak_flops
 from llm_mcp.core.matrix import ModelEntry
 from llm_mcp.core.methods import METHODS, Method
 from llm_mcp.core.methods.defaults import MethodDefaults
 from llm_mcp.core.objectives import Objective
-
-
-def _flops_per_second(hardware: Hardware, processes: int) -> float:
-    """Rough sustained training FLOP/s, for the time estimate only."""
-    if not hardware.gpus:
-        return 1e10 * max(1, hardware.cpu_count)
-    return 0.3 * gpu_bf16_peak_flops(hardware.gpus[0].name) * processes
+from llm_mcp.core.throughput import TimeEstimate, device_kind
+from llm_mcp.core.throughput import estimate as estimate_time
 
 
 def plan(
@@ -32,6 +29,7 @@ def plan(
     hardware: Hardware,
     requested: tuple[int | None, bool | None],
     warnings: list[str],
+    home: Path,
 ) -> dict[str, Any]:
     """The job's estimates; sets the config's gradient_checkpointing, distributed and num_processes.
 
@@ -48,6 +46,7 @@ def plan(
         hardware,
         target_modules=cfg["lora"]["target_modules"],
         rank=cfg["lora"]["rank"],
+        dropout=cfg["lora"]["dropout"],
         train_experts=bool(cfg["lora"].get("target_parameters")),
         batch_size=cfg["batch_size"] * objective.sequences_per_row,
         seq_len=cfg["max_seq_len"],
@@ -71,18 +70,7 @@ def plan(
             ]
             + _fitting_alternatives(entry, method, cfg, hardware)
         )
-    if memory.distributed == "fsdp":
-        warnings.append(
-            f"{entry.id} does not fit one GPU: the job runs FSDP over {memory.processes} GPUs "
-            f"(weights and optimizer state sharded, about {est.total_gb:g} GB per GPU)"
-        )
-    free = hardware.free_gb()
-    if hardware.source == "detected" and free is not None and est.total_gb > free:
-        warnings.append(
-            f"the job needs about {est.total_gb:g} GB per process but only {free:g} GB of "
-            f"{'GPU memory' if hardware.gpus else 'RAM'} is free right now; it may "
-            f"{'run out of memory' if hardware.gpus else 'swap or be killed'} unless other programs free memory"
-        )
+    warnings += _memory_warnings(entry, memory, cfg.get("nodes") or 1, hardware)
     eval_rows = int(dataset.rows * cfg["eval_fraction"]) if cfg["eval_fraction"] else 0
     train_rows = dataset.rows - eval_rows
     per_step = cfg["batch_size"] * cfg["gradient_accumulation"] * cfg["num_processes"]
@@ -102,8 +90,8 @@ def plan(
             )
     tokens_per_row = max(1, min(dataset.approx_tokens // max(1, dataset.rows), cfg["max_seq_len"]))
     tokens = total_steps * per_step * tokens_per_row
-    flops_per_token = 4 * entry.active_params_b * 1e9 * objective.flops_factor
-    seconds = flops_per_token * tokens / _flops_per_second(hardware, cfg["num_processes"])
+    work = entry.active_params_b * 1e9 * per_step * tokens_per_row * objective.flops_factor
+    timing = _time(home, hardware, total_steps, work, cfg["num_processes"])
     if not dataset.complete:
         warnings.append(f"validated the first {dataset.rows} rows within the time budget; the job checks the rest")
     return {
@@ -117,7 +105,8 @@ def plan(
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "approx_tokens": tokens,
-        "rough_time_s": round(seconds + 15, 1),
+        "rough_time_s": timing.seconds,
+        "time_basis": f"{timing.basis}: {timing.startup_s:g} s to start, {timing.step_s:g} s a step",
         "dataset_formats": dataset.formats,
     }
 
@@ -140,7 +129,8 @@ def _fitting_alternatives(entry: ModelEntry, method: Method, cfg: dict[str, Any]
             continue
         if entry.methods[m.name].status == "unsupported":
             continue
-        fit = plan_memory(entry, m, hw, target_modules=cfg["lora"]["target_modules"], rank=r, batch_size=b, seq_len=s)
+        fit = plan_memory(entry, m, hw, target_modules=cfg["lora"]["target_modules"], rank=r, batch_size=b, seq_len=s,
+                          dropout=cfg["lora"]["dropout"])  # fmt: skip
         if fit.fits:
             how = f", FSDP over {fit.processes} GPUs" if fit.distributed == "fsdp" else ""
             out.append(f"would fit: {label} (estimated {fit.estimate.total_gb:g} GB per process{how})")
@@ -150,5 +140,52 @@ def _fitting_alternatives(entry: ModelEntry, method: Method, cfg: dict[str, Any]
         out.append(
             f"no smaller setting fits; {entry.id} needs about {need:g} GB of GPU memory with {four_bit.short}. "
             "Call list_models(fits=true) for models that fit this machine"
+        )
+    return out
+
+
+def _check_host_ram(entry: ModelEntry, processes: int, nodes: int, hardware: Hardware) -> None:
+    """FSDP: transformers 5 materializes a full-size CPU copy of the weights in every rank on a node before FSDP
+    shards them (zeros on ranks > 0, broadcast from rank 0): the node's RAM must hold one per rank.
+
+    Raises:
+        InvalidArgumentError: it cannot.
+    """
+    if not hardware.ram_gb:
+        return
+    ranks = max(1, processes // max(1, nodes))
+    host_gb = ranks * entry.params_b * 1e9 * 2 / 2**30
+    if host_gb > RAM_USABLE_FRACTION * hardware.ram_gb:
+        raise InvalidArgumentError(
+            f"loading {entry.id} for FSDP needs about {host_gb:.0f} GB of host RAM on each node ({ranks} ranks x "
+            f"{entry.params_b:g}B parameters in bf16: every rank builds a full-size copy before sharding), but "
+            f"this machine has {hardware.ram_gb:.0f} GB. Next: fewer processes per node (num_processes with "
+            f"nodes on a cluster), a smaller model, or method='qlora'"
+        )
+
+
+def _time(home: Path, hardware: Hardware, steps: int, work: float, processes: int) -> TimeEstimate:
+    """The job's wall time from this machine's finished jobs (llm_mcp.core.throughput)."""
+    kind = device_kind(hardware.device, hardware.gpus[0].name if hardware.gpus else "", hardware.cpu_count)
+    peak = 0.3 * gpu_bf16_peak_flops(hardware.gpus[0].name) * processes if hardware.gpus else None
+    return estimate_time(home, kind, steps, work, peak)
+
+
+def _memory_warnings(entry: ModelEntry, memory: Any, nodes: int, hardware: Hardware) -> list[str]:
+    """What the caller should know about the memory plan (FSDP, memory others hold now); an FSDP job whose node
+    cannot hold the weights once per rank is refused (_check_host_ram)."""
+    est, out = memory.estimate, []
+    if memory.distributed == "fsdp":
+        _check_host_ram(entry, memory.processes, nodes, hardware)
+        out.append(
+            f"{entry.id} does not fit one GPU: the job runs FSDP over {memory.processes} GPUs "
+            f"(weights and optimizer state sharded, about {est.total_gb:g} GB per GPU)"
+        )
+    free = hardware.free_gb()
+    if hardware.source == "detected" and free is not None and est.total_gb > free:
+        out.append(
+            f"the job needs about {est.total_gb:g} GB per process but only {free:g} GB of "
+            f"{'GPU memory' if hardware.gpus else 'RAM'} is free right now; it may "
+            f"{'run out of memory' if hardware.gpus else 'swap or be killed'} unless other programs free memory"
         )
     return out

@@ -7,6 +7,7 @@ torch side of a method is its adapter layout's (llm_mcp.modeling.adapters, keyed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llm_mcp.core.experts import expert_param_count, expert_targets
@@ -16,6 +17,25 @@ from llm_mcp.core.shapes import NF4_BYTES_PER_PARAM, embedding_param_count, lora
 if TYPE_CHECKING:
     from llm_mcp.core.matrix import Dims
     from llm_mcp.core.methods.defaults import MethodDefaults
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Activation bytes one decoder layer keeps for backward: per token, and a part the tokens do not change."""
+
+    per_token: float
+    fixed: float = 0.0
+
+
+@dataclass(frozen=True)
+class TargetIO:
+    """What a layer's adapted linear layers read and write (per layer, averaged over the layers)."""
+
+    summed_inputs: float  # sum of in_features over the targets: each target's own copy of its input
+    distinct_inputs: float  # the inputs they share counted once (q/k/v read one, gate/up one); o_proj's excluded
+    outputs: float  # sum of out_features
+    weights: float  # sum of in_features x out_features
+    count: float  # targets
 
 
 class Method:
@@ -33,7 +53,6 @@ class Method:
     vllm_adapter: ClassVar[bool] = False  # vLLM serves the result as a LoRA adapter (else a merged model)
     options: ClassVar[tuple[str, ...]] = ()  # FinetuneRequest fields only this method takes
     bytes_per_trainable: ClassVar[int] = 16  # fp32 value + grad + two Adam moments
-    activation_factor: ClassVar[float] = 1.0  # activations kept for backward, relative to LoRA's
 
     def check(self, request: Any, entry: Any, problems: list[str]) -> None:
         """Problems with this method's own options for `entry` (a ModelEntry, or None if the model is unknown)."""
@@ -79,9 +98,24 @@ class Method:
         """Trainable parameters: rank x sum(in + out) over the targets (and the experts it adapts)."""
         return lora_param_count(dims, target_modules + expert_targets(dims, experts), rank)
 
+    def activation_bytes(self, io: TargetIO, rank: int, dropout: float, elem: int) -> LayerBytes:
+        """What the adapters add to a layer's saved activations (counted: llm_mcp.bench.activations).
+
+        PEFT casts each adapted layer's input to the fp32 adapter dtype (a copy per target when the model is 16-bit;
+        with fp32 weights the shared inputs stay shared) and keeps lora_A's r-wide output; dropout > 0 keeps each
+        target's dropped-out input too.
+        """
+        kept = io.summed_inputs if dropout or elem < 4 else io.distinct_inputs
+        copies = (8 if dropout else 4) * kept
+        return LayerBytes(per_token=copies + 4 * rank * io.count)
+
     def extra_bytes(self, dims: Dims, target_modules: list[str], trainable: int, rigl_fraction: float) -> float:
         """Memory beyond the weights, trainable state and activations (sparse: RigL's buffers)."""
         return 0.0
+
+    def warnings(self, cfg: dict[str, Any], estimates: dict[str, Any]) -> list[str]:
+        """What the caller should know about this job's settings for this method (the plan is in `estimates`)."""
+        return []
 
     def card_notes(self, quantized: bool) -> list[str]:
         """Lines a model card adds about how this method trained."""

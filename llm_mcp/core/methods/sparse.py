@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_mcp.core.matrix import Dims
-from llm_mcp.core.methods.base import Method
+from llm_mcp.core.methods.base import LayerBytes, Method, TargetIO
 from llm_mcp.core.methods.defaults import MethodDefaults
 from llm_mcp.core.shapes import rigl_bytes, sparse_param_count
 
@@ -33,6 +33,10 @@ class Sparse(Method):
         "quantize_base",
     )
     bytes_per_trainable = 32  # + the int64 flat index and the int64 CSR column of each entry
+
+    def activation_bytes(self, io: TargetIO, rank: int, dropout: float, elem: int) -> LayerBytes:
+        """Each sparse delta keeps its layer's input (the delta's gradient needs it), shared inputs once."""
+        return LayerBytes(per_token=elem * io.distinct_inputs)
 
     def check(self, request: Any, entry: Any, problems: list[str]) -> None:
         if request.density is not None and request.sparsity_ratio is not None:

@@ -26,8 +26,8 @@ class Merged(ExportFormat):
         if not job.training.quantized:
             return []
         return [
-            "QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in full "
-            "precision; it differs slightly from the original unquantized base (4-bit rounding). "
+            "QLoRA: merged into the de-quantized NF4 base the adapter was trained on, saved in the base "
+            "checkpoint's dtype; it differs slightly from the original unquantized base (4-bit rounding). "
             "Its logits also differ slightly from the 4-bit model's: bitsandbytes' 4-bit kernels "
             "compute in bf16 on some CPUs and GPUs (up to ~1% of the logit scale was measured)."
         ]

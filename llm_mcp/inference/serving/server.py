@@ -45,6 +45,36 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+MAX_MODEL_LEN = 8192  # the context a managed server reserves KV cache for (LLM_MCP_VLLM_ARGS may raise it)
+GPU_UTILIZATION_CAP = 0.9  # vLLM's own default
+HEADROOM_GB = 1.0  # left free beside a new server (CUDA context, other processes' growth)
+MIN_KV_GB = 1.0  # the least KV cache worth starting a server for
+
+
+def weights_gb(model_path: str) -> float:
+    """The size of a local checkpoint's safetensors (0 when it is not a local directory)."""
+    path = Path(model_path)
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**30 if path.is_dir() else 0.0
+
+
+def gpu_memory_utilization(total_gb: float, free_gb: float | None, model_gb: float, name: str) -> float:
+    """The --gpu-memory-utilization a new server can have: vLLM refuses to start when the fraction it asks for is
+    more than is free, so it is what is free now (less HEADROOM_GB) over the total, at most 0.9.
+
+    Raises:
+        VllmError: the free memory cannot hold the weights and MIN_KV_GB of cache (with what holds the rest).
+    """
+    free = total_gb if free_gb is None else free_gb
+    fraction = min(GPU_UTILIZATION_CAP, max(0.0, free - HEADROOM_GB) / total_gb)
+    if fraction * total_gb < model_gb + MIN_KV_GB:
+        raise VllmError(
+            f"not enough free GPU memory to serve {name}: {free:.1f} of {total_gb:.0f} GB free, its weights need "
+            f"{model_gb:.1f} GB plus {MIN_KV_GB:g} GB of cache (a training job or another vLLM server holds the rest). "
+            "Next: wait for the job to finish or cancel_job it, or sample with --sampler transformers"
+        )
+    return round(fraction, 3)
+
+
 def max_model_len(model_path: str, cap: int) -> int | None:
     try:
         cfg = json.loads((Path(model_path) / "config.json").read_text())
@@ -69,6 +99,7 @@ class VllmServer:
     state: str = "starting"  # starting | ready | failed | stopped
     error: str | None = None
     proc: subprocess.Popen | None = None
+    claimed_gb: float = 0.0  # GPU memory its --gpu-memory-utilization reserves once it has loaded
     started_at: float = field(default_factory=time.monotonic)
     ready_s: float | None = None
     last_used: float = field(default_factory=time.monotonic)

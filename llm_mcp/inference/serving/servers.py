@@ -27,6 +27,7 @@ from typing import Any
 from llm_mcp.core.procs import free_port
 from llm_mcp.inference.serving.server import (
     MAX_LORAS,
+    MAX_MODEL_LEN,
     MAX_RESTARTS,
     MAX_SERVERS,
     START_WAIT_S,
@@ -34,9 +35,11 @@ from llm_mcp.inference.serving.server import (
     VllmError,
     VllmServer,
     VllmStarting,
+    gpu_memory_utilization,
     lora_rank_slot,
     max_model_len,
     vllm_installed,
+    weights_gb,
 )
 
 __all__ = ["START_WAIT_S", "VllmError", "VllmPool", "VllmServer", "VllmStarting", "lora_rank_slot", "vllm_installed"]
@@ -89,15 +92,28 @@ class VllmPool:
             "--load-format",
             "safetensors",
         ]  # never unpickle a .bin checkpoint
-        if self.gpu:
-            cmd += ["--gpu-memory-utilization", "0.5"]
+        if self.gpu:  # what is free now, not a fixed half: an 8B model's weights do not fit half of 24 GB
+            total, free = self._gpu_memory(server)
+            utilization = gpu_memory_utilization(total, free, weights_gb(server.model_path), server.name)
+            server.claimed_gb = utilization * total
+            cmd += ["--gpu-memory-utilization", str(utilization)]
         else:  # REFERENCE §5: on CPU this flag is the RAM fraction; float32 matches the in-process sampler
             cmd += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.2"]
-            cmd += ["--max-model-len", str(max_model_len(server.model_path, 8192))]
+        # Llama 3.1 would otherwise reserve KV cache for its whole 128k context
+        cmd += ["--max-model-len", str(max_model_len(server.model_path, MAX_MODEL_LEN))]
         if trust_remote_code:
             cmd.append("--trust-remote-code")
         watch = [sys.executable, "-m", "llm_mcp.inference.serving.watch", str(os.getpid()), "--"]
         return watch + cmd + self.extra_args
+
+    def _gpu_memory(self, new: VllmServer) -> tuple[float, float | None]:
+        """(total, free) GB of the GPU a new server starts on, less what servers still starting will claim (vLLM
+        allocates its share only once loaded, so nvidia-smi does not show it yet)."""
+        from llm_mcp.core.hardware import detect
+
+        gpu = detect().gpus[0]
+        starting = sum(s.claimed_gb for s in self.servers.values() if s.state == "starting" and s is not new)
+        return gpu.memory_gb, None if gpu.free_gb is None else max(0.0, gpu.free_gb - starting)
 
     def _spawn(self, server: VllmServer, trust_remote_code: bool) -> None:
         port = free_port()
