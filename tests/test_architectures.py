@@ -10,7 +10,9 @@ has no cell behind it fails test_every_architecture_in_the_matrix_has_a_tiny_bui
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +231,10 @@ async def test_cell(arch, method, suite, matrix):
             with torch.no_grad():
                 expected = reloaded(input_ids=ids_).logits[0]
     assert merged.structured_content["state"] == "done", merged.content[0].text
+    if method in ("lora", "dora"):
+        await check_gguf(state, arch, job_id, vlm, merge=True)
+    if method == "lora" and not vlm and not moe:
+        await check_gguf(state, arch, job_id, vlm, merge=False)
     whole = auto.from_pretrained(merged.structured_content["destination"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(whole(input_ids=ids_).logits[0], expected, rtol=0, atol=1e-4)
@@ -240,6 +246,27 @@ async def test_cell(arch, method, suite, matrix):
             if ".language_model." not in n and "lm_head" not in n and "embed_tokens" not in n
         }
         assert vision and all(torch.equal(merged_params[n], p) for n, p in vision.items())
+
+
+async def check_gguf(state, arch: str, job_id: str, vlm: bool, merge: bool) -> None:
+    """The job's GGUF (f16; merge=False: the base and the adapter as a GGUF LoRA) gives the trained model's greedy
+    tokens in llama.cpp; a vision-language model is refused with the reason."""
+    from llm_mcp.inference.exports.llama_cpp import converter_dir
+    from tests.test_gguf import export, probe_top1
+
+    if converter_dir() is None and not os.environ.get("CI"):
+        return  # llama-cpp-python is not set up here (tests/test_gguf.py is skipped too)
+    result = await export(state, job_id=job_id, format="gguf", quantization="f16", merge=merge)
+    if vlm:
+        assert result.is_error and "mmproj" in result.content[0].text, result.content[0].text
+        return
+    assert not result.is_error, result.content[0].text
+    checked = result.structured_content["checked"]
+    assert checked["tokenizer_match"] and checked["greedy_tokens_matched"] == "16/16", (arch, checked)
+    dest = Path(result.structured_content["destination"])
+    model, lora = (dest / "model-f16.gguf", None) if merge else (dest / "base-f16.gguf", dest / "adapter-f16.gguf")
+    got, trained = probe_top1(state, job_id, model, lora)
+    assert sum(a == b for a, b in zip(got, trained, strict=True)) >= len(trained) - 1, (arch, got, trained)
 
 
 def _auto(vlm: bool):

@@ -98,7 +98,7 @@ ENTRIES = {  # every process we start that may import bitsandbytes, up to where 
     "trainer": "import llm_mcp.train.run",  # accelerate launch -m llm_mcp.train.run: at import
     "sampler": "from llm_mcp.inference.sampling import TransformersSampler; TransformersSampler()",
     # the merge worker, as far as its first line (the lock file is missing, so it stops there)
-    "merge": "from llm_mcp.inference.merge import merge_main\ntry:\n    merge_main('/nonexistent/lock')\n"
+    "merge": "from llm_mcp.inference.exports.worker import main\ntry:\n    main('/nonexistent/lock')\n"
     "except OSError:\n    pass",
 }
 

@@ -152,7 +152,12 @@ def test_modules_and_functions_stay_small():
 
 @pytest.mark.parametrize(
     "entry",
-    ["llm_mcp.train.run", "llm_mcp.jobs.supervisor", "llm_mcp.inference.merge", "llm_mcp.inference.serving.watch"],
+    [
+        "llm_mcp.train.run",
+        "llm_mcp.jobs.supervisor",
+        "llm_mcp.inference.exports.worker",
+        "llm_mcp.inference.serving.watch",
+    ],
 )
 def test_job_processes_import_neither_the_sdk_nor_the_server(entry):
     """The trainer, the job supervisor, the merge worker and the vLLM watcher run as their own processes."""

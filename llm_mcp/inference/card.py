@@ -60,8 +60,9 @@ def auto_class(job: Job) -> str:
     return "AutoModelForImageTextToText" if vlm else "AutoModelForCausalLM"
 
 
-def model_card(job: Job, label: str, full_model: bool, base: str, job_dir: Path) -> str:
-    """README.md for an export: method, data, hyperparameters, losses, how to load."""
+def model_card(job: Job, label: str, full_model: bool, base: str, job_dir: Path, load: list[str] | None = None) -> str:
+    """README.md for an export: method, data, hyperparameters, losses, how to load (`load`: that section's
+    lines instead of the transformers / PEFT code)."""
     cfg = job.training
     metrics = read_metrics(job_dir)
     steps = [m for m in metrics if "loss" in m]
@@ -99,6 +100,8 @@ def model_card(job: Job, label: str, full_model: bool, base: str, job_dir: Path)
     if evals:
         lines.append(f"- eval loss: {evals[-1]:.4f}")
     lines += method.card_notes(cfg.quantized)
+    if load is not None:
+        return "\n".join([*lines, "", *load, ""])
     auto = auto_class(job)
     lines += ["", "## Load", "", "```python"]
     if full_model:

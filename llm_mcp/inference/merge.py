@@ -1,6 +1,7 @@
-"""Merged exports: a detached worker merges the adapter into its base; one lock per destination.
+"""Background exports (merged, gguf): the lock one detached worker per destination holds, and the tool call's
+wait for it. The worker itself is llm_mcp.inference.exports.worker:
 
-    python -m llm_mcp.inference.merge LOCK_FILE
+    python -m llm_mcp.inference.exports.worker LOCK_FILE
 
 The lock is created exclusively and names its owner (the worker), so two callers never merge into
 one destination and a killed worker leaves a stale lock that the next call takes over.
@@ -11,23 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.procs import detached
-from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.core.store import Job
-from llm_mcp.inference.card import list_files, model_card
+from llm_mcp.inference.card import list_files
 
 MERGE_WAIT_S = 25  # tool calls must answer within 30 s; a longer merge returns state "running"
-
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, manifest: dict, result):
@@ -54,7 +49,7 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
         "checkpoint": result.checkpoint,
     }
     if _claim(lock, spec):
-        detached("llm_mcp.inference.merge", str(lock), dest.with_name(f".{dest.name}.log"), append=True)
+        detached("llm_mcp.inference.exports.worker", str(lock), dest.with_name(f".{dest.name}.log"), append=True)
     deadline = time.monotonic() + MERGE_WAIT_S
     while time.monotonic() < deadline and lock.exists() and not _stale(lock):
         time.sleep(0.25)
@@ -70,10 +65,43 @@ def run_merge(job: Job, job_dir: Path, adapter: Path, base: str, dest: Path, man
         )
     if lock.exists():
         result.state = "running"
-        result.notes.append("the merge is still running; call export_adapter again with the same arguments")
+        result.notes.append(f"{_stage(dest)}; call export_adapter again with the same arguments")
         return result
     result.files = list_files(dest)
     return result
+
+
+def _stage(dest: Path) -> str:
+    """Where the worker writing `dest` is, and since when."""
+    try:
+        at = json.loads(dest.with_name(f".{dest.name}.progress").read_text())
+    except (OSError, ValueError):
+        return "the export is still being written"
+    return f"still running: {at['stage']} (for {time.time() - at['at']:.0f} s)"
+
+
+def cancel(dest: Path) -> bool:
+    """Stop the worker writing `dest` (and its children: the converter) and remove what it wrote; False when
+    none is running. Its lock goes last, so no second worker starts on a half-removed export."""
+    lock = dest.with_name(f".{dest.name}.lock")
+    try:
+        owner = json.loads(lock.read_text()).get("owner")
+    except (OSError, ValueError):
+        return False
+    if owner and not _stale(lock):
+        try:
+            proc = psutil.Process(owner["pid"])
+            procs = [*proc.children(recursive=True), proc]
+            for p in procs:
+                p.kill()
+            psutil.wait_procs(procs, timeout=10)
+        except psutil.Error:
+            pass
+    for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    dest.with_name(f".{dest.name}.progress").unlink(missing_ok=True)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def merging(dest: Path) -> bool:
@@ -115,69 +143,3 @@ def _stale(lock: Path, grace_s: float = 30.0) -> bool:
         return abs(proc.create_time() - owner["started_at"]) > 1 or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return True
-
-
-def merge_main(lock_path: str) -> int:
-    """Worker: load base (+ de-quantize for QLoRA), apply adapter, merge, save; then remove the lock."""
-    quiet_bitsandbytes()  # first: before peft / transformers import bitsandbytes
-    lock = Path(lock_path)
-    data = json.loads(lock.read_text())
-    data["owner"] = {"pid": os.getpid(), "started_at": psutil.Process().create_time()}
-    tmp = lock.with_name(f"{lock.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, lock)  # from now on the lock is stale only if this process is gone
-    spec = data["spec"]
-    dest = Path(spec["dest"])
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        from transformers import AutoTokenizer
-
-        from llm_mcp.modeling.adapters import adapter_of_method
-        from llm_mcp.modeling.base import checkpoint_dtype, load_base
-
-        cfg = JobConfig.parse(spec["job"]["config"])
-        base_path = cfg.model.path
-        trc = cfg.model.trust_remote_code
-        if (q := cfg.quantization) is not None:  # de-quantized into the checkpoint's own dtype, not fp32
-            model = load_base(
-                base_path,
-                dtype=checkpoint_dtype(base_path, trc),
-                trust_remote_code=trc,
-                quant_type=q.bnb_4bit_quant_type,
-                double_quant=q.bnb_4bit_use_double_quant,
-            ).dequantize()
-        else:
-            model = load_base(base_path, dtype="auto", trust_remote_code=trc)
-        merged = adapter_of_method(cfg.method).merge(model, Path(spec["adapter"]))
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok_src = (
-            Path(spec["adapter"]) if (Path(spec["adapter"]) / "tokenizer_config.json").exists() else Path(base_path)
-        )
-        AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trc).save_pretrained(tmp)
-        for name in PROCESSOR_FILES:  # a vision-language model's image processor: the merged VLM serves images too
-            if (Path(base_path) / name).is_file():
-                shutil.copy2(Path(base_path) / name, tmp / name)
-        job = Job(
-            id=spec["job"]["id"],
-            name=spec["job"]["name"],
-            state=spec["job"]["state"],
-            model=spec["base"],
-            method=spec["job"]["method"],
-            device_set="",
-            created_at=spec["job"]["created_at"],
-            config=cfg,
-        )
-        (tmp / "README.md").write_text(model_card(job, spec["checkpoint"], True, spec["base"], Path(spec["job_dir"])))
-        (tmp / "export.json").write_text(json.dumps(spec["manifest"], indent=2))
-        os.rename(tmp, dest)
-        return 0
-    except Exception as exc:  # reported to the waiting tool call through the error file
-        dest.with_name(f".{dest.name}.error").write_text(f"{type(exc).__name__}: {exc}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        return 1
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(merge_main(sys.argv[1]))

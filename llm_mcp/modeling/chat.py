@@ -247,12 +247,17 @@ def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | Non
     return at, at - minus_len
 
 
+def closing_token(tok) -> str | None:
+    """The special token the chat template closes an assistant turn with (None: no template, or none found)."""
+    return _template_facts(tok)[2] if tok.chat_template else None
+
+
 def end_of_turn_ids(tok, model=None) -> list[int]:
     """Every id generation stops on: the model's generation config eos ids (Llama 3 lists three), the tokenizer's,
     and the token the chat template closes an assistant turn with (Qwen3-Base: <|im_end|>, its eos <|endoftext|>)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
-    closing = _template_facts(tok)[2] if tok.chat_template else None
+    closing = closing_token(tok)
     ids += [tok.eos_token_id] + ([tok.convert_tokens_to_ids(closing)] if closing else [])
     return [i for i in dict.fromkeys(ids) if i is not None]
 

@@ -39,6 +39,10 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
         "Qwen3ForCausalLM": transformers.Qwen3Config,
         "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
     }
+    if architecture == "Gemma3ForCausalLM":  # queries scaled by 1/sqrt(head_dim), as Gemma 3 1B-12B have it
+        return transformers.Gemma3TextConfig(
+            intermediate_size=intermediate_size, query_pre_attn_scalar=common["head_dim"], **common
+        )
     if architecture in dense:
         return dense[architecture](intermediate_size=intermediate_size, **common)
     if architecture == "Qwen3MoeForCausalLM":
@@ -46,6 +50,7 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
             intermediate_size=intermediate_size,
             moe_intermediate_size=intermediate_size // 2,
             num_experts=num_experts,
+            norm_topk_prob=True,  # as every Qwen3 MoE checkpoint has it
             **moe,
             **common,
         )
@@ -57,7 +62,8 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
         return transformers.GptOssConfig(
             intermediate_size=intermediate_size // 2,
             num_local_experts=num_experts,
-            layer_types=["full_attention"] * common["num_hidden_layers"],
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(common["num_hidden_layers"])],
+            sliding_window=128,  # gpt-oss-20b / 120b: every other layer attends to the last 128 tokens
             **moe,
             **common,
         )
@@ -66,8 +72,9 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
             k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads", "tie_word_embeddings")
         }
         return transformers.FalconConfig(
-            ffn_hidden_size=intermediate_size,
+            ffn_hidden_size=4 * common["hidden_size"],  # Falcon's MLP is 4x wide (llama.cpp assumes it)
             multi_query=True,
+            num_kv_heads=1,  # what multi_query means (config.json then says so, as Falcon-7B's implies)
             parallel_attn=True,
             bias=False,
             new_decoder_architecture=False,
@@ -85,6 +92,8 @@ def tiny_config(architecture: str, common: dict, intermediate_size: int, num_exp
             first_k_dense_replace=1,
             n_group=1,
             topk_group=1,
+            scoring_func="sigmoid",  # as DeepSeek-V3's config.json says (transformers assumes it; llama.cpp reads it)
+            topk_method="noaux_tc",
             q_lora_rank=common["hidden_size"] // 2,
             kv_lora_rank=common["hidden_size"] // 2,
             qk_nope_head_dim=head,

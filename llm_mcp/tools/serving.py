@@ -14,7 +14,9 @@ from pydantic import Field
 from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.methods import get_method
 from llm_mcp.core.request import Request, choice
-from llm_mcp.inference.exports import FORMATS, ExportResult, export
+from llm_mcp.inference.exports import FORMATS, ExportOptions, ExportResult, export
+from llm_mcp.inference.exports.gguf import DEFAULT_QUANTIZATION
+from llm_mcp.inference.exports.llama_cpp import QUANTIZATIONS
 from llm_mcp.inference.serving import ServeResult, examples, job_serving
 from llm_mcp.inference.serving.servers import VllmStarting, vllm_installed
 from llm_mcp.inference.targets import job_adapter, job_target
@@ -32,6 +34,15 @@ class ExportRequest(Request):
         description="Where to write: relative to LLM_MCP_HOME/exports, or an absolute path under an allowed root.",
         max_length=4096,
     )
+    quantization: choice(*QUANTIZATIONS) | None = Field(  # type: ignore[valid-type]
+        None, description=f"format='gguf' only: the GGUF's type (default {DEFAULT_QUANTIZATION})."
+    )
+    merge: bool = Field(
+        True,
+        description="format='gguf' only: false writes a LoRA / QLoRA adapter alone as a GGUF LoRA (plus the base "
+        "GGUF) for llama.cpp's --lora and Ollama's ADAPTER.",
+    )
+    cancel: bool = Field(False, description="Stop a merged / gguf export still running with these arguments.")
 
 
 class ServeRequest(Request):
@@ -41,10 +52,14 @@ class ServeRequest(Request):
 
 def export_adapter(ctx: Context, request: ExportRequest) -> Annotated[CallToolResult, ExportResult]:
     """Write a job's adapter in the format people use: a PEFT directory (adapter_config.json,
-    adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, or a merged
-    full model in safetensors (QLoRA: merged into the de-quantized base). Returns paths,
-    sizes, sha256 of every file and ready-to-run snippets (PEFT, vLLM). Calling it again
-    returns the same export; a destination holding something else is never overwritten.
+    adapter_model.safetensors, tokenizer, README model card), a .tar.gz of it, a merged
+    full model in safetensors (QLoRA: merged into the de-quantized base), or GGUF for
+    llama.cpp / Ollama (llama.cpp's converter and quantizer, an Ollama Modelfile; the file is
+    loaded in llama.cpp and compared with the transformers model, the figures in 'checked').
+    Returns paths, sizes, sha256 of every file and ready-to-run snippets. Merges and GGUF run
+    in the background: a call waits up to 25 s, then returns state 'running' (call again).
+    Calling it again returns the same export; a destination holding something else is never
+    overwritten.
     """
     state = state_of(ctx)
     job = state.store.get(request.job_id)
@@ -52,7 +67,16 @@ def export_adapter(ctx: Context, request: ExportRequest) -> Annotated[CallToolRe
     entry = state.matrix.find(job.model)
     servable = entry.methods[job.method].vllm_adapter if entry else get_method(job.method).vllm_adapter
     answer = export(
-        state.settings, job, state.store.job_dir(job.id), path, label, request.format, request.destination, servable
+        state.settings,
+        job,
+        state.store.job_dir(job.id),
+        path,
+        label,
+        request.format,
+        request.destination,
+        servable,
+        ExportOptions(quantization=request.quantization, merge=request.merge),
+        stop=request.cancel,
     )
     return result(summarize_export(answer), answer)
 
@@ -111,12 +135,18 @@ def register(mcp: MCPServer) -> None:
 
 def summarize_export(r: ExportResult) -> str:
     if r.state == "running":
-        return f"Merging {r.job_id} ({r.checkpoint}) into {r.destination}: still running. " + " ".join(r.notes)
+        return f"Exporting {r.job_id} ({r.checkpoint}) as {r.format} to {r.destination}: " + " ".join(r.notes)
+    if r.state == "cancelled":
+        return f"Cancelled the {r.format} export of {r.job_id} ({r.checkpoint}) to {r.destination}. " + " ".join(
+            r.notes
+        )
     lines = [
         f"{'Already exported' if r.reused else 'Exported'} {r.job_id} ({r.checkpoint}) as {r.format}: {r.destination}"
     ]
     lines += [f"  {Path(f.path).name}  {f.size:,} bytes  sha256 {f.sha256[:16]}..." for f in r.files[:12]]
     lines += [f"{k}: {v}" for k, v in r.snippets.items()]
+    if r.checked:
+        lines.append("checked: " + ", ".join(f"{k} {v}" for k, v in r.checked.items()))
     lines += r.notes
     return "\n".join(lines)
 

@@ -51,6 +51,7 @@ class Method:
     trains_experts: ClassVar[bool] = False  # also adapts fused MoE expert parameters (PEFT target_parameters)
     fsdp: ClassVar[bool] = False  # can shard over GPUs with FSDP (llm_mcp.train.fsdp)
     vllm_adapter: ClassVar[bool] = False  # vLLM serves the result as a LoRA adapter (else a merged model)
+    gguf_adapter: ClassVar[bool] = False  # llama.cpp applies the adapter as a GGUF LoRA (else only merged GGUF)
     options: ClassVar[tuple[str, ...]] = ()  # FinetuneRequest fields only this method takes
     bytes_per_trainable: ClassVar[int] = 16  # fp32 value + grad + two Adam moments
 

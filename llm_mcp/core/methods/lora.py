@@ -12,6 +12,7 @@ class Lora(Method):
     trains_experts = True
     fsdp = True
     vllm_adapter = True
+    gguf_adapter = True
 
 
 LORA = Lora()

@@ -16,6 +16,7 @@ class QLora(Method):
     quantized_base = True
     trains_experts = True
     vllm_adapter = True  # on the full-precision base: outputs differ slightly from the 4-bit model's
+    gguf_adapter = True
 
     def embedding_bytes(self, elem: int) -> int:
         return 4

@@ -3,6 +3,7 @@
     peft     the adapter directory (PeftModel.from_pretrained; the sparse layout for sparse jobs)
     archive  the same as one .tar.gz
     merged   the adapter merged into its base: a full safetensors model (a detached worker)
+    gguf     llama.cpp / Ollama files, merged or the LoRA adapter alone, checked in llama.cpp (a detached worker)
 
 Writes go to a temporary path renamed into place, with a manifest (export.json) naming the source (job,
 checkpoint, adapter sha256). Exporting the same thing again returns the existing export; a destination
@@ -15,6 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -24,18 +26,22 @@ from llm_mcp.core.settings import Settings
 from llm_mcp.core.store import Job
 from llm_mcp.inference.card import ExportedFile, list_files
 from llm_mcp.inference.exports.archive import ARCHIVE
-from llm_mcp.inference.exports.base import ExportFormat, manifest
+from llm_mcp.inference.exports.base import ExportFormat, ExportOptions, manifest
+from llm_mcp.inference.exports.gguf import GGUF
 from llm_mcp.inference.exports.merged import MERGED
 from llm_mcp.inference.exports.peft import PEFT_DIRECTORY
-from llm_mcp.inference.merge import merging, run_merge
+from llm_mcp.inference.merge import cancel, merging, run_merge
 
-FORMATS: dict[str, ExportFormat] = {f.name: f for f in (PEFT_DIRECTORY, ARCHIVE, MERGED)}
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (PEFT_DIRECTORY, ARCHIVE, MERGED, GGUF)}
 CLAIM_WAIT_S = 20.0  # how long a second export to a destination being written waits for the first
+DEFAULT_OPTIONS = ExportOptions()
 MERGED_FORMAT = MERGED  # what vLLM serves when it cannot load a method's adapter (llm_mcp.inference.serving)
 
 
 class ExportResult(BaseModel):
-    state: str = Field(description="'done', or 'running' for a merge still in progress (call again).")
+    state: str = Field(
+        description="'done'; 'running' for a merge or conversion still in progress (call again); 'cancelled'."
+    )
     format: str
     destination: str
     job_id: str
@@ -44,6 +50,9 @@ class ExportResult(BaseModel):
     files: list[ExportedFile] = []
     snippets: dict[str, str] = {}
     notes: list[str] = []
+    checked: dict[str, Any] | None = Field(
+        None, description="What was checked after writing (gguf: llama.cpp against the transformers model)."
+    )
 
 
 def resolve_destination(settings: Settings, value: str | None, default_name: str) -> Path:
@@ -79,16 +88,21 @@ def export(
     fmt: str,
     destination: str | None,
     vllm_adapter: bool,
+    options: ExportOptions = DEFAULT_OPTIONS,
+    stop: bool = False,
 ) -> ExportResult:
-    """Export (or find the identical existing export). Background formats may return state 'running'."""
+    """Export (or find the identical existing export). Background formats may return state 'running';
+    `stop` cancels a background export under way to this destination."""
     if fmt not in FORMATS:
         raise InvalidArgumentError(f"format={fmt!r}; allowed: {list(FORMATS)}")
-    form = FORMATS[fmt]
+    form = FORMATS[fmt].configured(job, options)
     base = job.config.model.id
     dest = resolve_destination(settings, destination, form.default_name(job, label))
     if form.suffix and not dest.name.endswith(form.suffix):
         raise InvalidArgumentError(f"destination={destination!r}: a {fmt} export is a file ending in {form.suffix}")
-    wanted = manifest(job, label, fmt, adapter)
+    if stop:
+        return _cancel(form, job, label, dest)
+    wanted = manifest(job, label, form, adapter)
     result = ExportResult(
         state="done",
         format=fmt,
@@ -130,11 +144,24 @@ def export(
     return result
 
 
+def _cancel(form: ExportFormat, job: Job, label: str, dest: Path) -> ExportResult:
+    answer = ExportResult(state="cancelled", format=form.name, destination=str(dest), job_id=job.id, checkpoint=label)
+    if not form.background or not cancel(dest):
+        raise InvalidArgumentError(
+            f"cancel=true: no {form.name} export of job {job.id} ({label}) is being written to {str(dest)!r}"
+            + (" (it is done: delete it yourself if you do not want it)" if dest.exists() else "")
+            + "; call export_adapter without cancel to export"
+        )
+    answer.notes.append("the export was stopped and what it had written removed")
+    return answer
+
+
 def _existing(form: ExportFormat, dest: Path, wanted: dict, result: ExportResult, reused: bool = True) -> ExportResult:
     """The export already at `dest`: returned when it is this one, refused when it is anything else."""
     existing = form.read_manifest(dest)
-    if existing == wanted:
+    if existing is not None and {k: existing.get(k) for k in wanted} == wanted:
         result.reused, result.files = reused, list_files(dest)
+        result.checked = existing.get("check")
         return result
     what = f"an export of job {existing['job_id']} ({existing['checkpoint']})" if existing else "other files"
     raise InvalidArgumentError(
@@ -143,4 +170,4 @@ def _existing(form: ExportFormat, dest: Path, wanted: dict, result: ExportResult
     )
 
 
-__all__ = ["FORMATS", "MERGED_FORMAT", "ExportResult", "ExportedFile", "export", "resolve_destination"]
+__all__ = ["FORMATS", "MERGED_FORMAT", "ExportOptions", "ExportResult", "ExportedFile", "export", "resolve_destination"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.layouts import LAYOUTS, layout_of, weights_file
 from llm_mcp.core.methods import get_method
 from llm_mcp.core.store import Job
@@ -25,6 +28,14 @@ TOKENIZER_FILES = (
 MANIFEST = "export.json"
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What export_adapter takes beyond the format (only formats that use an option accept a non-default one)."""
+
+    quantization: str | None = None
+    merge: bool = True
+
+
 class ExportFormat:
     """One export format: where it goes, how it is written, how it is loaded.
 
@@ -36,7 +47,40 @@ class ExportFormat:
     description: ClassVar[str]  # one line for export_adapter's schema
     suffix: ClassVar[str] = ""  # the destination's required ending ('.tar.gz' for an archive)
     full_model: ClassVar[bool] = False  # a whole model (merged) rather than an adapter
-    background: ClassVar[bool] = False  # written by a detached worker (llm_mcp.inference.merge)
+    background: ClassVar[bool] = False  # written by a detached worker (llm_mcp.inference.exports.worker)
+    options: ExportOptions = ExportOptions()
+
+    def configured(self, job: Job, options: ExportOptions) -> ExportFormat:
+        """This format with the caller's options, checked against the job (a format without options refuses any)."""
+        if options.quantization is not None:
+            raise InvalidArgumentError(
+                f"quantization={options.quantization!r} applies to format='gguf' only (format={self.name!r}); "
+                "omit it, or export format='gguf'"
+            )
+        if not options.merge:
+            raise InvalidArgumentError(
+                f"merge=false applies to format='gguf' only (format={self.name!r}: the 'peft' and 'archive' formats "
+                "are the adapter alone already); omit merge"
+            )
+        return self
+
+    def with_options(self, options: ExportOptions) -> ExportFormat:
+        configured = copy.copy(self)
+        configured.options = options
+        return configured
+
+    def manifest_options(self) -> dict[str, Any]:
+        """The options that make one export of this format differ from another (recorded in the manifest)."""
+        return {}
+
+    def from_manifest(self, manifest: dict[str, Any]) -> ExportFormat:
+        """This format with the options a manifest records (the background worker's view of the request)."""
+        return self
+
+    def write_background(self, spec: dict[str, Any], tmp: Path, progress: Any) -> dict[str, Any]:
+        """A background format's worker: write the export into the directory `tmp` (llm_mcp.inference.exports.worker
+        renames it into place); `progress(stage)` reports where it is. Returns what to add to the manifest."""
+        raise NotImplementedError
 
     def default_name(self, job: Job, label: str) -> str:
         return f"{job.id}-{label.replace(' ', '-')}-{self.name}{self.suffix}"
@@ -96,9 +140,16 @@ class ExportFormat:
         return out
 
 
-def manifest(job: Job, label: str, fmt: str, adapter: Path) -> dict[str, Any]:
-    """What an export holds: its job, checkpoint, format and the adapter's sha256 (a second call compares it)."""
-    return {"job_id": job.id, "checkpoint": label, "format": fmt, "adapter_sha256": sha256_file(weights_file(adapter))}
+def manifest(job: Job, label: str, form: ExportFormat, adapter: Path) -> dict[str, Any]:
+    """What an export holds: its job, checkpoint, format (and options) and the adapter's sha256 (a second call
+    compares it)."""
+    return {
+        "job_id": job.id,
+        "checkpoint": label,
+        "format": form.name,
+        **form.manifest_options(),
+        "adapter_sha256": sha256_file(weights_file(adapter)),
+    }
 
 
 def write_adapter_dir(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path) -> None:
