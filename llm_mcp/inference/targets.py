@@ -96,6 +96,14 @@ def job_target(job: Job, adapter: Path | None) -> Target:
     )
 
 
+def trained_on_4bit(adapter: Path) -> bool:
+    """Whether an exported adapter says it was trained on a 4-bit base (QLoRA; export.json's quantized_base)."""
+    try:
+        return bool(json.loads((adapter / "export.json").read_text()).get("quantized_base"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def adapter_base(adapter: Path) -> str:
     """base_model_name_or_path from a PEFT (adapter_config.json) or sparse (sparse_config.json) adapter."""
     try:

@@ -21,7 +21,7 @@ from llm_mcp.core.rows import ROLES
 from llm_mcp.inference.sampling import MAX_N, MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT, Completion, SampleParams
 from llm_mcp.inference.serving import plan_vllm_sample
 from llm_mcp.inference.serving.servers import VllmStarting
-from llm_mcp.inference.targets import Target, adapter_base, job_adapter, job_target
+from llm_mcp.inference.targets import Target, adapter_base, job_adapter, job_target, trained_on_4bit
 from llm_mcp.tools.common import add_tool, result, state_of, with_progress
 
 if TYPE_CHECKING:
@@ -246,6 +246,7 @@ def _sample_target(state: AppState, job_id, adapter, model, checkpoint) -> tuple
         adapter_path=str(path) if path else None,
         trust_remote_code=entry.trust_remote_code,
         layout=(layout_of(path) or LAYOUTS["peft"]).name if path else "peft",
+        quantized=trained_on_4bit(path) if path else False,
     )
     return SampleSource(base_model=entry.id, adapter_path=target.adapter_path), target
 

@@ -28,8 +28,7 @@ class Archive(ExportFormat):
     def write(self, job: Job, label: str, adapter: Path, base: str, tmp: Path, job_dir: Path, manifest: dict) -> None:
         staging = tmp.with_name(tmp.name + "-dir")
         try:
-            write_adapter_dir(job, label, adapter, base, staging, job_dir)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            write_adapter_dir(job, label, adapter, base, staging, job_dir, manifest)
             with tarfile.open(tmp, "w:gz") as tar:
                 for p in sorted(staging.iterdir()):
                     tar.add(p, arcname=p.name)

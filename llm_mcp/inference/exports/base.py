@@ -152,9 +152,11 @@ def manifest(job: Job, label: str, form: ExportFormat, adapter: Path) -> dict[st
     }
 
 
-def write_adapter_dir(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path) -> None:
-    """The adapter directory: its layout's files, the tokenizer and a model card."""
+def write_adapter_dir(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path, manifest: dict) -> None:
+    """The adapter directory: its layout's files, the tokenizer, a model card and the manifest (with whether the
+    adapter was trained on a 4-bit base: sample(adapter=...) then loads the base so, as for the job)."""
     out.mkdir(parents=True)
+    (out / MANIFEST).write_text(json.dumps({**manifest, "quantized_base": job.training.quantized}, indent=2))
     layout = layout_of(adapter)
     assert layout is not None, f"{adapter} holds an adapter (job_adapter found it)"
     cfg = json.loads((adapter / layout.config_file).read_text())

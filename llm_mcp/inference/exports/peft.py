@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llm_mcp.core.store import Job
-from llm_mcp.inference.exports.base import MANIFEST, ExportFormat, write_adapter_dir
+from llm_mcp.inference.exports.base import ExportFormat, write_adapter_dir
 
 
 class PeftDirectory(ExportFormat):
@@ -14,8 +13,7 @@ class PeftDirectory(ExportFormat):
     description = "peft: adapter directory (PeftModel.from_pretrained)"
 
     def write(self, job: Job, label: str, adapter: Path, base: str, tmp: Path, job_dir: Path, manifest: dict) -> None:
-        write_adapter_dir(job, label, adapter, base, tmp, job_dir)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_adapter_dir(job, label, adapter, base, tmp, job_dir, manifest)
 
 
 PEFT_DIRECTORY = PeftDirectory()
