@@ -152,6 +152,11 @@ def manifest(job: Job, label: str, form: ExportFormat, adapter: Path) -> dict[st
     }
 
 
+def tokenizer_source(adapter: Path, base: Path) -> Path:
+    """Where an export's tokenizer comes from: the adapter's own (a job that changed it) or the base's."""
+    return adapter if (adapter / "tokenizer_config.json").exists() else base
+
+
 def write_adapter_dir(job: Job, label: str, adapter: Path, base: str, out: Path, job_dir: Path, manifest: dict) -> None:
     """The adapter directory: its layout's files, the tokenizer, a model card and the manifest (with whether the
     adapter was trained on a 4-bit base: sample(adapter=...) then loads the base so, as for the job)."""
@@ -163,7 +168,7 @@ def write_adapter_dir(job: Job, label: str, adapter: Path, base: str, out: Path,
     cfg["base_model_name_or_path"] = base
     (out / layout.config_file).write_text(json.dumps(cfg, indent=2))
     shutil.copy2(weights_file(adapter), out / weights_file(adapter).name)
-    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(job.config.model.path)
+    tok_src = tokenizer_source(adapter, Path(job.config.model.path))
     for name in TOKENIZER_FILES:
         if (tok_src / name).exists():
             shutil.copy2(tok_src / name, out / name)

@@ -19,7 +19,7 @@ from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.methods import get_method
 from llm_mcp.core.store import Job
 from llm_mcp.inference.card import model_card
-from llm_mcp.inference.exports.base import ExportFormat, ExportOptions
+from llm_mcp.inference.exports.base import ExportFormat, ExportOptions, tokenizer_source
 from llm_mcp.inference.exports.llama_cpp import (
     QUANTIZATIONS,
     check,
@@ -31,8 +31,8 @@ from llm_mcp.inference.exports.llama_cpp import (
 from llm_mcp.inference.exports.modelfile import modelfile
 
 DEFAULT_QUANTIZATION = "q4_k_m"
-# Architectures whose tiny checkpoints convert, load and pass the check (tests/test_gguf.py); any other is
-# refused at the call, with the reason where it is known.
+# Architectures whose tiny checkpoints convert, load and pass the check (tests/test_architectures.py, test_cell);
+# any other is refused at the call, with the reason where it is known.
 GGUF_ARCHITECTURES = {
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -187,8 +187,9 @@ class Gguf(ExportFormat):
             source = base_dir
             base = load_base(str(source), dtype="auto", trust_remote_code=cfg.model.trust_remote_code)
             reference = PeftModel.from_pretrained(base, str(adapter))
-        tok_src = adapter if (adapter / "tokenizer_config.json").exists() else base_dir
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source(adapter, base_dir), trust_remote_code=cfg.model.trust_remote_code
+        )
         progress(f"converting to GGUF ({quant.outtype}) with llama.cpp's converter")
         converted = tmp / model_name if quant.ftype is None else work / f"model-{quant.outtype}.gguf"
         run_converter("convert", [str(source), "--outtype", quant.outtype, "--outfile", str(converted)], log)

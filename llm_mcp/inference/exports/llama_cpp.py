@@ -67,10 +67,19 @@ def converter_dir() -> Path | None:
     if os.environ.get("LLM_MCP_LLAMA_CPP"):
         root = Path(os.environ["LLM_MCP_LLAMA_CPP"]).expanduser()
     elif (version := installed_version()) is not None:
-        root = Path(sys.prefix) / "share" / "llm_mcp" / f"llama.cpp-{version}"
+        root = _unpacked(version)
     else:
         return None
-    return root if all((root / name).exists() for name in CONVERTER_FILES) else None
+    return root if _complete(root) else None
+
+
+def _unpacked(version: str) -> Path:
+    """Where `llm-mcp setup-gguf` puts the converter of llama-cpp-python `version`."""
+    return Path(sys.prefix) / "share" / "llm_mcp" / f"llama.cpp-{version}"
+
+
+def _complete(root: Path) -> bool:
+    return all((root / name).exists() for name in CONVERTER_FILES)
 
 
 def require_llama_cpp() -> Path:
@@ -93,8 +102,8 @@ def setup_converter(sdist: Path | None = None) -> Path:
     version = installed_version()
     if version is None:
         raise SystemExit("llama-cpp-python is not installed: pip install 'llm-mcp[gguf]' first")
-    target = Path(sys.prefix) / "share" / "llm_mcp" / f"llama.cpp-{version}"
-    if all((target / name).exists() for name in CONVERTER_FILES):
+    target = _unpacked(version)
+    if _complete(target):
         return target
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
@@ -236,16 +245,18 @@ def check(model_file: Path, lora_file: Path | None, reference: Any, tokenizer: A
 
     text = probe_prompt(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad():  # the greedy continuation; its step logits are the reference's at positions first...
         out = reference(input_ids=torch.tensor([ids]), use_cache=True)
-        past, greedy = out.past_key_values, []
-        for _ in range(CHECK_TOKENS):
-            token = int(out.logits[0, -1].float().argmax())
-            greedy.append(token)
-            out = reference(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+        greedy, rows = [], []
+        for step in range(CHECK_TOKENS):
+            rows.append(out.logits[0, -1].float())
+            greedy.append(int(rows[-1].argmax()))
+            if step + 1 < CHECK_TOKENS:
+                out = reference(
+                    input_ids=torch.tensor([greedy[-1:]]), past_key_values=out.past_key_values, use_cache=True
+                )
         sequence = ids + greedy[:-1]
-        ref_logits = reference(input_ids=torch.tensor([sequence])).logits[0].float().numpy()
+        ref_logits = torch.stack(rows).numpy()
     llm = llama_cpp.Llama(
         model_path=str(model_file),
         lora_path=str(lora_file) if lora_file else None,
@@ -266,7 +277,7 @@ def check(model_file: Path, lora_file: Path | None, reference: Any, tokenizer: A
     top1 = scores[first:].argmax(axis=-1).tolist()
     agree = [a == b for a, b in zip(top1, greedy, strict=True)]
     leading = next((i for i, ok in enumerate(agree) if not ok), len(agree))
-    scale = float(abs(ref_logits[first:]).max()) or 1.0
+    scale = float(abs(ref_logits).max()) or 1.0
     return {
         "runtime": f"llama-cpp-python {installed_version()} (llama.cpp)",
         "quantization": quant,
@@ -274,7 +285,7 @@ def check(model_file: Path, lora_file: Path | None, reference: Any, tokenizer: A
         "tokenizer_match": theirs == ids,
         "greedy_tokens_matched": f"{leading}/{len(greedy)}",
         "top1_agreement": round(sum(agree) / len(agree), 3),
-        "max_logit_diff_rel": round(float(abs(scores[first:] - ref_logits[first:]).max()) / scale, 4),
+        "max_logit_diff_rel": round(float(abs(scores[first:] - ref_logits).max()) / scale, 4),
         "adapter_applied": lora_file is not None,
     }
 

@@ -21,6 +21,7 @@ import psutil
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.quiet import quiet_bitsandbytes
 from llm_mcp.core.store import Job
+from llm_mcp.inference.exports.base import tokenizer_source
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
@@ -64,7 +65,7 @@ def save_merged(spec: dict[str, Any], cfg: JobConfig, merged: Any, out: Path) ->
 
     merged.save_pretrained(out, safe_serialization=True)
     adapter, base_path = Path(spec["adapter"]), Path(cfg.model.path)
-    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else base_path
+    tok_src = tokenizer_source(adapter, base_path)
     AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code).save_pretrained(out)
     for name in PROCESSOR_FILES:  # a vision-language model's image processor: the merged VLM serves images too
         if (base_path / name).is_file():
