@@ -38,15 +38,16 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/llm-mcp demo
 
-# Slurm for the executor tests (tests/test_clusters.py starts a one-node cluster as root): Debian's
-# slurm-wlm + munge, installed when missing and we are root with apt; otherwise those tests are skipped.
+# Slurm for the executor tests (tests/test_clusters.py starts a one-node cluster as root, tests/test_multinode.py
+# three nodes in network namespaces): Debian's slurm-wlm + munge, and iproute2's `ip`, installed when missing and
+# we are root with apt; otherwise those tests are skipped.
 cluster-engines:
-	@if ! command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing slurm-wlm and munge (apt-get)"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }; fi
+	@if ! { command -v slurmctld && command -v ip; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing slurm-wlm, munge and iproute2 (apt-get)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge iproute2 >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge iproute2 >/dev/null; }; fi
 
-CLUSTERS_READY = $(shell command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && echo 1)
+CLUSTERS_READY = $(shell command -v slurmctld >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && echo 1)
 
 # ruff (the rules in pyproject.toml) and mypy over the package: part of every test run.
 lint: install

@@ -1,4 +1,5 @@
-"""Real single-node clusters for the executor tests: Slurm (munged + slurmctld + slurmd) and Ray (ray start --head).
+"""Real single-node clusters for the executor tests: Slurm (munged + slurmctld + slurmd) and Ray (ray start
+--head); and what the cluster tests share (their job, its reference losses, a server on an engine).
 
 Both run from a private directory with their own ports, so they neither need nor touch a system-wide
 configuration, and both are stopped at the end of the session. A cluster whose programs are missing is
@@ -18,7 +19,23 @@ from pathlib import Path
 import psutil
 import pytest
 
+from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.core.procs import free_port, usable_cores
+from llm_mcp.core.settings import Settings, data_path
+
+# The job every cluster test runs (and tests/conftest.py's local_reference, the losses they must reproduce).
+ARGS = dict(
+    model="models/tiny",
+    method="lora",
+    dataset="data/train.jsonl",
+    learning_rate=5e-3,
+    lora_dropout=0.1,
+    batch_size=4,
+    max_seq_len=64,
+    max_steps=120,
+    num_processes=2,
+    checkpoint_every=0,
+)
 
 
 def _missing(what: str) -> None:
@@ -36,12 +53,9 @@ def _wait(check, timeout: float, what: str) -> None:
     raise RuntimeError(f"{what} within {timeout:g} s")
 
 
-def start_slurm(root: Path) -> dict[str, str]:
-    """A one-node Slurm cluster as root; returns the environment its clients need (SLURM_CONF).
-
-    Partition `debug` (the default) is that node; partition `multi` adds a node that never starts, so a
-    two-node job there is accepted and stays pending (the multi-node dry run and queue-state tests).
-    """
+def start_munge(root: Path) -> Path:
+    """munged with a fresh key under root/munge; returns its socket (every node of a test cluster uses it).
+    Skips (or fails, see _missing) where Slurm is not installed or we are not root."""
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed (apt-get install slurm-wlm munge)")
@@ -66,23 +80,26 @@ def start_slurm(root: Path) -> dict[str, str]:
         ],
         check=True,
     )
-    host = socket.gethostname().split(".")[0]
-    ram_mb = int(psutil.virtual_memory().total / 2**20) - 1024
-    conf = root / "slurm.conf"
-    conf.write_text(f"""ClusterName=llmmcptest
-SlurmctldHost={host}(127.0.0.1)
+    return sock
+
+
+def slurm_conf(name: str, root: Path, sock: Path, controller: str, slurmd_port: int, nodes: str, timing: str) -> str:
+    """A private cluster's slurm.conf: its controller (`host(address)`), node and partition lines, and timeouts.
+    Per-node files are named with %n (the node's name), so several slurmd can share `root`."""
+    return f"""ClusterName={name}
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmdPort={slurmd_port}
 AuthType=auth/munge
 AuthInfo=socket={sock}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -92,15 +109,29 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
-KillWait=30
 MinJobAge=300
-NodeName={host} NodeAddr=127.0.0.1 CPUs={usable_cores()} RealMemory={ram_mb} State=UNKNOWN
+{timing}
+{nodes}"""
+
+
+def start_slurm(root: Path) -> dict[str, str]:
+    """A one-node Slurm cluster as root; returns the environment its clients need (SLURM_CONF).
+
+    Partition `debug` (the default) is that node; partition `multi` adds a node that never starts, so a
+    two-node job there is accepted and stays pending (the multi-node dry run and queue-state tests).
+    """
+    sock = start_munge(root)
+    host = socket.gethostname().split(".")[0]
+    ram_mb = int(psutil.virtual_memory().total / 2**20) - 1024
+    conf = root / "slurm.conf"
+    nodes = f"""NodeName={host} NodeAddr=127.0.0.1 CPUs={usable_cores()} RealMemory={ram_mb} State=UNKNOWN
 NodeName=ghost NodeAddr=203.0.113.1 CPUs={usable_cores()} RealMemory={ram_mb} State=DOWN Reason="never started"
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=multi Nodes={host},ghost Default=NO MaxTime=INFINITE State=UP
-""")
+"""
+    conf.write_text(slurm_conf("llmmcptest", root, sock, f"{host}(127.0.0.1)", free_port(), nodes, "KillWait=30"))
     (root / "state").mkdir()
-    (root / "spool").mkdir()
+    (root / f"spool-{host}").mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
     subprocess.run(["slurmd", "-f", str(conf), "-N", host], check=True, env=env)
@@ -115,9 +146,9 @@ PartitionName=multi Nodes={host},ghost Default=NO MaxTime=INFINITE State=UP
 
 def stop_slurm(root: Path, env: dict[str, str]) -> None:
     subprocess.run(["scancel", "--user=root"], env={**os.environ, **env}, capture_output=True)
-    for name in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
+    for pid_file in [root / "slurmctld.pid", root / "munge" / "pid", *root.glob("slurmd-*.pid")]:
         try:
-            os.kill(int((root / name).read_text().strip()), 15)
+            os.kill(int(pid_file.read_text().strip()), 15)
         except (OSError, ValueError):
             pass
     stop_ray(root)  # and anything else still started from this directory (daemons whose pid file was lost)
@@ -179,3 +210,38 @@ def stop_ray(root: Path) -> None:
             p.kill()
         except psutil.Error:
             pass
+
+
+def cluster_app(home, name: str, env: dict[str, str]):
+    from llm_mcp.server import AppState, build_server
+
+    settings = Settings(
+        home=home,
+        models_path=data_path("models.yaml"),
+        sampler="transformers",
+        executor=name,
+        ray_address=env.get("LLM_MCP_RAY_ADDRESS", "http://127.0.0.1:8265"),
+        cluster_ifname=env.get("LLM_MCP_CLUSTER_IFNAME"),
+    )
+    state = AppState.load(settings)
+    state.startup()
+    return state, build_server(state)
+
+
+async def started(client, **args) -> str:
+    result = await client.call_tool("start_finetune", args)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content["job_id"]
+
+
+def losses(state, job_id: str) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(state.store.job_dir(job_id)) if "loss" in m}
+
+
+async def wait_step(client, state, job_id: str, step: int) -> None:
+    for _ in range(120):
+        if losses(state, job_id) and max(losses(state, job_id)) >= step:
+            return
+        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})
+        assert result.structured_content["job"]["state"] in ("queued", "running"), result.content[0].text
+    raise AssertionError(f"{job_id} did not reach step {step}")

@@ -183,6 +183,34 @@ async def wait_final(client, job_id: str, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory, tiny_model_template):
+    """The cluster tests' 2-process job (tests/clusters.py ARGS) run by the local executor: the losses every
+    engine, on one node or two, must reproduce."""
+    import json
+    import shutil
+
+    import anyio
+    from mcp import Client
+
+    from llm_mcp.server import AppState, build_server
+    from tests.clusters import ARGS, losses, started
+
+    home = tmp_path_factory.mktemp("local-ref")
+    shutil.copytree(tiny_model_template, home / "models" / "tiny")
+    (home / "data").mkdir()
+    (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
+    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
+
+    async def run() -> dict[int, float]:
+        async with Client(build_server(state)) as client:
+            job = await wait_final(client, await started(client, **ARGS), timeout=300)
+        assert job["state"] == "succeeded", job
+        return losses(state, job["job_id"])
+
+    return anyio.run(run)
+
+
 def processes_mentioning(*parts: str) -> list:
     """Running processes whose command line contains every one of `parts`."""
     import psutil

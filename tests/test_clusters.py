@@ -1,16 +1,14 @@
 """The Slurm and Ray executors against real single-node clusters, through the MCP tools.
 
-Per engine: a 2-process LoRA job succeeds with the same losses as the same job run locally and its adapter
-samples; cancel ends 'cancelled' with a checkpoint and the resume continues exactly; a restarted server
+Per engine: a 2-process LoRA job is cancelled, ends 'cancelled' with a checkpoint, and resumed finishes with
+every step's loss as the same job run locally, and its adapter samples; a restarted server
 (a new process) re-attaches to a running job; a job stopped from outside (scancel / ray job stop) ends
 'failed' with that cause. Clusters start once per session (tests/clusters.py). Skip locally with -m "not cluster".
 """
 
 from __future__ import annotations
 
-import json
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,24 +17,11 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.core.settings import Settings, data_path
-from tests.clusters import start_ray, start_slurm, stop_ray, stop_slurm
-from tests.conftest import LEARNABLE_ROWS, server_env, wait_final
+from tests.clusters import ARGS, cluster_app, losses, start_ray, start_slurm, started, stop_ray, stop_slurm, wait_step
+from tests.conftest import server_env, wait_final
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.cluster]
-ARGS = dict(
-    model="models/tiny",
-    method="lora",
-    dataset="data/train.jsonl",
-    learning_rate=5e-3,
-    lora_dropout=0.1,
-    batch_size=4,
-    max_seq_len=64,
-    max_steps=120,
-    num_processes=2,
-    checkpoint_every=0,
-)
 
 
 @pytest.fixture(scope="session")
@@ -67,62 +52,6 @@ def engine(request, monkeypatch):
     return "ray", {"LLM_MCP_RAY_ADDRESS": address}
 
 
-def cluster_app(home, name: str, env: dict[str, str]):
-    from llm_mcp.server import AppState, build_server
-
-    settings = Settings(
-        home=home,
-        models_path=data_path("models.yaml"),
-        sampler="transformers",
-        executor=name,
-        ray_address=env.get("LLM_MCP_RAY_ADDRESS", "http://127.0.0.1:8265"),
-    )
-    state = AppState.load(settings)
-    state.startup()
-    return state, build_server(state)
-
-
-async def started(client, **args) -> str:
-    result = await client.call_tool("start_finetune", args)
-    assert not result.is_error, result.content[0].text
-    return result.structured_content["job_id"]
-
-
-def losses(state, job_id: str) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(state.store.job_dir(job_id)) if "loss" in m}
-
-
-async def wait_step(client, state, job_id: str, step: int) -> None:
-    for _ in range(120):
-        if losses(state, job_id) and max(losses(state, job_id)) >= step:
-            return
-        result = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})
-        assert result.structured_content["job"]["state"] in ("queued", "running"), result.content[0].text
-    raise AssertionError(f"{job_id} did not reach step {step}")
-
-
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory, tiny_model_template):
-    """The same 2-process job run by the local executor: the losses every engine must reproduce."""
-    import anyio
-
-    from llm_mcp.server import AppState, build_server
-
-    home = tmp_path_factory.mktemp("local-ref")
-    shutil.copytree(tiny_model_template, home / "models" / "tiny")
-    (home / "data").mkdir()
-    (home / "data" / "train.jsonl").write_text("\n".join(json.dumps(LEARNABLE_ROWS[i % 4]) for i in range(64)))
-    state = AppState.load(Settings(home=home, models_path=data_path("models.yaml"), sampler="transformers"))
-
-    async def run() -> dict[int, float]:
-        async with Client(build_server(state)) as client:
-            job = await wait_final(client, await started(client, **ARGS), timeout=300)
-        assert job["state"] == "succeeded", job
-        return losses(state, job["job_id"])
-
-    return anyio.run(run)
-
-
 async def test_a_job_runs_on_the_cluster_like_locally_and_cancel_resume_is_exact(
     engine, home, tiny_model, dataset, local_reference
 ):
@@ -131,33 +60,25 @@ async def test_a_job_runs_on_the_cluster_like_locally_and_cancel_resume_is_exact
     async with Client(server) as client:
         dry = await client.call_tool("start_finetune", {**ARGS, "dry_run": True})
         assert dry.structured_content["submission"]["kind"] == ("sbatch" if name == "slurm" else "ray job")
-        job_id = await started(client, **ARGS)
-        job = await wait_final(client, job_id, timeout=300)
-        assert job["state"] == "succeeded", job
-        assert job["engine"] == name and job["engine_job_id"] and job["nodes"], job
-        ran = losses(state, job_id)
-        assert sorted(ran) == sorted(local_reference) == list(range(1, 121))
-        for step, loss in local_reference.items():
-            assert ran[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
-        sample = await client.call_tool("sample", {"job_id": job_id, "prompt": "The cat", "max_tokens": 6})
-        assert not sample.is_error and sample.structured_content["completions"][0]["completion_tokens"] > 0
-
-        args = ARGS
-        stopped = await started(client, **args)
+        stopped = await started(client, **ARGS)
         await wait_step(client, state, stopped, 3)
         result = await client.call_tool("cancel_job", {"job_id": stopped})
         assert not result.is_error, result.content[0].text
         job = await wait_final(client, stopped, timeout=300)
         assert job["state"] == "cancelled" and job["checkpoints"], job
+        assert job["engine"] == name and job["engine_job_id"] and job["nodes"], job
         at = job["checkpoints"][-1]["step"]
-        resumed = await started(client, **args, resume_from=stopped)
+        resumed = await started(client, **ARGS, resume_from=stopped)
         job = await wait_final(client, resumed, timeout=300)
+        assert job["state"] == "succeeded", job
+        sample = await client.call_tool("sample", {"job_id": resumed, "prompt": "The cat", "max_tokens": 6})
+        assert not sample.is_error and sample.structured_content["completions"][0]["completion_tokens"] > 0
     state.shutdown()
-    assert job["state"] == "succeeded", job
     assert 3 <= at < 120
-    rest = losses(state, resumed)
-    assert sorted(rest) == list(range(at + 1, 121))
-    for step, loss in rest.items():  # the resumed run continues the uninterrupted one exactly
+    before, after = losses(state, stopped), losses(state, resumed)
+    assert sorted(after) == list(range(at + 1, 121)) and set(before) >= set(range(1, at + 1))
+    # every step as the local executor ran it: before the cancel, and the resumed run continuing exactly
+    for step, loss in [*before.items(), *after.items()]:
         assert loss == pytest.approx(local_reference[step], rel=1e-4, abs=1e-5), step
 
 

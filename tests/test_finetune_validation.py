@@ -164,20 +164,18 @@ async def test_cluster_options_on_the_local_executor_are_refused_with_the_way_to
     assert no_jobs(state)
 
 
-def test_a_trainer_stopped_by_a_signal_nobody_sent_fails_with_a_resume_step(home):
-    """A TERM from outside (a time limit, an administrator) checkpoints and stops, but it is no cancel."""
+def running_cluster_job(home, job_id: str):
+    """A Slurm job recorded as running (its processes are what each test writes into its directory)."""
     import time
 
     from llm_mcp.core.jobconfig import parse_config
-    from llm_mcp.core.jobdir import write_result
     from llm_mcp.core.store import Job, JobStore
-    from llm_mcp.jobs.outcome import finalize
     from tests.test_jobconfig import V0
 
     store = JobStore(home)
     job = Job(
-        id="ft-x",
-        name="x",
+        id=job_id,
+        name=job_id,
         state="running",
         model="m",
         method="lora",
@@ -187,9 +185,57 @@ def test_a_trainer_stopped_by_a_signal_nobody_sent_fails_with_a_resume_step(home
         engine="slurm",
     )
     store.insert(job)
+    return store, job
+
+
+def test_a_trainer_stopped_by_a_signal_nobody_sent_fails_with_a_resume_step(home):
+    """A TERM from outside (a time limit, an administrator) checkpoints and stops, but it is no cancel."""
+    from llm_mcp.core.jobdir import write_result
+    from llm_mcp.jobs.outcome import finalize
+
+    store, job = running_cluster_job(home, "ft-x")
     (store.job_dir("ft-x") / "checkpoints" / "step-000004").mkdir(parents=True)
     write_result(store.job_dir("ft-x"), {"state": "cancelled", "step": 4})
     assert finalize(store, job, 0) == "failed"
     done = store.get("ft-x")
     assert "cancel_job did not send" in done.error and "step 4" in done.error
     assert done.next_step == "resume_from='ft-x' continues from the last checkpoint"
+
+
+@pytest.mark.parametrize(
+    "ranks, expected",
+    [
+        # rank 1 killed without a word: rank 0's "connection closed" is only its echo
+        ([{"ended": "failed", "error": "RuntimeError: [gloo] Connection closed by peer"}, {}], "rank 1 on node b"),
+        # rank 1 failed on its own: that is the cause, not rank 0's echo
+        (
+            [{"ended": "failed", "error": "RuntimeError: [gloo] Connection reset by peer"},
+             {"ended": "failed", "error": "OutOfMemoryError: CUDA out of memory"}],
+            "rank 1 on node b failed: OutOfMemoryError",
+        ),
+        # rank 0 failed on its own: its result.json already says so
+        ([{"ended": "failed", "error": "ValueError: bad row"}, {}], "ValueError: bad row"),
+    ],
+)  # fmt: skip
+def test_a_multi_process_job_fails_with_the_rank_and_node_that_caused_it(home, ranks, expected):
+    from llm_mcp.core.jobdir import append_metric, write_rank, write_result
+    from llm_mcp.jobs.outcome import finalize
+
+    store, job = running_cluster_job(home, "ft-r")
+    job_dir = store.job_dir("ft-r")
+    (job_dir / "checkpoints" / "step-000020").mkdir(parents=True)
+    for step in range(1, 24):
+        append_metric(job_dir, {"step": step, "loss": 1.0})
+    for rank, (node, end) in enumerate(zip("ab", ranks)):
+        write_rank(job_dir, rank, {"rank": rank, "world_size": 2, "node": node, "node_rank": rank, **end})
+    write_result(job_dir, {"state": "failed", "error": ranks[0]["error"], "next_step": "read the log"})
+    assert finalize(store, job, 1) == "failed"
+    done = store.get("ft-r")
+    assert expected in done.error, done.error
+    if expected == "rank 1 on node b":
+        assert "ended without a word during step 24" in done.error and "the last checkpoint is step 20" in done.error, (
+            done.error
+        )
+    assert done.next_step == (
+        "read the log" if "bad row" in expected else "resume_from='ft-r' continues from the last checkpoint"
+    )

@@ -6,6 +6,8 @@ jobs/<id>/metrics.jsonl      one JSON object per optimizer step, plus start / ch
 jobs/<id>/checkpoints/step-NNNNNN/   complete checkpoints (written as .tmp, then renamed)
 jobs/<id>/adapter/           the final adapter
 jobs/<id>/result.json        how the trainer ended (state, error, next step)
+jobs/<id>/ranks/<rank>.json  each process of a multi-process job: its node, pid, and how it ended (a rank with
+                             no end lost its process or node without a word: kill -9, OOM killer, a node lost)
 jobs/<id>/cancel             written by cancel_job: the trainer checkpoints and stops (works on any node
                              that sees the job directory, so cluster jobs need no signal to reach them)
 """
@@ -50,6 +52,30 @@ def cancel_requested(job_dir: Path) -> bool:
 def write_result(job_dir: Path, fields: dict[str, Any]) -> None:
     """Write result.json whole or not at all (a crash or a full disk never leaves half of it, or a .tmp)."""
     atomic.replace(job_dir / "result.json", json.dumps(fields, indent=2).encode())
+
+
+def write_rank(job_dir: Path, rank: int, fields: dict[str, Any]) -> None:
+    """Record (or update) what one process of the job is: node, pid, and at the end how it ended."""
+    path = job_dir / "ranks" / f"{rank}.json"
+    path.parent.mkdir(exist_ok=True)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    atomic.replace(path, json.dumps({**old, **fields}).encode())
+
+
+def read_ranks(job_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's record, by rank (empty for a one-process job)."""
+    found = []
+    for path in (job_dir / "ranks").glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("rank"), int):
+            found.append(record)
+    return sorted(found, key=lambda r: r["rank"])
 
 
 def append_metric(job_dir: Path, record: dict[str, Any]) -> None:

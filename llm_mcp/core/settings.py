@@ -14,6 +14,8 @@ Environment variables (CLI flags override them):
   LLM_MCP_EXECUTOR       where jobs run: local (default), slurm or ray (llm_mcp.jobs.executor)
   LLM_MCP_CLUSTER_PYTHON the Python (with llm-mcp installed) that cluster nodes run jobs with; default this one
   LLM_MCP_CLUSTER_GPU_MEMORY_GB  memory of one cluster GPU, which neither engine reports (default 80)
+  LLM_MCP_CLUSTER_IFNAME the network interface a multi-node job's processes talk over (GLOO_SOCKET_IFNAME and
+                         NCCL_SOCKET_IFNAME on every node); default: the interface of each node's hostname
   LLM_MCP_SLURM_PARTITION / _ACCOUNT / _QOS / _TIME / _CONSTRAINT   sbatch defaults (a request may override)
   LLM_MCP_SLURM_ARGS     extra sbatch options for every job (operator-only, e.g. "--mem=0 --exclusive")
   LLM_MCP_RAY_ADDRESS    the Ray dashboard address for the ray executor (default http://127.0.0.1:8265)
@@ -86,6 +88,7 @@ class Settings:
     executor: str = "local"
     cluster_python: str | None = None
     cluster_gpu_memory_gb: float = 80.0
+    cluster_ifname: str | None = None
     slurm: dict[str, str] = field(default_factory=dict)
     ray_address: str = "http://127.0.0.1:8265"
     max_queued: int = 16
@@ -116,6 +119,7 @@ class Settings:
             executor=env.get("LLM_MCP_EXECUTOR") or "local",
             cluster_python=env.get("LLM_MCP_CLUSTER_PYTHON") or None,
             cluster_gpu_memory_gb=_float_env(env, "LLM_MCP_CLUSTER_GPU_MEMORY_GB", 80.0) or 80.0,
+            cluster_ifname=env.get("LLM_MCP_CLUSTER_IFNAME") or None,
             slurm={
                 key: env[f"LLM_MCP_SLURM_{name}"]
                 for key, name in SLURM_SETTINGS.items()

@@ -26,15 +26,17 @@ from typing import Any
 from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
-from llm_mcp.core.jobdir import log_tail, request_cancel
+from llm_mcp.core.jobdir import log_tail, read_result, request_cancel
 from llm_mcp.core.settings import Settings
-from llm_mcp.core.store import Job, JobStore
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.jobs.local import job_environment
 from llm_mcp.jobs.outcome import finalize
 
 CANCEL_GRACE_S = float(os.environ.get("LLM_MCP_CANCEL_GRACE_S", "60"))
 KILL_RETRY_S = 30.0  # a hard stop that did not take is sent again after this long
 SUBMIT_TIMEOUT_S = 60.0  # a job recorded this long ago without an engine id is looked up by name, else failed
 RESULT_GRACE_S = 30.0  # on a network filesystem, wait this long for an ended job's result.json to show
+EXIT_GRACE_S = 20.0  # a job whose trainer wrote its final result but whose engine job still runs is ended then
 log = logging.getLogger(__name__)
 HARDWARE_TTL_S = 30.0
 # Filesystems that are local to one machine: a multi-node cluster's nodes cannot see a job directory on them.
@@ -92,6 +94,7 @@ class ClusterExecutor:
         self._hardware: tuple[float, Hardware] | None = None
         self._killed: dict[str, float] = {}  # job id -> when poll() last sent the hard stop
         self._ended: dict[str, float] = {}  # job id -> when the engine was first seen to report it ended
+        self._resulted: dict[str, float] = {}  # job id -> when its final result.json was first seen while it ran
 
     # ---- what an engine implements ------------------------------------------------------------------
     def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
@@ -123,6 +126,13 @@ class ClusterExecutor:
         if self._hardware is None or now - self._hardware[0] > HARDWARE_TTL_S:
             self._hardware = (now, self.read_hardware())
         return self._hardware[1]
+
+    def environment(self, cfg: JobConfig | EvalConfig, cpus: int) -> dict[str, str]:
+        """The variables every process of a job gets on every node (the token is added only where it is sent)."""
+        env = job_environment(cfg, cpus, self.settings.home)
+        if self.settings.cluster_ifname:  # the interface the nodes reach each other on (gloo and NCCL alike)
+            env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = self.settings.cluster_ifname
+        return env
 
     def find(self, job_id: str) -> str | None:
         """The engine's id of a job submitted under this job id (a server that died before recording it)."""
@@ -195,6 +205,12 @@ class ClusterExecutor:
                 self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
             finalize(self.store, job, ej.exit_code if ej else None, outside=outside)
             return
+        if ej.phase == "running" and self._lingers(job, now):
+            # The trainer ended (result.json) but the engine's job did not: a rank waiting on a lost node, a
+            # launcher waiting on a dead node's daemon. Record the end now and stop what is left.
+            finalize(self.store, job, None)
+            self.kill(job.engine_id or "")
+            return
         fields: dict[str, Any] = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}
         if ej.phase == "running" and job.state == "queued":
             self.store.update(job.id, expect=("queued",), state="running", started_at=now, **fields)
@@ -203,6 +219,13 @@ class ClusterExecutor:
         if job.cancel_at and now - job.cancel_at > CANCEL_GRACE_S and now - self._killed.get(job.id, 0) > KILL_RETRY_S:
             self._killed[job.id] = now
             self.kill(job.engine_id or "")  # it did not stop within the grace period
+
+    def _lingers(self, job: Job, now: float) -> bool:
+        """True once the job's final result.json has been there for EXIT_GRACE_S while the engine still runs it."""
+        result = read_result(self.store.job_dir(job.id))
+        if not result or result.get("state") not in FINAL_STATES:
+            return False
+        return now - self._resulted.setdefault(job.id, now) > EXIT_GRACE_S
 
     def _result_may_be_late(self, job: Job, now: float) -> bool:
         """True while an ended job's result file may still be on its way (not on a local filesystem)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llm_mcp.core import throughput
 from llm_mcp.core.atomic import DISK_FULL, disk_full_cause, free_mb
-from llm_mcp.core.jobdir import checkpoints, log_tail, read_metrics, read_result
+from llm_mcp.core.jobdir import checkpoints, log_tail, read_metrics, read_ranks, read_result
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 from llm_mcp.core.throughput import device_kind
 
@@ -38,6 +38,46 @@ def describe_exit(exit_code: int | None, tail: list[str], job_dir: Path | None =
     if exit_code is None:
         return "the job's supervisor process disappeared (machine restart or kill -9) before recording an exit status"
     return f"the training process exited with code {exit_code}"
+
+
+# What a process says when another rank went away under it: not a cause of its own.
+PEER_GONE = re.compile(
+    r"connection (closed|reset)|broken pipe|timed? ?out|NCCL|gloo|DistBackendError|socket|peer|ProcessGroup", re.I
+)
+
+
+def rank_cause(job_dir: Path) -> str | None:
+    """For a job of several processes that failed: the rank (and node) that caused it, or None.
+
+    A rank that failed with an error of its own is the cause (rank 0's is already the job's result); otherwise
+    a rank that never recorded its end lost its process or node without a word. The others' "connection
+    closed by peer" errors are only echoes.
+    """
+    ranks = read_ranks(job_dir)
+    if len(ranks) < 2:
+        return None
+    own = [r for r in ranks if r.get("ended") == "failed" and not PEER_GONE.search(r.get("error", ""))]
+    if own:
+        first = min(own, key=lambda r: r.get("ended_at", 0))
+        if first["rank"] == 0:
+            return None  # result.json already holds rank 0's own error and its next step
+        return f"rank {first['rank']} on node {first.get('node')} failed: {first['error']}"
+    lost = [r for r in ranks if "ended" not in r]
+    if not lost:
+        return None
+    by_node: dict[str, list[str]] = {}
+    for r in lost:
+        by_node.setdefault(str(r.get("node")), []).append(str(r["rank"]))
+    who = " and ".join(
+        f"{'ranks' if len(rs) > 1 else 'rank'} {', '.join(rs)} on node {node}" for node, rs in by_node.items()
+    )
+    steps = [m["step"] for m in read_metrics(job_dir) if "loss" in m and "step" in m]
+    ckpt = checkpoints(job_dir)
+    return (
+        f"{who} ended without a word during step {(max(steps) if steps else 0) + 1} (killed: kill -9 or the "
+        "out-of-memory killer, or the node was lost); the last checkpoint is "
+        + (f"step {ckpt[-1][0]}" if ckpt else "none")
+    )
 
 
 def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | None = None) -> str:
@@ -71,6 +111,8 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
             if checkpoints(job_dir)
             else ("fix the cause shown in the last log lines, then start the job again")
         )
+    if state == "failed" and (lost := rank_cause(job_dir)):
+        error, next_step = lost + (f"; {outside}" if outside else ""), None  # the next step: resume, below
     if state == "failed" and (outside or not next_step) and checkpoints(job_dir):
         next_step = f"resume_from='{job.id}' continues from the last checkpoint"
     if state == "failed" and error and not next_step:

@@ -5,7 +5,10 @@ with the CPUs / GPUs the job reserves (`entrypoint_num_cpus` / `entrypoint_num_g
 until they are free ('PENDING'). Status, stop and logs go through Ray's `JobSubmissionClient`; the
 training log is also written to the job directory, which every node must share (LLM_MCP_HOME).
 
-A Ray job here spans one node (up to its GPUs); jobs over several nodes go to the slurm executor.
+A job with nodes > 1 runs `python -m llm_mcp.jobs.raynodes` as its entrypoint instead: one launcher per node
+in a STRICT_SPREAD placement group, each running the same `accelerate launch` with its machine rank (see
+there). Its entrypoint reserves nothing itself: the job shows RUNNING while the group waits for its nodes,
+and train.log says so.
 
 Settings: LLM_MCP_RAY_ADDRESS (the dashboard address, default http://127.0.0.1:8265),
 LLM_MCP_CLUSTER_GPU_MEMORY_GB (memory of one GPU; Ray does not report it).
@@ -20,7 +23,7 @@ from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, shell_join
-from llm_mcp.jobs.local import accelerate_command, job_environment, secret_environment
+from llm_mcp.jobs.local import accelerate_command, secret_environment
 
 FREE_PORT = "$({python} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
 
@@ -58,27 +61,33 @@ class RayExecutor(ClusterExecutor):
 
     def describe_submission(self, job_id: str, cfg: JobConfig | EvalConfig, job_dir: Path) -> dict:
         hw = self.hardware()
-        gpus = cfg.num_processes if cfg.device == "cuda" else 0
-        cpus = cfg.num_processes if gpus else hw.cpu_count  # a CPU job trains on the whole node, as on Slurm
-        launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT")
-        q = shlex.quote(str(job_dir))
+        per_node = max(1, cfg.num_processes // cfg.nodes)
+        gpus = per_node if cfg.device == "cuda" else 0
+        cpus = per_node if gpus else hw.cpu_count  # a CPU job trains on the whole node, as on Slurm
+        q, py = shlex.quote(str(job_dir)), shlex.quote(self.python)
         script = (
             f'if [ ! -f {q}/config.json ]; then echo "llm_mcp: job directory {job_dir} is not visible on '
             f'$(hostname): LLM_MCP_HOME must be on a filesystem shared by the server and every node" >&2; '
-            f"exit 3; fi; cd {q} && MAIN_PORT={FREE_PORT.format(python=shlex.quote(self.python))} && "
-            f'echo "[ray] on $(hostname)" >> train.log && '
-            f"{shlex.quote(self.python)} -m llm_mcp.jobs.fetch {q} >> train.log 2>&1 && "
-            f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1"
+            f'exit 3; fi; cd {q} && echo "[ray] on $(hostname)" >> train.log && '
         )
-        env = job_environment(cfg, cpus, self.settings.home)
+        if cfg.nodes > 1:  # one launcher per node (llm_mcp.jobs.raynodes); the placement group reserves them
+            script += f"exec {py} -m llm_mcp.jobs.raynodes {q} {cfg.nodes} {cpus} {gpus} 2>> train.log"
+            reserve_cpus, reserve_gpus = 0, 0
+        else:
+            launch = accelerate_command(cfg, job_dir, python=self.python, port="$MAIN_PORT")
+            script += (
+                f"MAIN_PORT={FREE_PORT.format(python=py)} && {py} -m llm_mcp.jobs.fetch {q} >> train.log 2>&1 && "
+                f"exec {shell_join(launch, raw=('$MAIN_PORT',))} >> train.log 2>&1"
+            )
+            reserve_cpus, reserve_gpus = cpus, gpus
         return {
             "kind": "ray job",
             "address": self.address,
             "submission_id": f"llm-mcp-{job_id}",
             "entrypoint": f"bash -c {shlex.quote(script)}",
-            "entrypoint_num_cpus": cpus,
-            "entrypoint_num_gpus": gpus,
-            "runtime_env": {"env_vars": env},
+            "entrypoint_num_cpus": reserve_cpus,
+            "entrypoint_num_gpus": reserve_gpus,
+            "runtime_env": {"env_vars": self.environment(cfg, cpus)},
             "metadata": {"llm_mcp_job": job_id},
         }
 
@@ -140,12 +149,12 @@ class RayExecutor(ClusterExecutor):
                 raise ConfigurationError(f"stopping Ray job {engine_id} failed: {exc}") from None
 
     def node_count(self) -> int:
-        """Every alive node: a job spans one, but Ray may start it on any (read with the hardware)."""
+        """Every alive node (read with the hardware): a job may land on any."""
         self.hardware()
         return self.alive_nodes
 
     def read_hardware(self) -> Hardware:
-        """The largest alive node (a job runs on one)."""
+        """One of the alive nodes with the most GPUs (then CPUs); max_nodes: how many nodes have that many GPUs."""
         from ray.util.state import list_nodes
 
         try:
@@ -159,14 +168,15 @@ class RayExecutor(ClusterExecutor):
         self.alive_nodes = len(nodes)
         best = max(nodes, key=lambda n: (n.resources_total.get("GPU", 0), n.resources_total.get("CPU", 0)))
         res = best.resources_total
+        alike = [n for n in nodes if n.resources_total.get("GPU", 0) == res.get("GPU", 0)]
         kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
-        ram = round(res.get("memory", 0) / 2**30, 1)
+        ram = round(min(n.resources_total.get("memory", 0) for n in alike) / 2**30, 1)
         return Hardware(
             gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(int(res.get("GPU", 0)))],
             ram_gb=ram,
             available_ram_gb=ram,
-            cpu_count=int(res.get("CPU", 1)),
-            source=f"Ray cluster {self.address} (a job runs on one node)",
-            max_nodes=1,
+            cpu_count=int(min(n.resources_total.get("CPU", 1) for n in alike)),
+            source=f"Ray cluster {self.address}",
+            max_nodes=len(alike),
         )

@@ -1,11 +1,11 @@
 """The Slurm executor: each job is a batch script (sbatch) that runs `accelerate launch` under srun.
 
 One srun task per node; each task runs `accelerate launch` with its own `--machine_rank $SLURM_NODEID`
-and the first node of the allocation as the rendezvous address. Both are expanded by the shell *on each
-node* (the command is single-quoted into `bash -c`), never on the submitting host: expanding them there
-gives every node rank 0 (accelerate#2816). State comes from squeue / scontrol, which know a job until
-MinJobAge (300 s by default) after it ends, so no accounting database (sacct) is needed; a job Slurm has
-forgotten is decided by its result file.
+and the first node of the allocation as the rendezvous address (its NodeAddr: the address Slurm itself
+reaches it at). Both are expanded by the shell *on each node* (the command is single-quoted into `bash -c`),
+never on the submitting host: expanding them there gives every node rank 0 (accelerate#2816).
+State comes from squeue / scontrol, which know a job until MinJobAge (300 s by default) after it ends, so no
+accounting database (sacct) is needed; a job Slurm has forgotten is decided by its result file.
 
 Settings (environment; a request's `scheduler` overrides the first five):
   LLM_MCP_SLURM_PARTITION, LLM_MCP_SLURM_ACCOUNT, LLM_MCP_SLURM_QOS, LLM_MCP_SLURM_TIME (e.g. 04:00:00),
@@ -24,7 +24,7 @@ from llm_mcp.core.errors import ConfigurationError
 from llm_mcp.core.hardware import GPU, Hardware
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.jobs.cluster import ClusterExecutor, EngineJob, shell_join
-from llm_mcp.jobs.local import accelerate_command, job_environment
+from llm_mcp.jobs.local import accelerate_command
 
 CALL_TIMEOUT_S = 15
 PENDING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD")
@@ -104,11 +104,15 @@ class SlurmExecutor(ClusterExecutor):
             "#SBATCH --no-requeue",
             "",
         ]
-        env = job_environment(cfg, cpus, self.settings.home)
+        env = self.environment(cfg, cpus)
         launch = accelerate_command(
             cfg, job_dir, python=self.python, port="$MAIN_PORT", machine_rank="$SLURM_NODEID", main_ip="$MAIN_ADDR"
         )
-        task = "exec " + shell_join(launch, raw=("$MAIN_PORT", "$SLURM_NODEID", "$MAIN_ADDR"))
+        task = (
+            'export LLM_MCP_NODE="$SLURMD_NODENAME"; echo "[slurm] node $SLURMD_NODENAME: machine rank '
+            '$SLURM_NODEID of $SLURM_NNODES"; exec '
+            + shell_join(launch, raw=("$MAIN_PORT", "$SLURM_NODEID", "$MAIN_ADDR"))
+        )
         q = shlex.quote(str(job_dir))
         lines += [
             "set -uo pipefail",
@@ -118,7 +122,10 @@ class SlurmExecutor(ClusterExecutor):
             "  exit 3",
             "fi",
             *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
-            'export MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            'MAIN_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            "# the first node's address as Slurm itself reaches it (NodeAddr), else its name",
+            'MAIN_ADDR="$(scontrol show node -o "$MAIN_NODE" | grep -o \'NodeAddr=[^ ]*\' | cut -d= -f2)"',
+            'export MAIN_ADDR="${MAIN_ADDR:-$MAIN_NODE}"',
             "export MAIN_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))  # below Linux's ephemeral ports",
             'echo "[slurm] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (rendezvous $MAIN_ADDR:$MAIN_PORT)" >> '
             f"{q}/train.log",

@@ -6,9 +6,18 @@ import time
 
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.jobdir import checkpoints, log_tail, public_log, read_metrics, read_result, redact_paths, worst_rows
+from llm_mcp.core.jobdir import (
+    checkpoints,
+    log_tail,
+    public_log,
+    read_metrics,
+    read_ranks,
+    read_result,
+    redact_paths,
+    worst_rows,
+)
 from llm_mcp.core.objectives import OBJECTIVES
-from llm_mcp.core.store import Job, JobStore
+from llm_mcp.core.store import FINAL_STATES, Job, JobStore
 
 
 class CheckpointInfo(BaseModel):
@@ -67,6 +76,11 @@ class JobStatus(BaseModel):
         "pending in the cluster's queue is 'queued' here, not running.",
     )
     nodes: str | None = Field(None, description="The hosts the job runs on, as the engine names them.")
+    ranks: list[dict] = Field(
+        default_factory=list,
+        description="A job of several processes: each rank's node, node rank and state (running, ok, failed, "
+        "or lost: it ended without a word).",
+    )
     download: dict | None = Field(
         None, description="While the hub model downloads (before step 0): downloaded_bytes, total_bytes, rate, ETA."
     )
@@ -100,6 +114,18 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12, page: int = 1) 
         if job.state != "queued" and log_lines
         else [],
     )
+    status.ranks = [
+        {
+            "rank": r["rank"],
+            "node": r.get("node"),
+            "node_rank": r.get("node_rank"),
+            "state": r.get("ended") or ("lost" if job.state in FINAL_STATES else "running"),
+        }
+        for r in read_ranks(job_dir)
+    ]
+    hosts = list(dict.fromkeys(str(r["node"]) for r in status.ranks))
+    if len(hosts) > 1:  # the ranks know every node; an engine may name only where the job's driver runs (Ray)
+        status.nodes = ", ".join(hosts)
     fetched = [m for m in metrics if m.get("event") == "download"]
     if fetched and fetched[-1].get("state") == "downloading" and job.state == "running" and not start:
         status.download = {
@@ -182,6 +208,8 @@ def summarize_status(s: JobStatus) -> str:
             f"{s.engine} job {s.engine_job_id or '(not submitted)'}: {s.queue_state or 'unknown'}"
             + (f" on {s.nodes}" if s.nodes else "")
         )
+    if s.ranks:
+        lines.append("ranks: " + ", ".join(f"{r['rank']} on {r['node']} ({r['state']})" for r in s.ranks))
     if s.download:
         d, gb = s.download, 2**30
         got, total = (d["downloaded_bytes"] or 0) / gb, (d["total_bytes"] or 0) / gb

@@ -3,14 +3,18 @@ failure (its cause in one line, nothing half-written left)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llm_mcp.core.atomic import disk_full, disk_full_cause
-from llm_mcp.core.jobdir import write_result
+from llm_mcp.core.jobdir import write_rank, write_result
 
 
 def peak_memory_mb(device: str) -> float:
@@ -58,3 +62,39 @@ def record_failure(job_dir: Path, exc: BaseException) -> None:
         write_result(job_dir, {"state": "failed", "error": error, "next_step": next_step})
     except OSError as write_error:
         print(f"[llm_mcp] could not write result.json: {write_error}", file=sys.stderr, flush=True)
+
+
+def record_rank(acc: Any, job_dir: Path) -> None:
+    """Each process of a multi-process job says where it runs (ranks/<rank>.json and a log line): job_status shows
+    the nodes and their ranks, and a rank that never records its end is the one that was lost."""
+    if acc.num_processes < 2:
+        return
+    node = os.environ.get("LLM_MCP_NODE") or socket.gethostname()  # set by the cluster executors per node
+    node_rank = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's machine rank
+    write_rank(
+        job_dir,
+        acc.process_index,
+        {
+            "rank": acc.process_index,
+            "world_size": acc.num_processes,
+            "node": node,
+            "node_rank": node_rank,
+            "local_rank": acc.local_process_index,
+            "pid": os.getpid(),
+            "started": round(time.time(), 3),
+        },
+    )
+    print(f"[rank {acc.process_index}/{acc.num_processes}] node {node} (node rank {node_rank}), pid {os.getpid()}")
+
+
+def record_rank_end(acc: Any, job_dir: Path, step: int, exc: BaseException | None = None) -> None:
+    """How this process ended: 'ok', or 'failed' with its own error (read when the job's cause is decided)."""
+    if acc is None or acc.num_processes < 2:
+        return
+    fields: dict[str, Any] = {"ended": "failed" if exc else "ok", "step": step, "ended_at": round(time.time(), 3)}
+    if exc is not None:
+        fields["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    try:
+        write_rank(job_dir, acc.process_index, fields)
+    except OSError:
+        pass  # a full disk: the job's result says so

@@ -31,7 +31,7 @@ from llm_mcp.modeling.encode import EncodeStats
 from llm_mcp.train.batches import BatchOrder
 from llm_mcp.train.checkpoint import load_adapter_weights, load_checkpoint, save_adapter, save_checkpoint
 from llm_mcp.train.data import REFERENCE_FILE, load_examples, reference
-from llm_mcp.train.ending import peak_memory_mb, record_failure, save_probe
+from llm_mcp.train.ending import peak_memory_mb, record_failure, record_rank, record_rank_end, save_probe
 from llm_mcp.train.fsdp import is_fsdp, trainable_state, unsharded_root, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
 
@@ -51,6 +51,7 @@ class Run:
         self.cfg = JobConfig.read(job_dir)
         self.t0 = time.time()
         self.accelerator: Any = None  # accelerate.Accelerator, made by setup
+        self.step = 0  # optimizer steps done
 
     @property
     def stop_requested(self) -> bool:
@@ -106,6 +107,7 @@ def setup(run: Run) -> Setup:
     acc = run.accelerator = Accelerator(
         cpu=not cuda, mixed_precision=mixed_precision("cuda" if cuda else "cpu"), kwargs_handlers=ddp_kwargs()
     )
+    record_rank(acc, run.job_dir)
     set_seed(cfg.seed)
     device = "cpu" if acc.device.type == "cpu" else "cuda"
     run.log(f"job {cfg.job_id}: {cfg.method} on {cfg.model.id} | {acc.num_processes} process(es) on {device}")
@@ -296,7 +298,7 @@ def train(run: Run) -> None:
     rigl_every = cfg.sparse.mask_update_interval if s.sparse and cfg.sparse and cfg.sparse.use_rigl else 0
     loss = float("nan")
     for step in range(s.start_step, s.total_steps):
-        done = step + 1
+        done = run.step = step + 1
         record = train_step(run, s, step, bool(rigl_every) and done % rigl_every == 0 and done < s.total_steps)
         loss = record["loss"]
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.total_steps:
@@ -367,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = Run(job_dir)
         train(run)
+        record_rank_end(run.accelerator, job_dir, run.step)
         return 0
     except Exception as exc:  # every failure is recorded with its cause
         traceback.print_exc()
+        record_rank_end(run and run.accelerator, job_dir, run.step if run else 0, exc)
         if run is None or run.accelerator is None or run.accelerator.is_main_process:
             record_failure(job_dir, exc)
         return 1

@@ -16,7 +16,7 @@ def placement(request: FinetuneRequest, hardware: Hardware, problems: list[str])
         problems.append(
             f"nodes={nodes} is more than jobs here may span ({hardware.max_nodes}: {hardware.describe()}); "
             + (
-                "start the server with --executor slurm to run over several machines"
+                "start the server with --executor slurm or --executor ray to run over several machines"
                 if hardware.max_nodes == 1 and hardware.source == "detected"
                 else f"use nodes<={hardware.max_nodes}"
             )

@@ -127,7 +127,9 @@ class FinetuneRequest(Request):
     num_processes: Processes | None = Field(
         None, description="Data-parallel processes in all nodes (default 1, or 1 per GPU with nodes)."
     )
-    nodes: Nodes | None = Field(None, description="Machines to spread them over (slurm executor; default 1).")
+    nodes: Nodes | None = Field(
+        None, description="Machines to spread them over, one launcher per machine (slurm or ray executor; default 1)."
+    )
     scheduler: SchedulerSettings | None = Field(
         None, description="slurm executor: this job's sbatch options (default: LLM_MCP_SLURM_*)."
     )
