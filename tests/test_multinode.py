@@ -91,7 +91,9 @@ async def test_a_two_node_job_matches_one_node_and_a_lost_node_fails_it_then_res
         assert too_many.is_error and "nodes=4" in too_many.content[0].text and "nodes<=3" in too_many.content[0].text
         job_id = await started(client, **NODE_ARGS)
         job_dir = state.store.job_dir(job_id)
-        _wait(lambda: (job_dir / "checkpoints" / "step-000020").is_dir(), 240, f"job {job_id} checkpointing")
+        first = job_dir / "checkpoints" / "step-000020"
+        _wait(lambda: first.is_dir() or state.store.get(job_id).state == "failed", 240, f"job {job_id} checkpointing")
+        assert first.is_dir(), (job_dir / "train.log").read_text()[-3000:]
         for _ in range(30):  # the server's watcher reads the engine's state every few seconds
             status = (await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 1})).structured_content[
                 "job"

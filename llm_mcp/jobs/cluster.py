@@ -205,10 +205,12 @@ class ClusterExecutor:
                 self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
             finalize(self.store, job, ej.exit_code if ej else None, outside=outside)
             return
-        if ej.phase == "running" and self._lingers(job, now):
+        if ej.phase == "running" and ej.state != "COMPLETING" and self._lingers(job, now):
             # The trainer ended (result.json) but the engine's job did not: a rank waiting on a lost node, a
             # launcher waiting on a dead node's daemon. Record the end now and stop what is left.
+            self.store.update(job.id, engine_state=ej.label, nodes=ej.nodes or job.nodes)
             finalize(self.store, job, None)
+            self._resulted.pop(job.id, None)
             self.kill(job.engine_id or "")
             return
         fields: dict[str, Any] = {"engine_state": ej.label, "nodes": ej.nodes or job.nodes}

@@ -40,30 +40,34 @@ def describe_exit(exit_code: int | None, tail: list[str], job_dir: Path | None =
     return f"the training process exited with code {exit_code}"
 
 
-# What a process says when another rank went away under it: not a cause of its own.
+# What a process says when another rank went away under it (gloo, TCPStore, NCCL): not a cause of its own.
 PEER_GONE = re.compile(
-    r"connection (closed|reset)|broken pipe|timed? ?out|NCCL|gloo|DistBackendError|socket|peer|ProcessGroup", re.I
+    r"connection (closed|reset) by peer|broken pipe|connection refused|remote (process|worker|peer)|"
+    r"DistNetworkError|communicator was aborted",
+    re.I,
 )
 
 
-def rank_cause(job_dir: Path) -> str | None:
-    """For a job of several processes that failed: the rank (and node) that caused it, or None.
+def rank_cause(job_dir: Path) -> tuple[str, str | None] | None:
+    """For a job of several processes that failed: (the rank and node that caused it, its next step), or None.
 
-    A rank that failed with an error of its own is the cause (rank 0's is already the job's result); otherwise
-    a rank that never recorded its end lost its process or node without a word. The others' "connection
-    closed by peer" errors are only echoes.
+    A rank other than 0 that failed with an error of its own is the cause (rank 0's own error is already the
+    job's result). Otherwise, when some rank recorded its end, a rank that did not lost its process or node
+    without a word; the others' "connection closed by peer" errors are only echoes. When no rank recorded an
+    end, everything was stopped at once (scancel, ray job stop, a dead supervisor): None, the engine's word or
+    the exit status says more.
     """
     ranks = read_ranks(job_dir)
     if len(ranks) < 2:
         return None
     own = [r for r in ranks if r.get("ended") == "failed" and not PEER_GONE.search(r.get("error", ""))]
+    if any(r["rank"] == 0 for r in own):
+        return None
     if own:
-        first = min(own, key=lambda r: r.get("ended_at", 0))
-        if first["rank"] == 0:
-            return None  # result.json already holds rank 0's own error and its next step
-        return f"rank {first['rank']} on node {first.get('node')} failed: {first['error']}"
+        first = min(own, key=lambda r: r["rank"])
+        return f"rank {first['rank']} on node {first.get('node')} failed: {first['error']}", first.get("next_step")
     lost = [r for r in ranks if "ended" not in r]
-    if not lost:
+    if not lost or len(lost) == len(ranks):
         return None
     by_node: dict[str, list[str]] = {}
     for r in lost:
@@ -73,11 +77,12 @@ def rank_cause(job_dir: Path) -> str | None:
     )
     steps = [m["step"] for m in read_metrics(job_dir) if "loss" in m and "step" in m]
     ckpt = checkpoints(job_dir)
-    return (
+    cause = (
         f"{who} ended without a word during step {(max(steps) if steps else 0) + 1} (killed: kill -9 or the "
         "out-of-memory killer, or the node was lost); the last checkpoint is "
         + (f"step {ckpt[-1][0]}" if ckpt else "none")
     )
+    return cause, None
 
 
 def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | None = None) -> str:
@@ -111,8 +116,8 @@ def finalize(store: JobStore, job: Job, exit_code: int | None, outside: str | No
             if checkpoints(job_dir)
             else ("fix the cause shown in the last log lines, then start the job again")
         )
-    if state == "failed" and (lost := rank_cause(job_dir)):
-        error, next_step = lost + (f"; {outside}" if outside else ""), None  # the next step: resume, below
+    if state == "failed" and (blamed := rank_cause(job_dir)):
+        error, next_step = blamed[0] + (f"; {outside}" if outside else ""), blamed[1]  # None: resume, below
     if state == "failed" and (outside or not next_step) and checkpoints(job_dir):
         next_step = f"resume_from='{job.id}' continues from the last checkpoint"
     if state == "failed" and error and not next_step:

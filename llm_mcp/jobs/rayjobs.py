@@ -154,7 +154,7 @@ class RayExecutor(ClusterExecutor):
         return self.alive_nodes
 
     def read_hardware(self) -> Hardware:
-        """One of the alive nodes with the most GPUs (then CPUs); max_nodes: how many nodes have that many GPUs."""
+        """One of the alive nodes with the most GPUs (then CPUs); max_nodes: how many nodes have as many of both."""
         from ray.util.state import list_nodes
 
         try:
@@ -168,7 +168,8 @@ class RayExecutor(ClusterExecutor):
         self.alive_nodes = len(nodes)
         best = max(nodes, key=lambda n: (n.resources_total.get("GPU", 0), n.resources_total.get("CPU", 0)))
         res = best.resources_total
-        alike = [n for n in nodes if n.resources_total.get("GPU", 0) == res.get("GPU", 0)]
+        shape = (res.get("GPU", 0), res.get("CPU", 0))  # a multi-node job asks each node for this much
+        alike = [n for n in nodes if (n.resources_total.get("GPU", 0), n.resources_total.get("CPU", 0)) == shape]
         kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "gpu")
         per_gpu = self.settings.cluster_gpu_memory_gb
         ram = round(min(n.resources_total.get("memory", 0) for n in alike) / 2**30, 1)
@@ -176,7 +177,7 @@ class RayExecutor(ClusterExecutor):
             gpus=[GPU(name=kind, memory_gb=per_gpu) for _ in range(int(res.get("GPU", 0)))],
             ram_gb=ram,
             available_ram_gb=ram,
-            cpu_count=int(min(n.resources_total.get("CPU", 1) for n in alike)),
+            cpu_count=max(1, int(res.get("CPU", 1))),
             source=f"Ray cluster {self.address}",
             max_nodes=len(alike),
         )

@@ -10,8 +10,8 @@ Ray Train would bring a second loop.
 
 When one node's launcher ends badly (its trainer failed, or the node was lost and Ray reports the actor
 dead), the others are stopped (SIGTERM, then SIGKILL) and the job exits 1; the cause is decided from the
-ranks' records (llm_mcp.jobs.outcome). Each launcher starts its command in a new session that dies with it,
-so a stopped Ray job leaves no trainer behind on any node.
+ranks' records (llm_mcp.jobs.outcome). Each launcher starts its command in a new session that gets SIGTERM
+when the launcher dies, and stopping a launcher ends the command's whole process tree.
 """
 
 from __future__ import annotations
@@ -25,24 +25,34 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import ray
 from ray.exceptions import RayError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from llm_mcp.core.jobconfig import JobConfig
+from llm_mcp.core.jobdir import cancel_requested
 from llm_mcp.jobs.local import accelerate_command
 
 STOP_GRACE_S = 15.0  # a launcher's command gets this long after SIGTERM before SIGKILL
+WAIT_LOG_S = 60  # while the placement group waits for free nodes, the log says so this often
+
+
+_LIBC: ctypes.CDLL | None
+try:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here: the forked child must not dlopen
+except OSError:  # not glibc Linux: no parent-death signal, the launcher's stop() still ends the tree
+    _LIBC = None
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launcher that started it dies (Linux)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    """In the child, before exec: SIGTERM when the launcher that started it dies (Linux's PR_SET_PDEATHSIG)."""
+    parent = os.getppid()
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
 
 
 @ray.remote(max_concurrency=2)  # run() blocks in one thread; stop() must still get through
@@ -61,23 +71,37 @@ class NodeLauncher:
         env = {**os.environ, "LLM_MCP_NODE": ray.util.get_node_ip_address()}
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=Path(log).parent
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=Path(log).parent,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         return self.proc.wait()
 
     def stop(self) -> None:
+        """SIGTERM to the command and every process under it (torchrun starts its workers in sessions of their
+        own), SIGKILL to whatever is left after STOP_GRACE_S."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            tree = [psutil.Process(self.proc.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.Error:
+            return
+        for proc in tree:
             try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        for proc in alive:
             try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 def say(log: Path, line: str) -> None:
@@ -111,7 +135,15 @@ def main(argv: list[str]) -> int:
     ray.init()
     say(log, f"waiting for {nodes} nodes with {cpus:g} CPUs and {gpus:g} GPUs each (a STRICT_SPREAD placement group)")
     group = placement_group([{"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}] * nodes, strategy="STRICT_SPREAD")
-    ray.get(group.ready())
+    t0 = time.time()
+    next_note = t0 + WAIT_LOG_S
+    while not group.wait(timeout_seconds=5):  # as long as the cluster needs, like a queued Slurm job
+        if cancel_requested(job_dir):
+            say(log, "cancelled while waiting for nodes")
+            return 0
+        if time.time() >= next_note:
+            next_note += WAIT_LOG_S
+            say(log, f"still waiting for {nodes} free nodes after {time.time() - t0:.0f} s")
     launchers = [
         NodeLauncher.options(  # type: ignore[attr-defined]
             num_cpus=cpus,
@@ -120,13 +152,13 @@ def main(argv: list[str]) -> int:
         ).remote()
         for i in range(nodes)
     ]
-    where = ray.get([launcher.where.remote() for launcher in launchers])
-    addrs = [ip for ip, _ in where]
-    main_ip, port = where[0]
-    say(log, f"nodes {', '.join(addrs)} (machine ranks 0..{nodes - 1}); rendezvous {main_ip}:{port}")
+    addrs = [ip for ip, _ in ray.get([launcher.where.remote() for launcher in launchers])]
+    say(log, f"nodes {', '.join(addrs)} (machine ranks 0..{nodes - 1})")
     fetch = [sys.executable, "-m", "llm_mcp.jobs.fetch", str(job_dir)]
     problem = run_everywhere(launchers, [fetch] * nodes, addrs, log)
     if problem is None:
+        main_ip, port = ray.get(launchers[0].where.remote())  # a port free now, not before a long fetch
+        say(log, f"rendezvous {main_ip}:{port}")
         commands = [
             accelerate_command(cfg, job_dir, python=sys.executable, port=port, machine_rank=str(i), main_ip=main_ip)
             for i in range(nodes)
@@ -139,4 +171,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run from the module under its real name: Ray then sends the launcher class to the nodes by reference (they
+    # import llm_mcp.jobs.raynodes) rather than pickling __main__'s copy by value, with its ctypes handle.
+    from llm_mcp.jobs import raynodes
+
+    sys.exit(raynodes.main(sys.argv[1:]))

@@ -93,7 +93,7 @@ def record_rank_end(acc: Any, job_dir: Path, step: int, exc: BaseException | Non
         return
     fields: dict[str, Any] = {"ended": "failed" if exc else "ok", "step": step, "ended_at": round(time.time(), 3)}
     if exc is not None:
-        fields["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        fields["error"], fields["next_step"] = f"{type(exc).__name__}: {exc}"[:500], next_step_for(exc)
     try:
         write_rank(job_dir, acc.process_index, fields)
     except OSError:
