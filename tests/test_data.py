@@ -35,7 +35,7 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
     rows = [
         PC,
         "{not json",
-        {"prompt": "x"},
+        {"completion": "x"},
         {"foo": 1},
         "",
         CHAT,
@@ -50,7 +50,7 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path):
     problems = err.value.problems
     assert "7 bad row(s)" in problems[0] and "first 5 shown, 2 more" in problems[0]  # blank lines are skipped
     assert problems[1].startswith("dataset line 2: invalid JSON")
-    assert problems[2] == "dataset line 3: missing 'completion' (prompt_completion rows need both)"
+    assert problems[2] == "dataset line 3: missing 'prompt' (prompt_completion rows need both)"
     assert "line 4" in problems[3] and "found keys ['foo']" in problems[3]
     assert "line 7" in problems[4] and "'robot'" in problems[4] and "allowed" in problems[4]
     assert "line 8" in problems[5] and "no assistant message" in problems[5]

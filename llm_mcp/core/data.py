@@ -8,6 +8,7 @@ Each row is one of these formats, detected per row:
   sharegpt, alpaca    the two common instruction shapes (llm_mcp.core.formats), read as conversations
   prompt_completion   {"prompt": "...", "completion": "..."}
   text                {"text": "..."}
+  prompt              (objective grpo) {"prompt": "..." or a message list, any reference fields the graders read}
   preference          (objective dpo) {"prompt", "chosen", "rejected"}, each a string or a message list;
                       {"chosen": [messages], "rejected": [messages]} (the shared turns are the prompt); or
                       {"input": {"messages": [...]}, "preferred_output": [assistant message],
@@ -42,9 +43,10 @@ from llm_mcp.core.rows import (
     check_tools,
     found_instead,
     preference_pair,
+    prompt_row,
 )
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt")
 MAX_BAD_ROWS_SHOWN = 5
 LONG_ROW_CHARS = 100_000  # ~25k tokens: longer than any context a job here trains on; it will be truncated
 
@@ -104,6 +106,8 @@ def parse_row(row: Any) -> tuple[str, dict[str, Any]]:
         return "sharegpt", _trainable(sharegpt_messages(row))
     if "instruction" in row:
         return "alpaca", alpaca_messages(row)
+    if "prompt" in row and "completion" not in row:
+        return "prompt", prompt_row(row)
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
             if key not in row:
@@ -244,7 +248,9 @@ def _row_chars(row: dict[str, Any]) -> int:
             for m in row["messages"]
         ) + len(json.dumps(row.get("tools", "")))
     if "prompt" in row:
-        return len(row["prompt"]) + len(row["completion"])
+        prompt = row["prompt"]
+        text = prompt if isinstance(prompt, str) else "".join(str(m.get("content", "")) for m in prompt)
+        return len(text) + len(row.get("completion", ""))
     return len(row.get("text", ""))
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llm_mcp.core import atomic
 from llm_mcp.core.errors import ConfigurationError
+from llm_mcp.core.graders import GraderSpec
 from llm_mcp.core.hub_datasets import HubRef
 from llm_mcp.core.names import MethodName, ObjectiveName
 
@@ -47,6 +48,12 @@ WarmupRatio = Annotated[float, Field(ge=0.0, le=0.5)]
 WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
 Beta = Annotated[float, Field(ge=0.001, le=10.0)]
 LabelSmoothing = Annotated[float, Field(ge=0.0, le=0.49)]
+Generations = Annotated[int, Field(ge=2, le=64)]  # GRPO: completions sampled per prompt
+NewTokens = Annotated[int, Field(ge=1, le=8192)]  # GRPO: a completion's length limit
+Temperature = Annotated[float, Field(ge=0.05, le=2.0)]
+ClipEpsilon = Annotated[float, Field(ge=0.0, le=1.0)]
+KlCoef = Annotated[float, Field(ge=0.0, le=10.0)]
+GraderList = Annotated[list[GraderSpec], Field(min_length=1, max_length=16)]
 Density = Annotated[float, Field(ge=1e-6, le=1.0)]
 SparsityRatio = Annotated[float, Field(ge=0.0, le=0.999999)]
 MaskInterval = Annotated[int, Field(ge=1, le=1_000_000)]
@@ -124,6 +131,19 @@ class DPOSettings(_Strict):
     )
 
 
+class GRPOSettings(_Strict):
+    """Group Relative Policy Optimization (llm_mcp.train.grpo); defaults as TRL 1.16's GRPOConfig."""
+
+    num_generations: Generations = 8
+    max_new_tokens: NewTokens = 256
+    temperature: Temperature = 1.0
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    epsilon: ClipEpsilon = 0.2
+    kl_coef: KlCoef = Field(0.0, description="TRL's beta: the KL penalty to the starting model (0: none).")
+    scale_rewards: Literal["group", "none"] = "group"
+    graders: GraderList
+
+
 SLURM_NAME = r"^[A-Za-z0-9_.+-]{1,64}$"
 
 
@@ -150,6 +170,7 @@ class JobConfig(_Strict):
     method: MethodName = Field(description="llm_mcp.core.methods.METHODS: what trains and how it is stored.")
     objective: ObjectiveName = Field("causal_lm", description="llm_mcp.core.objectives.OBJECTIVES: what the loss is.")
     dpo: DPOSettings | None = None
+    grpo: GRPOSettings | None = None
     init_from: str | None = Field(None, description="The job whose adapter this job starts from (e.g. SFT -> DPO).")
     init_adapter: str | None = Field(None, description="That adapter's directory.")
     dataset: str
@@ -309,6 +330,9 @@ class EvalConfig(_Strict):
     max_tokens: EvalTokens
     generate: bool = True
     regex: Pattern | None = None
+    graders: list[GraderSpec] | None = Field(
+        None, description="Score each generation with these (llm_mcp.core.graders)."
+    )
     max_seq_len: SeqLen
     batch_size: int = Field(8, ge=1, le=256)
     num_processes: int = 1

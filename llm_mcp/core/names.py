@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 MethodName = Literal["lora", "qlora", "dora", "sparse"]
-ObjectiveName = Literal["causal_lm", "dpo"]
+ObjectiveName = Literal["causal_lm", "dpo", "grpo"]
 
 METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveName)

@@ -115,7 +115,9 @@ def _property(schema: dict[str, Any], loc: tuple[Any, ...]) -> dict[str, Any]:
     for key in loc:
         node = _deref(node, defs)
         if isinstance(key, int):
-            node = node.get("items", {})
+            node = node.get("items") or next(
+                (o["items"] for o in (_deref(o, defs) for o in node.get("anyOf", [])) if "items" in o), {}
+            )
             continue
         props: dict[str, Any] = node.get("properties") or next(  # type: ignore[assignment]
             (o.get("properties") for o in (_deref(o, defs) for o in node.get("anyOf", [])) if "properties" in o), {}

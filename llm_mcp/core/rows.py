@@ -215,3 +215,23 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> dict[str, Any]
         raise ValueError("'chosen' and 'rejected' are the same conversation: nothing to prefer")
     strip = lambda msgs: [{"role": m["role"], "content": m["content"]} for m in msgs]  # noqa: E731
     return {"prompt": strip(prompt), "chosen": strip(c), "rejected": strip(r)}
+
+
+def prompt_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A prompt to sample from (GRPO): the prompt (a string, or a message list ending on a user or system turn)
+    and the row's other fields, which graders read as references.
+
+    Raises:
+        ValueError: the prompt is empty or malformed.
+    """
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("'prompt' is empty")
+    elif isinstance(prompt, list):
+        prompt = check_messages(prompt)
+        if prompt[-1]["role"] == "assistant":
+            raise ValueError("'prompt' ends on an assistant turn: the completion is what the job samples; drop it")
+    else:
+        raise ValueError(f"'prompt' must be a string or a message list, got {type(prompt).__name__}")
+    return {**row, "prompt": prompt}

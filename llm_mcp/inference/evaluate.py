@@ -35,8 +35,12 @@ STOP = threading.Event()
 INPUT_SHOWN = 500  # characters of a row's input kept beside its scores
 
 
-def reference_of(row: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """(the prompt as sample() takes it, the reference answer) of a normalized SFT row; None for text rows."""
+def reference_of(row: dict[str, Any]) -> tuple[dict[str, Any], str | None] | None:
+    """(the prompt as sample() takes it, the reference answer) of a normalized SFT row (a prompt row has no
+    reference answer: None); None for text rows."""
+    if "prompt" in row and "completion" not in row:
+        prompt = row["prompt"]
+        return ({"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}), None
     if "completion" in row:
         return {"prompt": row["prompt"]}, row["completion"]
     if "messages" in row:
@@ -67,6 +71,11 @@ def summarize(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
     if tokens:
         loss = sum(r["loss"] * r["tokens"] for r in lossy) / tokens
         out.update(loss=round(loss, 6), perplexity=round(math.exp(min(loss, 50)), 4), loss_tokens=tokens)
+    rewarded = [r["reward"] for r in mine if "reward" in r]
+    if rewarded:
+        out.update(reward=round(sum(rewarded) / len(rewarded), 4), reward_rows=len(rewarded))
+        for label in mine[0].get("scores", {}):
+            out[f"reward/{label}"] = round(sum(r["scores"][label] for r in mine if "scores" in r) / len(rewarded), 4)
     for key in ("exact_match", "contains", "regex", "preferred"):
         scored = [r[key] for r in mine if key in r]
         if scored:
@@ -149,19 +158,35 @@ def score_row(scorer: Scorer, tok, t: EvalTarget, row: dict[str, Any], raw: dict
     ((total, n),) = logps
     out: dict[str, Any] = {"loss": round(-total / max(n, 1), 6), "tokens": n} if n else {}
     ref = reference_of(row)
-    if ref is not None and scorer.cfg.generate:
+    if ref is not None and (scorer.cfg.generate or answer_less(ref)):
         prompt, answer = ref
         text = scorer.generate(t, prompt)
         shown = prompt.get("prompt") or next(
             (m["content"] for m in reversed(prompt.get("messages") or []) if m["role"] == "user"), ""
         )
-        out.update(
-            input=shown[:INPUT_SHOWN],
-            generated=text,
-            reference=answer,
-            **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex),
-        )
+        out.update(input=shown[:INPUT_SHOWN], generated=text)
+        if answer is not None:
+            out.update(reference=answer, **score_generation(text, answer, raw.get("regex") or scorer.cfg.regex))
+        if scorer.cfg.graders:
+            out.update(grade(scorer.cfg.graders, prompt, text, {**raw, **row}))
     return out
+
+
+def answer_less(ref: tuple[dict[str, Any], str | None]) -> bool:
+    return ref[1] is None
+
+
+def grade(graders, prompt: dict[str, Any], text: str, row: dict[str, Any]) -> dict[str, Any]:
+    """{scores: by grader, reward: their weighted sum} of one generation (an http grader: one call per row)."""
+    from llm_mcp.core.graders import score_local, total
+    from llm_mcp.core.reward_http import post_batch
+
+    scores = score_local(graders, text, row)
+    for spec in graders:
+        if spec.grader == "http":
+            item = {"prompt": prompt.get("prompt") or prompt.get("messages"), "completion": text, "row": row}
+            scores[spec.label] = post_batch(spec.label, spec.url or "", [item], spec.timeout_s)[0]
+    return {"scores": scores, "reward": round(total(graders, scores), 6)}
 
 
 def evaluate(job_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from llm_mcp.core.jobdir import (
 )
 from llm_mcp.core.objectives import OBJECTIVES
 from llm_mcp.core.store import FINAL_STATES, Job, JobStore
+from llm_mcp.jobs.rewards import grpo_fields, reward_lines
 
 
 class CheckpointInfo(BaseModel):
@@ -42,7 +43,9 @@ class JobStatus(BaseModel):
     tokens_per_s: float | None = Field(None, description="Real (non-padding) tokens per second, last 10 steps.")
     elapsed_s: float | None = None
     eta_s: float | None = None
-    objective: str = Field("causal_lm", description="causal_lm (supervised) | dpo (preference pairs) | evaluate.")
+    objective: str = Field(
+        "causal_lm", description="causal_lm (supervised) | dpo (preference pairs) | grpo (rewards) | evaluate."
+    )
     evaluation: dict | None = Field(None, description="evaluate jobs: per-target scores and the per-row file.")
     worst_rows: list[dict] = Field(
         default_factory=list,
@@ -55,6 +58,18 @@ class JobStatus(BaseModel):
     reward_margin: float | None = Field(None, description="dpo: mean chosen minus rejected reward (last 10 steps).")
     eval_reward_accuracy: float | None = Field(None, description="dpo: reward accuracy on the eval pairs.")
     eval_reward_margin: float | None = None
+    rewards: dict | None = Field(
+        None,
+        description="grpo: means over the last 10 steps of reward (and reward/<grader>), reward_std (within groups), "
+        "zero_spread (share of groups whose completions all scored alike: nothing to learn), completion_length, "
+        "clip_fraction, kl, rollout_tokens_per_s; first_reward is step 1's.",
+    )
+    rollouts: list[dict] = Field(default_factory=list, description="grpo: the last few completions with their scores.")
+    pending_rollouts: dict | None = Field(
+        None,
+        description="grpo with the agent grader: the step waiting for scores, its completions (items, by index) and "
+        "the grader's instructions; answer with submit_rewards.",
+    )
     density: float | None = Field(None, description="sparse: fraction of target-matrix entries trained.")
     mask_update: dict[str, int] | None = Field(None, description="sparse: {step, changed} of the last RigL update.")
     checkpoints: list[CheckpointInfo] = []
@@ -170,6 +185,8 @@ def build_status(store: JobStore, job: Job, log_lines: int = 12, page: int = 1) 
     if rewarded:
         status.reward_accuracy = round(sum(m["reward_accuracy"] for m in rewarded) / len(rewarded), 4)
         status.reward_margin = round(sum(m["reward_margin"] for m in rewarded) / len(rewarded), 4)
+    if status.objective in OBJECTIVES and OBJECTIVES[status.objective].samples:
+        status.rewards, status.rollouts, status.pending_rollouts = grpo_fields(job_dir, steps)
     if steps and "density" in steps[-1]:
         status.density = steps[-1]["density"]
         updates = [m for m in steps if m.get("mask_changed")]
@@ -233,6 +250,7 @@ def summarize_status(s: JobStatus) -> str:
         if s.eval_reward_accuracy is not None:
             part += f"; eval reward accuracy {s.eval_reward_accuracy:.2f}, margin {s.eval_reward_margin:.3f}"
         lines.append(part)
+    lines += reward_lines(s.rewards, s.pending_rollouts, s.job_id)
     if s.evaluation:
         lines += [_scores(t) for t in s.evaluation["targets"]]
         lines.append(f"per-row results: {s.evaluation['rows_file']}")

@@ -130,3 +130,11 @@ def pair_sequences(example: dict) -> list[dict[str, list[int]]]:
     """The chosen and rejected sequences of one example, the prompt masked out of the labels."""
     p = example["prompt"]
     return [{"input_ids": p + example[k], "labels": [IGNORE] * len(p) + example[k]} for k in ("chosen", "rejected")]
+
+
+def prompt_ids(tok, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """A prompt to sample from: a message list through the chat template (ready for the assistant's turn), a
+    string as it is."""
+    if isinstance(prompt, list):
+        return list(chat_ids(tok, prompt, add_generation_prompt=True))
+    return list(tok(prompt, add_special_tokens=True)["input_ids"])

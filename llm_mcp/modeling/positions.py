@@ -34,8 +34,9 @@ class LabelPositions(torch.nn.Module):
         return logits[mask], targets[mask], mask
 
 
-class SequenceLogps(torch.nn.Module):
-    """Per-sequence sum of log p(token) over label positions; the LM head runs at those positions only."""
+class TokenLogps(torch.nn.Module):
+    """log p(token) at every label position (flat, row-major), and the row each belongs to; the LM head runs at
+    those positions only."""
 
     def __init__(self, model):
         super().__init__()
@@ -44,6 +45,14 @@ class SequenceLogps(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         logits, targets, mask = self.positions(input_ids, attention_mask, labels)
-        token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
-        return torch.zeros(input_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)
+        return logps, rows
+
+
+class SequenceLogps(TokenLogps):
+    """Per-sequence sum of log p(token) over label positions."""
+
+    def forward(self, input_ids, attention_mask, labels):
+        logps, rows = super().forward(input_ids, attention_mask, labels)
+        return torch.zeros(input_ids.shape[0], device=logps.device).index_add(0, rows, logps)

@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llm_mcp.core.readers import Source
-from llm_mcp.modeling.encode import IGNORE, encode_pair, encode_row, pair_sequences, tokenizer_for
+from llm_mcp.modeling.encode import IGNORE, encode_pair, encode_row, pair_sequences, prompt_ids, tokenizer_for
+
+
+def is_prompt_row(row: dict[str, Any]) -> bool:
+    return "prompt" in row and "completion" not in row and "chosen" not in row
 
 
 def sequences(
     tok, row: dict[str, Any], train_on: str, train_reasoning: bool = True
 ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each sequence a row trains: one, or a preference row's chosen and rejected."""
+    if is_prompt_row(row):  # GRPO samples the completion
+        ids = prompt_ids(tok, row["prompt"])
+        return [(ids, [IGNORE] * len(ids))]
     if "chosen" in row:
         p, c, r = encode_pair(tok, row)
         return [(s["input_ids"], s["labels"]) for s in pair_sequences({"prompt": p, "chosen": c, "rejected": r})]
@@ -106,7 +113,7 @@ def token_report(
                 report.truncated_at.append(i)
         trained = [sum(1 for t in labels[1:max_seq_len] if t != IGNORE) for _, labels in seqs]
         report.trained_tokens += sum(trained)
-        if min(trained) == 0:
+        if min(trained) == 0 and not is_prompt_row(row):
             report.dropped += 1
             if len(report.dropped_at) < 5:
                 report.dropped_at.append(i)

@@ -45,6 +45,7 @@ def make_tiny_model(
     architecture: str = "LlamaForCausalLM",
     num_experts: int = 4,
     chat_family: str = "chatml",
+    head_scale: float = 1.0,
 ) -> Path:
     """Write a tiny random-init model (LlamaForCausalLM unless `architecture` says otherwise) and its tokenizer
     (safetensors) to `out_dir` and return it.
@@ -55,6 +56,8 @@ def make_tiny_model(
     `architecture`: one of TINY_ARCHITECTURES (MoE ones get `num_experts` experts, 2 per token).
     `chat_family`: the tokenizer's chat template and special tokens, one of CHAT_FAMILIES (ARCHITECTURE_FAMILY gives
     each architecture's own).
+    `head_scale` multiplies the LM head's random init: a random head's logits span a few units (a policy that can
+    never be sure of a token), a trained model's span tens; GRPO's tests need a policy that can become sharp.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -83,6 +86,9 @@ def make_tiny_model(
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if architecture.endswith("ForConditionalGeneration") else AutoModelForCausalLM
     model = auto.from_config(config)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
     stop = [tokenizer.convert_tokens_to_ids(t) for t in CHAT_FAMILIES[chat_family]["stop"]]
     model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -9,7 +9,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult
 from pydantic import BaseModel, Field
 
+from llm_mcp.core.errors import InvalidArgumentError
 from llm_mcp.core.objectives import get_objective
+from llm_mcp.core.request import Request
+from llm_mcp.core.rollouts import MAX_PENDING, submit
+from llm_mcp.core.store import FINAL_STATES
 from llm_mcp.jobs.records import record_job
 from llm_mcp.tools.common import STARTS, add_tool, result, state_of
 from llm_mcp.validation.finetune import resolve_finetune
@@ -43,18 +47,22 @@ def start_finetune(ctx: Context, request: FinetuneRequest) -> Annotated[CallTool
     """
     state = state_of(ctx)
     resolved = resolve_finetune(request, state.validation_context())
-    if request.dry_run:
-        submission = state.executor.describe_submission("<job_id>", resolved.config, state.store.jobs_dir / "<job_id>")
-        answer = StartFinetuneResult(
-            state="dry_run",
-            dry_run=True,
-            config=resolved.config.model_dump(mode="json"),
-            estimates=resolved.estimates,
-            warnings=resolved.warnings,
-            submission=submission,
-            next_step="call start_finetune again without dry_run to start it",
-        )
-        return result(summarize(answer), answer)
+    if not request.dry_run:
+        return _start(state, request, resolved)
+    submission = state.executor.describe_submission("<job_id>", resolved.config, state.store.jobs_dir / "<job_id>")
+    answer = StartFinetuneResult(
+        state="dry_run",
+        dry_run=True,
+        config=resolved.config.model_dump(mode="json"),
+        estimates=resolved.estimates,
+        warnings=resolved.warnings,
+        submission=submission,
+        next_step="call start_finetune again without dry_run to start it",
+    )
+    return result(summarize(answer), answer)
+
+
+def _start(state, request: FinetuneRequest, resolved) -> CallToolResult:
     job = record_job(
         state.store,
         state.executor.name,
@@ -102,5 +110,58 @@ def summarize(r: StartFinetuneResult) -> str:
     return "\n".join(lines)
 
 
+class SubmitRewardsRequest(Request):
+    job_id: str = Field(description="The GRPO job waiting for the agent's scores.", max_length=128)
+    step: int = Field(description="The step job_status's pending_rollouts names.", ge=1, le=1_000_000)
+    scores: list[float] = Field(
+        description="One score per pending completion, in index order (higher is better; the job normalises them "
+        "within each prompt's group).",
+        max_length=MAX_PENDING,
+    )
+
+
+class SubmitRewardsResult(BaseModel):
+    job_id: str
+    step: int
+    resumed_job_id: str | None = Field(None, description="A job that had paused waiting: the job that resumes it.")
+    next_step: str
+
+
+def submit_rewards(ctx: Context, request: SubmitRewardsRequest) -> Annotated[CallToolResult, SubmitRewardsResult]:
+    """Score a GRPO job's pending completions (the agent grader): one number per completion that
+    job_status lists under pending_rollouts, in index order. A running job takes them and trains on;
+    a job that paused after waiting too long resumes from its checkpoint as a new job (its id is returned).
+    """
+    state = state_of(ctx)
+    job = state.store.get(request.job_id)
+    try:
+        new = submit(state.store.job_dir(job.id), request.step, request.scores)
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            [f"{exc}\nCheck job_status(job_id='{job.id}') and call submit_rewards again."]
+        ) from None
+    if not new:
+        answer = SubmitRewardsResult(
+            job_id=job.id, step=request.step, next_step=f"job_status(job_id='{job.id}') shows the next pending step"
+        )
+        return result(f"Scores for step {request.step} of {job.id} were already in; the first ones stand.", answer)
+    if job.state not in FINAL_STATES:
+        answer = SubmitRewardsResult(
+            job_id=job.id, step=request.step, next_step=f"job_status(job_id='{job.id}', wait_seconds=30)"
+        )
+        return result(f"Scores for step {request.step} of {job.id} recorded; it trains on.", answer)
+    resume = FinetuneRequest.parse({**job.training.request, "resume_from": job.id}, "submit_rewards")
+    started = _start(state, resume, resolve_finetune(resume, state.validation_context()))
+    new_id = started.structured_content["job_id"] if started.structured_content else None
+    answer = SubmitRewardsResult(
+        job_id=job.id,
+        step=request.step,
+        resumed_job_id=new_id,
+        next_step=f"job_status(job_id='{new_id}', wait_seconds=30)",
+    )
+    return result(f"Scores for step {request.step} recorded; {job.id} had paused, {new_id} resumes it.", answer)
+
+
 def register(mcp: MCPServer) -> None:
     add_tool(mcp, start_finetune, FinetuneRequest, "Start a fine-tune", STARTS)
+    add_tool(mcp, submit_rewards, SubmitRewardsRequest, "Score GRPO completions", STARTS)

@@ -39,6 +39,8 @@ def save_probe(model, input_ids: list[int], path: Path | None) -> None:
 
 
 def next_step_for(exc: BaseException) -> str:
+    if getattr(exc, "next_step", None):
+        return exc.next_step  # type: ignore[attr-defined]
     text = str(exc).lower()
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
         return (

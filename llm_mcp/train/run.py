@@ -34,6 +34,7 @@ from llm_mcp.train.data import REFERENCE_FILE, load_examples, reference
 from llm_mcp.train.ending import peak_memory_mb, record_failure, record_rank, record_rank_end, save_probe
 from llm_mcp.train.fsdp import is_fsdp, trainable_state, unsharded_root, wrap_units
 from llm_mcp.train.objectives import Objective, objective_for
+from llm_mcp.train.rollout import GraderFailed
 
 quiet_bitsandbytes()  # at import, before setup imports peft (which imports bitsandbytes)
 
@@ -117,6 +118,8 @@ def setup(run: Run) -> Setup:
     total_steps = cfg.total_steps(order.steps_per_epoch)
 
     model = load_model(cfg, device, acc.local_process_index)
+    if hasattr(objective, "remember_start"):  # GRPO's KL reference: the weights as the job started
+        objective.remember_start([p for p in model.parameters() if p.requires_grad])
     if cfg.resume_checkpoint:  # before prepare: FSDP shards what was loaded
         load_adapter_weights(model, Path(cfg.resume_checkpoint))
     optimizer = torch.optim.AdamW(
@@ -215,10 +218,11 @@ def train_step(run: Run, s: Setup, step: int, update_mask: bool) -> dict[str, An
 
         fraction = cfg.sparse.mask_update_fraction if cfg.sparse else 0.0
         collect_candidates(s.sparse, cosine_fraction(fraction, step + 1, s.total_steps))
-    micro = [
-        obj.collate([s.examples[i] for i in idx], s.tok.pad_token_id)
-        for idx in s.order.micro_batches(step, acc.process_index)
-    ]
+    groups = [[s.examples[i] for i in idx] for idx in s.order.micro_batches(step, acc.process_index)]
+    if hasattr(obj, "rollout"):  # GRPO: sample and score completions with the policy as it is now
+        micro = obj.rollout(run, s, groups, step)
+    else:
+        micro = [obj.collate(g, s.tok.pad_token_id) for g in groups]
     counts = torch.tensor(
         [float(sum(obj.targets(b) for b in micro)), float(sum(b["attention_mask"].sum() for b in micro))],
         device=acc.device,
@@ -299,30 +303,42 @@ def train(run: Run) -> None:
     loss = float("nan")
     for step in range(s.start_step, s.total_steps):
         done = run.step = step + 1
-        record = train_step(run, s, step, bool(rigl_every) and done % rigl_every == 0 and done < s.total_steps)
+        try:
+            record = train_step(run, s, step, bool(rigl_every) and done % rigl_every == 0 and done < s.total_steps)
+        except GraderFailed:  # GRPO: keep the steps done, then end with the grader's cause
+            _checkpoint(run, s, step)
+            if not run.stop_requested:
+                raise
+            run.log(f"cancel requested: stopped before step {done} with a checkpoint")
+            run.result("cancelled", step=step, total_steps=s.total_steps, loss=loss)
+            return
         loss = record["loss"]
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.total_steps:
             record.update(evaluate(run, s) or {"eval_loss": None})
         run.metric(record)
         stop = acc.reduce(torch.tensor(float(run.stop_requested), device=acc.device), "max").item() > 0
         if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < s.total_steps):
-            ckpt = save_checkpoint(
-                acc,
-                s.model,
-                s.optimizer,
-                s.scheduler,
-                run.job_dir,
-                done,
-                s.meta,
-                cfg.keep_checkpoints,
-                extra={REFERENCE_FILE: s.reference},
-            )
-            run.metric({"event": "checkpoint", "step": done, "path": str(ckpt)})
+            _checkpoint(run, s, done)
         if stop:
             run.log(f"cancel requested: stopped after step {done} with a checkpoint")
             run.result("cancelled", step=done, total_steps=s.total_steps, loss=loss)
             return
     finish(run, s, loss)
+
+
+def _checkpoint(run: Run, s: Setup, done: int) -> None:
+    ckpt = save_checkpoint(
+        run.accelerator,
+        s.model,
+        s.optimizer,
+        s.scheduler,
+        run.job_dir,
+        done,
+        s.meta,
+        run.cfg.keep_checkpoints,
+        extra={REFERENCE_FILE: s.reference},
+    )
+    run.metric({"event": "checkpoint", "step": done, "path": str(ckpt)})
 
 
 def finish(run: Run, s: Setup, loss: float) -> None:
@@ -339,7 +355,7 @@ def finish(run: Run, s: Setup, loss: float) -> None:
     state = trainable_state(s.model) if sharded else None
     if acc.is_main_process or sharded:
         first = s.examples[0]
-        probe_ids = first["input_ids"] if "input_ids" in first else first["prompt"] + first["chosen"]
+        probe_ids = first["input_ids"] if "input_ids" in first else first["prompt"] + first.get("chosen", [])
         with unsharded_root(s.loss_model if sharded else None):
             save_probe(
                 acc.unwrap_model(s.model),

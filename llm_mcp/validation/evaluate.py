@@ -7,6 +7,7 @@ import re
 
 from llm_mcp.core.data import validate_dataset
 from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
+from llm_mcp.core.graders import check_graders
 from llm_mcp.core.jobconfig import EvalConfig, EvalTarget, ModelRef
 from llm_mcp.core.local_models import resolve_model
 from llm_mcp.core.methods import get_method
@@ -68,6 +69,12 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
             re.compile(regex)
         except re.error as exc:
             problems.append(f"regex={regex!r} is not a valid regular expression ({exc}); fix or drop it")
+    if request.graders:
+        problems += check_graders(request.graders)
+        if any(g.grader == "agent" for g in request.graders):
+            problems.append(
+                "graders: the agent grader scores a GRPO job's steps; evaluate with built-in or http graders"
+            )
     if problems or model_ref is None or path is None:
         raise InvalidArgumentError(problems)
     warnings = [f"dataset: {w}" for w in summary.warnings]
@@ -82,6 +89,7 @@ def resolve_evaluation(request: EvaluateRequest, ctx: ValidationContext) -> tupl
         max_tokens=request.max_tokens,
         generate=request.generate,
         regex=regex,
+        graders=request.graders,
         max_seq_len=min(context, 4096),
         device="cuda" if ctx.hardware.gpus else "cpu",
     )

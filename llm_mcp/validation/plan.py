@@ -48,7 +48,7 @@ def plan(
         rank=cfg["lora"]["rank"],
         dropout=cfg["lora"]["dropout"],
         train_experts=bool(cfg["lora"].get("target_parameters")),
-        batch_size=cfg["batch_size"] * objective.sequences_per_row,
+        batch_size=cfg["batch_size"] * objective.sequences(cfg),
         seq_len=cfg["max_seq_len"],
         quantized=cfg["quantization"] is not None,
         density=method.estimate_density(sparse, defaults),

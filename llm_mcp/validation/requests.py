@@ -17,6 +17,7 @@ from llm_mcp.core.jobconfig import (
     Alpha,
     BatchSize,
     Beta,
+    ClipEpsilon,
     Columns,
     Density,
     Dropout,
@@ -25,13 +26,17 @@ from llm_mcp.core.jobconfig import (
     EvalRows,
     EvalTokens,
     Every,
+    Generations,
+    GraderList,
     JobConfig,
     KeepCheckpoints,
+    KlCoef,
     LabelSmoothing,
     LearningRate,
     MaskFraction,
     MaskInterval,
     MaxSteps,
+    NewTokens,
     Nodes,
     Pattern,
     Processes,
@@ -40,6 +45,7 @@ from llm_mcp.core.jobconfig import (
     Seed,
     SeqLen,
     SparsityRatio,
+    Temperature,
     WarmupRatio,
 )
 from llm_mcp.core.names import METHOD_NAMES, OBJECTIVE_NAMES
@@ -69,17 +75,35 @@ class FinetuneRequest(Request):
     dataset: PATH = Field(
         description="JSONL / JSON / CSV / Parquet file, a save_to_disk directory, or a Hub dataset 'hf:ORG/NAME' in "
         "the local Hugging Face cache. Rows: 'messages' (with tools, tool calls, reasoning), Alpaca, ShareGPT, "
-        "'prompt'+'completion' or 'text' (objective='dpo': 'prompt'+'chosen'+'rejected'); any other keys through "
+        "'prompt'+'completion' or 'text' (objective='dpo': 'prompt'+'chosen'+'rejected'; objective='grpo': 'prompt' "
+        "and the fields its graders read); any other keys through "
         "columns. Relative paths are under LLM_MCP_HOME; a file elsewhere: the user is asked to allow its folder."
     )
     objective: choice(*OBJECTIVE_NAMES) | None = Field(  # type: ignore[valid-type]
         None,
         description="causal_lm (default): supervised fine-tuning. dpo: preference tuning (Direct Preference "
         "Optimization) on rows {prompt, chosen, rejected}; the reference is the starting model (the base, or "
-        "init_from's); default learning rate 1/40 of the LoRA one.",
+        "init_from's); default learning rate 1/40 of the LoRA one. grpo: reinforcement learning from rewards (GRPO) on "
+        "rows {prompt, ...}: num_generations completions per prompt, scored by graders.",
     )
     beta: Beta | None = Field(None, description="dpo: how far the model may move from the reference (0.1).")
     label_smoothing: LabelSmoothing | None = Field(None, description="dpo: assumed share of wrong labels (0-0.49).")
+    graders: GraderList | None = Field(
+        None,
+        description="grpo (required) and how rewards are given: a list of {'grader': exact_match | contains | regex | "
+        "json_fields | numeric | length | http | agent, 'weight'?, ...}, summed with their weights; docs/grpo.md.",
+    )
+    num_generations: Generations | None = Field(None, description="grpo: completions per prompt (default 8; 2-64).")
+    max_new_tokens: NewTokens | None = Field(None, description="grpo: a completion's token limit (default 256).")
+    temperature: Temperature | None = Field(None, description="grpo: sampling temperature (default 1.0).")
+    loss_type: choice("dapo", "grpo", "dr_grpo") | None = Field(  # type: ignore[valid-type]
+        None, description="grpo: how token losses are averaged (TRL's; default dapo)."
+    )
+    clip_epsilon: ClipEpsilon | None = Field(None, description="grpo: the policy ratio's clip range (default 0.2).")
+    kl_coef: KlCoef | None = Field(None, description="grpo: KL penalty to the starting model (TRL's beta; default 0).")
+    scale_rewards: choice("group", "none") | None = Field(  # type: ignore[valid-type]
+        None, description="grpo: divide advantages by the group's reward std (default group) or not (none)."
+    )
     init_from: JobId | None = Field(
         None,
         description="Train further from this succeeded job's adapter (e.g. SFT before dpo); same model and adapter "
@@ -213,6 +237,11 @@ class EvaluateRequest(Request):
     generate: bool = Field(True, description="Generate and score answers (false: loss only, faster).")
     regex: Pattern | None = Field(
         None, description="Pattern every generation should match (a row's own 'regex' field wins)."
+    )
+    graders: GraderList | None = Field(
+        None,
+        description="Score each generation with these, as a GRPO job does (built-in or http graders; see "
+        "start_finetune's graders); prompt rows {prompt, answer?, ...} are scored by graders only.",
     )
     subset: Subset = None
     split: Split = None

@@ -24,6 +24,7 @@ class Objective:
     lr_factor: ClassVar[float] = 1.0  # default learning rate = the model's LoRA rate x this
     sequences_per_row: ClassVar[int] = 1  # sequences one row puts through the model (memory: batch x this)
     flops_factor: ClassVar[float] = 1.0  # compute per trained token relative to SFT (time estimate)
+    samples: ClassVar[bool] = False  # its jobs sample completions and keep them with their rewards (rollouts)
     trainer: ClassVar[str]  # "module:Class" of its loss in the training process (llm_mcp.train.objectives)
 
     def check(self, request: Any, problems: list[str]) -> None:
@@ -32,6 +33,10 @@ class Objective:
     def job_settings(self, request: Any) -> dict[str, Any]:
         """This objective's job-config sections (e.g. {'dpo': {...}})."""
         return {}
+
+    def sequences(self, config: dict[str, Any]) -> int:
+        """Sequences one row puts through the model in a step (memory: batch x this)."""
+        return self.sequences_per_row
 
     def describe(self, config: dict[str, Any]) -> str:
         """A few words for summaries ('' for plain supervised fine-tuning)."""

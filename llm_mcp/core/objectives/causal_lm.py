@@ -15,6 +15,11 @@ class CausalLM(Objective):
     def refuse_row(self, fmt: str) -> str | None:
         if fmt in self.row_formats:
             return None
+        if fmt == "prompt":
+            return (
+                "a prompt row with no 'completion' in a causal_lm job; add the answer as 'completion', or train on "
+                "prompts alone with objective='grpo' and graders that score the sampled answers"
+            )
         return (
             f"a {fmt} row (chosen / rejected) in a {self.name} job; train on it with objective='dpo', or give SFT "
             "rows ('messages', 'prompt'+'completion' or 'text')"
