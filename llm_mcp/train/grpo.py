@@ -55,7 +55,7 @@ class GRPOObjective:
         self.graders = [GraderSpec.model_validate(g.model_dump()) for g in settings.graders]
         self.start: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None  # kl_coef > 0: (weight, as it started)
         self._sums = torch.zeros(len(METRICS) + len(self.graders), dtype=torch.float64)
-        self.timing = [0.0, 0.0]  # rollout seconds, completion tokens sampled (this process, since last pop)
+        self.timing = [0.0, 0.0, 1.0]  # rollout seconds, completion tokens sampled (since last pop), this process
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> GRPOObjective:
@@ -143,7 +143,7 @@ class GRPOObjective:
         timing = reduce(torch.tensor(self.timing, dtype=torch.float64))
         sums = reduce(self._sums.clone())
         self._sums.zero_()
-        self.timing = [0.0, 0.0]
+        self.timing = [0.0, 0.0, 1.0]
         m = dict(zip(METRICS, sums[: len(METRICS)].tolist()))
         n, tokens = max(m["completions"], 1), max(m["loss_tokens"], 1)
         mean = m["reward"] / n
@@ -153,7 +153,8 @@ class GRPOObjective:
             "zero_spread": round(m["zero_spread"] / max(m["groups"], 1), 4),
             "completion_length": round(m["tokens"] / n, 2),
             "clip_fraction": round(m["clipped"] / tokens, 6),
-            "rollout_tokens_per_s": round(float(timing[1]) / max(float(timing[0]), 1e-9), 1),
+            "rollout_s": round(float(timing[0] / timing[2]), 4),  # per process
+            "rollout_tokens_per_s": round(float(timing[1] * timing[2] / max(float(timing[0]), 1e-9)), 1),  # all
         }
         if self.settings.kl_coef:
             out["kl"] = round(m["kl"] / tokens, 6)
