@@ -37,7 +37,9 @@ inspects files; save_dataset(name, rows) writes rows you compose. cancel_job sto
 checkpoint; start_finetune with the same model, method and dataset plus resume_from=JOB_ID continues it.
 evaluate(targets=["base", JOB_ID], dataset=...) tells whether a fine-tune helped (loss, exact match,
 preference accuracy on held-out rows). Preference tuning: start_finetune(objective="dpo", init_from=SFT_JOB_ID)
-on rows {prompt, chosen, rejected}."""
+on rows {prompt, chosen, rejected}. Learning from rewards: start_finetune(objective="grpo", graders=[...]) on
+rows {prompt, answer?, ...}; with graders=[{"grader": "agent"}] you are the judge: job_status shows the
+pending_rollouts, submit_rewards(job_id, step, scores) answers them."""
 
 
 async def watch_jobs(state: AppState, every_s: float = JOB_POLL_S) -> None:

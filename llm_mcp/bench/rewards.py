@@ -1,4 +1,4 @@
-"""The SFT -> GRPO worked example and GRPO's rollout speed, through the MCP tools only (docs/grpo.md numbers).
+"""The SFT -> GRPO worked example and GRPO's rollout speed, through the MCP tools only (docs/guide.md numbers).
 
     python -m llm_mcp.bench.rewards [--out DIR]
 

@@ -91,7 +91,7 @@ class FinetuneRequest(Request):
     graders: GraderList | None = Field(
         None,
         description="grpo (required) and how rewards are given: a list of {'grader': exact_match | contains | regex | "
-        "json_fields | numeric | length | http | agent, 'weight'?, ...}, summed with their weights; docs/grpo.md.",
+        "json_fields | numeric | length | http | agent, 'weight'?, ...}, summed with their weights (docs/guide.md).",
     )
     num_generations: Generations | None = Field(None, description="grpo: completions per prompt (default 8; 2-64).")
     max_new_tokens: NewTokens | None = Field(None, description="grpo: a completion's token limit (default 256).")

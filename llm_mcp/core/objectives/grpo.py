@@ -41,7 +41,7 @@ class GRPO(Objective):
     sections = ("grpo",)
     samples = True
     trainer = "llm_mcp.train.grpo:GRPOObjective"
-    flops_factor = 3.0  # sampling the completions token by token costs about two training passes (docs/grpo.md)
+    flops_factor = 3.0  # sampling a step costs about two training passes on short answers (docs/BENCHMARKS.md)
 
     def check(self, request: Any, problems: list[str]) -> None:
         if request.train_on is not None:
