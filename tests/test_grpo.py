@@ -417,6 +417,9 @@ async def test_grpo_arguments_are_checked(app, reward_data):
         assert "train_on does not apply to objective='grpo'" in await problems(graders=NUMERIC, train_on="all")
         assert "score held-out prompts with evaluate" in await problems(graders=NUMERIC, eval_fraction=0.1)
         assert "num_generations=1 is out of range" in await problems(graders=NUMERIC, num_generations=1)
+        assert "leaves no room for the prompt in max_seq_len=64" in await problems(
+            graders=NUMERIC, max_seq_len=64, max_new_tokens=64
+        )
         assert "temperature=0.0 is out of range" in await problems(graders=NUMERIC, temperature=0.0)
         assert "loss_type='ppo'; allowed: ['dapo', 'grpo', 'dr_grpo']" in await problems(
             graders=NUMERIC, loss_type="ppo"

@@ -48,6 +48,30 @@ def signal_descendants(sig: int = signal.SIGKILL) -> int:
     return n
 
 
+def end_tree(pid: int, grace_s: float = 0.0) -> None:
+    """End a process and every process under it: SIGTERM, then SIGKILL to what is left after `grace_s`
+    (grace_s 0: SIGKILL at once), waiting for them to go (at most 10 s after the SIGKILL)."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    alive = tree
+    if grace_s > 0:
+        for proc in tree:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from llm_mcp.core.errors import InvalidArgumentError
-from llm_mcp.core.procs import detached
+from llm_mcp.core.procs import detached, end_tree
 from llm_mcp.core.store import Job
 from llm_mcp.inference.card import list_files
 
@@ -89,14 +89,7 @@ def cancel(dest: Path) -> bool:
     except (OSError, ValueError):
         return False
     if owner and not _stale(lock):
-        try:
-            proc = psutil.Process(owner["pid"])
-            procs = [*proc.children(recursive=True), proc]
-            for p in procs:
-                p.kill()
-            psutil.wait_procs(procs, timeout=10)
-        except psutil.Error:
-            pass
+        end_tree(owner["pid"])
     for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     dest.with_name(f".{dest.name}.progress").unlink(missing_ok=True)

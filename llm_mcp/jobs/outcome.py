@@ -64,7 +64,7 @@ def rank_cause(job_dir: Path) -> tuple[str, str | None] | None:
     if any(r["rank"] == 0 for r in own):
         return None
     if own:
-        first = min(own, key=lambda r: r["rank"])
+        first = own[0]  # read_ranks sorts by rank
         return f"rank {first['rank']} on node {first.get('node')} failed: {first['error']}", first.get("next_step")
     lost = [r for r in ranks if "ended" not in r]
     if not lost or len(lost) == len(ranks):

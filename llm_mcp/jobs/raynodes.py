@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import ray
 from ray.exceptions import RayError
 from ray.util.placement_group import placement_group
@@ -33,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from llm_mcp.core.jobconfig import JobConfig
 from llm_mcp.core.jobdir import cancel_requested
+from llm_mcp.core.procs import end_tree
 from llm_mcp.jobs.local import accelerate_command
 
 STOP_GRACE_S = 15.0  # a launcher's command gets this long after SIGTERM before SIGKILL
@@ -86,22 +86,7 @@ class NodeLauncher:
         own), SIGKILL to whatever is left after STOP_GRACE_S."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            tree = [psutil.Process(self.proc.pid)]
-            tree += tree[0].children(recursive=True)
-        except psutil.Error:
-            return
-        for proc in tree:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        end_tree(self.proc.pid, STOP_GRACE_S)
 
 
 def say(log: Path, line: str) -> None:

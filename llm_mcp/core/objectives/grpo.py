@@ -54,6 +54,13 @@ class GRPO(Objective):
                 f"{held_out} do not apply to objective='grpo' (its loss is no yardstick); score held-out prompts with "
                 "evaluate(targets=[...], dataset=..., graders=[...]) instead"
             )
+        new_tokens = request.max_new_tokens or field_default(GRPOSettings, "max_new_tokens")
+        seq_len = request.max_seq_len or field_default(JobConfig, "max_seq_len")
+        if new_tokens >= seq_len:
+            problems.append(
+                f"max_new_tokens={new_tokens} leaves no room for the prompt in max_seq_len={seq_len}; give "
+                f"max_seq_len above max_new_tokens + the longest prompt, or a smaller max_new_tokens"
+            )
         if not request.graders:
             if any(p.startswith("graders") for p in problems):
                 return  # given, but refused: those problems say why
