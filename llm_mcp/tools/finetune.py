@@ -9,10 +9,10 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult
 from pydantic import BaseModel, Field
 
-from llm_mcp.core.errors import InvalidArgumentError
+from llm_mcp.core.errors import InvalidArgumentError, LlmMcpError
 from llm_mcp.core.objectives import get_objective
 from llm_mcp.core.request import Request
-from llm_mcp.core.rollouts import MAX_PENDING, submit
+from llm_mcp.core.rollouts import MAX_PENDING, scores_path, submit
 from llm_mcp.core.store import FINAL_STATES
 from llm_mcp.jobs.records import record_job
 from llm_mcp.tools.common import STARTS, add_tool, result, state_of
@@ -150,8 +150,12 @@ def submit_rewards(ctx: Context, request: SubmitRewardsRequest) -> Annotated[Cal
             job_id=job.id, step=request.step, next_step=f"job_status(job_id='{job.id}', wait_seconds=30)"
         )
         return result(f"Scores for step {request.step} of {job.id} recorded; it trains on.", answer)
-    resume = FinetuneRequest.parse({**job.training.request, "resume_from": job.id}, "submit_rewards")
-    started = _start(state, resume, resolve_finetune(resume, state.validation_context()))
+    try:
+        resume = FinetuneRequest.parse({**job.training.request, "resume_from": job.id}, "submit_rewards")
+        started = _start(state, resume, resolve_finetune(resume, state.validation_context()))
+    except LlmMcpError:
+        scores_path(state.store.job_dir(job.id), request.step).unlink(missing_ok=True)  # a retry may resume it
+        raise
     new_id = started.structured_content["job_id"] if started.structured_content else None
     answer = SubmitRewardsResult(
         job_id=job.id,

@@ -41,7 +41,7 @@ class GRPO(Objective):
     sections = ("grpo",)
     samples = True
     trainer = "llm_mcp.train.grpo:GRPOObjective"
-    flops_factor = 3.0  # sampling a step costs about two training passes on short answers (docs/BENCHMARKS.md)
+    flops_factor = 3.0  # sampling is 40-65% of a step (docs/BENCHMARKS.md): a step costs ~2-3 training passes
 
     def check(self, request: Any, problems: list[str]) -> None:
         if request.train_on is not None:
