@@ -55,7 +55,8 @@ class SaveDatasetRequest(Request):
         None,
         description="Rows you composed, in one format each: {'messages': [{'role', 'content'}, ...]}, "
         "{'prompt', 'completion'}, {'text'}, Alpaca or ShareGPT; for objective='dpo' {'prompt', 'chosen', "
-        "'rejected'}. Or give source instead.",
+        "'rejected'}; for objective='grpo' {'prompt', plus what its graders read, e.g. 'answer'}. Or give source "
+        "instead.",
     )
     source: str | None = Field(
         None,
