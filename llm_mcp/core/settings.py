@@ -16,6 +16,7 @@ Environment variables (CLI flags override them):
   LLM_MCP_CLUSTER_GPU_MEMORY_GB  memory of one cluster GPU, which neither engine reports (default 80)
   LLM_MCP_CLUSTER_IFNAME the network interface a multi-node job's processes talk over (GLOO_SOCKET_IFNAME and
                          NCCL_SOCKET_IFNAME on every node); default: gloo's and NCCL's own choice
+  LLM_MCP_REWARD_URLS    URLs (comma-separated prefixes) a GRPO job's http grader may call besides loopback ones
   LLM_MCP_SLURM_PARTITION / _ACCOUNT / _QOS / _TIME / _CONSTRAINT   sbatch defaults (a request may override)
   LLM_MCP_SLURM_ARGS     extra sbatch options for every job (operator-only, e.g. "--mem=0 --exclusive")
   LLM_MCP_RAY_ADDRESS    the Ray dashboard address for the ray executor (default http://127.0.0.1:8265)

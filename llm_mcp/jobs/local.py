@@ -23,6 +23,7 @@ from llm_mcp.core.hardware import detect
 from llm_mcp.core.jobconfig import EvalConfig, JobConfig
 from llm_mcp.core.jobdir import log_tail
 from llm_mcp.core.procs import free_port, threads_per_process
+from llm_mcp.core.reward_http import REWARD_URLS_ENV
 from llm_mcp.core.settings import data_path
 from llm_mcp.core.store import Job, JobStore
 from llm_mcp.jobs.outcome import finalize
@@ -78,6 +79,7 @@ def job_environment(cfg: JobConfig | EvalConfig, cores_per_node: int, home: Path
     """The variables every job process gets, wherever it runs: the local supervisor and the cluster executors."""
     per_node = max(1, cfg.num_processes // max(1, cfg.nodes))
     hub = {k: os.environ[k] for k in HUB_SETTINGS if os.environ.get(k)}  # where the job's nodes find the model
+    graders = {k: os.environ[k] for k in (REWARD_URLS_ENV,) if os.environ.get(k)}  # GRPO's http graders allowed
     return {
         "LLM_MCP_HOME": str(home),
         "PYTHONUNBUFFERED": "1",
@@ -85,6 +87,7 @@ def job_environment(cfg: JobConfig | EvalConfig, cores_per_node: int, home: Path
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "OMP_NUM_THREADS": str(threads_per_process(per_node, cores=cores_per_node)),
         **hub,
+        **graders,
     }
 
 
