@@ -47,13 +47,12 @@ def fill(directory: Path, leave: int) -> Path:
     """Fill the filesystem of `directory` until `leave` bytes are free; returns the filler file."""
     filler = directory / "filler.bin"
     free = shutil.disk_usage(directory).free
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: no bytes left over for close() to fail on
         chunk = b"\0" * (1 << 16)
         todo = max(0, free - leave)
         while todo > 0:
             try:
-                todo -= fh.write(chunk[: min(len(chunk), todo)])
-                fh.flush()
+                todo -= fh.write(chunk[: min(len(chunk), todo)]) or 0
             except OSError:
                 break
     return filler
