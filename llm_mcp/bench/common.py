@@ -7,11 +7,13 @@ import nothing from the server's runtime (llm_mcp.server, tools, jobs, inference
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,9 +133,10 @@ async def call(client, tool: str, args: dict[str, Any], timeout_s: float | None 
     return result.structured_content
 
 
-async def run_job(client, args: dict[str, Any]) -> dict[str, Any]:
-    """Start a job through the MCP tools and wait for it; returns its final job_status (job_id, job_dir...)."""
-    job_id = (await call(client, "start_finetune", args))["job_id"]
+async def run_job(client, args: dict[str, Any], tool: str = "start_finetune") -> dict[str, Any]:
+    """Start a job through the MCP tools (start_finetune, or evaluate) and wait for it; returns its final
+    job_status (job_id, job_dir, an evaluation's scores...)."""
+    job_id = (await call(client, tool, args))["job_id"]
     while True:
         status = await client.call_tool("job_status", {"job_id": job_id, "wait_seconds": 30})
         job = status.structured_content["job"]
@@ -235,3 +238,26 @@ def write_report(
 
 def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A JSONL dataset of `rows` at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def example_main(argv: list[str] | None, module: str, doc: str, run, table) -> int:
+    """A worked example's command line: run it in a temporary state directory, print its table, and with --out
+    write results.json there."""
+    import anyio
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="write results.json here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="llm-mcp-example-") as tmp:
+        results = anyio.run(run, Path(tmp) / "home")
+    print(table(results))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0

@@ -10,41 +10,28 @@ held-out pairs about the other 4. Prints the calls and a table; writes results.j
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from mcp import Client
 
-from llm_mcp.bench.common import build_model, call, run_job, server_params, wait_gone
+from llm_mcp.bench.common import build_model, example_main, run_job, server_params, wait_gone, write_rows
 from llm_mcp.tiny import PREFERENCE_THINGS, preference_rows
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
 async def _evaluate(client, targets: list[str], dataset: str) -> list[dict]:
-    job_id = (
-        await call(client, "evaluate", {"targets": targets, "dataset": dataset, "max_tokens": 12, "wait_seconds": 30})
-    )["job_id"]
-    while True:
-        status = (await call(client, "job_status", {"job_id": job_id, "wait_seconds": 30}))["job"]
-        if status["state"] not in ("queued", "running"):
-            return status["evaluation"]["targets"]
+    args = {"targets": targets, "dataset": dataset, "max_tokens": 12, "wait_seconds": 30}
+    return (await run_job(client, args, tool="evaluate"))["evaluation"]["targets"]
 
 
 async def run(home: Path) -> dict:
     build_model(home, tiny=True)
     fast = dict(model="models/bench", method="lora", lora_dropout=0.0, batch_size=4, max_seq_len=64)
-    _write(home / "data" / "sft.jsonl", preference_rows(PREFERENCE_THINGS[:8])["sft"])
-    _write(home / "data" / "sft_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:])["sft"])
-    _write(home / "data" / "pref.jsonl", preference_rows(PREFERENCE_THINGS[:8])["pairs"])
-    _write(home / "data" / "pref_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:], chat_every=1)["pairs"])
+    write_rows(home / "data" / "sft.jsonl", preference_rows(PREFERENCE_THINGS[:8])["sft"])
+    write_rows(home / "data" / "sft_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:])["sft"])
+    write_rows(home / "data" / "pref.jsonl", preference_rows(PREFERENCE_THINGS[:8])["pairs"])
+    write_rows(home / "data" / "pref_eval.jsonl", preference_rows(PREFERENCE_THINGS[8:], chat_every=1)["pairs"])
     t0 = time.time()
     async with Client(server_params(home)) as client:
         sft = await run_job(client, {**fast, "dataset": "data/sft.jsonl", "max_steps": 12, "learning_rate": 3e-3})
@@ -108,18 +95,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import anyio
-
-    parser = argparse.ArgumentParser(prog="python -m llm_mcp.bench.preference", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="write results.json here")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="llm-mcp-pref-") as tmp:
-        results = anyio.run(run, Path(tmp) / "home")
-    print(table(results))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    return 0
+    return example_main(argv, "llm_mcp.bench.preference", __doc__, run, table)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,13 @@ of each step spent sampling: generation is most of GRPO's time. Prints tables; w
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from mcp import Client
 
-from llm_mcp.bench.common import TINY_MODEL, build_model, call, run_job, server_params, wait_gone
+from llm_mcp.bench.common import TINY_MODEL, build_model, example_main, run_job, server_params, wait_gone, write_rows
 from llm_mcp.core.jobdir import read_metrics
 from llm_mcp.tiny import PREFERENCE_THINGS
 from llm_mcp.tiny.rewards import reward_rows
@@ -32,18 +29,9 @@ SHAPES = {  # name -> GRPO arguments (on the plain tiny model, which rarely stop
 }
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
 async def _evaluate(client, targets: list[str]) -> list[dict]:
     args = {"targets": targets, "dataset": "data/held_out.jsonl", "graders": GRADERS, "max_tokens": 4}
-    job_id = (await call(client, "evaluate", {**args, "wait_seconds": 30}))["job_id"]
-    while True:
-        status = (await call(client, "job_status", {"job_id": job_id, "wait_seconds": 30}))["job"]
-        if status["state"] not in ("queued", "running"):
-            return status["evaluation"]["targets"]
+    return (await run_job(client, {**args, "wait_seconds": 30}, tool="evaluate"))["evaluation"]["targets"]
 
 
 def _speed(job_dir: str) -> dict:
@@ -67,9 +55,9 @@ async def run(home: Path) -> dict:
     build_model(home, tiny=True, dims={**TINY_MODEL, "head_scale": 10})
     build_model(home, tiny=True, name="plain")  # a random head: near-uniform tokens, completions fill max_new_tokens
     train, held_out = reward_rows(PREFERENCE_THINGS[:8]), reward_rows(PREFERENCE_THINGS[8:])
-    _write(home / "data" / "sft.jsonl", train["sft"])
-    _write(home / "data" / "prompts.jsonl", train["prompts"])
-    _write(home / "data" / "held_out.jsonl", held_out["prompts"])
+    write_rows(home / "data" / "sft.jsonl", train["sft"])
+    write_rows(home / "data" / "prompts.jsonl", train["prompts"])
+    write_rows(home / "data" / "held_out.jsonl", held_out["prompts"])
     fast = dict(model="models/bench", method="lora", lora_dropout=0.0, max_seq_len=64, checkpoint_every=0)
     t0 = time.time()
     async with Client(server_params(home)) as client:
@@ -130,18 +118,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import anyio
-
-    parser = argparse.ArgumentParser(prog="python -m llm_mcp.bench.rewards", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="write results.json here")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="llm-mcp-grpo-") as tmp:
-        results = anyio.run(run, Path(tmp) / "home")
-    print(table(results))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    return 0
+    return example_main(argv, "llm_mcp.bench.rewards", __doc__, run, table)
 
 
 if __name__ == "__main__":
